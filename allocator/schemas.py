@@ -1,0 +1,132 @@
+"""Marshmallow schemas for the KV wire objects: IP Range and Allocation."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
+
+from .ranges import IPRange
+
+
+class IPAddressField(fields.Field):
+    """An IPv4 or IPv6 address given as a string; loads to an ipaddress object."""
+
+    default_error_messages = {"invalid": "Not a valid IP address: {input!r}."}  # noqa: RUF012
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, str):
+            raise self.make_error("invalid", input=value)
+        try:
+            return ipaddress.ip_address(value.strip())
+        except ValueError as exc:
+            raise self.make_error("invalid", input=value) from exc
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
+        return None if value is None else str(value)
+
+
+class IPNetworkField(fields.Field):
+    """A subnet in CIDR notation; host bits are cleared as host-local does."""
+
+    default_error_messages = {"invalid": "Not a valid subnet in CIDR notation: {input!r}."}  # noqa: RUF012
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, str) or "/" not in value:
+            raise self.make_error("invalid", input=value)
+        try:
+            return ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError as exc:
+            raise self.make_error("invalid", input=value) from exc
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
+        return None if value is None else str(value)
+
+
+class IPRangeSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    subnet = IPNetworkField(required=True)
+    rangeStart = IPAddressField(load_default=None)
+    rangeEnd = IPAddressField(load_default=None)
+    gateway = IPAddressField(load_default=None)
+
+    @post_load
+    def build(self, data: dict[str, Any], **kwargs: Any) -> IPRange:
+        for name in ("rangeStart", "rangeEnd", "gateway"):
+            ip = data[name]
+            if ip is not None and ip.version != data["subnet"].version:
+                raise ValidationError(f"{ip} is not the IP version of the subnet", name)
+        try:
+            return IPRange.build(
+                data["subnet"], data["rangeStart"], data["rangeEnd"], data["gateway"]
+            )
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from exc
+
+
+class AllocationSchema(Schema):
+    """`{"target": ...}`; `ifname` and `host` are optional so target-only readers still work."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    target = fields.String(required=True, validate=validate.Length(min=1))
+    ifname = fields.String(load_default=None)
+    host = fields.String(load_default=None)
+
+
+_range_list = IPRangeSchema(many=True)
+_allocation = AllocationSchema()
+
+
+def load_ranges(raw: bytes) -> list[IPRange]:
+    """Parse a pool key's value; ValueError with a readable message when it is unusable."""
+    data = _json(raw)
+    if not isinstance(data, list) or not data:
+        raise ValueError("expected a non-empty JSON array of IP Range objects")
+    try:
+        return _range_list.load(data)
+    except ValidationError as exc:
+        raise ValueError(describe(exc.messages)) from exc
+
+
+def load_allocation(raw: bytes) -> dict[str, Any]:
+    data = _json(raw)
+    if not isinstance(data, dict):
+        raise ValueError('expected a JSON object like {"target": "<container id>"}')
+    try:
+        return _allocation.load(data)
+    except ValidationError as exc:
+        raise ValueError(describe(exc.messages)) from exc
+
+
+def dump_allocation(target: str, ifname: str | None = None, host: str | None = None) -> bytes:
+    body = {"target": target, "ifname": ifname, "host": host}
+    return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not valid JSON ({exc})") from exc
+
+
+def describe(messages: Any, path: str = "") -> str:
+    """Flatten marshmallow's nested error dict into `field.sub: message` phrases."""
+    if isinstance(messages, dict):
+        parts = []
+        for key, sub in messages.items():
+            name = path if key == "_schema" else (f"{path}.{key}" if path else str(key))
+            if isinstance(key, int):
+                name = f"{path}[{key}]"
+            parts.append(describe(sub, name))
+        return "; ".join(parts)
+    if isinstance(messages, list):
+        text = " ".join(str(m) for m in messages)
+        return f"{path}: {text}" if path else text
+    return f"{path}: {messages}" if path else str(messages)

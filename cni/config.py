@@ -1,0 +1,160 @@
+"""Turn stdin into a checked network config: the pools to serve and how to reach Consul."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from marshmallow import ValidationError
+
+from ..allocator.ranges import IPAddress
+from ..allocator.schemas import describe
+from .errors import CNIError, Code
+from .schemas import SUPPORTED_VERSIONS, NetworkConfigSchema
+
+_SECRET_KEYS = ("token", "secret", "password")
+
+
+@dataclass(frozen=True)
+class PoolRequest:
+    name: str
+    requested_ip: IPAddress | None = None
+
+
+@dataclass(frozen=True)
+class ConsulSettings:
+    servers: list[str]
+    connect_timeout: float
+    read_timeout: float
+    timeout: float
+    token: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    datacenter: str | None = None
+    kv_prefix: str = "ipam/"
+
+
+@dataclass(frozen=True)
+class NetConf:
+    cni_version: str
+    name: str
+    consul: ConsulSettings
+    pools: list[PoolRequest]
+    prev_result: dict[str, Any] | None
+    prev_ips: list[Any]  # ipaddress interfaces from prevResult.ips
+
+
+def decode(raw: bytes) -> dict[str, Any]:
+    """stdin to a JSON object; 6 when it is not JSON, 7 when it is not an object."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CNIError(
+            Code.DECODE_FAILURE, f"the network config on stdin is not valid JSON: {exc}"
+        ) from None
+    if not isinstance(data, dict):
+        raise CNIError(Code.INVALID_CONFIG, "the network config on stdin must be a JSON object")
+    return data
+
+
+def cni_version_of(data: Mapping[str, Any]) -> str:
+    version = data.get("cniVersion")
+    if not isinstance(version, str) or not version:
+        raise CNIError(Code.INVALID_CONFIG, "the network config has no cniVersion")
+    if version not in SUPPORTED_VERSIONS:
+        raise CNIError(
+            Code.INCOMPATIBLE_VERSION,
+            f"cniVersion {version} is not supported; supported: {', '.join(SUPPORTED_VERSIONS)}",
+        )
+    return version
+
+
+def load(data: dict[str, Any], command: str, env: Mapping[str, str]) -> NetConf:
+    version = cni_version_of(data)
+    try:
+        conf = NetworkConfigSchema().load(data)
+    except ValidationError as exc:
+        raise CNIError(
+            Code.INVALID_CONFIG, f"invalid network config: {describe(exc.messages)}"
+        ) from None
+    ipam = conf["ipam"]
+    prev = conf["prevResult"]
+    return NetConf(
+        cni_version=version,
+        name=conf["name"],
+        consul=_consul_settings(ipam, env),
+        pools=_pools(prev, command),
+        prev_result=data.get("prevResult") if isinstance(data.get("prevResult"), dict) else None,
+        prev_ips=[ip["address"] for ip in (prev or {}).get("ips", [])],
+    )
+
+
+def _pools(prev: dict[str, Any] | None, command: str) -> list[PoolRequest]:
+    raw = (prev or {}).get("pools")
+    if not raw:
+        raise CNIError(
+            Code.INVALID_CONFIG,
+            "prevResult.pools is missing or empty: list at least one Pool object "
+            '(e.g. {"name": "pool-name"}) for ipam-da-consul to allocate from',
+        )
+    pools = [PoolRequest(p["name"], p["requested_ip"]) for p in raw]
+    names = [p.name for p in pools]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise CNIError(
+            Code.INVALID_CONFIG,
+            f"prevResult.pools names pool(s) more than once: {', '.join(dupes)}",
+        )
+    return pools
+
+
+def _consul_settings(ipam: dict[str, Any], env: Mapping[str, str]) -> ConsulSettings:
+    return ConsulSettings(
+        servers=ipam["consul_servers"],
+        connect_timeout=ipam["consul_connect_timeout"],
+        read_timeout=ipam["consul_read_timeout"],
+        timeout=ipam["timeout"],
+        token=_token(ipam, env),
+        ca_file=ipam["consul_ca_file"] or env.get("CONSUL_CACERT") or None,
+        cert_file=ipam["consul_cert_file"] or env.get("CONSUL_CLIENT_CERT") or None,
+        key_file=ipam["consul_key_file"] or env.get("CONSUL_CLIENT_KEY") or None,
+        datacenter=ipam["consul_datacenter"],
+        kv_prefix=_prefix(ipam["kv_prefix"]),
+    )
+
+
+def _token(ipam: dict[str, Any], env: Mapping[str, str]) -> str | None:
+    if ipam["consul_token"]:
+        return ipam["consul_token"]
+    path = ipam["consul_token_file"] or env.get("CONSUL_HTTP_TOKEN_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return fh.read().strip() or None
+        except OSError as exc:
+            raise CNIError(
+                Code.INVALID_CONFIG, f"cannot read the Consul token file {path}: {exc.strerror}"
+            ) from None
+    return env.get("CONSUL_HTTP_TOKEN") or None
+
+
+def _prefix(prefix: str) -> str:
+    prefix = prefix.strip("/")
+    return f"{prefix}/" if prefix else ""
+
+
+def redact(value: Any) -> Any:
+    """A copy of a JSON value with secrets replaced, for the verbose log."""
+    if isinstance(value, dict):
+        return {k: "<redacted>" if _is_secret(k) and v else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def _is_secret(key: Any) -> bool:
+    k = str(key).lower()
+    return any(s in k for s in _SECRET_KEYS) and not k.endswith("_file")

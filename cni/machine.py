@@ -1,0 +1,341 @@
+"""One CNI invocation as an explicit state machine.
+
+The table below is the whole control flow. Each state has one handler (`at_<state>`) that does
+the work that state calls for and returns the trigger to fire next; any exception fires `fail`.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from loguru import logger
+from transitions import EventData, Machine
+
+from .. import __version__
+from ..allocator.allocate import Allocator, Claim
+from ..allocator.errors import (
+    AllocationMissing,
+    AllocatorError,
+    InvalidPool,
+    NotInPool,
+    PoolFull,
+    PoolMissing,
+    WriteConflict,
+)
+from ..allocator.layout import Layout
+from ..allocator.pool import Held, Pool
+from ..allocator.ranges import IPAddress, IPRange
+from ..consul import ConsulClient, ConsulError, ConsulKV, ConsulUnavailable, Deadline, TLSConfig
+from . import config, result
+from .env import Environment, read_env
+from .errors import CNIError, Code
+from .schemas import SUPPORTED_VERSIONS, VersionSchema
+
+STATES = ["start", "parsed", "connected", "pool_loaded", "ip_picked", "pool_done", "done", "failed"]
+
+TRANSITIONS = [
+    # trigger      source                        dest           what happened
+    ["parse", "start", "parsed"],  # env and stdin are valid
+    ["report", "parsed", "done"],  # VERSION answered
+    ["connect", "parsed", "connected"],  # a Consul server with a leader was chosen
+    ["next_pool", ["connected", "pool_done"], "pool_loaded"],  # the next pool was read from KV
+    ["pick_ip", "pool_loaded", "ip_picked"],  # ADD: an address was chosen
+    ["write", "ip_picked", "pool_done"],  # ADD: the CAS write won
+    ["conflict", "ip_picked", "pool_loaded"],  # ADD: the CAS write lost; pool re-read
+    ["release", "pool_loaded", "pool_done"],  # DEL: our keys in this pool are gone
+    ["verify", "pool_loaded", "pool_done"],  # CHECK: our addresses are still ours
+    ["emit", ["connected", "pool_done"], "done"],  # every pool served; result ready
+    ["fail", "*", "failed"],  # an error; writes of this call rolled back
+]
+
+_ERROR_CODES: list[tuple[type[Exception], Code]] = [
+    (PoolMissing, Code.MISSING_RESOURCE),
+    (AllocationMissing, Code.MISSING_RESOURCE),
+    (InvalidPool, Code.INVALID_RESOURCE),
+    (PoolFull, Code.POOL_FULL),
+    (NotInPool, Code.NOT_IN_POOL),
+    (WriteConflict, Code.KV_WRITE_FAILED),
+    (ConsulUnavailable, Code.TRY_AGAIN_LATER),
+]
+
+
+class Invocation:
+    """The model the machine drives: everything one call knows, and the handler per state."""
+
+    state: str
+
+    def __init__(self, stdin: bytes, environ: Mapping[str, str]) -> None:
+        self.stdin = stdin
+        self.environ = environ
+        self.env: Environment | None = None
+        self.conf: config.NetConf | None = None
+        self.cni_version = SUPPORTED_VERSIONS[-1]
+        self.client: ConsulClient | None = None
+        self.allocator: Allocator | None = None
+        self.todo: list[config.PoolRequest] = []
+        self.current: config.PoolRequest | None = None
+        self.pool: Pool | None = None
+        self.held: list[Held] = []
+        self.pick: tuple[IPAddress, IPRange, Held | None] | None = None
+        self.skip: set[IPAddress] = set()
+        self.conflicts = 0
+        self.assigned: list[result.Assigned] = []
+        self.claims: list[Claim] = []
+        self.output: dict[str, Any] | None = None
+        self.error: CNIError | None = None
+        self.machine = Machine(
+            model=self,
+            states=STATES,
+            transitions=TRANSITIONS,
+            initial="start",
+            send_event=True,
+            after_state_change="log_transition",
+            auto_transitions=False,
+        )
+
+    # -- driver ------------------------------------------------------------------------------
+    def run(self) -> int:
+        while self.state not in ("done", "failed"):
+            try:
+                trigger = getattr(self, f"at_{self.state}")()
+            except Exception as exc:  # every failure ends in the error state, never a traceback
+                self.error = self.as_cni_error(exc)
+                trigger = "fail"
+            self.trigger(trigger)
+        if self.client is not None:
+            logger.debug("{} Consul requests in this call", self.client.requests_sent)
+            self.client.close()
+        return 0 if self.error is None else int(self.error.code)
+
+    def log_transition(self, event: EventData) -> None:
+        logger.debug(
+            "state {} -> {} ({})", event.transition.source, event.transition.dest, event.event.name
+        )
+
+    # -- handlers, one per state ------------------------------------------------------------
+    def at_start(self) -> str:
+        self.env = read_env(self.environ)
+        logger.debug(
+            "ipam-da-consul {} {} container={!r} ifname={!r}",
+            __version__,
+            self.env.command,
+            self.env.container_id,
+            self.env.ifname,
+        )
+        data = (
+            config.decode(self.stdin) if self.stdin.strip() or self.env.command != "VERSION" else {}
+        )
+        if isinstance(data.get("cniVersion"), str) and data["cniVersion"]:
+            self.cni_version = data["cniVersion"]
+        logger.debug("config: {}", config.redact(data))
+        if self.env.command == "VERSION":
+            return "parse"
+        self.conf = config.load(data, self.env.command, self.environ)
+        self.todo = list(self.conf.pools)
+        return "parse"
+
+    def at_parsed(self) -> str:
+        assert self.env is not None
+        if self.env.command == "VERSION":
+            self.output = VersionSchema().dump(
+                {"cniVersion": self.cni_version, "supportedVersions": list(SUPPORTED_VERSIONS)}
+            )
+            return "report"
+        assert self.conf is not None
+        settings = self.conf.consul
+        self.client = ConsulClient(
+            settings.servers,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            deadline=Deadline(settings.timeout),
+            token=settings.token,
+            tls=TLSConfig(settings.ca_file, settings.cert_file, settings.key_file),
+            datacenter=settings.datacenter,
+        )
+        self.allocator = Allocator(
+            ConsulKV(self.client), Layout(settings.kv_prefix), socket.gethostname()
+        )
+        self.client.select()
+        return "connect"
+
+    def at_connected(self) -> str:
+        return self.next_pool_or_emit()
+
+    def at_pool_done(self) -> str:
+        return self.next_pool_or_emit()
+
+    def at_pool_loaded(self) -> str:
+        command = self.env.command if self.env else ""
+        return {"ADD": self.pick_address, "DEL": self.release_ours, "CHECK": self.verify_ours}[
+            command
+        ]()
+
+    def at_ip_picked(self) -> str:
+        assert self.pick is not None and self.allocator is not None and self.pool is not None
+        ip, rng, held = self.pick
+        env = self.attachment()
+        if held is not None and held.owned_by(*env):
+            claim = None  # already ours: a repeated ADD
+        elif held is not None:
+            claim = self.allocator.take_over(held, *env)
+            if claim is None:
+                return self.lost_race(ip)
+            logger.warning(
+                "re-allocated requested IP {} in pool {!r} from container {!r} to {!r}",
+                ip,
+                self.pool.name,
+                held.target,
+                env[0],
+            )
+        else:
+            claim = self.allocator.claim(self.pool, ip, *env)
+            if claim is None:
+                return self.lost_race(ip)
+        if claim is not None:
+            self.claims.append(claim)
+        self.assigned.append(result.Assigned(self.pool.name, ip, rng))
+        logger.debug("pool {!r}: {} for container {!r}", self.pool.name, ip, env[0])
+        return "write"
+
+    def on_enter_failed(self, event: EventData) -> None:
+        for claim in reversed(self.claims):
+            try:
+                assert self.allocator is not None
+                self.allocator.undo(claim, self.attachment()[0])
+            except Exception as exc:
+                logger.error("could not roll back {}: {}", claim.key, exc)
+        assert self.error is not None
+        logger.error(
+            "{} failed (code {}): {}",
+            self.env.command if self.env else "call",
+            int(self.error.code),
+            self.error.msg,
+        )
+        self.output = self.error.to_wire(self.cni_version)
+
+    # -- the work ---------------------------------------------------------------------------
+    def attachment(self) -> tuple[str, str | None]:
+        assert self.env is not None
+        return self.env.container_id, self.env.ifname or None
+
+    def next_pool_or_emit(self) -> str:
+        if not self.todo:
+            self.finish()
+            return "emit"
+        self.current = self.todo.pop(0)
+        self.skip = set()
+        self.load_current()
+        return "next_pool"
+
+    def load_current(self) -> None:
+        assert self.allocator is not None and self.current is not None and self.env is not None
+        if self.env.command == "DEL":
+            self.held = self.our_keys(self.current.name)
+        else:
+            self.pool = self.allocator.load(self.current.name)
+
+    def finish(self) -> None:
+        assert self.conf is not None and self.env is not None
+        if self.env.command == "ADD":
+            self.output = result.build(self.cni_version, self.conf.prev_result, self.assigned)
+
+    def pick_address(self) -> str:
+        assert self.pool is not None and self.current is not None and self.allocator is not None
+        wanted = self.current.requested_ip
+        if wanted is not None:
+            rng = self.allocator.requested_range(self.pool, wanted)
+            self.pick = (wanted, rng, self.pool.held.get(wanted))
+            return "pick_ip"
+        ours = self.pool.ours(*self.attachment())
+        if ours:
+            held = ours[0]
+            rng = self.pool.range_for(held.ip)
+            if rng is not None:
+                self.pick = (held.ip, rng, held)
+                return "pick_ip"
+        ip, rng = self.pool.next_free(self.skip)
+        self.pick = (ip, rng, None)
+        return "pick_ip"
+
+    def lost_race(self, ip: IPAddress) -> str:
+        """Another writer changed the key first: re-read the pool and pick again."""
+        assert self.client is not None and self.current is not None
+        self.conflicts += 1
+        if self.client.deadline.expired():
+            raise WriteConflict(
+                f"could not write an allocation in pool {self.current.name!r}: lost "
+                f"{self.conflicts} compare-and-set races to other writers "
+                "before the time budget ran out"
+            )
+        logger.debug("lost the race for {} in pool {!r}; retrying", ip, self.current.name)
+        self.client.deadline.sleep(random.uniform(0, 0.005 * min(self.conflicts, 20)))
+        if self.current.requested_ip is None:
+            self.skip.add(ip)
+        self.load_current()
+        return "conflict"
+
+    def our_keys(self, pool: str) -> list[Held]:
+        """DEL: the keys of ours; straight to prevResult's addresses when it names them."""
+        assert self.allocator is not None and self.conf is not None
+        env = self.attachment()
+        found = []
+        for iface in self.conf.prev_ips:
+            try:
+                held = self.allocator.lookup(pool, iface.ip)
+            except InvalidPool as exc:
+                logger.warning("DEL skips an unreadable key: {}", exc)
+                continue
+            if held is not None:
+                found.append(held)
+        if not found:
+            found = self.allocator.scan(pool, lambda why: logger.warning("DEL skips: {}", why))
+        return [h for h in found if h.owned_by(*env)]
+
+    def release_ours(self) -> str:
+        assert self.allocator is not None and self.current is not None
+        for held in self.held:
+            if not self.allocator.release(held, *self.attachment()):
+                raise WriteConflict(f"could not release {held.key}: it kept changing under us")
+            logger.debug("released {}", held.key)
+        if not self.held:
+            logger.debug("pool {!r}: nothing of ours to release", self.current.name)
+        return "release"
+
+    def verify_ours(self) -> str:
+        assert self.pool is not None and self.conf is not None
+        if self.conf.prev_result is None:
+            raise CNIError(Code.INVALID_CONFIG, "CHECK needs the prevResult of the ADD")
+        target, ifname = self.attachment()
+        mine = [i.ip for i in self.conf.prev_ips if self.pool.range_for(i.ip) is not None]
+        if not mine:
+            raise AllocationMissing(f"prevResult holds no address from pool {self.pool.name!r}")
+        for ip in mine:
+            held = self.pool.held.get(ip)
+            if held is None:
+                raise AllocationMissing(f"{ip} is no longer allocated in pool {self.pool.name!r}")
+            if not held.owned_by(target, ifname):
+                raise AllocationMissing(
+                    f"{ip} in pool {self.pool.name!r} is now allocated to container {held.target!r}"
+                )
+        return "verify"
+
+    def as_cni_error(self, exc: Exception) -> CNIError:
+        if isinstance(exc, CNIError):
+            return exc
+        for kind, code in _ERROR_CODES:
+            if isinstance(exc, kind):
+                return CNIError(code, str(exc))
+        if isinstance(exc, ConsulError):
+            writing = self.state == "ip_picked" or (self.state == "pool_loaded" and self.held)
+            return CNIError(Code.KV_WRITE_FAILED if writing else Code.HTTP, str(exc))
+        if isinstance(exc, AllocatorError):
+            return CNIError(Code.INVALID_RESOURCE, str(exc))
+        logger.opt(exception=exc).error("internal error")
+        return CNIError(
+            Code.INTERNAL,
+            f"internal error: {type(exc).__name__}: {exc}",
+            "this is a bug in ipam-da-consul; the verbose log has the traceback",
+        )

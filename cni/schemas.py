@@ -1,0 +1,163 @@
+"""Marshmallow schemas for the CNI wire objects: network config, Pool, result, error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import (
+    EXCLUDE,
+    INCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    pre_load,
+    validate,
+    validates,
+)
+
+from ..allocator.layout import check_pool_name
+from ..allocator.schemas import IPAddressField
+
+SUPPORTED_VERSIONS = ("0.4.0", "1.0.0")
+# Results of these versions carry ips[].version; 1.x dropped it.
+VERSIONED_IPS = frozenset({"0.3.0", "0.3.1", "0.4.0"})
+
+
+class IPInterfaceField(fields.Field):
+    """An address with prefix length, e.g. 10.0.21.100/23."""
+
+    default_error_messages = {"invalid": "Not a valid address/prefix: {input!r}."}  # noqa: RUF012
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        import ipaddress
+
+        if not isinstance(value, str) or "/" not in value:
+            raise self.make_error("invalid", input=value)
+        try:
+            return ipaddress.ip_interface(value)
+        except ValueError as exc:
+            raise self.make_error("invalid", input=value) from exc
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
+        return None if value is None else str(value)
+
+
+class PoolSchema(Schema):
+    """A Pool object; `requested-ip` (seed) and `requested_ip` (upstream code) both work."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    name = fields.String(required=True)
+    requested_ip = IPAddressField(load_default=None, allow_none=True)
+
+    @pre_load
+    def merge_spellings(self, data: Any, **kwargs: Any) -> Any:
+        if isinstance(data, dict) and "requested-ip" in data:
+            data = dict(data)
+            dashed = data.pop("requested-ip")
+            if data.get("requested_ip", dashed) != dashed:
+                raise ValidationError("requested-ip and requested_ip disagree", "requested_ip")
+            data["requested_ip"] = dashed
+        return data
+
+    @validates("name")
+    def check_name(self, value: str, **kwargs: Any) -> None:
+        problem = check_pool_name(value)
+        if problem:
+            raise ValidationError(problem)
+
+
+class IpamSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    consul_servers = fields.List(
+        fields.String(validate=validate.URL(schemes={"http", "https"}, require_tld=False)),
+        required=True,
+        validate=validate.Length(min=1, error="must list at least one Consul server URL"),
+    )
+    consul_connect_timeout = fields.Float(load_default=2.0, validate=validate.Range(0.01, 60))
+    consul_read_timeout = fields.Float(load_default=5.0, validate=validate.Range(0.01, 300))
+    timeout = fields.Float(load_default=15.0, validate=validate.Range(0.1, 600))
+    consul_token = fields.String(load_default=None, allow_none=True)
+    consul_token_file = fields.String(load_default=None, allow_none=True)
+    consul_ca_file = fields.String(load_default=None, allow_none=True)
+    consul_cert_file = fields.String(load_default=None, allow_none=True)
+    consul_key_file = fields.String(load_default=None, allow_none=True)
+    consul_datacenter = fields.String(load_default=None, allow_none=True)
+    kv_prefix = fields.String(load_default="ipam/", validate=validate.Regexp(r"^[^?#%\s]*$"))
+    pools = fields.List(fields.Nested(PoolSchema), load_default=None, allow_none=True)
+
+
+class IPConfigSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    address = IPInterfaceField(required=True)
+    gateway = IPAddressField(load_default=None, allow_none=True)
+    interface = fields.Integer(load_default=None, allow_none=True)
+    version = fields.String(load_default=None, allow_none=True)
+
+
+class PrevResultSchema(Schema):
+    """Only the parts we read are checked; the rest is carried through untouched."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    ips = fields.List(fields.Nested(IPConfigSchema), load_default=list)
+    pools = fields.List(fields.Nested(PoolSchema), load_default=None, allow_none=True)
+
+
+class NetworkConfigSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    cniVersion = fields.String(required=True)
+    name = fields.String(load_default="")
+    ipam = fields.Nested(IpamSchema, required=True)
+    prevResult = fields.Nested(PrevResultSchema, load_default=None, allow_none=True)
+    runtimeConfig = fields.Dict(load_default=dict)
+    args = fields.Dict(load_default=dict)
+
+
+class IPOutSchema(Schema):
+    version = fields.String()
+    address = fields.String(required=True)
+    gateway = fields.String()
+    interface = fields.Integer()
+
+
+class RouteSchema(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    dst = fields.String(required=True)
+    gw = fields.String()
+
+
+class ResultSchema(Schema):
+    cniVersion = fields.String(required=True)
+    interfaces = fields.List(fields.Dict())
+    ips = fields.List(fields.Nested(IPOutSchema), required=True)
+    routes = fields.List(fields.Dict(), required=True)
+    dns = fields.Dict(required=True)
+
+
+class ErrorSchema(Schema):
+    cniVersion = fields.String(required=True)
+    code = fields.Integer(required=True)
+    msg = fields.String(required=True)
+    details = fields.String()
+
+
+class VersionSchema(Schema):
+    cniVersion = fields.String(required=True)
+    supportedVersions = fields.List(fields.String(), required=True)
+
+
+def result_schema(cni_version: str) -> ResultSchema:
+    if cni_version in VERSIONED_IPS:
+        return ResultSchema()
+    return ResultSchema(exclude=("ips.version",))

@@ -1,0 +1,74 @@
+"""Consul's KV endpoints as the allocator's `KV` protocol (get, list, create, replace, delete)."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from .client import ConsulClient, Response, check_status
+from .errors import ConsulError
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: bytes
+    modify_index: int
+
+
+class ConsulKV:
+    def __init__(self, client: ConsulClient) -> None:
+        self.client = client
+
+    def get(self, key: str) -> Entry | None:
+        resp = self.client.request("GET", _path(key))
+        if resp.status == 404:
+            return None
+        check_status(resp, f"reading KV key {key!r}")
+        entries = _entries(resp, key)
+        return entries[0] if entries else None
+
+    def list(self, prefix: str) -> list[Entry]:
+        resp = self.client.request("GET", _path(prefix), {"recurse": "true"})
+        if resp.status == 404:
+            return []
+        check_status(resp, f"listing KV prefix {prefix!r}")
+        return _entries(resp, prefix)
+
+    def create(self, key: str, value: bytes) -> bool:
+        return self._write("PUT", key, value, 0)
+
+    def replace(self, key: str, value: bytes, index: int) -> bool:
+        return self._write("PUT", key, value, index)
+
+    def delete(self, key: str, index: int) -> bool:
+        return self._write("DELETE", key, None, index)
+
+    def _write(self, method: str, key: str, value: bytes | None, index: int) -> bool:
+        resp = self.client.request(method, _path(key), {"cas": str(index)}, value)
+        check_status(resp, f"{'deleting' if method == 'DELETE' else 'writing'} KV key {key!r}")
+        answer = resp.body.strip()
+        if answer not in (b"true", b"false"):
+            raise ConsulError(f"unexpected answer to a CAS write of {key!r}: {answer[:100]!r}")
+        return answer == b"true"
+
+
+def _path(key: str) -> str:
+    return "/v1/kv/" + quote(key, safe="/:")
+
+
+def _entries(resp: Response, what: str) -> list[Entry]:
+    try:
+        return [
+            Entry(
+                e["Key"],
+                base64.b64decode(e["Value"]) if e.get("Value") else b"",
+                int(e["ModifyIndex"]),
+            )
+            for e in resp.json()
+        ]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConsulError(
+            f"Consul sent a KV answer for {what!r} that could not be read: {exc}"
+        ) from exc
