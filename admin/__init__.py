@@ -1,0 +1,1 @@
+"""Operator CLI for pools in Consul KV (ipam-da-consul-admin)."""
