@@ -49,11 +49,8 @@ class Allocator:
 
     def take_over(self, held: Held, target: str, ifname: str | None) -> Claim | None:
         """Re-allocate a held address to `target` (static request); None if it changed meanwhile."""
-        previous = self.kv.get(held.key)
-        if previous is None or previous.modify_index != held.index:
-            return None
         if self.kv.replace(held.key, self.value(target, ifname), held.index):
-            return Claim(held.key, held.ip, previous.value)
+            return Claim(held.key, held.ip, held.value)
         return None
 
     def requested_range(self, pool: Pool, ip: IPAddress) -> IPRange:

@@ -23,6 +23,7 @@ class Held:
     index: int
     ifname: str | None = None
     host: str | None = None
+    value: bytes = b""  # the raw JSON, to restore it if a take-over is rolled back
 
     def owned_by(self, target: str, ifname: str | None = None) -> bool:
         # An allocation without ifname (upstream, other tools) belongs to the whole container.
@@ -92,4 +93,12 @@ def parse_held(entry: KVEntry, folder: str) -> Held:
         alloc = load_allocation(entry.value)
     except ValueError as exc:
         raise InvalidPool(f"KV key {entry.key!r} does not hold a valid Allocation: {exc}") from exc
-    return Held(ip, alloc["target"], entry.key, entry.modify_index, alloc["ifname"], alloc["host"])
+    return Held(
+        ip,
+        alloc["target"],
+        entry.key,
+        entry.modify_index,
+        alloc["ifname"],
+        alloc["host"],
+        entry.value,
+    )

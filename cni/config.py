@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,12 @@ class NetConf:
     pools: list[PoolRequest]
     prev_result: dict[str, Any] | None
     prev_ips: list[Any]  # ipaddress interfaces from prevResult.ips
+    # Static addresses from the CNI conventions (CNI_ARGS IP=, runtimeConfig.ips, args.cni.ips);
+    # each goes to the pool whose ranges hold it.
+    requested_ips: list[IPAddress] = field(default_factory=list)
+    # GC: the (container, ifname) pairs the runtime still uses; None when not given.
+    valid_attachments: list[tuple[str, str]] | None = None
+    host: str | None = None
 
 
 def decode(raw: bytes) -> dict[str, Any]:
@@ -72,7 +79,12 @@ def cni_version_of(data: Mapping[str, Any]) -> str:
     return version
 
 
-def load(data: dict[str, Any], command: str, env: Mapping[str, str]) -> NetConf:
+def load(
+    data: dict[str, Any],
+    command: str,
+    env: Mapping[str, str],
+    args: Mapping[str, str] | None = None,
+) -> NetConf:
     version = cni_version_of(data)
     try:
         conf = NetworkConfigSchema().load(data)
@@ -86,19 +98,25 @@ def load(data: dict[str, Any], command: str, env: Mapping[str, str]) -> NetConf:
         cni_version=version,
         name=conf["name"],
         consul=_consul_settings(ipam, env),
-        pools=_pools(prev, command),
+        pools=_pools(prev, ipam, command),
         prev_result=data.get("prevResult") if isinstance(data.get("prevResult"), dict) else None,
         prev_ips=[ip["address"] for ip in (prev or {}).get("ips", [])],
+        requested_ips=_requested_ips(conf, args or {}),
+        valid_attachments=_attachments(data) if command == "GC" else None,
+        host=ipam["host"] or None,
     )
 
 
-def _pools(prev: dict[str, Any] | None, command: str) -> list[PoolRequest]:
-    raw = (prev or {}).get("pools")
+def _pools(prev: dict[str, Any] | None, ipam: dict[str, Any], command: str) -> list[PoolRequest]:
+    # Behind ipam-delegated the pools arrive in prevResult; standalone, in the ipam section.
+    raw = (prev or {}).get("pools") or ipam.get("pools")
+    if not raw and command in ("GC", "STATUS"):
+        return []  # behind ipam-delegated these commands cannot know the pools
     if not raw:
         raise CNIError(
             Code.INVALID_CONFIG,
-            "prevResult.pools is missing or empty: list at least one Pool object "
-            '(e.g. {"name": "pool-name"}) for ipam-da-consul to allocate from',
+            "no pools to allocate from: prevResult.pools (behind ipam-delegated) or ipam.pools "
+            '(standalone) must list at least one Pool object, e.g. {"name": "pool-name"}',
         )
     pools = [PoolRequest(p["name"], p["requested_ip"]) for p in raw]
     names = [p.name for p in pools]
@@ -109,6 +127,58 @@ def _pools(prev: dict[str, Any] | None, command: str) -> list[PoolRequest]:
             f"prevResult.pools names pool(s) more than once: {', '.join(dupes)}",
         )
     return pools
+
+
+def _requested_ips(conf: dict[str, Any], args: Mapping[str, str]) -> list[IPAddress]:
+    unknown = sorted(set(args) - {"IP", "IgnoreUnknown"})
+    if unknown and args.get("IgnoreUnknown", "").lower() not in ("1", "true"):
+        raise CNIError(
+            Code.INVALID_ENV,
+            f"CNI_ARGS has unknown key(s) {', '.join(unknown)}; "
+            "set IgnoreUnknown=1 to allow them",
+        )
+    ips = filter(None, args.get("IP", "").split(","))
+    wanted: list[tuple[str, Any]] = [("CNI_ARGS IP", v) for v in ips]
+    wanted += [("runtimeConfig.ips", v) for v in _list(conf["runtimeConfig"].get("ips"))]
+    cni_args = conf["args"].get("cni") if isinstance(conf["args"].get("cni"), dict) else {}
+    wanted += [("args.cni.ips", v) for v in _list(cni_args.get("ips"))]
+    out: list[IPAddress] = []
+    for source, value in wanted:
+        try:
+            ip = ipaddress.ip_interface(str(value).strip()).ip
+        except ValueError:
+            code = Code.INVALID_ENV if source.startswith("CNI_ARGS") else Code.INVALID_CONFIG
+            raise CNIError(code, f"{source}: {value!r} is not an IP address") from None
+        if ip not in out:
+            out.append(ip)
+    return out
+
+
+def _list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise CNIError(Code.INVALID_CONFIG, f"expected a list of IP addresses, got {value!r}")
+    return value
+
+
+def _attachments(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """GC's still-valid attachments; absent or null never means "release everything"."""
+    raw = data.get("cni.dev/valid-attachments", data.get("cni.dev/attachments"))
+    if not isinstance(raw, list):
+        raise CNIError(
+            Code.INVALID_CONFIG,
+            "GC needs cni.dev/valid-attachments (a list of {containerID, ifname}); "
+            "without it nothing is released",
+        )
+    out = []
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("containerID"), str):
+            raise CNIError(
+                Code.INVALID_CONFIG, f"invalid entry in cni.dev/valid-attachments: {item!r}"
+            )
+        out.append((item["containerID"], str(item.get("ifname") or "")))
+    return out
 
 
 def _consul_settings(ipam: dict[str, Any], env: Mapping[str, str]) -> ConsulSettings:

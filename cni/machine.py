@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from loguru import logger
@@ -36,21 +36,28 @@ from .schemas import SUPPORTED_VERSIONS, VersionSchema
 
 STATES = ["start", "parsed", "connected", "pool_loaded", "ip_picked", "pool_done", "done", "failed"]
 
+# fmt: off
 TRANSITIONS = [
-    # trigger      source                        dest           what happened
-    ["parse", "start", "parsed"],  # env and stdin are valid
-    ["report", "parsed", "done"],  # VERSION answered
-    ["connect", "parsed", "connected"],  # a Consul server with a leader was chosen
-    ["next_pool", ["connected", "pool_done"], "pool_loaded"],  # the next pool was read from KV
-    ["pick_ip", "pool_loaded", "ip_picked"],  # ADD: an address was chosen
-    ["write", "ip_picked", "pool_done"],  # ADD: the CAS write won
-    ["conflict", "ip_picked", "pool_loaded"],  # ADD: the CAS write lost; pool re-read
-    ["release", "pool_loaded", "pool_done"],  # DEL: our keys in this pool are gone
-    ["verify", "pool_loaded", "pool_done"],  # CHECK: our addresses are still ours
-    ["emit", ["connected", "pool_done"], "done"],  # every pool served; result ready
-    ["fail", "*", "failed"],  # an error; writes of this call rolled back
+    # trigger      source                       dest            what happened
+    ["parse",     "start",                     "parsed"],      # env and stdin are valid
+    ["report",    "parsed",                    "done"],        # VERSION answered
+    ["connect",   "parsed",                    "connected"],   # a Consul server with a leader
+    ["next_pool", ["connected", "pool_done"],  "pool_loaded"], # the next pool was read from KV
+    ["pick_ip",   "pool_loaded",               "ip_picked"],   # ADD: an address was chosen
+    ["write",     "ip_picked",                 "pool_done"],   # ADD: the CAS write won
+    ["conflict",  "ip_picked",                 "pool_loaded"], # ADD: the CAS write lost; re-read
+    ["release",   "pool_loaded",               "pool_done"],   # DEL: our keys here are gone
+    ["verify",    "pool_loaded",               "pool_done"],   # CHECK: our addresses still ours
+    ["collect",   "pool_loaded",               "pool_done"],   # GC: stale keys of this host gone
+    ["assess",    "pool_loaded",               "pool_done"],   # STATUS: pool parses, has room
+    ["emit",      ["connected", "pool_done"],  "done"],        # every pool served
+    ["fail",      "*",                         "failed"],      # error; this call's writes undone
 ]
+# fmt: on
 
+# Enough to undo this call's writes after a failure that used up the time budget.
+ROLLBACK_GRACE = 5.0
+_NEEDS_1_1 = ("GC", "STATUS")
 _ERROR_CODES: list[tuple[type[Exception], Code]] = [
     (PoolMissing, Code.MISSING_RESOURCE),
     (AllocationMissing, Code.MISSING_RESOURCE),
@@ -60,6 +67,12 @@ _ERROR_CODES: list[tuple[type[Exception], Code]] = [
     (WriteConflict, Code.KV_WRITE_FAILED),
     (ConsulUnavailable, Code.TRY_AGAIN_LATER),
 ]
+_INPUT_CODES = (
+    Code.INCOMPATIBLE_VERSION,
+    Code.INVALID_ENV,
+    Code.DECODE_FAILURE,
+    Code.INVALID_CONFIG,
+)
 
 
 class Invocation:
@@ -70,7 +83,7 @@ class Invocation:
     def __init__(self, stdin: bytes, environ: Mapping[str, str]) -> None:
         self.stdin = stdin
         self.environ = environ
-        self.env: Environment | None = None
+        self.env = Environment("")
         self.conf: config.NetConf | None = None
         self.cni_version = SUPPORTED_VERSIONS[-1]
         self.client: ConsulClient | None = None
@@ -80,10 +93,10 @@ class Invocation:
         self.pool: Pool | None = None
         self.held: list[Held] = []
         self.pick: tuple[IPAddress, IPRange, Held | None] | None = None
-        self.skip: set[IPAddress] = set()
         self.conflicts = 0
         self.assigned: list[result.Assigned] = []
-        self.claims: list[Claim] = []
+        self.claims: list[Claim] = []  # writes of this call, undone on failure
+        self.problems: list[str] = []  # GC keeps going and reports them all
         self.output: dict[str, Any] | None = None
         self.error: CNIError | None = None
         self.machine = Machine(
@@ -111,9 +124,8 @@ class Invocation:
         return 0 if self.error is None else int(self.error.code)
 
     def log_transition(self, event: EventData) -> None:
-        logger.debug(
-            "state {} -> {} ({})", event.transition.source, event.transition.dest, event.event.name
-        )
+        t = event.transition
+        logger.debug("state {} -> {} ({})", t.source, t.dest, event.event.name)
 
     # -- handlers, one per state ------------------------------------------------------------
     def at_start(self) -> str:
@@ -125,20 +137,23 @@ class Invocation:
             self.env.container_id,
             self.env.ifname,
         )
-        data = (
-            config.decode(self.stdin) if self.stdin.strip() or self.env.command != "VERSION" else {}
-        )
+        versioning = self.env.command == "VERSION"
+        data = {} if versioning and not self.stdin.strip() else config.decode(self.stdin)
         if isinstance(data.get("cniVersion"), str) and data["cniVersion"]:
             self.cni_version = data["cniVersion"]
         logger.debug("config: {}", config.redact(data))
-        if self.env.command == "VERSION":
+        if versioning:
             return "parse"
-        self.conf = config.load(data, self.env.command, self.environ)
+        self.conf = config.load(data, self.env.command, self.environ, self.env.args)
+        if self.env.command in _NEEDS_1_1 and self.conf.cni_version != "1.1.0":
+            raise CNIError(
+                Code.INCOMPATIBLE_VERSION,
+                f"{self.env.command} needs cniVersion 1.1.0, got {self.conf.cni_version}",
+            )
         self.todo = list(self.conf.pools)
         return "parse"
 
     def at_parsed(self) -> str:
-        assert self.env is not None
         if self.env.command == "VERSION":
             self.output = VersionSchema().dump(
                 {"cniVersion": self.cni_version, "supportedVersions": list(SUPPORTED_VERSIONS)}
@@ -155,9 +170,8 @@ class Invocation:
             tls=TLSConfig(settings.ca_file, settings.cert_file, settings.key_file),
             datacenter=settings.datacenter,
         )
-        self.allocator = Allocator(
-            ConsulKV(self.client), Layout(settings.kv_prefix), socket.gethostname()
-        )
+        host = self.conf.host or socket.gethostname()
+        self.allocator = Allocator(ConsulKV(self.client), Layout(settings.kv_prefix), host)
         self.client.select()
         return "connect"
 
@@ -168,49 +182,53 @@ class Invocation:
         return self.next_pool_or_emit()
 
     def at_pool_loaded(self) -> str:
-        command = self.env.command if self.env else ""
-        return {"ADD": self.pick_address, "DEL": self.release_ours, "CHECK": self.verify_ours}[
-            command
-        ]()
+        steps: dict[str, Callable[[], str]] = {
+            "ADD": self.pick_address,
+            "DEL": self.release_ours,
+            "CHECK": self.verify_ours,
+            "GC": self.collect_stale,
+            "STATUS": self.assess_room,
+        }
+        return steps[self.env.command]()
 
     def at_ip_picked(self) -> str:
         assert self.pick is not None and self.allocator is not None and self.pool is not None
         ip, rng, held = self.pick
-        env = self.attachment()
-        if held is not None and held.owned_by(*env):
-            claim = None  # already ours: a repeated ADD
+        target, ifname = self.attachment()
+        if held is not None and held.owned_by(target, ifname):
+            pass  # already ours: a repeated ADD, or our own write whose reply was lost
         elif held is not None:
-            claim = self.allocator.take_over(held, *env)
-            if claim is None:
+            if not self.write(lambda: self.allocator.take_over(held, target, ifname), held.key):
                 return self.lost_race(ip)
             logger.warning(
                 "re-allocated requested IP {} in pool {!r} from container {!r} to {!r}",
                 ip,
                 self.pool.name,
                 held.target,
-                env[0],
+                target,
             )
         else:
-            claim = self.allocator.claim(self.pool, ip, *env)
-            if claim is None:
+            key = self.allocator.layout.allocation_key(self.pool.name, ip)
+            if not self.write(lambda: self.allocator.claim(self.pool, ip, target, ifname), key):
                 return self.lost_race(ip)
-        if claim is not None:
-            self.claims.append(claim)
         self.assigned.append(result.Assigned(self.pool.name, ip, rng))
-        logger.debug("pool {!r}: {} for container {!r}", self.pool.name, ip, env[0])
+        logger.debug("pool {!r}: {} for container {!r}", self.pool.name, ip, target)
         return "write"
 
     def on_enter_failed(self, event: EventData) -> None:
-        for claim in reversed(self.claims):
-            try:
-                assert self.allocator is not None
-                self.allocator.undo(claim, self.attachment()[0])
-            except Exception as exc:
-                logger.error("could not roll back {}: {}", claim.key, exc)
         assert self.error is not None
+        if self.claims and self.allocator is not None and self.client is not None:
+            self.client.deadline.extend(ROLLBACK_GRACE)
+            for claim in reversed(self.claims):
+                try:
+                    self.allocator.undo(claim, self.attachment()[0])
+                except Exception as exc:
+                    logger.error(
+                        "could not roll back {}: {}; DEL or GC will release it", claim.key, exc
+                    )
         logger.error(
             "{} failed (code {}): {}",
-            self.env.command if self.env else "call",
+            self.env.command or "call",
             int(self.error.code),
             self.error.msg,
         )
@@ -218,7 +236,6 @@ class Invocation:
 
     # -- the work ---------------------------------------------------------------------------
     def attachment(self) -> tuple[str, str | None]:
-        assert self.env is not None
         return self.env.container_id, self.env.ifname or None
 
     def next_pool_or_emit(self) -> str:
@@ -226,39 +243,67 @@ class Invocation:
             self.finish()
             return "emit"
         self.current = self.todo.pop(0)
-        self.skip = set()
         self.load_current()
         return "next_pool"
 
     def load_current(self) -> None:
-        assert self.allocator is not None and self.current is not None and self.env is not None
+        assert self.allocator is not None and self.current is not None
         if self.env.command == "DEL":
             self.held = self.our_keys(self.current.name)
+        elif self.env.command == "GC":
+            self.held = self.allocator.scan(self.current.name, self.problems.append)
         else:
             self.pool = self.allocator.load(self.current.name)
 
     def finish(self) -> None:
-        assert self.conf is not None and self.env is not None
+        assert self.conf is not None
         if self.env.command == "ADD":
+            served = {a.ip for a in self.assigned}
+            unused = [str(ip) for ip in self.conf.requested_ips if ip not in served]
+            if unused:
+                raise NotInPool(f"requested IP(s) {', '.join(unused)} fit no range of the pools")
             self.output = result.build(self.cni_version, self.conf.prev_result, self.assigned)
+        if self.problems:
+            raise CNIError(
+                Code.KV_WRITE_FAILED, "GC finished with problems: " + "; ".join(self.problems)
+            )
+
+    def requested(self) -> IPAddress | None:
+        """This pool's static address: its own, or a conventional one that fits its ranges."""
+        assert self.current is not None and self.pool is not None and self.conf is not None
+        if self.current.requested_ip is not None:
+            return self.current.requested_ip
+        return next((ip for ip in self.conf.requested_ips if self.pool.range_for(ip)), None)
 
     def pick_address(self) -> str:
-        assert self.pool is not None and self.current is not None and self.allocator is not None
-        wanted = self.current.requested_ip
+        assert self.pool is not None and self.allocator is not None
+        wanted = self.requested()
         if wanted is not None:
             rng = self.allocator.requested_range(self.pool, wanted)
             self.pick = (wanted, rng, self.pool.held.get(wanted))
             return "pick_ip"
-        ours = self.pool.ours(*self.attachment())
-        if ours:
-            held = ours[0]
+        for held in self.pool.ours(*self.attachment()):
             rng = self.pool.range_for(held.ip)
             if rng is not None:
-                self.pick = (held.ip, rng, held)
+                self.pick = (held.ip, rng, held)  # idempotent ADD: hand back what we hold
                 return "pick_ip"
-        ip, rng = self.pool.next_free(self.skip)
+        ip, rng = self.pool.next_free()
         self.pick = (ip, rng, None)
         return "pick_ip"
+
+    def write(self, attempt: Callable[[], Claim | None], key: str) -> bool:
+        """Run one CAS write; recorded for rollback before it is sent, since a reply can be lost
+        after Consul applied it."""
+        assert self.pick is not None
+        ip, _, held = self.pick
+        pending = Claim(key, ip, None if held is None else held.value)
+        self.claims.append(pending)
+        claim = attempt()
+        self.claims.pop()
+        if claim is None:
+            return False
+        self.claims.append(claim)
+        return True
 
     def lost_race(self, ip: IPAddress) -> str:
         """Another writer changed the key first: re-read the pool and pick again."""
@@ -272,15 +317,12 @@ class Invocation:
             )
         logger.debug("lost the race for {} in pool {!r}; retrying", ip, self.current.name)
         self.client.deadline.sleep(random.uniform(0, 0.005 * min(self.conflicts, 20)))
-        if self.current.requested_ip is None:
-            self.skip.add(ip)
         self.load_current()
         return "conflict"
 
     def our_keys(self, pool: str) -> list[Held]:
         """DEL: the keys of ours; straight to prevResult's addresses when it names them."""
         assert self.allocator is not None and self.conf is not None
-        env = self.attachment()
         found = []
         for iface in self.conf.prev_ips:
             try:
@@ -292,7 +334,7 @@ class Invocation:
                 found.append(held)
         if not found:
             found = self.allocator.scan(pool, lambda why: logger.warning("DEL skips: {}", why))
-        return [h for h in found if h.owned_by(*env)]
+        return [h for h in found if h.owned_by(*self.attachment())]
 
     def release_ours(self) -> str:
         assert self.allocator is not None and self.current is not None
@@ -322,7 +364,42 @@ class Invocation:
                 )
         return "verify"
 
+    def collect_stale(self) -> str:
+        """GC: release this host's allocations whose attachment the runtime no longer has."""
+        assert self.allocator is not None and self.conf is not None
+        valid = set(self.conf.valid_attachments or [])
+        containers = {cid for cid, _ in valid}
+        for held in self.held:
+            if held.host != self.allocator.host:
+                continue  # another host's, or written by a tool that records no host
+            if (held.target, held.ifname) in valid or (
+                held.ifname is None and held.target in containers
+            ):
+                continue
+            try:
+                if self.allocator.release(held, held.target, held.ifname):
+                    logger.debug("GC released {} (container {!r})", held.key, held.target)
+                else:
+                    self.problems.append(f"{held.key} kept changing; not released")
+            except ConsulUnavailable:
+                raise
+            except ConsulError as exc:
+                self.problems.append(f"{held.key}: {exc}")
+        return "collect"
+
+    def assess_room(self) -> str:
+        """STATUS: the pool parses and still has a free address."""
+        assert self.pool is not None
+        self.pool.next_free()
+        return "assess"
+
     def as_cni_error(self, exc: Exception) -> CNIError:
+        error = self.classify(exc)
+        if self.env.command == "STATUS" and error.code not in _INPUT_CODES:
+            return CNIError(Code.NOT_READY, f"not ready to serve ADD: {error.msg}")
+        return error
+
+    def classify(self, exc: Exception) -> CNIError:
         if isinstance(exc, CNIError):
             return exc
         for kind, code in _ERROR_CODES:

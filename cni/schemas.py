@@ -18,7 +18,7 @@ from marshmallow import (
 from ..allocator.layout import check_pool_name
 from ..allocator.schemas import IPAddressField
 
-SUPPORTED_VERSIONS = ("0.4.0", "1.0.0")
+SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
 # Results of these versions carry ips[].version; 1.x dropped it.
 VERSIONED_IPS = frozenset({"0.3.0", "0.3.1", "0.4.0"})
 
@@ -88,6 +88,8 @@ class IpamSchema(Schema):
     consul_datacenter = fields.String(load_default=None, allow_none=True)
     kv_prefix = fields.String(load_default="ipam/", validate=validate.Regexp(r"^[^?#%\s]*$"))
     pools = fields.List(fields.Nested(PoolSchema), load_default=None, allow_none=True)
+    # Identity recorded in allocations so GC only ever touches this host's; default hostname.
+    host = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=253))
 
 
 class IPConfigSchema(Schema):

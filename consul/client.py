@@ -35,6 +35,10 @@ class Deadline:
     def sleep(self, seconds: float) -> None:
         time.sleep(min(seconds, self.remaining()))
 
+    def extend(self, seconds: float) -> None:
+        """Make sure at least `seconds` remain (used to finish a rollback after a failure)."""
+        self.end = max(self.end, time.monotonic() + seconds)
+
 
 @dataclass(frozen=True)
 class TLSConfig:

@@ -66,7 +66,9 @@ class ConsulAgent:
         self.name = name
         self.dev = dev
         self.extra = extra or []
-        self.http_port, self.dns_port, self.serf_lan, self.serf_wan, self.server_port = free_ports(5)
+        self.http_port, self.dns_port, self.serf_lan, self.serf_wan, self.server_port = free_ports(
+            5
+        )
         self.https_port = https_port
         self.scheme = scheme
         self.token = token
@@ -113,18 +115,22 @@ class ConsulAgent:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"consul {self.name} exited: {self.log_path.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"consul {self.name} exited: {self.log_path.read_text()[-2000:]}"
+                )
             try:
-                self.http.get(self.url + "/v1/status/leader", timeout=1, verify=self.verify,
-                              cert=self.cert)
+                self.http.get(
+                    self.url + "/v1/status/leader", timeout=1, verify=self.verify, cert=self.cert
+                )
                 return
             except requests.RequestException:
                 time.sleep(0.1)
         raise TimeoutError(f"consul {self.name} did not answer HTTP in {timeout}s")
 
     def leader(self) -> str:
-        r = self.http.get(self.url + "/v1/status/leader", timeout=2, verify=self.verify,
-                          cert=self.cert)
+        r = self.http.get(
+            self.url + "/v1/status/leader", timeout=2, verify=self.verify, cert=self.cert
+        )
         return r.json() if r.status_code == 200 else ""
 
     def wait_leader(self, timeout: float = 30.0) -> str:
@@ -140,8 +146,9 @@ class ConsulAgent:
         raise TimeoutError(f"consul {self.name} has no leader after {timeout}s")
 
     def _kv_works(self) -> bool:
-        r = self.http.get(self.url + "/v1/kv/__probe__", timeout=2, verify=self.verify,
-                          cert=self.cert)
+        r = self.http.get(
+            self.url + "/v1/kv/__probe__", timeout=2, verify=self.verify, cert=self.cert
+        )
         return r.status_code in (200, 404)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -160,8 +167,9 @@ class ConsulAgent:
 
     # -- KV helpers (tests inspect KV directly, as an operator would) ------------------------
     def _req(self, method: str, key: str, **kw: Any) -> requests.Response:
-        return self.http.request(method, f"{self.url}/v1/kv/{key}", timeout=10,
-                                 verify=self.verify, cert=self.cert, **kw)
+        return self.http.request(
+            method, f"{self.url}/v1/kv/{key}", timeout=10, verify=self.verify, cert=self.cert, **kw
+        )
 
     def put(self, key: str, value: str | bytes | Any) -> None:
         if not isinstance(value, str | bytes):
@@ -196,7 +204,7 @@ class ConsulAgent:
         """ip -> target for every allocation key of `pool`."""
         folder = f"{prefix}{pool}/"
         return {
-            k[len(folder):]: json.loads(v)["target"]
+            k[len(folder) :]: json.loads(v)["target"]
             for k, v in self.tree(folder).items()
             if k != folder
         }
@@ -222,9 +230,11 @@ class ConsulCluster:
         self.agents = [ConsulAgent(f"srv{i}", dev=False) for i in range(size)]
         for agent in self.agents:
             joins = [a.serf_addr for a in self.agents if a is not agent]
-            agent.extra = ["-bootstrap-expect", str(size)] + [
-                arg for j in joins for arg in ("-retry-join", j)
-            ] + ["-hcl", "performance { raft_multiplier = 1 }"]
+            agent.extra = (
+                ["-bootstrap-expect", str(size)]
+                + [arg for j in joins for arg in ("-retry-join", j)]
+                + ["-hcl", "performance { raft_multiplier = 1 }"]
+            )
 
     def start(self) -> ConsulCluster:
         for agent in self.agents:
@@ -241,3 +251,76 @@ class ConsulCluster:
     def close(self) -> None:
         for agent in self.agents:
             agent.close()
+
+
+# -- a Consul that needs credentials: ACLs (default deny) and HTTPS with client certificates ----
+
+
+class TLSFiles:
+    """PEM files of a throwaway CA, a server certificate for 127.0.0.1/localhost and a client
+    certificate, written into `directory` (trustme is a test-only dependency)."""
+
+    def __init__(self, directory: Path) -> None:
+        import trustme
+
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA()
+        # Consul's own RPC TLS wants server.<dc>.<domain>; the HTTPS clients want the address.
+        server = ca.issue_cert("127.0.0.1", "localhost", "server.dc1.consul")
+        client = ca.issue_cert("client.dc1.consul")
+        self.ca = str(directory / "ca.pem")
+        self.server_cert = str(directory / "server.pem")
+        self.server_key = str(directory / "server-key.pem")
+        self.client_cert = str(directory / "client.pem")
+        self.client_key = str(directory / "client-key.pem")
+        ca.cert_pem.write_to_path(self.ca)
+        server.cert_chain_pems[0].write_to_path(self.server_cert)
+        server.private_key_pem.write_to_path(self.server_key)
+        client.cert_chain_pems[0].write_to_path(self.client_cert)
+        client.private_key_pem.write_to_path(self.client_key)
+
+
+class SecureConsulAgent(ConsulAgent):
+    """A dev agent with ACLs enabled (default policy deny, a random master token) and an HTTPS
+    port that requires a client certificate (`verify_incoming_https`). `url` is the HTTPS one;
+    the helper's own KV calls use the master token, the CA and the client certificate."""
+
+    def __init__(self, directory: Path, name: str = "secure") -> None:
+        import uuid
+
+        self.tls = TLSFiles(directory / "tls")
+        master = str(uuid.uuid4())
+        super().__init__(
+            name,
+            scheme="https",
+            token=master,
+            verify=self.tls.ca,
+            cert=(self.tls.client_cert, self.tls.client_key),
+        )
+        taken = {self.http_port, self.serf_lan, self.serf_wan, self.server_port}
+        self.https_port = next(p for p in free_ports(6) if p not in taken)
+        self.master_token = master
+        config = directory / "secure.hcl"
+        config.write_text(
+            'acl {\n  enabled = true\n  default_policy = "deny"\n'
+            f'  tokens {{ master = "{master}" }}\n}}\n'
+            f"ports {{ https = {self.https_port} }}\n"
+            f'ca_file = "{self.tls.ca}"\ncert_file = "{self.tls.server_cert}"\n'
+            f'key_file = "{self.tls.server_key}"\nverify_incoming_https = true\n'
+        )
+        self.extra = ["-config-file", str(config)]
+
+    def _acl(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = self.http.put(
+            f"{self.url}/v1/acl/{kind}", json=body, timeout=10, verify=self.verify, cert=self.cert
+        )
+        r.raise_for_status()
+        return r.json()
+
+    def create_token(self, name: str, rules: str) -> str:
+        """A new ACL token whose only policy is `rules` (HCL); returns its SecretID."""
+        import uuid
+
+        policy = self._acl("policy", {"Name": f"{name}-{uuid.uuid4().hex[:8]}", "Rules": rules})
+        token = self._acl("token", {"Description": name, "Policies": [{"ID": policy["ID"]}]})
+        return str(token["SecretID"])

@@ -70,7 +70,9 @@ def run_plugin(
     if isinstance(data, str):
         data = data.encode()
     p = subprocess.run([exe], input=data, env=full_env, capture_output=True, timeout=timeout)
-    return Outcome(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
+    return Outcome(
+        p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+    )
 
 
 def netconf(
@@ -84,8 +86,12 @@ def netconf(
         "cniVersion": version,
         "name": "testnet",
         "type": "ipam-delegated",
-        "ipam": {"type": "ipam-delegated", "delegates": ["ipam-da-consul"],
-                 "consul_servers": servers, **ipam},
+        "ipam": {
+            "type": "ipam-delegated",
+            "delegates": ["ipam-da-consul"],
+            "consul_servers": servers,
+            **ipam,
+        },
     }
     prev: dict[str, Any] = {"cniVersion": version, "ips": ips or []}
     if pools is not None:
@@ -112,8 +118,18 @@ def make_pool(consul: ConsulAgent):
 
     def make(ranges: list[dict[str, str]] | None = None, name: str | None = None) -> str:
         name = name or f"pool-{os.getpid()}-{next(_counter)}"
-        consul.create_pool(name, ranges or [{"subnet": "10.0.20.0/23", "rangeStart": "10.0.21.100",
-                                            "rangeEnd": "10.0.21.150", "gateway": "10.0.20.1"}])
+        consul.create_pool(
+            name,
+            ranges
+            or [
+                {
+                    "subnet": "10.0.20.0/23",
+                    "rangeStart": "10.0.21.100",
+                    "rangeEnd": "10.0.21.150",
+                    "gateway": "10.0.20.1",
+                }
+            ],
+        )
         return name
 
     return make
@@ -123,8 +139,12 @@ def make_pool(consul: ConsulAgent):
 def conf_for(consul: ConsulAgent):
     """conf_for(pool, version=..., **ipam) -> a network config naming the dev agent."""
 
-    def make(*pools: str | dict[str, Any], version: str = "1.0.0",
-             ips: list[dict[str, Any]] | None = None, **ipam: Any) -> dict[str, Any]:
+    def make(
+        *pools: str | dict[str, Any],
+        version: str = "1.0.0",
+        ips: list[dict[str, Any]] | None = None,
+        **ipam: Any,
+    ) -> dict[str, Any]:
         objs = [p if isinstance(p, dict) else {"name": p} for p in pools]
         return netconf([consul.url], objs, version, ips, **ipam)
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs everything the demo, tests and benchmark need on a fresh Debian 12 machine:
+# a virtualenv with the plugin and its test tools, the Consul binary, and (as root) the
+# containernetworking-plugins package for the bridge end-to-end tests.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+apt_ready=""
+apt_install() {
+  command -v apt-get >/dev/null || return 1
+  if [ -z "$apt_ready" ]; then as_root apt-get update -qq || return 1; apt_ready=1; fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+py=${PYTHON:-python3}
+if ! "$py" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+  echo "setup: Python 3.11 or newer is needed (set PYTHON=...)" >&2; exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv 2>/dev/null || { apt_install python3-venv && "$py" -m venv .venv; }
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q ".[test]"
+
+bash scripts/fetch-consul.sh >/dev/null
+
+# The bridge and host-local plugins (Debian package) for the runtime-path tests and benchmark.
+if [ ! -x /usr/lib/cni/bridge ]; then
+  apt_install containernetworking-plugins iproute2 \
+    || echo "setup: containernetworking-plugins not installed; bridge tests will be skipped" >&2
+fi
+echo "setup: ready (.venv, $(bash scripts/fetch-consul.sh 2>/dev/null))"
