@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from loguru import logger
 
+from .cache import PoolCache
 from .errors import InvalidPool, NotInPool
 from .layout import Layout
 from .pool import Held, Pool, parse_held, parse_pool
@@ -28,14 +30,55 @@ class Claim:
 
 
 class Allocator:
-    def __init__(self, kv: KV, layout: Layout | None = None, host: str | None = None) -> None:
+    def __init__(
+        self,
+        kv: KV,
+        layout: Layout | None = None,
+        host: str | None = None,
+        cache: PoolCache | None = None,
+    ) -> None:
         self.kv = kv
         self.layout = layout or Layout()
         self.host = host
+        self.cache = cache
 
     def load(self, name: str) -> Pool:
-        """Ranges and allocations in one listing of the pool key's prefix."""
-        return parse_pool(self.layout, name, self.kv.list(self.layout.pool_key(name)))
+        """Ranges and allocations in one listing of the pool key's prefix (or the helper's
+        cached copy of it)."""
+        if self.cache is not None and hasattr(self.kv, "list_after"):
+            kv: Any = self.kv
+            return self.cache.get(name, lambda: kv.list_after(self.layout.pool_key(name)))
+        entries = self.kv.list(self.layout.pool_key(name))
+        if not entries:
+            self._probe(self.layout.pool_key(name))
+        return parse_pool(self.layout, name, entries)
+
+    def load_ranges(self, name: str) -> Pool:
+        """The pool's ranges alone (one small read), for calls that look up single keys."""
+        entry = self.kv.get(self.layout.pool_key(name))
+        return parse_pool(self.layout, name, [entry] if entry is not None else [])
+
+    def recheck(self, pool: Pool, ip: IPAddress) -> None:
+        """Re-read one allocation key after a lost race and fold it into `pool`."""
+        held = self.lookup(pool.name, ip)
+        if held is None:
+            pool.discard(ip)
+        else:
+            pool.put(held)
+
+    def still_ours(self, pool: Pool, held: Held, target: str, ifname: str | None) -> bool:
+        """A freshly listed pool is the truth; a cached one is confirmed key by key."""
+        if self.cache is None:
+            return True
+        self.recheck(pool, held.ip)
+        current = pool.held.get(held.ip)
+        return current is not None and current.owned_by(target, ifname)
+
+    def _probe(self, key: str) -> None:
+        # Consul drops keys the ACL token may not read from a listing and answers an empty one
+        # with 404, so "no such pool" and "no permission" look alike. A read of the key itself
+        # answers 403 instead, which the KV layer raises as a permission error.
+        self.kv.get(key)
 
     def value(self, target: str, ifname: str | None) -> bytes:
         return dump_allocation(target, ifname, self.host)
@@ -43,7 +86,10 @@ class Allocator:
     def claim(self, pool: Pool, ip: IPAddress, target: str, ifname: str | None) -> Claim | None:
         """Create the allocation key if absent; None when someone else got there first."""
         key = self.layout.allocation_key(pool.name, ip)
-        if self.kv.create(key, self.value(target, ifname)):
+        value = self.value(target, ifname)
+        if self.kv.create(key, value):
+            # ModifyIndex 0 is unknown: a CAS delete with it fails and re-reads the key.
+            pool.put(Held(ip, target, key, 0, ifname, self.host, value))
             return Claim(key, ip, None)
         return None
 
@@ -70,8 +116,11 @@ class Allocator:
     def scan(self, pool: str, on_invalid: Callable[[str], None]) -> list[Held]:
         """Every valid allocation in the pool folder; unreadable keys go to `on_invalid`."""
         folder = self.layout.folder(pool)
+        entries = self.kv.list(folder)
+        if not entries:
+            self._probe(folder)
         out = []
-        for entry in self.kv.list(folder):
+        for entry in entries:
             if entry.key == folder:
                 continue
             try:

@@ -15,7 +15,7 @@ def check_pool_name(name: str) -> str | None:
     """Why `name` cannot be a pool name, or None when it can."""
     if not name:
         return "a pool name cannot be empty"
-    if name in (".", "..") or not _POOL_NAME.match(name):
+    if name in (".", "..") or not _POOL_NAME.fullmatch(name):
         return (
             f"pool name {name!r} must be one KV path segment (no '/', '..', '?', '#', '%', spaces)"
         )

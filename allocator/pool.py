@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+import threading
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .errors import InvalidPool, PoolFull, PoolMissing
@@ -34,25 +36,38 @@ class Held:
 
 @dataclass
 class Pool:
+    """Ranges plus held addresses, with indexes kept up to date as addresses come and go, so
+    picking an address or finding a container's costs O(log n), not a pass over the pool."""
+
     name: str
     ranges: list[IPRange]
     held: dict[IPAddress, Held] = field(default_factory=dict)
+    _taken: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False)
+    _by_target: dict[str, list[Held]] | None = field(default=None, init=False, repr=False)
+    # The helper shares one Pool between concurrent calls; the indexes must stay consistent.
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
 
     def range_for(self, ip: IPAddress) -> IPRange | None:
         return next((r for r in self.ranges if r.contains(ip)), None)
 
     def ours(self, target: str, ifname: str | None = None) -> list[Held]:
-        return sorted(
-            (h for h in self.held.values() if h.owned_by(target, ifname)),
-            key=lambda h: (h.ip.version, int(h.ip)),
-        )
+        if self._by_target is None:
+            index: dict[str, list[Held]] = {}
+            for h in self.held.values():
+                index.setdefault(h.target, []).append(h)
+            self._by_target = index
+        found = [h for h in self._by_target.get(target, ()) if h.owned_by(target, ifname)]
+        return sorted(found, key=lambda h: (h.ip.version, int(h.ip)))
 
-    def next_free(self, skip: Iterable[IPAddress] = ()) -> tuple[IPAddress, IPRange]:
-        """Lowest free address, range by range in pool order; `skip` adds addresses to avoid."""
-        busy = [*self.held, *skip]
-        taken = {4: sorted_ints(busy, 4), 6: sorted_ints(busy, 6)}
+    def taken(self, version: int) -> list[int]:
+        if version not in self._taken:
+            self._taken[version] = sorted_ints(self.held, version)
+        return self._taken[version]
+
+    def next_free(self) -> tuple[IPAddress, IPRange]:
+        """Lowest free address, range by range in pool order."""
         for rng in self.ranges:
-            ip = rng.lowest_free(taken[rng.version])
+            ip = rng.lowest_free(self.taken(rng.version))
             if ip is not None:
                 return ip, rng
         raise PoolFull(f"pool {self.name!r} is full: all {self.capacity()} addresses are allocated")
@@ -60,9 +75,39 @@ class Pool:
     def capacity(self) -> int:
         return sum(r.size() for r in self.ranges)
 
+    def put(self, held: Held) -> None:
+        """Record an allocation seen or made after the pool was read."""
+        with self._lock:
+            self.discard(held.ip)
+            self.held[held.ip] = held
+            if held.ip.version in self._taken:
+                insort(self._taken[held.ip.version], int(held.ip))
+            if self._by_target is not None:
+                self._by_target.setdefault(held.target, []).append(held)
 
-def parse_pool(layout: Layout, name: str, entries: Iterable[KVEntry]) -> Pool:
-    """Build a Pool from a prefix listing; entries of other pools sharing the prefix are ignored."""
+    def discard(self, ip: IPAddress) -> None:
+        with self._lock:
+            old = self.held.pop(ip, None)
+            if old is None:
+                return
+            taken = self._taken.get(ip.version)
+            if taken is not None:
+                i = bisect_left(taken, int(ip))
+                if i < len(taken) and taken[i] == int(ip):
+                    del taken[i]
+            if self._by_target is not None and old in self._by_target.get(old.target, []):
+                self._by_target[old.target].remove(old)
+
+
+def parse_pool(
+    layout: Layout,
+    name: str,
+    entries: Iterable[KVEntry],
+    known: Mapping[str, Held] | None = None,
+) -> Pool:
+    """Build a Pool from a prefix listing; entries of other pools sharing the prefix are ignored.
+    `known` holds allocations parsed before: one whose ModifyIndex is unchanged is reused."""
+    known = known or {}
     pool_key, folder = layout.pool_key(name), layout.folder(name)
     ranges_entry = None
     held: dict[IPAddress, Held] = {}
@@ -70,7 +115,9 @@ def parse_pool(layout: Layout, name: str, entries: Iterable[KVEntry]) -> Pool:
         if entry.key == pool_key:
             ranges_entry = entry
         elif entry.key.startswith(folder) and entry.key != folder:
-            h = parse_held(entry, folder)
+            h = known.get(entry.key)
+            if h is None or h.index != entry.modify_index:
+                h = parse_held(entry, folder)
             held[h.ip] = h
     if ranges_entry is None:
         raise PoolMissing(f"pool {name!r} does not exist: KV key {pool_key!r} is missing")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
 import ipaddress
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
@@ -71,15 +70,20 @@ class IPRange:
         return hi - lo + 1 - sum(1 for r in self.reserved() if lo <= r <= hi)
 
     def lowest_free(self, taken: Sequence[int]) -> IPAddress | None:
-        """Lowest allocatable address not in `taken` (sorted ints), walking gaps not addresses."""
-        lo, hi = int(self.start), int(self.end)
-        candidate = lo
-        for t in heapq.merge(taken[bisect_left(taken, lo) :], sorted(self.reserved())):
-            if t > candidate or t > hi:
-                break
-            if t == candidate:
-                candidate += 1
-        return type(self.start)(candidate) if candidate <= hi else None
+        """Lowest allocatable address not in `taken` (sorted, unique ints).
+
+        Binary searches for the end of each run of consecutive taken addresses, so the cost is
+        O(log n) in the number of allocations and independent of the subnet's size.
+        """
+        hi = int(self.end)
+        reserved = self.reserved()
+        candidate = int(self.start)
+        while candidate <= hi:
+            candidate = first_gap(taken, candidate)
+            if candidate not in reserved:
+                return type(self.start)(candidate) if candidate <= hi else None
+            candidate += 1
+        return None
 
     def to_wire(self) -> dict[str, str]:
         out = {"subnet": str(self.subnet), "rangeStart": str(self.start), "rangeEnd": str(self.end)}
@@ -91,6 +95,22 @@ class IPRange:
 def _last_host(subnet: IPNetwork) -> IPAddress:
     # IPv6 has no broadcast address, so its last address is usable.
     return subnet.broadcast_address - 1 if subnet.version == 4 else subnet.broadcast_address
+
+
+def first_gap(taken: Sequence[int], start: int) -> int:
+    """Smallest value >= start missing from `taken` (sorted, unique)."""
+    i = bisect_left(taken, start)
+    if i == len(taken) or taken[i] != start:
+        return start
+    # taken[i:] holds start, start+1, ... up to the last j with taken[j] - taken[i] == j - i.
+    lo, hi = i, len(taken) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if taken[mid] - taken[i] == mid - i:
+            lo = mid
+        else:
+            hi = mid - 1
+    return taken[lo] + 1
 
 
 def sorted_ints(ips: Iterable[IPAddress], version: int) -> list[int]:

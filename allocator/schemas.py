@@ -79,7 +79,7 @@ class AllocationSchema(Schema):
     host = fields.String(load_default=None)
 
 
-_range_list = IPRangeSchema(many=True)
+_range = IPRangeSchema()
 _allocation = AllocationSchema()
 
 
@@ -88,16 +88,31 @@ def load_ranges(raw: bytes) -> list[IPRange]:
     data = _json(raw)
     if not isinstance(data, list) or not data:
         raise ValueError("expected a non-empty JSON array of IP Range objects")
-    try:
-        return _range_list.load(data)
-    except ValidationError as exc:
-        raise ValueError(describe(exc.messages)) from exc
+    out = []
+    # One range at a time: marshmallow drops the index of errors raised in post_load.
+    for i, item in enumerate(data):
+        try:
+            out.append(_range.load(item))
+        except ValidationError as exc:
+            raise ValueError(describe(exc.messages, f"[{i}]")) from exc
+    return out
 
 
 def load_allocation(raw: bytes) -> dict[str, Any]:
     data = _json(raw)
     if not isinstance(data, dict):
         raise ValueError('expected a JSON object like {"target": "<container id>"}')
+    # Pools are read whole, tens of thousands of values at a time: accept the well-formed case
+    # with the schema's own rules in plain Python (tests/test_schemas.py proves they agree) and
+    # let marshmallow judge, and word the error, only when something looks off.
+    target, ifname, host = data.get("target"), data.get("ifname"), data.get("host")
+    if (
+        type(target) is str
+        and target
+        and (ifname is None or type(ifname) is str)
+        and (host is None or type(host) is str)
+    ):
+        return {"target": target, "ifname": ifname, "host": host}
     try:
         return _allocation.load(data)
     except ValidationError as exc:

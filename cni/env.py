@@ -34,7 +34,7 @@ def read_env(env: Mapping[str, str]) -> Environment:
     if command not in _PER_ATTACHMENT:
         return Environment(command)
     cid = env.get("CNI_CONTAINERID", "")
-    if not _CONTAINER_ID.match(cid):
+    if not _CONTAINER_ID.fullmatch(cid):
         raise CNIError(
             Code.INVALID_ENV,
             f"CNI_CONTAINERID {cid!r} is not valid: it must start with a letter or digit, "

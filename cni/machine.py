@@ -6,10 +6,11 @@ the work that state calls for and returns the trigger to fire next; any exceptio
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 from transitions import EventData, Machine
@@ -33,6 +34,9 @@ from . import config, result
 from .env import Environment, read_env
 from .errors import CNIError, Code
 from .schemas import SUPPORTED_VERSIONS, VersionSchema
+
+if TYPE_CHECKING:
+    from .helper import PoolCaches
 
 STATES = ["start", "parsed", "connected", "pool_loaded", "ip_picked", "pool_done", "done", "failed"]
 
@@ -75,14 +79,29 @@ _INPUT_CODES = (
 )
 
 
+def consul_client(settings: config.ConsulSettings, budget: float | None = None) -> ConsulClient:
+    return ConsulClient(
+        settings.servers,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        deadline=Deadline(settings.timeout if budget is None else budget),
+        token=settings.token,
+        tls=TLSConfig(settings.ca_file, settings.cert_file, settings.key_file),
+        datacenter=settings.datacenter,
+    )
+
+
 class Invocation:
     """The model the machine drives: everything one call knows, and the handler per state."""
 
     state: str
 
-    def __init__(self, stdin: bytes, environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, stdin: bytes, environ: Mapping[str, str], caches: PoolCaches | None = None
+    ) -> None:
         self.stdin = stdin
         self.environ = environ
+        self.caches = caches
         self.env = Environment("")
         self.conf: config.NetConf | None = None
         self.cni_version = SUPPORTED_VERSIONS[-1]
@@ -129,7 +148,12 @@ class Invocation:
 
     # -- handlers, one per state ------------------------------------------------------------
     def at_start(self) -> str:
-        self.env = read_env(self.environ)
+        try:
+            self.env = read_env(self.environ)
+        except CNIError:
+            # The error must still echo the input's cniVersion, read before stdin is checked.
+            self.cni_version = _stdin_version(self.stdin) or self.cni_version
+            raise
         logger.debug(
             "ipam-da-consul {} {} container={!r} ifname={!r}",
             __version__,
@@ -161,17 +185,11 @@ class Invocation:
             return "report"
         assert self.conf is not None
         settings = self.conf.consul
-        self.client = ConsulClient(
-            settings.servers,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            deadline=Deadline(settings.timeout),
-            token=settings.token,
-            tls=TLSConfig(settings.ca_file, settings.cert_file, settings.key_file),
-            datacenter=settings.datacenter,
-        )
+        self.client = consul_client(settings)
         host = self.conf.host or socket.gethostname()
-        self.allocator = Allocator(ConsulKV(self.client), Layout(settings.kv_prefix), host)
+        layout = Layout(settings.kv_prefix)
+        cache = None if self.caches is None else self.caches.get(settings, layout)
+        self.allocator = Allocator(ConsulKV(self.client), layout, host, cache)
         self.client.select()
         return "connect"
 
@@ -196,7 +214,9 @@ class Invocation:
         ip, rng, held = self.pick
         target, ifname = self.attachment()
         if held is not None and held.owned_by(target, ifname):
-            pass  # already ours: a repeated ADD, or our own write whose reply was lost
+            # Already ours: a repeated ADD, or our own write whose reply was lost.
+            if not self.allocator.still_ours(self.pool, held, target, ifname):
+                return self.lost_race(ip)
         elif held is not None:
             if not self.write(lambda: self.allocator.take_over(held, target, ifname), held.key):
                 return self.lost_race(ip)
@@ -251,9 +271,27 @@ class Invocation:
         if self.env.command == "DEL":
             self.held = self.our_keys(self.current.name)
         elif self.env.command == "GC":
-            self.held = self.allocator.scan(self.current.name, self.problems.append)
+            self.held = self.gc_scan(self.current.name)
         else:
-            self.pool = self.allocator.load(self.current.name)
+            checking = self.env.command == "CHECK"
+            load = self.allocator.load_ranges if checking else self.allocator.load
+            self.pool = load(self.current.name)
+
+    def gc_scan(self, name: str) -> list[Held]:
+        """GC: the pool's readable allocations. A pool that is missing or cannot be read is a
+        problem to report at the end, not a reason to skip the other pools."""
+        assert self.allocator is not None
+        try:
+            held = self.allocator.scan(name, self.problems.append)
+            # An empty listing cannot tell "no allocations" from "no such pool"; the pool key can.
+            if not held and self.allocator.kv.get(self.allocator.layout.pool_key(name)) is None:
+                raise PoolMissing(f"pool {name!r} does not exist")
+        except ConsulUnavailable:
+            raise  # no server left: the other pools cannot be read either
+        except (AllocatorError, ConsulError) as exc:
+            self.problems.append(str(exc))
+            return []
+        return held
 
     def finish(self) -> None:
         assert self.conf is not None
@@ -261,7 +299,11 @@ class Invocation:
             served = {a.ip for a in self.assigned}
             unused = [str(ip) for ip in self.conf.requested_ips if ip not in served]
             if unused:
-                raise NotInPool(f"requested IP(s) {', '.join(unused)} fit no range of the pools")
+                # Each pool gives one address: a second one for the same pool is not served either.
+                raise NotInPool(
+                    f"requested IP(s) {', '.join(unused)} could not be served: no range of the "
+                    "pools holds them, or their pool already gives this attachment another address"
+                )
             self.output = result.build(self.cni_version, self.conf.prev_result, self.assigned)
         if self.problems:
             raise CNIError(
@@ -306,7 +348,7 @@ class Invocation:
         return True
 
     def lost_race(self, ip: IPAddress) -> str:
-        """Another writer changed the key first: re-read the pool and pick again."""
+        """Another writer changed the key first: re-read that key and pick again."""
         assert self.client is not None and self.current is not None
         self.conflicts += 1
         if self.client.deadline.expired():
@@ -317,7 +359,8 @@ class Invocation:
             )
         logger.debug("lost the race for {} in pool {!r}; retrying", ip, self.current.name)
         self.client.deadline.sleep(random.uniform(0, 0.005 * min(self.conflicts, 20)))
-        self.load_current()
+        assert self.allocator is not None and self.pool is not None
+        self.allocator.recheck(self.pool, ip)
         return "conflict"
 
     def our_keys(self, pool: str) -> list[Held]:
@@ -347,7 +390,8 @@ class Invocation:
         return "release"
 
     def verify_ours(self) -> str:
-        assert self.pool is not None and self.conf is not None
+        """CHECK: each prevResult address inside this pool's ranges is still our key."""
+        assert self.pool is not None and self.conf is not None and self.allocator is not None
         if self.conf.prev_result is None:
             raise CNIError(Code.INVALID_CONFIG, "CHECK needs the prevResult of the ADD")
         target, ifname = self.attachment()
@@ -355,7 +399,7 @@ class Invocation:
         if not mine:
             raise AllocationMissing(f"prevResult holds no address from pool {self.pool.name!r}")
         for ip in mine:
-            held = self.pool.held.get(ip)
+            held = self.allocator.lookup(self.pool.name, ip)
             if held is None:
                 raise AllocationMissing(f"{ip} is no longer allocated in pool {self.pool.name!r}")
             if not held.owned_by(target, ifname):
@@ -416,3 +460,13 @@ class Invocation:
             f"internal error: {type(exc).__name__}: {exc}",
             "this is a bug in ipam-da-consul; the verbose log has the traceback",
         )
+
+
+def _stdin_version(stdin: bytes) -> str | None:
+    """The cniVersion of stdin when it is a JSON object naming one; None otherwise."""
+    try:
+        data = json.loads(stdin)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    version = data.get("cniVersion") if isinstance(data, dict) else None
+    return version if isinstance(version, str) and version else None

@@ -1,10 +1,16 @@
-"""Entry points: read stdin and the environment, run the machine, print JSON, exit."""
+"""Entry points: read stdin and the environment, run the call, print JSON, exit.
+
+Heavy modules (requests, marshmallow, transitions, loguru) are imported only when the call is
+done in this process; a running helper (`ipam-da-consul-helper`) spares the import entirely.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 
 def main() -> None:
@@ -17,26 +23,37 @@ def main_verbose() -> None:
 
 def run(verbose: bool) -> int:
     try:
+        stdin = sys.stdin.buffer.read() if sys.stdin is not None else b""
+        from .fastpath import via_helper
+
+        answer = via_helper(stdin, verbose)
+        if answer is not None:
+            out, err, code = answer
+            sys.stderr.write(err)
+            sys.stdout.write(out)
+            return code
         from . import logs
-        from .machine import Invocation
 
         logs.configure(verbose)
-        stdin = sys.stdin.buffer.read() if sys.stdin is not None else b""
-        call = Invocation(stdin, os.environ)
-        code = call.run()
-        if call.output is not None:
-            sys.stdout.write(json.dumps(call.output) + "\n")
+        out, code = execute(stdin, os.environ)
+        sys.stdout.write(out)
         return code
     except Exception as exc:  # last resort: stdout still gets CNI JSON, never a traceback
-        sys.stderr.write(f"ipam-da-consul: internal error: {type(exc).__name__}: {exc}\n")
-        sys.stdout.write(
-            json.dumps(
-                {
-                    "cniVersion": "1.0.0",
-                    "code": 100,
-                    "msg": f"internal error: {type(exc).__name__}: {exc}",
-                }
-            )
-            + "\n"
-        )
-        return 100
+        return _internal_error(exc)
+
+
+def execute(stdin: bytes, environ: Mapping[str, str], caches: Any = None) -> tuple[str, int]:
+    """Run one call; returns what goes to stdout and the exit code."""
+    from .machine import Invocation
+
+    call = Invocation(stdin, environ, caches)
+    code = call.run()
+    out = json.dumps(call.output) + "\n" if call.output is not None else ""
+    return out, code
+
+
+def _internal_error(exc: Exception) -> int:
+    msg = f"internal error: {type(exc).__name__}: {exc}"
+    sys.stderr.write(f"ipam-da-consul: {msg}\n")
+    sys.stdout.write(json.dumps({"cniVersion": "1.0.0", "code": 100, "msg": msg}) + "\n")
+    return 100

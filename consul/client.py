@@ -142,6 +142,7 @@ class ConsulClient:
         path: str,
         params: dict[str, str] | None = None,
         body: bytes | None = None,
+        timeout: float | None = None,
     ) -> Response:
         """Send to the current server, failing over to the next usable one on transport errors
         and 5xx answers until the deadline. Other statuses are returned to the caller."""
@@ -154,13 +155,21 @@ class ConsulClient:
             server = self.current
             assert server is not None
             try:
-                resp = self._send(server, method, path, params, body)
+                resp = self._send(server, method, path, params, body, timeout)
             except requests.RequestException as exc:
                 problem = _describe_transport(exc)
             else:
                 if resp.status not in _RETRYABLE_STATUS:
                     return resp
                 problem = f"HTTP {resp.status} {_snippet(resp.body)}"
+                if self.datacenter and b"No path to datacenter" in resp.body:
+                    # The servers of one datacenter share one WAN view: failing over to another
+                    # cannot help, and a typo in the config must not look like "try again".
+                    raise ConsulError(
+                        f"Consul has no path to datacenter {self.datacenter!r} (unknown, or all "
+                        f"its servers are down; check ipam.consul_datacenter): {problem}",
+                        resp.status,
+                    )
             logger.warning(
                 "Consul server {} failed {} {}: {}; failing over", server, method, path, problem
             )
@@ -169,9 +178,15 @@ class ConsulClient:
             self.select(after=server)
 
     def _send(
-        self, server: str, method: str, path: str, params: dict[str, str] | None, body: bytes | None
+        self,
+        server: str,
+        method: str,
+        path: str,
+        params: dict[str, str] | None,
+        body: bytes | None,
+        timeout: float | None = None,
     ) -> Response:
-        read = max(0.05, min(self.read_timeout, self.deadline.remaining()))
+        read = max(0.05, min(timeout or self.read_timeout, self.deadline.remaining()))
         connect = max(0.05, min(self.connect_timeout, read))
         started = time.monotonic()
         self.requests_sent += 1

@@ -36,6 +36,24 @@ class ConsulKV:
         check_status(resp, f"listing KV prefix {prefix!r}")
         return _entries(resp, prefix)
 
+    def list_after(
+        self, prefix: str, index: int = 0, wait_seconds: float = 0.0
+    ) -> tuple[list[Entry], int]:
+        """A listing with its X-Consul-Index. With `index`, a blocking query: Consul answers when
+        something under the prefix changes after it, or when the wait is over."""
+        params = {"recurse": "true"}
+        timeout = None
+        if index:
+            params |= {"index": str(index), "wait": f"{max(1, int(wait_seconds * 1000))}ms"}
+            # Consul adds up to wait/16 of jitter before it answers.
+            timeout = wait_seconds * 1.1 + self.client.read_timeout
+        resp = self.client.request("GET", _path(prefix), params, timeout=timeout)
+        new_index = int(resp.headers.get("X-Consul-Index", "0") or 0)
+        if resp.status == 404:
+            return [], new_index
+        check_status(resp, f"listing KV prefix {prefix!r}")
+        return _entries(resp, prefix), new_index
+
     def create(self, key: str, value: bytes) -> bool:
         return self._write("PUT", key, value, 0)
 

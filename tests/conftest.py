@@ -20,6 +20,7 @@ from tests.agent import ConsulAgent
 
 BIN_DIR = Path(sys.executable).parent
 _counter = itertools.count()
+NO_HELPER = "/nonexistent/ipam-da-consul-tests/helper.sock"
 
 
 def executable(name: str) -> str:
@@ -56,7 +57,11 @@ def run_plugin(
     timeout: float = 60,
     name: str = "ipam-da-consul",
 ) -> Outcome:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "CONSUL_"))}
+    full_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "CONSUL_", "IPAM_DA_"))
+    }
+    # In-process unless a test hands over a helper's socket: never a helper left on the machine.
+    full_env["IPAM_DA_CONSUL_SOCKET"] = NO_HELPER
     full_env["CNI_COMMAND"] = command
     if container is not None:
         full_env["CNI_CONTAINERID"] = container
