@@ -31,7 +31,7 @@ class PoolCache:
         self,
         make_kv: Callable[[], WatchableKV],
         layout: Layout,
-        refresh_interval: float = 0.5,
+        refresh_interval: float = 1.0,
         idle_after: float = 600.0,
     ) -> None:
         self.make_kv = make_kv

@@ -27,3 +27,7 @@ class WriteConflict(AllocatorError):
 
 class AllocationMissing(AllocatorError):
     """CHECK found an address of ours no longer allocated to us."""
+
+
+class AddressInUse(AllocatorError):
+    """A static address requested through a CNI convention belongs to another container."""

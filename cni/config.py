@@ -101,7 +101,8 @@ def load(
         pools=_pools(prev, ipam, command),
         prev_result=data.get("prevResult") if isinstance(data.get("prevResult"), dict) else None,
         prev_ips=[ip["address"] for ip in (prev or {}).get("ips", [])],
-        requested_ips=_requested_ips(conf, args or {}),
+        # Only ADD reads static addresses: DEL must not fail on what it does not need.
+        requested_ips=_requested_ips(conf, args or {}) if command == "ADD" else [],
         valid_attachments=_attachments(data) if command == "GC" else None,
         host=ipam["host"] or None,
     )
@@ -134,8 +135,7 @@ def _requested_ips(conf: dict[str, Any], args: Mapping[str, str]) -> list[IPAddr
     if unknown and args.get("IgnoreUnknown", "").lower() not in ("1", "true"):
         raise CNIError(
             Code.INVALID_ENV,
-            f"CNI_ARGS has unknown key(s) {', '.join(unknown)}; "
-            "set IgnoreUnknown=1 to allow them",
+            f"CNI_ARGS has unknown key(s) {', '.join(unknown)}; set IgnoreUnknown=1 to allow them",
         )
     ips = filter(None, args.get("IP", "").split(","))
     wanted: list[tuple[str, Any]] = [("CNI_ARGS IP", v) for v in ips]

@@ -25,6 +25,8 @@ class Code(IntEnum):
     POOL_FULL = 122
     NOT_IN_POOL = 124
     KV_WRITE_FAILED = 125
+    # Beyond upstream: a conventional static IP (CNI_ARGS, runtimeConfig) that is in use.
+    ADDRESS_IN_USE = 126
 
 
 class CNIError(Exception):

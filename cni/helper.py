@@ -20,6 +20,7 @@ import socketserver
 import struct
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,26 @@ _WATCH_BUDGET = 120.0
 
 
 class PoolCaches:
-    """One PoolCache per way of reaching Consul (servers, token, TLS, datacenter, prefix)."""
+    """What the helper keeps warm per way of reaching Consul (servers, token, TLS, datacenter,
+    prefix): a PoolCache, and the server that last answered with a leader."""
 
-    def __init__(self, refresh_interval: float) -> None:
+    def __init__(self, refresh_interval: float, server_memory: float = 2.0) -> None:
         self.refresh_interval = refresh_interval
+        self.server_memory = server_memory
         self.lock = threading.Lock()
         self.caches: dict[Any, PoolCache] = {}
+        self.servers: dict[Any, tuple[str, float]] = {}
+
+    def recent_server(self, settings: ConsulSettings) -> str | None:
+        """The server a call used successfully within `server_memory` seconds, if any: it skips
+        one leader check per call; a failure there still goes through the full server choice."""
+        seen = self.servers.get(_hashable(settings))
+        if seen is None or time.monotonic() - seen[1] > self.server_memory:
+            return None
+        return seen[0]
+
+    def remember_server(self, settings: ConsulSettings, server: str) -> None:
+        self.servers[_hashable(settings)] = (server, time.monotonic())
 
     def get(self, settings: ConsulSettings, layout: Layout) -> PoolCache:
         key = _hashable(settings)
@@ -143,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--refresh-interval",
         type=float,
-        default=0.5,
+        default=1.0,
         help="least seconds between background refreshes of one pool",
     )
     args = parser.parse_args(argv)

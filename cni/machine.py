@@ -18,6 +18,7 @@ from transitions import EventData, Machine
 from .. import __version__
 from ..allocator.allocate import Allocator, Claim
 from ..allocator.errors import (
+    AddressInUse,
     AllocationMissing,
     AllocatorError,
     InvalidPool,
@@ -68,6 +69,7 @@ _ERROR_CODES: list[tuple[type[Exception], Code]] = [
     (InvalidPool, Code.INVALID_RESOURCE),
     (PoolFull, Code.POOL_FULL),
     (NotInPool, Code.NOT_IN_POOL),
+    (AddressInUse, Code.ADDRESS_IN_USE),
     (WriteConflict, Code.KV_WRITE_FAILED),
     (ConsulUnavailable, Code.TRY_AGAIN_LATER),
 ]
@@ -79,7 +81,9 @@ _INPUT_CODES = (
 )
 
 
-def consul_client(settings: config.ConsulSettings, budget: float | None = None) -> ConsulClient:
+def consul_client(
+    settings: config.ConsulSettings, budget: float | None = None, known_good: str | None = None
+) -> ConsulClient:
     return ConsulClient(
         settings.servers,
         connect_timeout=settings.connect_timeout,
@@ -88,6 +92,7 @@ def consul_client(settings: config.ConsulSettings, budget: float | None = None) 
         token=settings.token,
         tls=TLSConfig(settings.ca_file, settings.cert_file, settings.key_file),
         datacenter=settings.datacenter,
+        known_good=known_good,
     )
 
 
@@ -139,6 +144,8 @@ class Invocation:
             self.trigger(trigger)
         if self.client is not None:
             logger.debug("{} Consul requests in this call", self.client.requests_sent)
+            if self.caches is not None and self.conf is not None and self.client.current:
+                self.caches.remember_server(self.conf.consul, self.client.current)
             self.client.close()
         return 0 if self.error is None else int(self.error.code)
 
@@ -185,12 +192,18 @@ class Invocation:
             return "report"
         assert self.conf is not None
         settings = self.conf.consul
-        self.client = consul_client(settings)
-        host = self.conf.host or socket.gethostname()
         layout = Layout(settings.kv_prefix)
-        cache = None if self.caches is None else self.caches.get(settings, layout)
+        cache, known_good = None, None
+        # STATUS must see the real thing: a leader check and a fresh read of every pool.
+        if self.caches is not None and self.env.command != "STATUS":
+            known_good = self.caches.recent_server(settings)
+            if self.env.command == "ADD":
+                cache = self.caches.get(settings, layout)
+        self.client = consul_client(settings, known_good=known_good)
+        host = self.conf.host or socket.gethostname()
         self.allocator = Allocator(ConsulKV(self.client), layout, host, cache)
-        self.client.select()
+        if self.client.current is None:
+            self.client.select()
         return "connect"
 
     def at_connected(self) -> str:
@@ -310,19 +323,28 @@ class Invocation:
                 Code.KV_WRITE_FAILED, "GC finished with problems: " + "; ".join(self.problems)
             )
 
-    def requested(self) -> IPAddress | None:
-        """This pool's static address: its own, or a conventional one that fits its ranges."""
+    def requested(self) -> tuple[IPAddress | None, bool]:
+        """This pool's static address, and whether it may be taken from another container:
+        the Pool's own requested IP may (the seed's re-allocation); a conventional one (CNI_ARGS,
+        runtimeConfig, args) may not, as host-local refuses an address in use."""
         assert self.current is not None and self.pool is not None and self.conf is not None
         if self.current.requested_ip is not None:
-            return self.current.requested_ip
-        return next((ip for ip in self.conf.requested_ips if self.pool.range_for(ip)), None)
+            return self.current.requested_ip, True
+        fits = (ip for ip in self.conf.requested_ips if self.pool.range_for(ip))
+        return next(fits, None), False
 
     def pick_address(self) -> str:
         assert self.pool is not None and self.allocator is not None
-        wanted = self.requested()
+        wanted, may_take = self.requested()
         if wanted is not None:
             rng = self.allocator.requested_range(self.pool, wanted)
-            self.pick = (wanted, rng, self.pool.held.get(wanted))
+            held = self.pool.held.get(wanted)
+            if held is not None and not may_take and not held.owned_by(*self.attachment()):
+                raise AddressInUse(
+                    f"requested IP {wanted} in pool {self.pool.name!r} is allocated to container "
+                    f"{held.target!r}; only a Pool's own requested-ip re-allocates an address"
+                )
+            self.pick = (wanted, rng, held)
             return "pick_ip"
         for held in self.pool.ours(*self.attachment()):
             rng = self.pool.range_for(held.ip)
@@ -341,9 +363,13 @@ class Invocation:
         pending = Claim(key, ip, None if held is None else held.value)
         self.claims.append(pending)
         claim = attempt()
-        self.claims.pop()
         if claim is None:
+            # Keep the pending record: a "lost" CAS can be our own write whose reply was lost
+            # and whose resend (after failover) then found the key taken, by us. The re-pick
+            # hands that key back as ours without writing, so without this record a later
+            # failure would not roll it back. Undo only touches a key that holds our container.
             return False
+        self.claims.pop()
         self.claims.append(claim)
         return True
 

@@ -70,6 +70,7 @@ class ConsulClient:
         token: str | None = None,
         tls: TLSConfig | None = None,
         datacenter: str | None = None,
+        known_good: str | None = None,
     ) -> None:
         if not servers:
             raise ValueError("at least one Consul server URL is needed")
@@ -78,7 +79,9 @@ class ConsulClient:
         self.read_timeout = read_timeout
         self.deadline = deadline or Deadline(30.0)
         self.datacenter = datacenter
-        self.current: str | None = None
+        # A long-lived caller may vouch for a server it saw with a leader moments ago; a request
+        # that fails there still fails over through the full leader check.
+        self.current: str | None = known_good if known_good in self.servers else None
         self.requests_sent = 0
         self.session = requests.Session()
         self.session.trust_env = (
