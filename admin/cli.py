@@ -1,5 +1,293 @@
-"""Placeholder replaced by the admin CLI implementation."""
+"""`ipam-da-consul-admin`: the command-line entry point for the people who run the pools.
+
+Parses the command line, runs one subcommand, and turns every expected failure into one line
+on stderr and an exit status; results alone go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from loguru import logger
+
+from ..consul import ConsulError, ConsulUnavailable
+from . import commands
+from .errors import CONSUL, PROBLEMS, STATE, USAGE, AdminError
+from .output import Progress
+from .rangespec import RANGE_SPEC_HELP
+from .settings import DEFAULT_ADDR, DEFAULT_PREFIX, DEFAULT_TIMEOUT, resolve
+
+PROG = "ipam-da-consul-admin"
+
+DESCRIPTION = """\
+Manage the ipam-da-consul address pools kept in Consul KV: create pools, list them, show
+their usage and allocations, release an address, and check pools for problems.
+
+A pool is the key <prefix><pool> holding a JSON array of IP ranges, plus the folder
+<prefix><pool>/ with one key per allocated address, named after the address and holding
+{"target": "<container id>", ...}. Every write is a compare-and-set, so the admin tool never
+overwrites a change the plugin (or another operator) made in the meantime.
+"""
+
+EPILOG = f"""\
+Consul connection (options may come before or after the subcommand):
+  servers   --consul, else CONSUL_HTTP_ADDR (http:// added when it has no scheme, https://
+            with CONSUL_HTTP_SSL=true), else {DEFAULT_ADDR}
+  token     --token, else --token-file, else CONSUL_HTTP_TOKEN_FILE, else CONSUL_HTTP_TOKEN
+  TLS       --ca-file / --cert-file / --key-file, else CONSUL_CACERT / CONSUL_CLIENT_CERT /
+            CONSUL_CLIENT_KEY
+
+Exit status:
+  0  success (check: no problems)
+  {PROBLEMS}  check found problems
+  {USAGE}  bad command line or input (nothing written)
+  {CONSUL}  Consul could not be reached, refused the request (e.g. HTTP 403) or answered badly
+  {STATE}  KV state prevents the action: pool missing or already there, allocation absent or
+     changed meanwhile (nothing written)
+
+Examples:
+  {PROG} create blue --range 10.0.20.0/23,10.0.21.100-10.0.21.150,gw=10.0.20.1
+  {PROG} list
+  {PROG} usage blue
+  {PROG} allocations blue --json
+  {PROG} release blue 10.0.21.103 --target 0f3c9a...
+  {PROG} check
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other failure, instead of argparse's usage block.
+        self.exit(USAGE, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("the timeout must be more than 0 seconds")
+    return value
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    # SUPPRESS: an option given only before the subcommand is not reset by the subparser.
+    p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    g = p.add_argument_group("Consul connection")
+    g.add_argument(
+        "--consul",
+        action="append",
+        metavar="URL",
+        help="Consul HTTP address, e.g. http://10.20.30.40:8500; repeat for more servers, "
+        f"tried in order (default: CONSUL_HTTP_ADDR, else {DEFAULT_ADDR})",
+    )
+    g.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="Consul ACL token (default: CONSUL_HTTP_TOKEN); visible to other local users in "
+        "the process list, so prefer --token-file",
+    )
+    g.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding the ACL token (default: CONSUL_HTTP_TOKEN_FILE)",
+    )
+    g.add_argument("--ca-file", metavar="FILE", help="CA bundle for HTTPS (default: CONSUL_CACERT)")
+    g.add_argument(
+        "--cert-file",
+        metavar="FILE",
+        help="client certificate for HTTPS (default: CONSUL_CLIENT_CERT)",
+    )
+    g.add_argument(
+        "--key-file", metavar="FILE", help="client certificate key (default: CONSUL_CLIENT_KEY)"
+    )
+    g.add_argument("--datacenter", metavar="DC", help="Consul datacenter (default: the agent's)")
+    g.add_argument(
+        "--prefix",
+        metavar="PREFIX",
+        help="KV prefix the pools live under, as the plugin's kv_prefix "
+        f"(default: {DEFAULT_PREFIX})",
+    )
+    g.add_argument(
+        "--timeout",
+        type=_positive,
+        metavar="SECONDS",
+        help="time budget for the whole command, retries across servers included "
+        f"(default: {DEFAULT_TIMEOUT:g})",
+    )
+    g.add_argument("-v", "--verbose", action="store_true", help="log each Consul request on stderr")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _connection_options()
+    parser = _Parser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=description,
+            parents=[common],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    p = add(
+        "create",
+        "create a pool (or replace its ranges with --force)",
+        "Create pool POOL: validate the ranges with the plugin's own schema, then write the key\n"
+        "<prefix>POOL (a JSON array of {subnet, rangeStart, rangeEnd, gateway}, normalised:\n"
+        "subnet without host bits, explicit bounds) and the folder key <prefix>POOL/.\n"
+        "An existing pool is left alone unless --force, which replaces its ranges with a\n"
+        "compare-and-set and keeps its allocations (a warning names those that no longer fit).\n"
+        "Invalid or overlapping ranges are refused and nothing is written.",
+    )
+    p.add_argument("pool", metavar="POOL", help="pool name: one KV path segment")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--range",
+        action="append",
+        metavar="SPEC",
+        help=f"a range, repeatable, in pool order: {RANGE_SPEC_HELP}",
+    )
+    src.add_argument(
+        "--ranges-json",
+        metavar="FILE",
+        help="read the JSON array of IP Range objects from FILE ('-' for stdin)",
+    )
+    p.add_argument("--force", action="store_true", help="replace the ranges of an existing pool")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the value that would be written; write nothing",
+    )
+    p.set_defaults(func=commands.create)
+
+    p = add(
+        "list",
+        "list the pools with their range count and capacity",
+        "List the pools: keys directly under the prefix that hold an array of IP ranges, with\n"
+        "their number of ranges, capacity (allocatable addresses: network, broadcast and\n"
+        "gateway excluded) and subnets. Other keys under the prefix are named on stderr.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=commands.list_pools)
+
+    p = add(
+        "usage",
+        "show allocated / free addresses per range",
+        "Show, per range of each pool, its size, the addresses allocated, those free and the\n"
+        "percentage used. Without POOL, every pool under the prefix. An allocation counts by\n"
+        "its key name; keys outside the ranges, on reserved addresses or not named after an\n"
+        "address are not counted and are mentioned on stderr (see `check`).",
+    )
+    p.add_argument("pools", nargs="*", metavar="POOL", help="pool(s) to show (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=commands.usage)
+
+    p = add(
+        "allocations",
+        "list a pool's allocations with their targets",
+        "List the allocations of POOL: address, target (container id), interface and host\n"
+        "(the last two are recorded by this plugin; '-' when absent). Keys that are not valid\n"
+        "allocations are counted on stderr (see `check`).",
+    )
+    p.add_argument("pool", metavar="POOL", help="pool name")
+    p.add_argument("--target", metavar="CID", help="only the allocations of this target")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=commands.allocations)
+
+    p = add(
+        "release",
+        "release one allocated address (compare-and-set)",
+        "Release IP in POOL: delete its allocation key with a compare-and-set on the version\n"
+        "just read, so a key re-allocated meanwhile is never deleted. With --target, only if\n"
+        "the key still names that target. Exits 4 and deletes nothing when the address is not\n"
+        "allocated, is held by another target, or changed during the release.",
+    )
+    p.add_argument("pool", metavar="POOL", help="pool name")
+    p.add_argument("ip", metavar="IP", help="the address to release, e.g. 10.0.21.103")
+    p.add_argument("--target", metavar="CID", help="release only if IP is held by this target")
+    p.set_defaults(func=commands.release)
+
+    p = add(
+        "check",
+        "check pools for problems (exit 1 when any)",
+        "Check POOL (default: every pool and orphaned folder under the prefix) and report:\n"
+        "  missing-pool        allocations under a folder whose pool key is missing\n"
+        "  invalid-ranges      the pool key does not hold IP ranges the plugin accepts\n"
+        "  overlapping-ranges  two ranges share addresses\n"
+        "  missing-folder      the folder key <prefix>POOL/ is missing\n"
+        "  invalid-key         a key in the folder not named after an address (canonical form)\n"
+        '  invalid-value       a value that is not an Allocation object {"target": ...}\n'
+        "  outside-ranges      an allocation outside every range\n"
+        "  reserved-address    an allocation on a network, broadcast or gateway address\n"
+        "  duplicate-target    one target (and interface) holding several addresses\n"
+        "Exit status 1 when any problem is found, 0 when clean.",
+    )
+    p.add_argument("pools", nargs="*", metavar="POOL", help="pool(s) to check (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=commands.check)
+    return parser
+
+
+def fail(message: str, status: int) -> int:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    return status
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logger.remove()
+    if getattr(args, "verbose", False):
+        # Requests are logged by path and status; the token travels in a header and is never
+        # logged.
+        logger.add(sys.stderr, level="DEBUG", format="{time:HH:mm:ss.SSS} {level} {message}")
+    func: Callable[[commands.Context, argparse.Namespace], int] = args.func
+    ctx: commands.Context | None = None
+    try:
+        ctx = commands.Context(resolve(args), Progress())
+        return func(ctx, args)
+    except AdminError as exc:
+        return fail(exc.message, exc.status)
+    except ConsulUnavailable as exc:
+        return fail(
+            f"{exc}. Check --consul / CONSUL_HTTP_ADDR, that the agent runs, and --timeout",
+            CONSUL,
+        )
+    except ConsulError as exc:
+        hint = ""
+        if exc.status in (401, 403):
+            hint = "; give a token with KV access on the prefix: --token-file, CONSUL_HTTP_TOKEN"
+        return fail(f"{exc}{hint}", CONSUL)
+    finally:
+        if ctx is not None:
+            ctx.progress.clear()
+            ctx.close()
 
 
 def main() -> None:
-    raise SystemExit("ipam-da-consul-admin: not implemented yet")
+    try:
+        status = run()
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\n{PROG}: interrupted\n")
+        status = 130
+    except BrokenPipeError:
+        # Output piped into `head` and the like: not an error worth a traceback. Point stdout
+        # at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 0
+    raise SystemExit(status)

@@ -17,7 +17,7 @@ from .layout import Layout
 from .pool import Held, Pool, parse_held, parse_pool
 from .ranges import IPAddress, IPRange
 from .schemas import dump_allocation
-from .store import KV
+from .store import KV, KVEntry
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,20 @@ class Allocator:
     def load(self, name: str) -> Pool:
         """Ranges and allocations in one listing of the pool key's prefix (or the helper's
         cached copy of it)."""
+        key = self.layout.pool_key(name)
         if self.cache is not None and hasattr(self.kv, "list_after"):
             kv: Any = self.kv
-            return self.cache.get(name, lambda: kv.list_after(self.layout.pool_key(name)))
-        entries = self.kv.list(self.layout.pool_key(name))
+
+            def listing() -> tuple[list[KVEntry], int]:
+                entries, index = kv.list_after(key)
+                if not entries:
+                    self._probe(key)
+                return entries, index
+
+            return self.cache.get(name, listing)
+        entries = self.kv.list(key)
         if not entries:
-            self._probe(self.layout.pool_key(name))
+            self._probe(key)
         return parse_pool(self.layout, name, entries)
 
     def load_ranges(self, name: str) -> Pool:

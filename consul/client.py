@@ -170,7 +170,7 @@ class ConsulClient:
                     # cannot help, and a typo in the config must not look like "try again".
                     raise ConsulError(
                         f"Consul has no path to datacenter {self.datacenter!r} (unknown, or all "
-                        f"its servers are down; check ipam.consul_datacenter): {problem}",
+                        f"its servers are down; check the datacenter setting): {problem}",
                         resp.status,
                     )
             logger.warning(

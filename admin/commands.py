@@ -1,0 +1,356 @@
+"""The subcommands: each takes the parsed arguments and returns the exit status.
+
+Reads go through `Reader`, writes are `ConsulKV` compare-and-set calls, so an operator never
+overwrites a change made by the plugin or another operator between read and write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from ..allocator.errors import InvalidPool
+from ..allocator.layout import check_pool_name
+from ..allocator.pool import Held, parse_held
+from ..allocator.ranges import IPAddress, IPRange
+from ..allocator.schemas import load_allocation
+from ..allocator.store import KVEntry
+from ..allocator.usage import PoolUsage, pool_usage
+from ..consul import ConsulClient, ConsulKV
+from . import rangespec
+from .audit import Report, audit_pool
+from .errors import OK, PROBLEMS, StateError, UsageError
+from .kvread import PoolRead, Reader
+from .output import Progress, format_table, note, print_json
+from .settings import Settings, connect
+
+
+@dataclass
+class Context:
+    settings: Settings
+    progress: Progress
+
+    @cached_property
+    def _conn(self) -> tuple[ConsulClient, ConsulKV]:
+        # Connect lazily: input errors are reported before any network traffic.
+        return connect(self.settings)
+
+    @property
+    def kv(self) -> ConsulKV:
+        return self._conn[1]
+
+    @cached_property
+    def reader(self) -> Reader:
+        client, kv = self._conn
+        return Reader(client, kv, self.settings.layout, self.progress)
+
+    def close(self) -> None:
+        if "_conn" in self.__dict__:
+            self._conn[0].close()
+
+
+def pool_name(name: str) -> str:
+    problem = check_pool_name(name)
+    if problem:
+        raise UsageError(problem)
+    return name
+
+
+# -- create ------------------------------------------------------------------------------------
+def create(ctx: Context, args: argparse.Namespace) -> int:
+    name = pool_name(args.pool)
+    wire = (
+        [rangespec.parse_spec(s) for s in args.range]
+        if args.range
+        else rangespec.read_json(args.ranges_json)
+    )
+    value, ranges = rangespec.encode(wire)
+    if args.dry_run:
+        sys.stdout.write(value.decode() + "\n")
+        return OK
+    layout, kv = ctx.settings.layout, ctx.kv
+    key = layout.pool_key(name)
+    existing = kv.get(key)
+    if existing is None:
+        if not kv.create(key, value):
+            raise StateError(
+                f"pool {name!r} was created by someone else while this ran; look at it with "
+                "`list`, and add --force to replace its ranges"
+            )
+        verb = "created pool"
+    else:
+        if not args.force:
+            raise StateError(
+                f"pool {name!r} already exists (KV key {key!r}); nothing written. Add --force "
+                "to replace its ranges (allocations are kept)"
+            )
+        if not kv.replace(key, value, existing.modify_index):
+            raise StateError(f"pool {name!r} changed while this ran; nothing written, run again")
+        verb = "replaced ranges of pool"
+    # Folder keys as the seed's KV setup has them; cas=0 leaves existing ones untouched.
+    kv.create(layout.folder(name), b"")
+    if layout.prefix:
+        kv.create(layout.prefix, b"")
+    capacity = sum(r.size() for r in ranges)
+    print(f"{verb} {name}: {len(ranges)} range(s), {capacity} allocatable addresses")
+    if existing is not None:
+        _warn_misfits(ctx, name, ranges)
+    return OK
+
+
+def _warn_misfits(ctx: Context, name: str, ranges: list[IPRange]) -> None:
+    ips, _ = _folder_ips(ctx.reader.folder(name), ctx.settings.layout.folder(name))
+    usage = pool_usage(ranges, ips)
+    misfits = len(usage.outside) + len(usage.reserved)
+    if misfits:
+        note(
+            f"warning: {misfits} allocation(s) of pool {name!r} are outside the new ranges or "
+            f"on reserved addresses; see `check {name}`"
+        )
+
+
+# -- list --------------------------------------------------------------------------------------
+def list_pools(ctx: Context, args: argparse.Namespace) -> int:
+    pools = _valid_pools(ctx, ctx.reader.pools())
+    if args.json:
+        print_json(
+            [
+                {
+                    "pool": p.name,
+                    "ranges": [r.to_wire() for r in p.ranges or []],
+                    "capacity": sum(r.size() for r in p.ranges or []),
+                }
+                for p in pools
+            ]
+        )
+        return OK
+    if not pools:
+        note(f"no pools under prefix {ctx.settings.layout.prefix!r}")
+        return OK
+    rows = [
+        [
+            p.name,
+            len(p.ranges or []),
+            sum(r.size() for r in p.ranges or []),
+            ", ".join(str(r.subnet) for r in p.ranges or []),
+        ]
+        for p in pools
+    ]
+    sys.stdout.write(format_table(["POOL", "RANGES", "CAPACITY", "SUBNETS"], rows, {1, 2}))
+    return OK
+
+
+def _valid_pools(ctx: Context, reads: Sequence[PoolRead]) -> list[PoolRead]:
+    for r in reads:
+        if r.ranges is None:
+            key = ctx.settings.layout.pool_key(r.name)
+            note(f"skipping {key!r}: not a pool ({r.error}); `check {r.name}` tells more")
+    return [r for r in reads if r.ranges is not None]
+
+
+# -- usage -------------------------------------------------------------------------------------
+def usage(ctx: Context, args: argparse.Namespace) -> int:
+    reads = (
+        [ctx.reader.usable_pool(pool_name(n)) for n in args.pools]
+        if args.pools
+        else _valid_pools(ctx, ctx.reader.pools())
+    )
+    results = []
+    for read in reads:
+        folder = ctx.settings.layout.folder(read.name)
+        ips, invalid = _folder_ips(ctx.reader.folder(read.name), folder, ctx.progress)
+        u = pool_usage(read.ranges or [], ips)
+        results.append((read.name, u, invalid))
+        odd = len(u.outside) + len(u.reserved) + invalid
+        if odd:
+            note(
+                f"pool {read.name!r}: {odd} key(s) in {folder!r} are not counted (outside "
+                f"the ranges, on reserved addresses or not named after an IP); see "
+                f"`check {read.name}`"
+            )
+    if args.json:
+        print_json([_usage_json(name, u, invalid) for name, u, invalid in results])
+        return OK
+    if not results:
+        note(f"no pools under prefix {ctx.settings.layout.prefix!r}")
+        return OK
+    rows: list[list[Any]] = []
+    for name, u, _ in results:
+        for r in u.ranges:
+            span = f"{r.range.subnet} {r.range.start}-{r.range.end}"
+            gw = r.range.gateway or "-"
+            rows.append([name, span, gw, r.size, r.allocated, r.free, f"{r.percent:.1f}%"])
+        if len(u.ranges) > 1:
+            rows.append([name, "total", "", u.capacity, u.allocated, u.free, f"{u.percent:.1f}%"])
+    headers = ["POOL", "RANGE", "GATEWAY", "SIZE", "ALLOCATED", "FREE", "USED"]
+    sys.stdout.write(format_table(headers, rows, {3, 4, 5, 6}))
+    return OK
+
+
+def _usage_json(name: str, u: PoolUsage, invalid: int) -> dict[str, Any]:
+    return {
+        "pool": name,
+        "capacity": u.capacity,
+        "allocated": u.allocated,
+        "free": u.free,
+        "percent": u.percent,
+        "outside": [str(ip) for ip in u.outside],
+        "reserved": [str(ip) for ip in u.reserved],
+        "invalidKeys": invalid,
+        "ranges": [
+            {
+                **r.range.to_wire(),
+                "size": r.size,
+                "allocated": r.allocated,
+                "free": r.free,
+                "percent": r.percent,
+            }
+            for r in u.ranges
+        ],
+    }
+
+
+def _folder_ips(
+    entries: Sequence[KVEntry], folder: str, progress: Progress | None = None
+) -> tuple[list[IPAddress], int]:
+    """Addresses named by the folder's keys, and how many keys name none.
+
+    Usage counts a key by its name alone: the address is taken whatever the value holds
+    (the plugin's create-if-absent on it fails), and values are `check`'s business.
+    """
+    ips, invalid = [], 0
+    inside = [e for e in entries if e.key.startswith(folder) and e.key != folder]
+    for i, entry in enumerate(inside, 1):
+        if progress is not None:
+            progress.count(f"counting {folder}", i, len(inside))
+        try:
+            ips.append(ipaddress.ip_address(entry.key[len(folder) :]))
+        except ValueError:
+            invalid += 1
+    if progress is not None:
+        progress.clear()
+    return ips, invalid
+
+
+# -- allocations -------------------------------------------------------------------------------
+def allocations(ctx: Context, args: argparse.Namespace) -> int:
+    name = pool_name(args.pool)
+    layout = ctx.settings.layout
+    folder = layout.folder(name)
+    read = ctx.reader.pool(name)
+    entries = [e for e in ctx.reader.folder(name) if e.key != folder]
+    if read.entry is None:
+        if not entries:
+            raise StateError(
+                f"pool {name!r} does not exist (no KV key {layout.pool_key(name)!r}); see `list`"
+            )
+        note(f"pool key {layout.pool_key(name)!r} is missing; listing its folder anyway")
+    held: list[Held] = []
+    invalid = 0
+    for i, entry in enumerate(entries, 1):
+        ctx.progress.count(f"reading {folder}", i, len(entries))
+        try:
+            held.append(parse_held(entry, folder))
+        except InvalidPool:
+            invalid += 1
+    ctx.progress.clear()
+    if invalid:
+        note(f"{invalid} key(s) in {folder!r} are not valid allocations; see `check {name}`")
+    if args.target:
+        held = [h for h in held if h.target == args.target]
+    held.sort(key=lambda h: (h.ip.version, int(h.ip)))
+    if args.json:
+        rows = [
+            {"ip": str(h.ip), "target": h.target, "ifname": h.ifname, "host": h.host} for h in held
+        ]
+        print_json(rows)
+        return OK
+    rows = [[h.ip, h.target, h.ifname or "-", h.host or "-"] for h in held]
+    sys.stdout.write(format_table(["IP", "TARGET", "IFNAME", "HOST"], rows, set()))
+    return OK
+
+
+# -- release -----------------------------------------------------------------------------------
+def release(ctx: Context, args: argparse.Namespace) -> int:
+    name = pool_name(args.pool)
+    try:
+        ip = ipaddress.ip_address(args.ip.strip())
+    except ValueError:
+        raise UsageError(f"{args.ip!r} is not an IP address") from None
+    kv = ctx.kv
+    key = ctx.settings.layout.allocation_key(name, ip)
+    entry = kv.get(key)
+    if entry is None:
+        raise StateError(
+            f"{ip} is not allocated in pool {name!r} (no KV key {key!r}); nothing released"
+        )
+    holder = _holder(entry.value)
+    if args.target is not None and holder is None:
+        raise StateError(
+            f"{key!r} does not hold a valid allocation, so it cannot match --target "
+            f"{args.target!r}; nothing released (without --target it is deleted whatever it holds)"
+        )
+    if args.target is not None and holder != args.target:
+        raise StateError(
+            f"{ip} in pool {name!r} is held by {holder!r}, not by {args.target!r}; nothing released"
+        )
+    if not kv.delete(key, entry.modify_index):
+        now = kv.get(key)
+        state = "is gone" if now is None else f"is now held by {_holder(now.value)!r}"
+        raise StateError(
+            f"{key!r} changed while releasing it and {state}; nothing released. Look again "
+            f"with `allocations {name}`"
+        )
+    was = f"held by {holder!r}" if holder else "not a valid allocation"
+    print(f"released {ip} from pool {name} (was {was})")
+    return OK
+
+
+def _holder(value: bytes) -> str | None:
+    try:
+        return load_allocation(value)["target"]
+    except ValueError:
+        return None
+
+
+# -- check -------------------------------------------------------------------------------------
+def check(ctx: Context, args: argparse.Namespace) -> int:
+    layout = ctx.settings.layout
+    if args.pools:
+        names = [pool_name(n) for n in args.pools]
+    else:
+        listing = ctx.reader.listing()
+        # Folders without a pool key hold orphaned allocations: check those too.
+        names = sorted(set(listing.keys) | set(listing.folders))
+    reports: list[Report] = []
+    for name in names:
+        read = ctx.reader.pool(name)
+        entries = ctx.reader.folder(name)
+        if read.entry is None and args.pools and all(e.key == layout.folder(name) for e in entries):
+            raise StateError(f"pool {name!r} does not exist (no KV key {layout.pool_key(name)!r})")
+
+        def tick(done: int, total: int, name: str = name) -> None:
+            ctx.progress.count(f"checking {name}", done, total)
+
+        reports.append(audit_pool(layout, name, read.entry, entries, tick))
+        ctx.progress.clear()
+    total = sum(len(r.problems) for r in reports)
+    if args.json:
+        print_json({"problems": total, "pools": [r.to_json() for r in reports]})
+    else:
+        if not reports:
+            note(f"no pools under prefix {layout.prefix!r}")
+        for r in reports:
+            for p in r.problems:
+                print(f"{r.pool}: {p.kind}: {p.message}")
+            if r.problems:
+                n, valid = len(r.problems), r.allocations
+                print(f"{r.pool}: {n} problem(s), {valid} valid allocation(s)")
+            else:
+                print(f"{r.pool}: ok, {r.allocations} allocation(s)")
+    return PROBLEMS if total else OK
