@@ -45,21 +45,18 @@ class Allocator:
     def load(self, name: str) -> Pool:
         """Ranges and allocations in one listing of the pool key's prefix (or the helper's
         cached copy of it)."""
+        if self.cache is not None:
+            return self.cache.get(name, lambda: self._listing(name))
+        entries, _ = self._listing(name)
+        return parse_pool(self.layout, name, entries)
+
+    def _listing(self, name: str) -> tuple[list[KVEntry], int]:
         key = self.layout.pool_key(name)
-        if self.cache is not None and hasattr(self.kv, "list_after"):
-            kv: Any = self.kv
-
-            def listing() -> tuple[list[KVEntry], int]:
-                entries, index = kv.list_after(key)
-                if not entries:
-                    self._probe(key)
-                return entries, index
-
-            return self.cache.get(name, listing)
-        entries = self.kv.list(key)
+        kv: Any = self.kv
+        entries, index = kv.list_after(key) if hasattr(kv, "list_after") else (kv.list(key), 0)
         if not entries:
             self._probe(key)
-        return parse_pool(self.layout, name, entries)
+        return entries, index
 
     def load_ranges(self, name: str) -> Pool:
         """The pool's ranges alone (one small read), for calls that look up single keys."""

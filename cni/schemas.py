@@ -86,7 +86,7 @@ class IpamSchema(Schema):
     consul_cert_file = fields.String(load_default=None, allow_none=True)
     consul_key_file = fields.String(load_default=None, allow_none=True)
     consul_datacenter = fields.String(load_default=None, allow_none=True)
-    kv_prefix = fields.String(load_default="ipam/", validate=validate.Regexp(r"^[^?#%\s]*$"))
+    kv_prefix = fields.String(load_default="ipam/", validate=validate.Regexp(r"^[^?#%\s]*\Z"))
     pools = fields.List(fields.Nested(PoolSchema), load_default=None, allow_none=True)
     # Identity recorded in allocations so GC only ever touches this host's; default hostname.
     host = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=253))
