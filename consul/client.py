@@ -103,7 +103,7 @@ class ConsulClient:
         """Use the first server, in list order (starting after `after`), that has a leader."""
         start = self.servers.index(after) + 1 if after in self.servers else 0
         order = self.servers[start:] + self.servers[:start]
-        problems: list[str] = []
+        problems: dict[str, str] = {}
         attempt = 0
         while True:
             for server in order:
@@ -113,16 +113,20 @@ class ConsulClient:
                         logger.debug("using Consul server {}", server)
                     self.current = server
                     return server
-                problems.append(f"{server}: {problem}")
+                problems[server] = _telling(problems.get(server), problem)
                 logger.debug("skipping Consul server {}: {}", server, problem)
             attempt += 1
-            if self.deadline.remaining() < 0.2:
+            # A TLS failure (bad CA, missing client certificate) will not heal by waiting.
+            if self.deadline.remaining() < 0.2 or all(
+                p.startswith("TLS error") for p in problems.values()
+            ):
                 break
             self.deadline.sleep(min(2.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
             order = self.servers
         self.current = None
         raise ConsulUnavailable(
-            "no Consul server could be reached: " + "; ".join(problems[-len(self.servers) :])
+            "no Consul server could be reached: "
+            + "; ".join(f"{server}: {problem}" for server, problem in problems.items())
         )
 
     def _leader_problem(self, server: str) -> str | None:
@@ -216,6 +220,17 @@ class ConsulClient:
             (time.monotonic() - started) * 1000,
         )
         return Response(r.status_code, r.content, dict(r.headers))
+
+
+_TIMEOUTS = frozenset({"connect timed out", "no answer before the read timeout"})
+
+
+def _telling(before: str | None, now: str) -> str:
+    # The last tries are squeezed by the deadline and often just time out: a TLS failure, a
+    # refused connection or an HTTP status seen before says more about what to fix.
+    if before is not None and now in _TIMEOUTS and before not in _TIMEOUTS:
+        return before
+    return now
 
 
 def _describe_transport(exc: requests.RequestException) -> str:
