@@ -42,10 +42,10 @@ class Allocator:
         self.host = host
         self.cache = cache
 
-    def load(self, name: str) -> Pool:
+    def load(self, name: str, fresh: bool = False) -> Pool:
         """Ranges and allocations in one listing of the pool key's prefix (or the helper's
-        cached copy of it)."""
-        if self.cache is not None:
+        cached copy of it, unless `fresh`)."""
+        if self.cache is not None and not fresh:
             return self.cache.get(name, lambda: self._listing(name))
         entries, _ = self._listing(name)
         return parse_pool(self.layout, name, entries)

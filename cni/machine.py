@@ -115,6 +115,7 @@ class Invocation:
         self.todo: list[config.PoolRequest] = []
         self.current: config.PoolRequest | None = None
         self.pool: Pool | None = None
+        self.pool_is_fresh = False  # read from Consul by this call, not the helper's cache
         self.held: list[Held] = []
         self.pick: tuple[IPAddress, IPRange, Held | None] | None = None
         self.conflicts = 0
@@ -289,6 +290,7 @@ class Invocation:
             checking = self.env.command == "CHECK"
             load = self.allocator.load_ranges if checking else self.allocator.load
             self.pool = load(self.current.name)
+            self.pool_is_fresh = False
 
     def gc_scan(self, name: str) -> list[Held]:
         """GC: the pool's readable allocations. A pool that is missing or cannot be read is a
@@ -351,7 +353,17 @@ class Invocation:
             if rng is not None:
                 self.pick = (held.ip, rng, held)  # idempotent ADD: hand back what we hold
                 return "pick_ip"
-        ip, rng = self.pool.next_free()
+        try:
+            ip, rng = self.pool.next_free()
+        except PoolFull:
+            if self.allocator.cache is None or self.pool_is_fresh:
+                raise
+            # The helper's cached pool lags behind releases made elsewhere (another host, a call
+            # done in-process) by up to its refresh interval: only a fresh listing may say
+            # "full". It also shows an address of ours the cache missed.
+            self.pool = self.allocator.load(self.pool.name, fresh=True)
+            self.pool_is_fresh = True
+            return self.pick_address()
         self.pick = (ip, rng, None)
         return "pick_ip"
 
