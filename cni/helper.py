@@ -126,6 +126,9 @@ class Handler(socketserver.StreamRequestHandler):
 
 class HelperServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    # A node starting hundreds of containers connects all at once; a refused connection
+    # would push those calls onto the slow in-process path.
+    request_queue_size = 1024
 
     def __init__(self, path: str, caches: PoolCaches) -> None:
         self.caches = caches
