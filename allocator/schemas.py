@@ -11,38 +11,53 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, val
 from .ranges import IPRange
 
 
-class IPAddressField(fields.Field):
-    """An IPv4 or IPv6 address given as a string; loads to an ipaddress object."""
+class _ParsedText(fields.Field):
+    """A string turned into an ipaddress object by `parse`; any ValueError is 'invalid'."""
+
+    needs_prefix = False
+
+    def parse(self, text: str) -> Any:
+        raise NotImplementedError
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, str) or (self.needs_prefix and "/" not in value):
+            raise self.make_error("invalid", input=value)
+        try:
+            return self.parse(value.strip())
+        except ValueError as exc:
+            raise self.make_error("invalid", input=value) from exc
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
+        return None if value is None else str(value)
+
+
+class IPAddressField(_ParsedText):
+    """An IPv4 or IPv6 address."""
 
     default_error_messages = {"invalid": "Not a valid IP address: {input!r}."}  # noqa: RUF012
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
-        if not isinstance(value, str):
-            raise self.make_error("invalid", input=value)
-        try:
-            return ipaddress.ip_address(value.strip())
-        except ValueError as exc:
-            raise self.make_error("invalid", input=value) from exc
-
-    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
-        return None if value is None else str(value)
+    def parse(self, text: str) -> Any:
+        return ipaddress.ip_address(text)
 
 
-class IPNetworkField(fields.Field):
+class IPNetworkField(_ParsedText):
     """A subnet in CIDR notation; host bits are cleared as host-local does."""
 
     default_error_messages = {"invalid": "Not a valid subnet in CIDR notation: {input!r}."}  # noqa: RUF012
+    needs_prefix = True
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
-        if not isinstance(value, str) or "/" not in value:
-            raise self.make_error("invalid", input=value)
-        try:
-            return ipaddress.ip_network(value.strip(), strict=False)
-        except ValueError as exc:
-            raise self.make_error("invalid", input=value) from exc
+    def parse(self, text: str) -> Any:
+        return ipaddress.ip_network(text, strict=False)
 
-    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
-        return None if value is None else str(value)
+
+class IPInterfaceField(_ParsedText):
+    """An address with its prefix length, e.g. 10.0.21.100/23 (a CNI result's `address`)."""
+
+    default_error_messages = {"invalid": "Not a valid address/prefix: {input!r}."}  # noqa: RUF012
+    needs_prefix = True
+
+    def parse(self, text: str) -> Any:
+        return ipaddress.ip_interface(text)
 
 
 class IPRangeSchema(Schema):

@@ -16,30 +16,11 @@ from marshmallow import (
 )
 
 from ..allocator.layout import check_pool_name
-from ..allocator.schemas import IPAddressField
+from ..allocator.schemas import IPAddressField, IPInterfaceField
 
 SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
 # Results of these versions carry ips[].version; 1.x dropped it.
 VERSIONED_IPS = frozenset({"0.3.0", "0.3.1", "0.4.0"})
-
-
-class IPInterfaceField(fields.Field):
-    """An address with prefix length, e.g. 10.0.21.100/23."""
-
-    default_error_messages = {"invalid": "Not a valid address/prefix: {input!r}."}  # noqa: RUF012
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
-        import ipaddress
-
-        if not isinstance(value, str) or "/" not in value:
-            raise self.make_error("invalid", input=value)
-        try:
-            return ipaddress.ip_interface(value)
-        except ValueError as exc:
-            raise self.make_error("invalid", input=value) from exc
-
-    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
-        return None if value is None else str(value)
 
 
 class PoolSchema(Schema):

@@ -13,6 +13,23 @@ VERSIONS = ["0.4.0", "1.0.0"]
 FAST = {"consul_connect_timeout": 0.3, "consul_read_timeout": 0.5, "timeout": 1.0}
 
 
+def standalone_conf(
+    servers: list[str], pools: list[str], version: str = "1.0.0", **ipam: Any
+) -> dict[str, Any]:
+    """A network config with ipam-da-consul directly as bridge's `ipam`, pools in the section."""
+    return {
+        "cniVersion": version,
+        "name": "n",
+        "type": "bridge",
+        "ipam": {
+            "type": "ipam-da-consul",
+            "consul_servers": servers,
+            "pools": [{"name": p} for p in pools],
+            **ipam,
+        },
+    }
+
+
 def dead_url() -> str:
     """A loopback URL nothing listens on (connection refused)."""
     return f"http://127.0.0.1:{free_ports(1)[0]}"

@@ -11,6 +11,7 @@ import pytest
 
 from tests.agent import free_ports
 from tests.conftest import run_plugin
+from tests.plugin_helpers import standalone_conf
 
 HOST = "node-a"  # this host's identity in every config here, so "ours" is known exactly
 POOL_B_RANGES = [{"subnet": "10.1.0.0/24", "rangeStart": "10.1.0.10", "rangeEnd": "10.1.0.90"}]
@@ -19,17 +20,7 @@ POOL_B_RANGES = [{"subnet": "10.1.0.0/24", "rangeStart": "10.1.0.10", "rangeEnd"
 def conf11(
     consul: Any, *pools: str, version: str = "1.1.0", servers: list[str] | None = None, **top: Any
 ) -> dict[str, Any]:
-    conf: dict[str, Any] = {
-        "cniVersion": version,
-        "name": "n",
-        "type": "bridge",
-        "ipam": {
-            "type": "ipam-da-consul",
-            "consul_servers": servers or [consul.url],
-            "pools": [{"name": p} for p in pools],
-            "host": HOST,
-        },
-    }
+    conf = standalone_conf(servers or [consul.url], list(pools), version, host=HOST)
     conf.update(top)
     return conf
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import run_plugin
+from tests.plugin_helpers import standalone_conf
 
 POOL_B_RANGES = [{"subnet": "10.1.0.0/24", "rangeStart": "10.1.0.10", "rangeEnd": "10.1.0.90"}]
 V6_RANGES = [{"subnet": "fd00:5::/64", "rangeStart": "fd00:5::10", "rangeEnd": "fd00:5::20"}]
@@ -16,16 +17,7 @@ V6_RANGES = [{"subnet": "fd00:5::/64", "rangeStart": "fd00:5::10", "rangeEnd": "
 
 def standalone(consul: Any, *pools: str, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
     """A network config with our plugin directly as `ipam` of bridge, as a runtime passes it."""
-    conf: dict[str, Any] = {
-        "cniVersion": version,
-        "name": "n",
-        "type": "bridge",
-        "ipam": {
-            "type": "ipam-da-consul",
-            "consul_servers": [consul.url],
-            "pools": [{"name": p} for p in pools],
-        },
-    }
+    conf = standalone_conf([consul.url], list(pools), version)
     conf.update(extra)
     return conf
 
