@@ -41,18 +41,35 @@ class ConsulKV:
     ) -> tuple[list[Entry], int]:
         """A listing with its X-Consul-Index. With `index`, a blocking query: Consul answers when
         something under the prefix changes after it, or when the wait is over."""
-        params = {"recurse": "true"}
+        resp, new_index = self._blocking_get(prefix, {"recurse": "true"}, index, wait_seconds)
+        return ([] if resp.status == 404 else _entries(resp, prefix)), new_index
+
+    def keys_after(
+        self, prefix: str, index: int = 0, wait_seconds: float = 0.0
+    ) -> tuple[list[str], int]:
+        """Like list_after, names only: a tenth of the bytes for a large folder."""
+        resp, new_index = self._blocking_get(prefix, {"keys": "true"}, index, wait_seconds)
+        if resp.status == 404:
+            return [], new_index
+        try:
+            return [str(k) for k in resp.json()], new_index
+        except (ValueError, TypeError) as exc:
+            raise ConsulError(
+                f"Consul sent a key list for {prefix!r} that could not be read"
+            ) from exc
+
+    def _blocking_get(
+        self, prefix: str, params: dict[str, str], index: int, wait_seconds: float
+    ) -> tuple[Response, int]:
         timeout = None
         if index:
-            params |= {"index": str(index), "wait": f"{max(1, int(wait_seconds * 1000))}ms"}
+            params = params | {"index": str(index), "wait": f"{max(1, int(wait_seconds * 1000))}ms"}
             # Consul adds up to wait/16 of jitter before it answers.
             timeout = wait_seconds * 1.1 + self.client.read_timeout
         resp = self.client.request("GET", _path(prefix), params, timeout=timeout)
-        new_index = int(resp.headers.get("X-Consul-Index", "0") or 0)
-        if resp.status == 404:
-            return [], new_index
-        check_status(resp, f"listing KV prefix {prefix!r}")
-        return _entries(resp, prefix), new_index
+        if resp.status != 404:
+            check_status(resp, f"listing KV prefix {prefix!r}")
+        return resp, int(resp.headers.get("X-Consul-Index", "0") or 0)
 
     def create(self, key: str, value: bytes) -> bool:
         return self._write("PUT", key, value, 0)

@@ -1,0 +1,69 @@
+"""The helper's pool cache against a real agent: what a background refresh picks up."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+
+from ipam_da_consul.allocator.cache import PoolCache, refreshed
+from ipam_da_consul.allocator.layout import Layout
+from ipam_da_consul.allocator.pool import parse_pool
+from ipam_da_consul.consul import ConsulClient, ConsulKV, Deadline
+
+RANGES = [{"subnet": "10.9.0.0/24", "rangeStart": "10.9.0.10", "rangeEnd": "10.9.0.20"}]
+
+
+def kv_for(consul) -> ConsulKV:
+    return ConsulKV(ConsulClient([consul.url], deadline=Deadline(60)))
+
+
+def test_refresh_follows_keys_and_ranges(consul, make_pool):
+    pool = make_pool(RANGES)
+    for ip, target in (("10.9.0.10", "a"), ("10.9.0.11", "b")):
+        consul.put(f"ipam/{pool}/{ip}", {"target": target})
+    kv, layout = kv_for(consul), Layout()
+    entries, _ = kv.list_after(layout.pool_key(pool))
+    old = parse_pool(layout, pool, entries)
+    consul._req("DELETE", f"ipam/{pool}/10.9.0.10").raise_for_status()
+    consul.put(f"ipam/{pool}/10.9.0.12", {"target": "c", "ifname": "eth1"})
+    consul.put(f"ipam/{pool}", [{**RANGES[0], "rangeStart": "10.9.0.11"}])
+    keys, _ = kv.keys_after(layout.pool_key(pool))
+    new = refreshed(layout, old, keys, kv)
+    assert {str(ip): h.target for ip, h in new.held.items()} == {"10.9.0.11": "b", "10.9.0.12": "c"}
+    kept = ipaddress.ip_address("10.9.0.11")
+    assert new.held[kept] is old.held[kept]  # parsed once, reused
+    assert str(new.ranges[0].start) == "10.9.0.11"
+    assert str(new.next_free()[0]) == "10.9.0.13"
+
+
+def test_watcher_brings_changes_in_the_background(consul, make_pool):
+    pool = make_pool(RANGES)
+    layout = Layout()
+    cache = PoolCache(lambda: kv_for(consul), layout, refresh_interval=0.05)
+    kv = kv_for(consul)
+    first = cache.get(pool, lambda: kv.list_after(layout.pool_key(pool)))
+    assert first.held == {}
+    consul.put(f"ipam/{pool}/10.9.0.10", json.dumps({"target": "elsewhere"}))
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        current = cache.get(pool, lambda: kv.list_after(layout.pool_key(pool)))
+        if current.held:
+            break
+        time.sleep(0.05)
+    assert {str(ip): h.target for ip, h in current.held.items()} == {"10.9.0.10": "elsewhere"}
+    assert str(current.next_free()[0]) == "10.9.0.11"
+    cache.forget(pool)
+
+
+def test_broken_key_stops_the_watcher_so_the_next_call_reports_it(consul, make_pool):
+    pool = make_pool(RANGES)
+    layout = Layout()
+    cache = PoolCache(lambda: kv_for(consul), layout, refresh_interval=0.05)
+    kv = kv_for(consul)
+    cache.get(pool, lambda: kv.list_after(layout.pool_key(pool)))
+    consul.put(f"ipam/{pool}/10.9.0.15", "not json")
+    end = time.monotonic() + 10
+    while cache.pools[pool].alive() and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not cache.pools[pool].alive()
