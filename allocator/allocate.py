@@ -88,14 +88,18 @@ class Allocator:
     def value(self, target: str, ifname: str | None) -> bytes:
         return dump_allocation(target, ifname, self.host)
 
+    def ours_to_be(self, pool: Pool, ip: IPAddress, target: str, ifname: str | None) -> Held:
+        """The allocation we are about to write. ModifyIndex 0 is unknown: a CAS delete with it
+        fails and re-reads the key."""
+        key = self.layout.allocation_key(pool.name, ip)
+        return Held(ip, target, key, 0, ifname, self.host, self.value(target, ifname))
+
     def claim(self, pool: Pool, ip: IPAddress, target: str, ifname: str | None) -> Claim | None:
         """Create the allocation key if absent; None when someone else got there first."""
-        key = self.layout.allocation_key(pool.name, ip)
-        value = self.value(target, ifname)
-        if self.kv.create(key, value):
-            # ModifyIndex 0 is unknown: a CAS delete with it fails and re-reads the key.
-            pool.put(Held(ip, target, key, 0, ifname, self.host, value))
-            return Claim(key, ip, None)
+        held = self.ours_to_be(pool, ip, target, ifname)
+        if self.kv.create(held.key, held.value):
+            pool.put(held)
+            return Claim(held.key, ip, None)
         return None
 
     def take_over(self, held: Held, target: str, ifname: str | None) -> Claim | None:

@@ -62,7 +62,7 @@ class PoolCache:
             watched.used = time.monotonic()
             return watched.pool
         entries, index = load()
-        pool = parse_pool(self.layout, name, entries)  # raises for a missing or broken pool
+        pool = parse_pool(self.layout, name, entries).indexed()  # raises if missing or broken
         with self.lock:
             watched = self.pools.get(name)
             if watched is None or not watched.alive():
@@ -92,12 +92,12 @@ class _Watched(threading.Thread):
         return self.is_alive() and not self.stopped.is_set()
 
     def run(self) -> None:
-        kv = self.cache.make_kv()
         prefix = self.cache.layout.pool_key(self.pool_name)
         while not self.stopped.is_set():
             if time.monotonic() - self.used > self.cache.idle_after:
                 break
             try:
+                kv = self.cache.make_kv()  # a fresh time budget for each blocking query
                 keys, index = kv.keys_after(prefix, self.index, 30.0)
                 started = time.monotonic()
                 if index != self.index:
@@ -122,9 +122,9 @@ def refreshed(layout: Layout, old: Pool, keys: list[str], kv: WatchableKV) -> Po
     new = names - known.keys()
     if len(new) > _READ_ONE_BY_ONE:
         entries, _ = kv.list_after(layout.pool_key(old.name), 0, 0.0)
-        return parse_pool(layout, old.name, entries, known=known)
+        return parse_pool(layout, old.name, entries, known=known).indexed()
     entries = [e for e in map(kv.get, [layout.pool_key(old.name), *sorted(new)]) if e is not None]
     pool = parse_pool(layout, old.name, entries)  # raises for missing or broken ranges / keys
     for held in known.values():
         pool.held.setdefault(held.ip, held)
-    return pool
+    return pool.indexed()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 from bisect import bisect_left, insort
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .errors import InvalidPool, PoolFull, PoolMissing
@@ -50,19 +50,38 @@ class Pool:
     def range_for(self, ip: IPAddress) -> IPRange | None:
         return next((r for r in self.ranges if r.contains(ip)), None)
 
+    def indexed(self) -> Pool:
+        """Build the lookup indexes now (the helper does it off the calls' path)."""
+        with self._lock:
+            if self._by_target is None:
+                index: dict[str, list[Held]] = {}
+                for h in self.held.values():
+                    index.setdefault(h.target, []).append(h)
+                self._by_target = index
+            for version in (4, 6):
+                self.taken(version)
+        return self
+
     def ours(self, target: str, ifname: str | None = None) -> list[Held]:
-        if self._by_target is None:
-            index: dict[str, list[Held]] = {}
-            for h in self.held.values():
-                index.setdefault(h.target, []).append(h)
-            self._by_target = index
-        found = [h for h in self._by_target.get(target, ()) if h.owned_by(target, ifname)]
+        by_target = self.indexed()._by_target or {}
+        found = [h for h in by_target.get(target, ()) if h.owned_by(target, ifname)]
         return sorted(found, key=lambda h: (h.ip.version, int(h.ip)))
 
     def taken(self, version: int) -> list[int]:
         if version not in self._taken:
             self._taken[version] = sorted_ints(self.held, version)
         return self._taken[version]
+
+    def reserve_next_free(
+        self, placeholder: Callable[[IPAddress], Held]
+    ) -> tuple[IPAddress, IPRange]:
+        """Pick the lowest free address and mark it held before anyone else can pick it: in the
+        helper, concurrent calls share this pool and would otherwise all race for one address.
+        The placeholder is replaced by what KV says if the write loses."""
+        with self._lock:
+            ip, rng = self.next_free()
+            self.put(placeholder(ip))
+            return ip, rng
 
     def next_free(self) -> tuple[IPAddress, IPRange]:
         """Lowest free address, range by range in pool order."""

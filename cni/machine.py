@@ -353,8 +353,12 @@ class Invocation:
             if rng is not None:
                 self.pick = (held.ip, rng, held)  # idempotent ADD: hand back what we hold
                 return "pick_ip"
+        target, ifname = self.attachment()
+        pool, allocator = self.pool, self.allocator
         try:
-            ip, rng = self.pool.next_free()
+            ip, rng = pool.reserve_next_free(
+                lambda ip: allocator.ours_to_be(pool, ip, target, ifname)
+            )
         except PoolFull:
             if self.allocator.cache is None or self.pool_is_fresh:
                 raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from marshmallow import (
     EXCLUDE,
@@ -21,6 +22,21 @@ from ..allocator.schemas import IPAddressField, IPInterfaceField
 SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
 # Results of these versions carry ips[].version; 1.x dropped it.
 VERSIONED_IPS = frozenset({"0.3.0", "0.3.1", "0.4.0"})
+
+
+def check_server_url(value: str) -> None:
+    """An http(s) URL with a host. marshmallow's validate.URL compiles a regex that costs
+    ~60 ms per process, a fifth of an in-process call; urlsplit says what we need."""
+    try:
+        url = urlsplit(value)
+        port = url.port  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        url, port = None, None
+    if url is None or url.scheme not in ("http", "https") or not url.hostname:
+        raise ValidationError(f"not an http(s) URL of a Consul server: {value!r}")
+    if any(c.isspace() for c in value) or url.query or url.fragment:
+        raise ValidationError(f"a Consul server URL has no spaces, query or fragment: {value!r}")
+    del port
 
 
 class PoolSchema(Schema):
@@ -54,7 +70,7 @@ class IpamSchema(Schema):
         unknown = EXCLUDE
 
     consul_servers = fields.List(
-        fields.String(validate=validate.URL(schemes={"http", "https"}, require_tld=False)),
+        fields.String(validate=check_server_url),
         required=True,
         validate=validate.Length(min=1, error="must list at least one Consul server URL"),
     )
@@ -112,18 +128,11 @@ class IPOutSchema(Schema):
     interface = fields.Integer()
 
 
-class RouteSchema(Schema):
-    class Meta:
-        unknown = INCLUDE
-
-    dst = fields.String(required=True)
-    gw = fields.String()
-
-
 class ResultSchema(Schema):
     cniVersion = fields.String(required=True)
     interfaces = fields.List(fields.Dict())
     ips = fields.List(fields.Nested(IPOutSchema), required=True)
+    # Routes and interfaces pass through from prevResult as they are (1.1 adds route fields).
     routes = fields.List(fields.Dict(), required=True)
     dns = fields.Dict(required=True)
 
