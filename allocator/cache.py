@@ -118,7 +118,7 @@ def refreshed(layout: Layout, old: Pool, keys: list[str], kv: WatchableKV) -> Po
     keys are read one by one (or all at once when there are many), the ranges are re-read."""
     folder = layout.folder(old.name)
     names = {k for k in keys if k.startswith(folder) and k != folder}
-    known = {h.key: h for h in old.held.values() if h.key in names}
+    known = {h.key: h for h in old.snapshot() if h.key in names}
     new = names - known.keys()
     if len(new) > _READ_ONE_BY_ONE:
         entries, _ = kv.list_after(layout.pool_key(old.name), 0, 0.0)

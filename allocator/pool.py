@@ -50,6 +50,11 @@ class Pool:
     def range_for(self, ip: IPAddress) -> IPRange | None:
         return next((r for r in self.ranges if r.contains(ip)), None)
 
+    def snapshot(self) -> list[Held]:
+        """The allocations, copied under the lock: calls may be adding to them meanwhile."""
+        with self._lock:
+            return list(self.held.values())
+
     def indexed(self) -> Pool:
         """Build the lookup indexes now (the helper does it off the calls' path)."""
         with self._lock:

@@ -10,9 +10,8 @@ Without a helper the plugin does the same work in-process; results are identical
 from __future__ import annotations
 
 import argparse
-import binascii
 import io
-import json
+import marshal
 import os
 import signal
 import socket
@@ -32,11 +31,10 @@ from ..allocator.layout import Layout
 from ..consul import ConsulKV
 from . import logs
 from .config import ConsulSettings
-from .fastpath import DEFAULT_SOCKET
+from .fastpath import DEFAULT_SOCKET, frame, read_frame
 from .machine import consul_client
 from .main import execute
 
-_MAX_REQUEST = 4 * 1024 * 1024
 # A watcher's blocking query needs no call deadline of its own beyond its wait.
 _WATCH_BUDGET = 120.0
 
@@ -95,13 +93,12 @@ class Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         if not self.peer_allowed():
             return
-        line = self.rfile.readline(_MAX_REQUEST)
         try:
-            answer = self.serve(json.loads(line))
-        except (ValueError, KeyError, TypeError) as exc:
+            answer = self.serve(marshal.loads(read_frame(self.request.recv)))
+        except (ValueError, EOFError, KeyError, TypeError) as exc:
             logger.warning("helper: malformed request: {}", exc)
             return  # the client falls back to doing the call itself
-        self.wfile.write(json.dumps(answer).encode() + b"\n")
+        self.request.sendall(frame(answer))
 
     def peer_allowed(self) -> bool:
         creds = self.request.getsockopt(
@@ -114,7 +111,9 @@ class Handler(socketserver.StreamRequestHandler):
         return False
 
     def serve(self, request: dict[str, Any]) -> dict[str, Any]:
-        stdin = binascii.a2b_base64(request["stdin"])
+        stdin = request["stdin"]
+        if not isinstance(stdin, bytes):
+            raise TypeError("stdin must be bytes")
         env = {str(k): str(v) for k, v in dict(request["env"]).items()}
         verbose = bool(request.get("verbose"))
         err = io.StringIO()
