@@ -105,6 +105,20 @@ def netconf(
     return conf
 
 
+def module_consul(name: str) -> Any:
+    """A `consul` fixture for one module's own dev agent (it overrides the session one, and
+    with it make_pool and conf_for). For KV-index checks: Consul's reaping of KV tombstones,
+    some 15 minutes after deletes, moves the index of a long-lived agent with no write."""
+
+    @pytest.fixture(scope="module")
+    def consul() -> Iterator[ConsulAgent]:
+        agent = ConsulAgent(name).start()
+        yield agent
+        agent.close()
+
+    return consul
+
+
 @pytest.fixture(scope="session")
 def consul() -> Iterator[ConsulAgent]:
     agent = ConsulAgent("dev").start()

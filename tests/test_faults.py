@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.agent import ConsulAgent, free_ports
-from tests.conftest import Outcome, run_plugin
+from tests.conftest import Outcome, module_consul, run_plugin
 from tests.util_procs import LossyProxy, Unresponsive, drop_first
 
 GOOD = [{"subnet": "10.5.0.0/24", "rangeStart": "10.5.0.10", "rangeEnd": "10.5.0.20",
@@ -23,14 +23,7 @@ OTHER = [{"subnet": "10.6.0.0/24", "rangeStart": "10.6.0.10", "rangeEnd": "10.6.
 TINY = [{"subnet": "10.7.0.0/24", "rangeStart": "10.7.0.10", "rangeEnd": "10.7.0.11"}]
 
 
-@pytest.fixture(scope="module")
-def consul() -> Iterator[ConsulAgent]:
-    """This module's own dev agent (overrides the session one, and with it make_pool and
-    conf_for): the KV-index checks need a Consul whose index moves only on writes, and Consul's
-    reaping of KV tombstones, some 15 minutes after deletes, moves it too."""
-    agent = ConsulAgent('faults').start()
-    yield agent
-    agent.close()
+consul = module_consul("faults")
 
 
 @pytest.fixture

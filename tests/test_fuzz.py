@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.agent import ConsulAgent
-from tests.conftest import Outcome, netconf, run_plugin
+from tests.conftest import Outcome, module_consul, netconf, run_plugin
 
 RANGES = [{"subnet": "10.9.0.0/24", "rangeStart": "10.9.0.10", "rangeEnd": "10.9.0.40",
            "gateway": "10.9.0.1"}]
@@ -54,14 +54,7 @@ json_values = st.recursive(
 )
 
 
-@pytest.fixture(scope="module")
-def consul() -> Iterator[ConsulAgent]:
-    """This module's own dev agent (overrides the session one, and with it make_pool and
-    conf_for): the KV-index checks need a Consul whose index moves only on writes, and Consul's
-    reaping of KV tombstones, some 15 minutes after deletes, moves it too."""
-    agent = ConsulAgent('fuzz').start()
-    yield agent
-    agent.close()
+consul = module_consul("fuzz")
 
 
 class Fuzzed:
