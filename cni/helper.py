@@ -35,7 +35,7 @@ from .fastpath import DEFAULT_SOCKET, frame, read_frame
 from .machine import consul_client
 from .main import execute
 
-# A watcher's blocking query needs no call deadline of its own beyond its wait.
+# The time budget of each blocking query a watcher sends: its 30 s wait plus Consul's jitter.
 _WATCH_BUDGET = 120.0
 
 
