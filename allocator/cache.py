@@ -62,7 +62,7 @@ class PoolCache:
             watched.used = time.monotonic()
             return watched.pool
         entries, index = load()
-        pool = parse_pool(self.layout, name, entries).indexed()  # raises if missing or broken
+        pool = parse_pool(self.layout, name, entries).cache_copy()  # raises if missing or broken
         with self.lock:
             watched = self.pools.get(name)
             if watched is None or not watched.alive():
@@ -122,9 +122,9 @@ def refreshed(layout: Layout, old: Pool, keys: list[str], kv: WatchableKV) -> Po
     new = names - known.keys()
     if len(new) > _READ_ONE_BY_ONE:
         entries, _ = kv.list_after(layout.pool_key(old.name), 0, 0.0)
-        return parse_pool(layout, old.name, entries, known=known).indexed()
+        return parse_pool(layout, old.name, entries, known=known).cache_copy()
     entries = [e for e in map(kv.get, [layout.pool_key(old.name), *sorted(new)]) if e is not None]
     pool = parse_pool(layout, old.name, entries)  # raises for missing or broken ranges / keys
     for held in known.values():
         pool.held.setdefault(held.ip, held)
-    return pool.indexed()
+    return pool.cache_copy()

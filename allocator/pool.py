@@ -42,6 +42,8 @@ class Pool:
     name: str
     ranges: list[IPRange]
     held: dict[IPAddress, Held] = field(default_factory=dict)
+    # Served from the helper's cache, so possibly behind KV (see allocator/cache.py).
+    cached: bool = False
     _taken: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False)
     _by_target: dict[str, list[Held]] | None = field(default=None, init=False, repr=False)
     # The helper shares one Pool between concurrent calls; the indexes must stay consistent.
@@ -54,6 +56,11 @@ class Pool:
         """The allocations, copied under the lock: calls may be adding to them meanwhile."""
         with self._lock:
             return list(self.held.values())
+
+    def cache_copy(self) -> Pool:
+        """Mark this pool as the helper's cached copy, indexes built off the calls' path."""
+        self.cached = True
+        return self.indexed()
 
     def indexed(self) -> Pool:
         """Build the lookup indexes now (the helper does it off the calls' path)."""

@@ -115,7 +115,6 @@ class Invocation:
         self.todo: list[config.PoolRequest] = []
         self.current: config.PoolRequest | None = None
         self.pool: Pool | None = None
-        self.pool_is_fresh = False  # read from Consul by this call, not the helper's cache
         self.held: list[Held] = []
         self.pick: tuple[IPAddress, IPRange, Held | None] | None = None
         self.conflicts = 0
@@ -290,7 +289,6 @@ class Invocation:
             checking = self.env.command == "CHECK"
             load = self.allocator.load_ranges if checking else self.allocator.load
             self.pool = load(self.current.name)
-            self.pool_is_fresh = False
 
     def gc_scan(self, name: str) -> list[Held]:
         """GC: the pool's readable allocations. A pool that is missing or cannot be read is a
@@ -360,13 +358,12 @@ class Invocation:
                 lambda ip: allocator.ours_to_be(pool, ip, target, ifname)
             )
         except PoolFull:
-            if self.allocator.cache is None or self.pool_is_fresh:
+            if not pool.cached:
                 raise
             # The helper's cached pool lags behind releases made elsewhere (another host, a call
             # done in-process) by up to its refresh interval: only a fresh listing may say
             # "full". It also shows an address of ours the cache missed.
-            self.pool = self.allocator.load(self.pool.name, fresh=True)
-            self.pool_is_fresh = True
+            self.pool = allocator.load(pool.name, fresh=True)
             return self.pick_address()
         self.pick = (ip, rng, None)
         return "pick_ip"
