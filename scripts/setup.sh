@@ -22,7 +22,8 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv 2>/dev/null || { apt_install python3-venv && "$py" -m venv .venv; }
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q ".[test]"
+# Editable: the tests and the executables always run the code in this tree, never a stale copy.
+.venv/bin/python -m pip install -q -e ".[test]"
 
 bash scripts/fetch-consul.sh >/dev/null
 
