@@ -1,10 +1,19 @@
 """Allocator operations over a `KV` store: read pools, claim, take over and release addresses.
 
 Every write is a compare-and-set, so two writers can never both believe they hold a key.
+
+Writes of an attachment are fenced. A write whose reply was lost (a timeout, a resend after
+failover, a request a follower forwards once a leader is elected) can be applied by Consul
+seconds after the call that sent it gave up, after the runtime's cleanup DEL found nothing.
+So each attachment (network, container, ifname) has a fence key: every allocation write is a
+transaction that also checks the fence is where this call last saw it, and DEL, GC and a
+rollback of in-doubt writes raise the fence first. A write sent before the fence was raised
+can then never apply, and a listing read after it sees every write that did.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,21 +21,49 @@ from typing import Any
 from loguru import logger
 
 from .cache import PoolCache
-from .errors import InvalidPool, NotInPool
+from .errors import InvalidPool, NotInPool, WriteConflict
 from .layout import Layout
 from .pool import Held, Pool, parse_held, parse_pool
 from .ranges import IPAddress, IPRange
-from .schemas import dump_allocation
-from .store import KV, KVEntry
+from .schemas import dump_allocation, dump_fence, fence_time
+from .store import KV, Cas, Check, DeleteCas, KVEntry, Op, Set, TxnResult
+
+# A fence must outlive any write sent before it. Consul applies a forwarded write within its
+# RPC hold time (7 s) plus a raft apply; an hour leaves a wide margin.
+FENCE_TTL = 3600.0
+# Consul refuses transactions of more than 64 operations.
+_TXN_MAX = 64
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What CNI calls an attachment: one interface of one container on one network."""
+
+    network: str
+    target: str
+    ifname: str | None
+
+    @property
+    def recorded_network(self) -> str | None:
+        # A config without a name records none, and GC then never releases its keys.
+        return self.network or None
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A write this call made, with what the key held before (None: it was absent)."""
+    """A write this call sent: the exact bytes, and what the key held before (None: absent).
+
+    `won`: Consul said it applied. Otherwise the outcome is unknown (a lost reply, a resend
+    after failover): the write may still apply, so the call fences it before it returns.
+    """
 
     key: str
     ip: IPAddress
+    value: bytes
     previous: bytes | None
+    won: bool = False
+    index: int = 0
+    doubtful: bool = False
 
 
 class Allocator:
@@ -36,12 +73,22 @@ class Allocator:
         layout: Layout | None = None,
         host: str | None = None,
         cache: PoolCache | None = None,
+        attachment: Attachment | None = None,
+        call: str | None = None,
+        before_write: Callable[[], None] | None = None,
     ) -> None:
         self.kv = kv
         self.layout = layout or Layout()
         self.host = host
         self.cache = cache
+        self.attachment = attachment
+        self.call = call
+        self.before_write = before_write or (lambda: None)
+        # Where this call last saw the attachment's fence; 0: absent, the common case, so the
+        # first write needs no read of it.
+        self.fence_index = 0
 
+    # -- reading ----------------------------------------------------------------------------
     def load(self, name: str, fresh: bool = False) -> Pool:
         """Ranges and allocations in one listing of the pool key's prefix (or the helper's
         cached copy of it, unless `fresh`)."""
@@ -64,20 +111,26 @@ class Allocator:
         return parse_pool(self.layout, name, [entry] if entry is not None else [])
 
     def recheck(self, pool: Pool, ip: IPAddress) -> None:
-        """Re-read one allocation key after a lost race and fold it into `pool`."""
-        held = self.lookup(pool.name, ip)
-        if held is None:
+        """Re-read one allocation key and fold it into `pool`."""
+        self._fold(pool, ip, self.kv.get(self.layout.allocation_key(pool.name, ip)))
+
+    def _fold(self, pool: Pool, ip: IPAddress, entry: KVEntry | None) -> None:
+        if entry is None:
             pool.discard(ip)
         else:
-            pool.put(held)
+            pool.put(parse_held(entry, self.layout.folder(pool.name)))
 
-    def still_ours(self, pool: Pool, held: Held, target: str, ifname: str | None) -> bool:
+    def still_ours(self, pool: Pool, held: Held) -> bool:
         """A freshly listed pool is the truth; a cached one is confirmed key by key."""
-        if self.cache is None:
+        if not pool.cached:
             return True
         self.recheck(pool, held.ip)
         current = pool.held.get(held.ip)
-        return current is not None and current.owned_by(target, ifname)
+        return current is not None and self.owns(current)
+
+    def owns(self, held: Held) -> bool:
+        a = self.attachment
+        return a is not None and held.owned_by(a.target, a.ifname, a.recorded_network)
 
     def _probe(self, key: str) -> None:
         # Consul drops keys the ACL token may not read from a listing and answers an empty one
@@ -85,42 +138,15 @@ class Allocator:
         # answers 403 instead, which the KV layer raises as a permission error.
         self.kv.get(key)
 
-    def value(self, target: str, ifname: str | None) -> bytes:
-        return dump_allocation(target, ifname, self.host)
-
-    def ours_to_be(self, pool: Pool, ip: IPAddress, target: str, ifname: str | None) -> Held:
-        """The allocation we are about to write. ModifyIndex 0 is unknown: a CAS delete with it
-        fails and re-reads the key."""
-        key = self.layout.allocation_key(pool.name, ip)
-        return Held(ip, target, key, 0, ifname, self.host, self.value(target, ifname))
-
-    def claim(self, pool: Pool, ip: IPAddress, target: str, ifname: str | None) -> Claim | None:
-        """Create the allocation key if absent; None when someone else got there first."""
-        held = self.ours_to_be(pool, ip, target, ifname)
-        if self.kv.create(held.key, held.value):
-            pool.put(held)
-            return Claim(held.key, ip, None)
-        return None
-
-    def take_over(self, held: Held, target: str, ifname: str | None) -> Claim | None:
-        """Re-allocate a held address to `target` (static request); None if it changed meanwhile."""
-        if self.kv.replace(held.key, self.value(target, ifname), held.index):
-            return Claim(held.key, held.ip, held.value)
-        return None
-
-    def requested_range(self, pool: Pool, ip: IPAddress) -> IPRange:
-        rng = pool.range_for(ip)
-        if rng is None:
-            raise NotInPool(f"requested IP {ip} is not in any range of pool {pool.name!r}")
-        if not rng.allocatable(ip):
-            raise NotInPool(
-                f"requested IP {ip} is the network, broadcast or gateway address of {rng.subnet}"
-            )
-        return rng
-
     def lookup(self, pool: str, ip: IPAddress) -> Held | None:
         entry = self.kv.get(self.layout.allocation_key(pool, ip))
         return None if entry is None else parse_held(entry, self.layout.folder(pool))
+
+    def lookup_key(self, held: Held) -> Held | None:
+        entry = self.kv.get(held.key)
+        if entry is None:
+            return None
+        return parse_held(entry, _folder_of(entry.key))
 
     def scan(self, pool: str, on_invalid: Callable[[str], None]) -> list[Held]:
         """Every valid allocation in the pool folder; unreadable keys go to `on_invalid`."""
@@ -138,39 +164,133 @@ class Allocator:
                 on_invalid(str(exc))
         return out
 
-    def release(self, held: Held, target: str, ifname: str | None, attempts: int = 5) -> bool:
-        """CAS-delete one key of ours; True when it is gone or no longer ours."""
+    def requested_range(self, pool: Pool, ip: IPAddress) -> IPRange:
+        rng = pool.range_for(ip)
+        if rng is None:
+            raise NotInPool(f"requested IP {ip} is not in any range of pool {pool.name!r}")
+        if not rng.allocatable(ip):
+            raise NotInPool(
+                f"requested IP {ip} is the network, broadcast or gateway address of {rng.subnet}"
+            )
+        return rng
+
+    # -- allocating -------------------------------------------------------------------------
+    def value(self) -> bytes:
+        a = self._attachment()
+        return dump_allocation(a.target, a.ifname, self.host, a.recorded_network, self.call)
+
+    def ours_to_be(self, pool: Pool, ip: IPAddress) -> Held:
+        """The allocation we are about to write. ModifyIndex 0 is unknown: a CAS delete with it
+        fails and re-reads the key."""
+        a = self._attachment()
+        key = self.layout.allocation_key(pool.name, ip)
+        return Held(
+            ip, a.target, key, 0, a.ifname, self.host, self.value(), a.recorded_network, self.call
+        )
+
+    def claim(self, pool: Pool, ip: IPAddress) -> Claim:
+        """Create the allocation key if absent (`won` False when someone else holds it)."""
+        held = self.ours_to_be(pool, ip)
+        return self._write(pool, ip, Cas(held.key, held.value, 0), None)
+
+    def take_over(self, pool: Pool, held: Held) -> Claim:
+        """Re-allocate a held address to us (static request), if it did not change meanwhile."""
+        return self._write(pool, held.ip, Cas(held.key, self.value(), held.index), held.value)
+
+    def _write(self, pool: Pool, ip: IPAddress, op: Cas, previous: bytes | None) -> Claim:
+        result = self._fenced(op)
+        if result.ok:
+            index = result.indexes.get(op.key, 0)
+            pool.put(parse_held(KVEntry(op.key, op.value, index), self.layout.folder(pool.name)))
+            return Claim(op.key, ip, op.value, previous, won=True, index=index)
+        # Lost the compare. Read the key once: it may hold our own write, applied by an earlier
+        # send whose reply was lost; otherwise the pool learns who holds it.
+        entry = self.kv.get(op.key)
+        self._fold(pool, ip, entry)
+        if entry is not None and entry.value == op.value:
+            return Claim(op.key, ip, op.value, previous, won=True, index=entry.modify_index)
+        return Claim(op.key, ip, op.value, previous, doubtful=result.doubtful)
+
+    def _fenced(self, op: Op) -> TxnResult:
+        """One write, applied only if the attachment's fence is where this call saw it."""
+        a = self._attachment()
+        fence = self.layout.fence_key(a.network, a.target, a.ifname or "")
+        for _ in range(3):
+            self.before_write()
+            result = self.kv.txn([Check(fence, self.fence_index), op])
+            if result.failed != 0:
+                return result
+            # The fence moved: this attachment was deleted (or rolled back) since we looked,
+            # e.g. a restart that reuses the container ID. Writes sent before stay void;
+            # this one is sent after, so it goes behind the fence as it is now.
+            entry = self.kv.get(fence)
+            self.fence_index = entry.modify_index if entry is not None else 0
+        raise WriteConflict(
+            f"the fence of attachment {a.target}/{a.ifname} kept moving: another call is "
+            "deleting this attachment while it is being added"
+        )
+
+    def raise_fence(self, reason: str, attachment: Attachment | None = None) -> None:
+        """Void every write of the attachment sent before now."""
+        a = attachment or self._attachment()
+        key = self.layout.fence_key(a.network, a.target, a.ifname or "")
+        result = self.kv.txn([Set(key, dump_fence(time.time(), self.host, reason))])
+        if attachment is None and result.ok:
+            self.fence_index = result.indexes.get(key, 0)
+
+    # -- releasing --------------------------------------------------------------------------
+    def release(self, held: Held, attempts: int = 5) -> bool:
+        """CAS-delete one key of the attachment that holds it; True when it is gone or no
+        longer that attachment's."""
         for _ in range(attempts):
             if self.kv.delete(held.key, held.index):
                 return True
             current = self.lookup_key(held)
-            if current is None or not current.owned_by(target, ifname):
+            if current is None or not current.owned_by(held.target, held.ifname, held.network):
                 return True
             held = current
         return False
 
-    def lookup_key(self, held: Held) -> Held | None:
-        entry = self.kv.get(held.key)
-        if entry is None:
-            return None
-        return parse_held(entry, _folder_of(entry.key))
-
-    def undo(self, claim: Claim, target: str) -> None:
-        """Roll back a write of this call: delete it, or restore what it replaced."""
+    def undo(self, claim: Claim) -> bool:
+        """Roll back a write of this call, and only that: a key is deleted (or a take-over's
+        previous value restored) only while it holds exactly the bytes this call wrote.
+        True when the key held our write."""
         entry = self.kv.get(claim.key)
-        if entry is None:
-            return
-        try:
-            held = parse_held(entry, _folder_of(entry.key))
-        except InvalidPool:
-            return
-        if held.target != target:
-            return
+        if entry is None or entry.value != claim.value:
+            return False
         if claim.previous is None:
-            self.kv.delete(claim.key, entry.modify_index)
+            done = self.kv.delete(claim.key, entry.modify_index)
         else:
-            self.kv.replace(claim.key, claim.previous, entry.modify_index)
-        logger.debug("rolled back {}", claim.key)
+            done = self.kv.replace(claim.key, claim.previous, entry.modify_index)
+        if done:
+            logger.debug("rolled back {}", claim.key)
+        return done
+
+    def sweep_fences(self, network: str | None, now: float | None = None) -> int:
+        """Delete fences older than FENCE_TTL (one network's, or all); how many went."""
+        now = time.time() if now is None else now
+        folder = self.layout.fences(network)
+        stale: list[Op] = []
+        for entry in self.kv.list(folder):
+            at = fence_time(entry.value)
+            if at is not None and now - at > FENCE_TTL:
+                stale.append(DeleteCas(entry.key, entry.modify_index))
+        gone = 0
+        for i in range(0, len(stale), _TXN_MAX):
+            chunk = stale[i : i + _TXN_MAX]
+            if self.kv.txn(chunk).ok:
+                gone += len(chunk)
+                continue
+            # A fence raised again meanwhile stays; the others go one by one.
+            gone += sum(
+                self.kv.delete(op.key, op.index) for op in chunk if isinstance(op, DeleteCas)
+            )
+        return gone
+
+    def _attachment(self) -> Attachment:
+        if self.attachment is None:
+            raise TypeError("this operation needs the call's attachment")
+        return self.attachment
 
 
 def _folder_of(key: str) -> str:

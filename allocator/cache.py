@@ -71,6 +71,12 @@ class PoolCache:
                 watched.start()
         return watched.pool
 
+    def peek(self, name: str) -> Pool | None:
+        """The cached pool if it is watched, without loading it."""
+        with self.lock:
+            watched = self.pools.get(name)
+        return watched.pool if watched is not None and watched.alive() else None
+
     def forget(self, name: str) -> None:
         with self.lock:
             watched = self.pools.pop(name, None)

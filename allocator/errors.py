@@ -31,3 +31,7 @@ class AllocationMissing(AllocatorError):
 
 class AddressInUse(AllocatorError):
     """A static address requested through a CNI convention belongs to another container."""
+
+
+class CallAbandoned(AllocatorError):
+    """The call must not write any more: its caller gave up, or its time budget ran out."""

@@ -25,11 +25,18 @@ class Held:
     index: int
     ifname: str | None = None
     host: str | None = None
-    value: bytes = b""  # the raw JSON, to restore it if a take-over is rolled back
+    value: bytes = b""  # the raw JSON: a rollback compares it, a take-over's restores it
+    network: str | None = None
+    call: str | None = None
 
-    def owned_by(self, target: str, ifname: str | None = None) -> bool:
-        # An allocation without ifname (upstream, other tools) belongs to the whole container.
+    def owned_by(
+        self, target: str, ifname: str | None = None, network: str | None = None
+    ) -> bool:
+        # An allocation without ifname or network (upstream, older versions, other tools)
+        # belongs to the whole container.
         if self.target != target:
+            return False
+        if network is not None and self.network is not None and self.network != network:
             return False
         return ifname is None or self.ifname is None or self.ifname == ifname
 
@@ -74,9 +81,11 @@ class Pool:
                 self.taken(version)
         return self
 
-    def ours(self, target: str, ifname: str | None = None) -> list[Held]:
+    def ours(
+        self, target: str, ifname: str | None = None, network: str | None = None
+    ) -> list[Held]:
         by_target = self.indexed()._by_target or {}
-        found = [h for h in by_target.get(target, ()) if h.owned_by(target, ifname)]
+        found = [h for h in by_target.get(target, ()) if h.owned_by(target, ifname, network)]
         return sorted(found, key=lambda h: (h.ip.version, int(h.ip)))
 
     def taken(self, version: int) -> list[int]:
@@ -164,9 +173,12 @@ def parse_held(entry: KVEntry, folder: str) -> Held:
     try:
         ip = ipaddress.ip_address(name)
     except ValueError:
+        ip = None
+    if ip is None or "%" in name:
+        # A scoped name (fd00::10%x) would be a second key for one address.
         raise InvalidPool(
-            f"KV key {entry.key!r} in the pool folder is not named after an IP address"
-        ) from None
+            f"KV key {entry.key!r} in the pool folder is not named after a plain IP address"
+        )
     try:
         alloc = load_allocation(entry.value)
     except ValueError as exc:
@@ -176,7 +188,9 @@ def parse_held(entry: KVEntry, folder: str) -> Held:
         alloc["target"],
         entry.key,
         entry.modify_index,
-        alloc["ifname"],
-        alloc["host"],
-        entry.value,
+        ifname=alloc["ifname"],
+        host=alloc["host"],
+        value=entry.value,
+        network=alloc["network"],
+        call=alloc["call"],
     )

@@ -114,4 +114,5 @@ def first_gap(taken: Sequence[int], start: int) -> int:
 
 
 def sorted_ints(ips: Iterable[IPAddress], version: int) -> list[int]:
-    return sorted(int(ip) for ip in ips if ip.version == version)
+    # A set: the run search assumes unique values, whatever spellings the keys had.
+    return sorted({int(ip) for ip in ips if ip.version == version})

@@ -22,6 +22,10 @@ class _ParsedText(fields.Field):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         if not isinstance(value, str) or (self.needs_prefix and "/" not in value):
             raise self.make_error("invalid", input=value)
+        if "%" in value:
+            # A zone ID (fe80::1%eth0) names a link, not an address: written as a key it would
+            # be a second spelling of an address someone may already hold.
+            raise self.make_error("scoped", input=value)
         try:
             return self.parse(value.strip())
         except ValueError as exc:
@@ -34,7 +38,10 @@ class _ParsedText(fields.Field):
 class IPAddressField(_ParsedText):
     """An IPv4 or IPv6 address."""
 
-    default_error_messages = {"invalid": "Not a valid IP address: {input!r}."}  # noqa: RUF012
+    default_error_messages = {  # noqa: RUF012
+        "invalid": "Not a valid IP address: {input!r}.",
+        "scoped": "Not a plain IP address: {input!r} has a zone ID ('%...'), which is not allowed.",
+    }
 
     def parse(self, text: str) -> Any:
         return ipaddress.ip_address(text)
@@ -43,7 +50,10 @@ class IPAddressField(_ParsedText):
 class IPNetworkField(_ParsedText):
     """A subnet in CIDR notation; host bits are cleared as host-local does."""
 
-    default_error_messages = {"invalid": "Not a valid subnet in CIDR notation: {input!r}."}  # noqa: RUF012
+    default_error_messages = {  # noqa: RUF012
+        "invalid": "Not a valid subnet in CIDR notation: {input!r}.",
+        "scoped": "Not a valid subnet: {input!r} has a zone ID ('%...'), which is not allowed.",
+    }
     needs_prefix = True
 
     def parse(self, text: str) -> Any:
@@ -53,7 +63,10 @@ class IPNetworkField(_ParsedText):
 class IPInterfaceField(_ParsedText):
     """An address with its prefix length, e.g. 10.0.21.100/23 (a CNI result's `address`)."""
 
-    default_error_messages = {"invalid": "Not a valid address/prefix: {input!r}."}  # noqa: RUF012
+    default_error_messages = {  # noqa: RUF012
+        "invalid": "Not a valid address/prefix: {input!r}.",
+        "scoped": "Not a valid address/prefix: {input!r} has a zone ID ('%...').",
+    }
     needs_prefix = True
 
     def parse(self, text: str) -> Any:
@@ -84,7 +97,11 @@ class IPRangeSchema(Schema):
 
 
 class AllocationSchema(Schema):
-    """`{"target": ...}`; `ifname` and `host` are optional so target-only readers still work."""
+    """`{"target": ...}`; every other field is optional so target-only readers still work.
+
+    `network` is the CNI network name (an attachment is network + container + ifname); `call`
+    is a nonce of the call that wrote the key, so a rollback removes only its own write.
+    """
 
     class Meta:
         unknown = EXCLUDE
@@ -92,6 +109,11 @@ class AllocationSchema(Schema):
     target = fields.String(required=True, validate=validate.Length(min=1))
     ifname = fields.String(load_default=None)
     host = fields.String(load_default=None)
+    network = fields.String(load_default=None)
+    call = fields.String(load_default=None)
+
+
+_OPTIONAL = ("ifname", "host", "network", "call")
 
 
 _range = IPRangeSchema()
@@ -120,23 +142,45 @@ def load_allocation(raw: bytes) -> dict[str, Any]:
     # Pools are read whole, tens of thousands of values at a time: accept the well-formed case
     # with the schema's own rules in plain Python (tests/test_schemas.py proves they agree) and
     # let marshmallow judge, and word the error, only when something looks off.
-    target, ifname, host = data.get("target"), data.get("ifname"), data.get("host")
-    if (
-        type(target) is str
-        and target
-        and (ifname is None or type(ifname) is str)
-        and (host is None or type(host) is str)
-    ):
-        return {"target": target, "ifname": ifname, "host": host}
+    target = data.get("target")
+    if type(target) is str and target:
+        out = {"target": target}
+        for name in _OPTIONAL:
+            value = data.get(name)
+            if value is not None and type(value) is not str:
+                break
+            out[name] = value
+        else:
+            return out
     try:
         return _allocation.load(data)
     except ValidationError as exc:
         raise ValueError(describe(exc.messages)) from exc
 
 
-def dump_allocation(target: str, ifname: str | None = None, host: str | None = None) -> bytes:
-    body = {"target": target, "ifname": ifname, "host": host}
+def dump_allocation(
+    target: str,
+    ifname: str | None = None,
+    host: str | None = None,
+    network: str | None = None,
+    call: str | None = None,
+) -> bytes:
+    body = {"target": target, "ifname": ifname, "host": host, "network": network, "call": call}
     return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+
+
+def dump_fence(at: float, host: str | None, reason: str) -> bytes:
+    """A fence's value: when it was raised (unix time) and by whom, for operators and sweeps."""
+    return json.dumps({"at": round(at, 3), "host": host, "by": reason}).encode()
+
+
+def fence_time(raw: bytes) -> float | None:
+    """When a fence was raised; None when its value is unreadable (then it is never swept)."""
+    try:
+        at = json.loads(raw).get("at")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return float(at) if isinstance(at, int | float) else None
 
 
 def _json(raw: bytes) -> Any:

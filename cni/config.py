@@ -144,10 +144,15 @@ def _requested_ips(conf: dict[str, Any], args: Mapping[str, str]) -> list[IPAddr
     wanted += [("args.cni.ips", v) for v in _list(cni_args.get("ips"))]
     out: list[IPAddress] = []
     for source, value in wanted:
+        code = Code.INVALID_ENV if source.startswith("CNI_ARGS") else Code.INVALID_CONFIG
+        text = str(value).strip()
+        if "%" in text:
+            raise CNIError(
+                code, f"{source}: {value!r} has a zone ID ('%...'); give a plain IP address"
+            )
         try:
-            ip = ipaddress.ip_interface(str(value).strip()).ip
+            ip = ipaddress.ip_interface(text).ip
         except ValueError:
-            code = Code.INVALID_ENV if source.startswith("CNI_ARGS") else Code.INVALID_CONFIG
             raise CNIError(code, f"{source}: {value!r} is not an IP address") from None
         if ip not in out:
             out.append(ip)
@@ -208,7 +213,31 @@ def _token(ipam: dict[str, Any], env: Mapping[str, str]) -> str | None:
             raise CNIError(
                 Code.INVALID_CONFIG, f"cannot read the Consul token file {path}: {exc.strerror}"
             ) from None
+        except UnicodeDecodeError:
+            raise CNIError(
+                Code.INVALID_CONFIG,
+                f"the Consul token file {path} is not UTF-8 text: a token is a UUID or text",
+            ) from None
     return env.get("CONSUL_HTTP_TOKEN") or None
+
+
+def default_host() -> str:
+    """This host's identity in allocations, when `ipam.host` does not set one: the hostname,
+    with a tag derived from /etc/machine-id so cloned machines that kept one hostname never
+    GC each other's allocations. The tag is a hash: machine-id(5) asks not to expose the ID."""
+    import hashlib
+    import socket
+
+    name = socket.gethostname()
+    try:
+        with open("/etc/machine-id", "rb") as fh:
+            machine = fh.read().strip()
+    except OSError:
+        return name
+    if not machine:
+        return name
+    tag = hashlib.sha256(b"ipam-da-consul host " + machine).hexdigest()[:8]
+    return f"{name}#{tag}"
 
 
 def _prefix(prefix: str) -> str:

@@ -7,8 +7,9 @@ the work that state calls for and returns the trigger to fire next; any exceptio
 from __future__ import annotations
 
 import json
+import os
 import random
-import socket
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -16,11 +17,12 @@ from loguru import logger
 from transitions import EventData, Machine
 
 from .. import __version__
-from ..allocator.allocate import Allocator, Claim
+from ..allocator.allocate import Allocator, Attachment, Claim
 from ..allocator.errors import (
     AddressInUse,
     AllocationMissing,
     AllocatorError,
+    CallAbandoned,
     InvalidPool,
     NotInPool,
     PoolFull,
@@ -39,7 +41,10 @@ from .schemas import SUPPORTED_VERSIONS, VersionSchema
 if TYPE_CHECKING:
     from .helper import PoolCaches
 
-STATES = ["start", "parsed", "connected", "pool_loaded", "ip_picked", "pool_done", "done", "failed"]
+STATES = [
+    "start", "parsed", "connected", "fenced", "pool_loaded", "ip_picked", "pool_done", "done",
+    "failed",
+]
 
 # fmt: off
 TRANSITIONS = [
@@ -47,7 +52,8 @@ TRANSITIONS = [
     ["parse",     "start",                     "parsed"],      # env and stdin are valid
     ["report",    "parsed",                    "done"],        # VERSION answered
     ["connect",   "parsed",                    "connected"],   # a Consul server with a leader
-    ["next_pool", ["connected", "pool_done"],  "pool_loaded"], # the next pool was read from KV
+    ["fence",     "connected",                 "fenced"],      # DEL: older writes made void
+    ["next_pool", ["connected", "fenced", "pool_done"], "pool_loaded"], # next pool read
     ["pick_ip",   "pool_loaded",               "ip_picked"],   # ADD: an address was chosen
     ["write",     "ip_picked",                 "pool_done"],   # ADD: the CAS write won
     ["conflict",  "ip_picked",                 "pool_loaded"], # ADD: the CAS write lost; re-read
@@ -60,8 +66,12 @@ TRANSITIONS = [
 ]
 # fmt: on
 
-# Enough to undo this call's writes after a failure that used up the time budget.
-ROLLBACK_GRACE = 5.0
+# Kept out of the work's share of `timeout` to undo this call's writes after a failure: the
+# whole call, rollback included, ends by `timeout`. At most a quarter of it.
+ROLLBACK_RESERVE = 3.0
+# A DEL also sweeps its network's expired fences about once in this many calls, so hosts whose
+# runtime never calls GC (Podman) still keep the fence folder bounded.
+SWEEP_EVERY = 32
 _NEEDS_1_1 = ("GC", "STATUS")
 _ERROR_CODES: list[tuple[type[Exception], Code]] = [
     (PoolMissing, Code.MISSING_RESOURCE),
@@ -71,6 +81,7 @@ _ERROR_CODES: list[tuple[type[Exception], Code]] = [
     (NotInPool, Code.NOT_IN_POOL),
     (AddressInUse, Code.ADDRESS_IN_USE),
     (WriteConflict, Code.KV_WRITE_FAILED),
+    (CallAbandoned, Code.TRY_AGAIN_LATER),
     (ConsulUnavailable, Code.TRY_AGAIN_LATER),
 ]
 _INPUT_CODES = (
@@ -102,11 +113,23 @@ class Invocation:
     state: str
 
     def __init__(
-        self, stdin: bytes, environ: Mapping[str, str], caches: PoolCaches | None = None
+        self,
+        stdin: bytes,
+        environ: Mapping[str, str],
+        caches: PoolCaches | None = None,
+        started: float | None = None,
+        abandoned: Callable[[], bool] | None = None,
     ) -> None:
         self.stdin = stdin
         self.environ = environ
         self.caches = caches
+        # When the runtime started the call (time.monotonic, which is system-wide: the helper
+        # gets the thin client's), and whether it has stopped waiting for the answer.
+        self.started = time.monotonic() if started is None else started
+        self.abandoned = abandoned
+        self.hard_end = self.started + 15.0
+        # Marks this call's writes: a rollback removes exactly them, never a sibling's.
+        self.call_id = os.urandom(6).hex()
         self.env = Environment("")
         self.conf: config.NetConf | None = None
         self.cni_version = SUPPORTED_VERSIONS[-1]
@@ -199,14 +222,37 @@ class Invocation:
             known_good = self.caches.recent_server(settings)
             if self.env.command == "ADD":
                 cache = self.caches.get(settings, layout)
-        self.client = consul_client(settings, known_good=known_good)
-        host = self.conf.host or socket.gethostname()
-        self.allocator = Allocator(ConsulKV(self.client), layout, host, cache)
+        # `timeout` caps the whole call: the work gets what is left once the rollback's
+        # reserve is set aside, and the rollback gets the reserve.
+        self.hard_end = self.started + settings.timeout
+        reserve = min(ROLLBACK_RESERVE, settings.timeout / 4)
+        budget = max(0.0, self.hard_end - reserve - time.monotonic())
+        self.client = consul_client(settings, budget, known_good=known_good)
+        host = self.conf.host or config.default_host()
+        attachment = Attachment(self.conf.name, *self.attachment())
+        self.allocator = Allocator(
+            ConsulKV(self.client),
+            layout,
+            host,
+            cache,
+            attachment=attachment,
+            call=self.call_id,
+            before_write=self.check_still_wanted,
+        )
         if self.client.current is None:
             self.client.select()
         return "connect"
 
     def at_connected(self) -> str:
+        if self.env.command == "DEL":
+            # First, so that a write of this attachment still in flight (a failed ADD's, whose
+            # reply was lost) can no longer apply; the listings after it see any that did.
+            assert self.allocator is not None
+            self.allocator.raise_fence("DEL")
+            return "fence"
+        return self.next_pool_or_emit()
+
+    def at_fenced(self) -> str:
         return self.next_pool_or_emit()
 
     def at_pool_done(self) -> str:
@@ -225,24 +271,24 @@ class Invocation:
     def at_ip_picked(self) -> str:
         assert self.pick is not None and self.allocator is not None and self.pool is not None
         ip, rng, held = self.pick
-        target, ifname = self.attachment()
-        if held is not None and held.owned_by(target, ifname):
+        allocator, pool = self.allocator, self.pool
+        target = self.env.container_id
+        if held is not None and allocator.owns(held):
             # Already ours: a repeated ADD, or our own write whose reply was lost.
-            if not self.allocator.still_ours(self.pool, held, target, ifname):
+            if not allocator.still_ours(pool, held):
                 return self.lost_race(ip)
         elif held is not None:
-            if not self.write(lambda: self.allocator.take_over(held, target, ifname), held.key):
+            if not self.write(ip, held.value, lambda: allocator.take_over(pool, held)):
                 return self.lost_race(ip)
             logger.warning(
                 "re-allocated requested IP {} in pool {!r} from container {!r} to {!r}",
                 ip,
-                self.pool.name,
+                pool.name,
                 held.target,
                 target,
             )
         else:
-            key = self.allocator.layout.allocation_key(self.pool.name, ip)
-            if not self.write(lambda: self.allocator.claim(self.pool, ip, target, ifname), key):
+            if not self.write(ip, None, lambda: allocator.claim(pool, ip)):
                 return self.lost_race(ip)
         self.assigned.append(result.Assigned(self.pool.name, ip, rng))
         logger.debug("pool {!r}: {} for container {!r}", self.pool.name, ip, target)
@@ -250,15 +296,9 @@ class Invocation:
 
     def on_enter_failed(self, event: EventData) -> None:
         assert self.error is not None
-        if self.claims and self.allocator is not None and self.client is not None:
-            self.client.deadline.extend(ROLLBACK_GRACE)
-            for claim in reversed(self.claims):
-                try:
-                    self.allocator.undo(claim, self.attachment()[0])
-                except Exception as exc:
-                    logger.error(
-                        "could not roll back {}: {}; DEL or GC will release it", claim.key, exc
-                    )
+        if self.claims and self.client is not None:
+            self.client.deadline.end = self.hard_end  # the reserve is the rollback's
+            self.roll_back(self.claims, "rollback")
         logger.error(
             "{} failed (code {}): {}",
             self.env.command or "call",
@@ -270,6 +310,31 @@ class Invocation:
     # -- the work ---------------------------------------------------------------------------
     def attachment(self) -> tuple[str, str | None]:
         return self.env.container_id, self.env.ifname or None
+
+    def check_still_wanted(self) -> None:
+        """Before every write: a call nobody waits for, or past its budget, writes nothing."""
+        if self.abandoned is not None and self.abandoned():
+            raise CallAbandoned("the runtime stopped waiting for this call; nothing more written")
+        if self.client is not None and self.client.deadline.expired():
+            raise CallAbandoned("the call's time budget (ipam.timeout) ran out before a write")
+
+    def roll_back(self, claims: list[Claim], reason: str) -> None:
+        """Undo these writes of this call. One whose outcome is unknown may still apply, so the
+        attachment's fence goes up first (one write), then each key holding exactly our bytes
+        goes. If Consul cannot be reached, the runtime's DEL raises the fence and releases."""
+        assert self.allocator is not None
+        try:
+            if any(not c.won for c in claims):
+                self.allocator.raise_fence(reason)
+            for claim in reversed(claims):
+                self.allocator.undo(claim)
+        except Exception as exc:
+            logger.error(
+                "could not roll back {}: {}; the runtime's DEL for this container will void "
+                "and release them",
+                ", ".join(c.key for c in claims),
+                exc,
+            )
 
     def next_pool_or_emit(self) -> str:
         if not self.todo:
@@ -307,8 +372,20 @@ class Invocation:
         return held
 
     def finish(self) -> None:
-        assert self.conf is not None
+        assert self.conf is not None and self.allocator is not None
+        if self.env.command in ("DEL", "GC") and (
+            self.env.command == "GC" or random.random() < 1 / SWEEP_EVERY
+        ):
+            try:
+                self.allocator.sweep_fences(self.conf.name)
+            except Exception as exc:  # housekeeping: never fails the call
+                logger.warning("could not sweep expired fences: {}", exc)
         if self.env.command == "ADD":
+            unsure = [c for c in self.claims if not c.won]
+            if unsure:
+                # Writes whose outcome stayed unknown, e.g. a reply lost before a failover:
+                # one may still apply and hand this attachment a second address.
+                self.roll_back(unsure, "in-doubt write")
             served = {a.ip for a in self.assigned}
             unused = [str(ip) for ip in self.conf.requested_ips if ip not in served]
             if unused:
@@ -334,29 +411,30 @@ class Invocation:
         return next(fits, None), False
 
     def pick_address(self) -> str:
-        assert self.pool is not None and self.allocator is not None
+        assert self.pool is not None and self.allocator is not None and self.conf is not None
         wanted, may_take = self.requested()
         if wanted is not None:
             rng = self.allocator.requested_range(self.pool, wanted)
+            if self.pool.cached and wanted in self.pool.held:
+                # The helper's copy can be behind a release (a DEL elsewhere, a restart with a
+                # fixed address): only a fresh read of the key may say it is taken.
+                self.allocator.recheck(self.pool, wanted)
             held = self.pool.held.get(wanted)
-            if held is not None and not may_take and not held.owned_by(*self.attachment()):
+            if held is not None and not may_take and not self.allocator.owns(held):
                 raise AddressInUse(
                     f"requested IP {wanted} in pool {self.pool.name!r} is allocated to container "
                     f"{held.target!r}; only a Pool's own requested-ip re-allocates an address"
                 )
             self.pick = (wanted, rng, held)
             return "pick_ip"
-        for held in self.pool.ours(*self.attachment()):
+        for held in self.pool.ours(*self.attachment(), self.conf.name or None):
             rng = self.pool.range_for(held.ip)
             if rng is not None:
                 self.pick = (held.ip, rng, held)  # idempotent ADD: hand back what we hold
                 return "pick_ip"
-        target, ifname = self.attachment()
         pool, allocator = self.pool, self.allocator
         try:
-            ip, rng = pool.reserve_next_free(
-                lambda ip: allocator.ours_to_be(pool, ip, target, ifname)
-            )
+            ip, rng = pool.reserve_next_free(lambda ip: allocator.ours_to_be(pool, ip))
         except PoolFull:
             if not pool.cached:
                 raise
@@ -368,23 +446,19 @@ class Invocation:
         self.pick = (ip, rng, None)
         return "pick_ip"
 
-    def write(self, attempt: Callable[[], Claim | None], key: str) -> bool:
-        """Run one CAS write; recorded for rollback before it is sent, since a reply can be lost
-        after Consul applied it."""
-        assert self.pick is not None
-        ip, _, held = self.pick
-        pending = Claim(key, ip, None if held is None else held.value)
-        self.claims.append(pending)
-        claim = attempt()
-        if claim is None:
-            # Keep the pending record: a "lost" CAS can be our own write whose reply was lost
-            # and whose resend (after failover) then found the key taken, by us. The re-pick
-            # hands that key back as ours without writing, so without this record a later
-            # failure would not roll it back. Undo only touches a key that holds our container.
-            return False
+    def write(self, ip: IPAddress, previous: bytes | None, attempt: Callable[[], Claim]) -> bool:
+        """Run one fenced CAS write; True when it holds. It is recorded before it is sent, as
+        a claim of unknown outcome, since Consul may apply it though the reply is lost."""
+        assert self.allocator is not None and self.pool is not None
+        key = self.allocator.layout.allocation_key(self.pool.name, ip)
+        self.claims.append(Claim(key, ip, self.allocator.value(), previous))
+        claim = attempt()  # raising leaves the record: the outcome is unknown
         self.claims.pop()
-        self.claims.append(claim)
-        return True
+        if claim.won or claim.doubtful:
+            # A compare lost after an earlier send went unanswered may still be followed by
+            # that send applying: keep it to fence.
+            self.claims.append(claim)
+        return claim.won
 
     def lost_race(self, ip: IPAddress) -> str:
         """Another writer changed the key first: re-read that key and pick again."""
@@ -396,44 +470,49 @@ class Invocation:
                 f"{self.conflicts} compare-and-set races to other writers "
                 "before the time budget ran out"
             )
-        logger.debug("lost the race for {} in pool {!r}; retrying", ip, self.current.name)
+        if self.pool is not None and self.pool.cached:
+            logger.debug(
+                "{} in pool {!r} was taken: the helper's cached copy was behind; picking again",
+                ip,
+                self.current.name,
+            )
+        else:
+            logger.debug("lost the race for {} in pool {!r}; retrying", ip, self.current.name)
         self.client.deadline.sleep(random.uniform(0, 0.005 * min(self.conflicts, 20)))
-        assert self.allocator is not None and self.pool is not None
-        self.allocator.recheck(self.pool, ip)
         return "conflict"
 
     def our_keys(self, pool: str) -> list[Held]:
-        """DEL: the keys of ours; straight to prevResult's addresses when it names them."""
-        assert self.allocator is not None and self.conf is not None
-        found = []
-        for iface in self.conf.prev_ips:
-            try:
-                held = self.allocator.lookup(pool, iface.ip)
-            except InvalidPool as exc:
-                logger.warning("DEL skips an unreadable key: {}", exc)
-                continue
-            if held is not None:
-                found.append(held)
-        if not found:
-            found = self.allocator.scan(pool, lambda why: logger.warning("DEL skips: {}", why))
-        return [h for h in found if h.owned_by(*self.attachment())]
+        """DEL: every key of this attachment in the pool, from one listing read after the
+        fence went up: prevResult's addresses, and any other (a leak, an older version's)."""
+        assert self.allocator is not None
+        found = self.allocator.scan(pool, lambda why: logger.warning("DEL skips: {}", why))
+        return [h for h in found if self.allocator.owns(h)]
 
     def release_ours(self) -> str:
         assert self.allocator is not None and self.current is not None
+        cached = self.cached_pool(self.current.name)
         for held in self.held:
-            if not self.allocator.release(held, *self.attachment()):
+            if not self.allocator.release(held):
                 raise WriteConflict(f"could not release {held.key}: it kept changing under us")
+            if cached is not None and cached.held.get(held.ip) is not None:
+                cached.discard(held.ip)  # so this host's next ADD may have it at once
             logger.debug("released {}", held.key)
         if not self.held:
             logger.debug("pool {!r}: nothing of ours to release", self.current.name)
         return "release"
+
+    def cached_pool(self, name: str) -> Pool | None:
+        """The helper's cached copy of a pool, if it keeps one."""
+        if self.caches is None or self.conf is None:
+            return None
+        settings = self.conf.consul
+        return self.caches.get(settings, Layout(settings.kv_prefix)).peek(name)
 
     def verify_ours(self) -> str:
         """CHECK: each prevResult address inside this pool's ranges is still our key."""
         assert self.pool is not None and self.conf is not None and self.allocator is not None
         if self.conf.prev_result is None:
             raise CNIError(Code.INVALID_CONFIG, "CHECK needs the prevResult of the ADD")
-        target, ifname = self.attachment()
         mine = [i.ip for i in self.conf.prev_ips if self.pool.range_for(i.ip) is not None]
         if not mine:
             raise AllocationMissing(f"prevResult holds no address from pool {self.pool.name!r}")
@@ -441,26 +520,33 @@ class Invocation:
             held = self.allocator.lookup(self.pool.name, ip)
             if held is None:
                 raise AllocationMissing(f"{ip} is no longer allocated in pool {self.pool.name!r}")
-            if not held.owned_by(target, ifname):
+            if not self.allocator.owns(held):
                 raise AllocationMissing(
                     f"{ip} in pool {self.pool.name!r} is now allocated to container {held.target!r}"
                 )
         return "verify"
 
     def collect_stale(self) -> str:
-        """GC: release this host's allocations whose attachment the runtime no longer has."""
+        """GC: release this network's allocations on this host whose attachment the runtime
+        no longer has. Runtimes call GC once per network with that network's attachments, so
+        a key of another network, another host, or with no network recorded is never touched.
+        """
         assert self.allocator is not None and self.conf is not None
         valid = set(self.conf.valid_attachments or [])
         containers = {cid for cid, _ in valid}
         for held in self.held:
-            if held.host != self.allocator.host:
+            if held.host != self.allocator.host or not self.conf.name:
                 continue  # another host's, or written by a tool that records no host
+            if held.network != self.conf.name:
+                continue  # another network's (or an older version's, which records none)
             if (held.target, held.ifname) in valid or (
                 held.ifname is None and held.target in containers
             ):
                 continue
             try:
-                if self.allocator.release(held, held.target, held.ifname):
+                gone = Attachment(self.conf.name, held.target, held.ifname)
+                self.allocator.raise_fence("GC", gone)
+                if self.allocator.release(held):
                     logger.debug("GC released {} (container {!r})", held.key, held.target)
                 else:
                     self.problems.append(f"{held.key} kept changing; not released")
@@ -489,7 +575,11 @@ class Invocation:
             if isinstance(exc, kind):
                 return CNIError(code, str(exc))
         if isinstance(exc, ConsulError):
-            writing = self.state == "ip_picked" or (self.state == "pool_loaded" and self.held)
+            writing = (
+                self.state == "ip_picked"
+                or (self.state == "pool_loaded" and self.held)
+                or (self.state == "connected" and self.env.command == "DEL")  # the fence
+            )
             return CNIError(Code.KV_WRITE_FAILED if writing else Code.HTTP, str(exc))
         if isinstance(exc, AllocatorError):
             return CNIError(Code.INVALID_RESOURCE, str(exc))

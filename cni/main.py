@@ -45,13 +45,19 @@ def run(verbose: bool) -> int:
         return _internal_error(exc)
 
 
-def execute(stdin: bytes, environ: Mapping[str, str], caches: Any = None) -> tuple[str, int]:
+def execute(
+    stdin: bytes,
+    environ: Mapping[str, str],
+    caches: Any = None,
+    started: float | None = None,
+    abandoned: Any = None,
+) -> tuple[str, int]:
     """Run one call; returns what goes to stdout and the exit code."""
     import json
 
     from .machine import Invocation
 
-    call = Invocation(stdin, environ, caches)
+    call = Invocation(stdin, environ, caches, started=started, abandoned=abandoned)
     code = call.run()
     out = json.dumps(call.output) + "\n" if call.output is not None else ""
     return out, code

@@ -1,21 +1,20 @@
-"""Consul's KV endpoints as the allocator's `KV` protocol (get, list, create, replace, delete)."""
+"""Consul's KV and transaction endpoints as the allocator's `KV` protocol.
+
+This is the adapter for the allocator's storage port, so it speaks the port's types.
+"""
 
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+import json
+from collections.abc import Sequence
 from urllib.parse import quote
 
+from ..allocator.store import Cas, Check, DeleteCas, KVEntry, Op, Set, TxnResult
 from .client import ConsulClient, Response, check_status
 from .errors import ConsulError
 
-
-@dataclass(frozen=True)
-class Entry:
-    key: str
-    value: bytes
-    modify_index: int
-
+Entry = KVEntry
 
 class ConsulKV:
     def __init__(self, client: ConsulClient) -> None:
@@ -80,6 +79,30 @@ class ConsulKV:
     def delete(self, key: str, index: int) -> bool:
         return self._write("DELETE", key, None, index)
 
+    def txn(self, ops: Sequence[Op]) -> TxnResult:
+        body = json.dumps([{"KV": _txn_op(op)} for op in ops]).encode()
+        resp = self.client.request("PUT", "/v1/txn", None, body)
+        doubtful = bool(getattr(resp, "doubtful", False))
+        if resp.status == 409:
+            errors = _json_field(resp, "Errors") or []
+            whats = [str(e.get("What", "")) for e in errors if isinstance(e, dict)]
+            if any("Permission denied" in w for w in whats):
+                raise ConsulError(
+                    "a KV transaction was refused: HTTP 403 Permission denied (check the ACL "
+                    f"token's KV write permissions for {', '.join(op.key for op in ops)})",
+                    403,
+                )
+            failed = [e.get("OpIndex") for e in errors if isinstance(e, dict)]
+            first = min((i for i in failed if isinstance(i, int)), default=0)
+            return TxnResult(first, {}, doubtful)
+        check_status(resp, "a KV transaction")
+        indexes = {}
+        for result in _json_field(resp, "Results") or []:
+            kv = result.get("KV") if isinstance(result, dict) else None
+            if isinstance(kv, dict) and "Key" in kv:
+                indexes[str(kv["Key"])] = int(kv.get("ModifyIndex") or 0)
+        return TxnResult(None, indexes, doubtful)
+
     def _write(self, method: str, key: str, value: bytes | None, index: int) -> bool:
         resp = self.client.request(method, _path(key), {"cas": str(index)}, value)
         check_status(resp, f"{'deleting' if method == 'DELETE' else 'writing'} KV key {key!r}")
@@ -107,3 +130,30 @@ def _entries(resp: Response, what: str) -> list[Entry]:
         raise ConsulError(
             f"Consul sent a KV answer for {what!r} that could not be read: {exc}"
         ) from exc
+
+
+def _txn_op(op: Op) -> dict[str, object]:
+    if isinstance(op, Check):
+        if op.index == 0:
+            return {"Verb": "check-not-exists", "Key": op.key}
+        return {"Verb": "check-index", "Key": op.key, "Index": op.index}
+    if isinstance(op, Cas):
+        return {"Verb": "cas", "Key": op.key, "Value": _b64(op.value), "Index": op.index}
+    if isinstance(op, Set):
+        return {"Verb": "set", "Key": op.key, "Value": _b64(op.value)}
+    if isinstance(op, DeleteCas):
+        return {"Verb": "delete-cas", "Key": op.key, "Index": op.index}
+    raise TypeError(f"not a KV transaction op: {op!r}")
+
+
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _json_field(resp: Response, name: str) -> list[dict[str, object]] | None:
+    try:
+        data = resp.json()
+        value = data.get(name) if isinstance(data, dict) else None
+    except ValueError as exc:
+        raise ConsulError(f"Consul sent a transaction answer that is not JSON: {exc}") from None
+    return value if isinstance(value, list) else None

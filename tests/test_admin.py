@@ -12,7 +12,6 @@ import json
 import os
 import pty
 import select
-import socket
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +23,7 @@ from ipam_da_consul.admin.output import Progress
 from ipam_da_consul.admin.rangespec import parse_spec
 from ipam_da_consul.admin.settings import Settings
 from ipam_da_consul.allocator.layout import Layout
+from ipam_da_consul.cni.config import default_host
 from ipam_da_consul.consul import ConsulClient, ConsulKV
 
 from tests.agent import ConsulAgent, SecureConsulAgent, free_ports
@@ -333,7 +333,7 @@ def test_allocations_lists_targets_interfaces_and_hosts(consul, pool_name):
     # Written by upstream or another tool: target only. And a key that is no allocation.
     consul.put(f"ipam/{pool_name}/10.0.21.140", {"target": "legacy"})
     consul.put(f"ipam/{pool_name}/junk", "x")
-    host = socket.gethostname()
+    host = default_host()
     out = admin(consul, "allocations", pool_name, "--json")
     assert out.rc == 0, out
     assert out.json == [

@@ -38,8 +38,19 @@ def attachments(*pairs: tuple[str, str]) -> list[dict[str, str]]:
     return [{"containerID": c, "ifname": i} for c, i in pairs]
 
 
-def seed(consul: Any, pool: str, ip: str, target: str, ifname: str | None, host: str | None):
-    body = {"target": target, "ifname": ifname, "host": host}
+NET = "n"  # the network name of every config here (standalone_conf)
+
+
+def seed(
+    consul: Any,
+    pool: str,
+    ip: str,
+    target: str,
+    ifname: str | None,
+    host: str | None,
+    network: str | None = NET,
+):
+    body = {"target": target, "ifname": ifname, "host": host, "network": network}
     consul.put(f"ipam/{pool}/{ip}", {k: v for k, v in body.items() if v is not None})
 
 
@@ -50,6 +61,8 @@ def seed_mix(consul: Any, pool: str) -> None:
     seed(consul, pool, "10.0.21.103", "c-whole", None, HOST)  # ours, no ifname, container valid
     seed(consul, pool, "10.0.21.104", "c-other", "eth0", "node-b")  # another host's, stale
     seed(consul, pool, "10.0.21.105", "c-nohost", "eth0", None)  # no host recorded, stale
+    seed(consul, pool, "10.0.21.106", "c-net-b", "eth1", HOST, "net-b")  # another network's
+    seed(consul, pool, "10.0.21.107", "c-old", "eth0", HOST, None)  # an older version's
 
 
 VALID = attachments(("c-valid", "eth0"), ("c-whole", "net1"))
@@ -58,6 +71,8 @@ MIX_AFTER_GC = {
     "10.0.21.103": "c-whole",
     "10.0.21.104": "c-other",
     "10.0.21.105": "c-nohost",
+    "10.0.21.106": "c-net-b",
+    "10.0.21.107": "c-old",
 }
 
 
@@ -86,11 +101,9 @@ def test_add_records_this_host(consul, make_pool):
     assert out.rc == 0, out
     assert out.json["cniVersion"] == "1.1.0"
     assert "version" not in out.json["ips"][0]
-    assert consul.get_json(f"ipam/{pool}/10.0.21.100") == {
-        "target": "c-add",
-        "ifname": "eth1",
-        "host": HOST,
-    }
+    value = consul.get_json(f"ipam/{pool}/10.0.21.100")
+    assert value.pop("call")  # this call's nonce: its rollback removes only its own write
+    assert value == {"target": "c-add", "ifname": "eth1", "host": HOST, "network": NET}
 
 
 # -- GC ----------------------------------------------------------------------------------------
@@ -150,7 +163,7 @@ def test_gc_without_a_list_releases_nothing(consul, make_pool, listing):
     out = gc(conf11(consul, pool, **top))
     assert_error(out, 7, "cni.dev/valid-attachments")
     assert consul.kv_index() == before
-    assert len(consul.allocations(pool)) == 5
+    assert len(consul.allocations(pool)) == 7
 
 
 def test_gc_with_an_empty_list_releases_all_of_this_host(consul, make_pool):
@@ -158,19 +171,27 @@ def test_gc_with_an_empty_list_releases_all_of_this_host(consul, make_pool):
     seed_mix(consul, pool)
     out = gc(conf11(consul, pool, **{"cni.dev/valid-attachments": []}))
     assert out.rc == 0 and out.stdout == "", out
-    assert consul.allocations(pool) == {"10.0.21.104": "c-other", "10.0.21.105": "c-nohost"}
+    assert consul.allocations(pool) == {
+        "10.0.21.104": "c-other",
+        "10.0.21.105": "c-nohost",
+        "10.0.21.106": "c-net-b",
+        "10.0.21.107": "c-old",
+    }
 
 
 def test_gc_host_defaults_to_the_hostname(consul, make_pool):
-    # Without ipam.host, ADD records the machine's hostname, and GC of another identity
-    # must leave it alone.
+    # Without ipam.host, ADD records the hostname tagged with a hash of /etc/machine-id, and GC
+    # of another identity must leave it alone.
     import socket
 
+    from ipam_da_consul.cni.config import default_host
+
+    assert default_host().partition("#")[0] == socket.gethostname()
     pool = make_pool()
     conf = conf11(consul, pool)
     del conf["ipam"]["host"]
     assert run_plugin("ADD", conf, container="c-hn").rc == 0
-    assert consul.get_json(f"ipam/{pool}/10.0.21.100")["host"] == socket.gethostname()
+    assert consul.get_json(f"ipam/{pool}/10.0.21.100")["host"] == default_host()
     out = gc(conf11(consul, pool, **{"cni.dev/valid-attachments": []}))  # host node-a
     assert out.rc == 0, out
     assert consul.allocations(pool) == {"10.0.21.100": "c-hn"}

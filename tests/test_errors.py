@@ -314,6 +314,7 @@ def test_kv_write_refused(acl_agent):
     conf = netconf([agent.url], [{"name": "acl-pool"}], consul_token=read_only)
     out = run_plugin("ADD", conf)
     err = assert_cni_error(out, 125, "1.0.0", "ipam/acl-pool/10.0.20.1", "403")
+    assert "ipam/.fences/" in err["msg"]  # the write is fenced: the token must cover both
     assert read_only not in out.stdout + out.stderr, err
     assert agent.tree("ipam/") == before
 
@@ -323,8 +324,8 @@ def test_kv_read_refused(acl_agent):
     agent.create_pool("acl-pool-2", [{"subnet": "10.0.20.0/23"}])
     agent.put("ipam/acl-pool-2/10.0.20.1", {"target": "c-1"})
     before = agent.tree("ipam/")
-    # No token: the anonymous token may not read the key DEL goes straight to.
+    # No token: the anonymous token may not write the fence DEL raises first.
     conf = netconf([agent.url], [{"name": "acl-pool-2"}], ips=[{"address": "10.0.20.1/23"}])
     out = run_plugin("DEL", conf)
-    assert_cni_error(out, 111, "1.0.0", "ipam/acl-pool-2/10.0.20.1", "403")
+    assert_cni_error(out, 125, "1.0.0", "ipam/.fences/", "403")
     assert agent.tree("ipam/") == before

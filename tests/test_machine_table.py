@@ -9,12 +9,13 @@ import pytest
 from ipam_da_consul.cni.machine import STATES, TRANSITIONS, Invocation
 from loguru import logger
 
-# The edges issue 2 documents: trigger -> (sources, dest).
+# The edges issue 2 documents, and the fence DEL raises first: trigger -> (sources, dest).
 DOCUMENTED = {
     "parse": ({"start"}, "parsed"),
     "report": ({"parsed"}, "done"),
     "connect": ({"parsed"}, "connected"),
-    "next_pool": ({"connected", "pool_done"}, "pool_loaded"),
+    "fence": ({"connected"}, "fenced"),
+    "next_pool": ({"connected", "fenced", "pool_done"}, "pool_loaded"),
     "pick_ip": ({"pool_loaded"}, "ip_picked"),
     "write": ({"ip_picked"}, "pool_done"),
     "conflict": ({"ip_picked"}, "pool_loaded"),

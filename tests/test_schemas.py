@@ -79,12 +79,17 @@ def test_ranges_invalid(raw: bytes, needle: str) -> None:
 
 # -- Allocation (the ipam/<pool>/<ip> keys) ------------------------------------------------------
 def test_allocation_target_only_as_upstream_writes_it() -> None:
-    assert load_allocation(b'{"target": "abc"}') == {"target": "abc", "ifname": None, "host": None}
+    assert load_allocation(b'{"target": "abc"}') == {
+        "target": "abc", "ifname": None, "host": None, "network": None, "call": None}
 
 
 def test_allocation_extra_and_optional_fields() -> None:
     raw = b'{"target": "abc", "ifname": "eth1", "host": "node-7", "comment": "by hand"}'
-    assert load_allocation(raw) == {"target": "abc", "ifname": "eth1", "host": "node-7"}
+    assert load_allocation(raw) == {
+        "target": "abc", "ifname": "eth1", "host": "node-7", "network": None, "call": None}
+    raw = b'{"target": "abc", "network": "net-a", "call": "0a1b"}'
+    assert load_allocation(raw)["network"] == "net-a"
+    assert load_allocation(raw)["call"] == "0a1b"
 
 
 @pytest.mark.parametrize(
@@ -98,6 +103,8 @@ def test_allocation_extra_and_optional_fields() -> None:
         (b'{"target": ""}', "target"),
         (b'{"target": 7}', "target: Not a valid string"),
         (b'{"target": "abc", "ifname": 3}', "ifname"),
+        (b'{"target": "abc", "network": ["a"]}', "network"),
+        (b'{"target": "abc", "call": 7}', "call"),
     ],
 )
 def test_allocation_invalid(raw: bytes, needle: str) -> None:
@@ -108,9 +115,18 @@ def test_allocation_invalid(raw: bytes, needle: str) -> None:
 
 def test_dump_allocation_round_trips_and_always_has_target() -> None:
     assert json.loads(dump_allocation("abc")) == {"target": "abc"}
-    full = dump_allocation("abc", "eth0", "node-1")
-    assert json.loads(full) == {"target": "abc", "ifname": "eth0", "host": "node-1"}
-    assert load_allocation(full) == {"target": "abc", "ifname": "eth0", "host": "node-1"}
+    full = dump_allocation("abc", "eth0", "node-1", "net-a", "c0ffee")
+    fields = {"target": "abc", "ifname": "eth0", "host": "node-1", "network": "net-a"}
+    assert json.loads(full) == fields | {"call": "c0ffee"}
+    assert load_allocation(full) == fields | {"call": "c0ffee"}
+
+
+@pytest.mark.parametrize("value", ["fd00:9::10%x", "fe80::1%eth0"])
+def test_scoped_addresses_are_never_addresses(value: str) -> None:
+    # A zone ID names a link: as a KV key it would be a second spelling of a held address.
+    with pytest.raises(ValidationError) as info:
+        PoolSchema().load({"name": "p", "requested-ip": value})
+    assert "zone ID" in str(info.value)
 
 
 # -- Pool ----------------------------------------------------------------------------------------
