@@ -229,11 +229,11 @@ class LossyProxy:
 
 
 def drop_first(method: str) -> Callable[[str, str], bool]:
-    """A LossyProxy `drop` rule: only the first KV request with this HTTP method."""
+    """A LossyProxy `drop` rule: only the first KV request (or transaction) with this method."""
     state = {"done": False}
 
     def drop(m: str, path: str) -> bool:
-        if m == method and path.startswith("/v1/kv/") and not state["done"]:
+        if m == method and path.startswith(("/v1/kv/", "/v1/txn")) and not state["done"]:
             state["done"] = True
             return True
         return False
