@@ -37,7 +37,7 @@ from typing import Any
 from loguru import logger
 
 from .. import __version__
-from ..allocator.cache import PoolCache
+from ..allocator.cache import PoolCache, WatchableKV
 from ..allocator.layout import Layout
 from ..consul import ConsulKV
 from . import logs
@@ -72,8 +72,11 @@ class PoolCaches:
         server_memory: float = 2.0,
         max_settings: int = 8,
         max_pools: int = 64,
+        make_kv: Callable[[ConsulSettings], WatchableKV] | None = None,
     ) -> None:
         self.refresh_interval = refresh_interval
+        # Tests give a stand-in; the helper reads Consul.
+        self.make_kv = make_kv or (lambda s: ConsulKV(consul_client(s, _WATCH_BUDGET)))
         self.server_memory = server_memory
         self.max_settings = max_settings
         self.max_pools = max_pools
@@ -114,7 +117,7 @@ class PoolCaches:
                 self.caches.move_to_end(key)
                 return cache
             cache = PoolCache(
-                lambda: ConsulKV(consul_client(settings, _WATCH_BUDGET)),
+                lambda: self.make_kv(settings),
                 layout,
                 self.refresh_interval,
                 max_pools=self.max_pools,
