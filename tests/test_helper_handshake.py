@@ -80,7 +80,10 @@ def test_stopped_after_go_is_error_11_by_the_deadline(consul, conf_for, helper):
     hung = Unresponsive()  # keeps the helper's call busy, so it is surely past go
     try:
         conf = conf_for(
-            "p", consul_servers=[hung.url], timeout=2, consul_read_timeout=5,
+            "p",
+            consul_servers=[hung.url],
+            timeout=2,
+            consul_read_timeout=5,
         )
         began = time.monotonic()
         proc = start_plugin("ADD", "after-go", conf, via(helper))
@@ -97,8 +100,9 @@ def test_stopped_after_go_is_error_11_by_the_deadline(consul, conf_for, helper):
     assert proc.returncode == 11, (out, err)
     answer = json.loads(out)
     assert answer["code"] == 11 and answer["cniVersion"] == "1.0.0", answer
-    assert f"the helper at {helper.socket} did not answer before the call's deadline" in (
-        answer["msg"]
+    assert (
+        f"the helper at {helper.socket} did not answer before the call's deadline"
+        in (answer["msg"])
     )
     # The deadline is 2 s after the client started, the client's margin 2 s more.
     assert 3.5 <= elapsed <= 2 + 2 + 1.5, elapsed
@@ -146,7 +150,10 @@ def add_request(conf: dict, started: float, container: str) -> dict:
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": container, "CNI_IFNAME": "eth0"}
     env["CNI_NETNS"] = "/var/run/netns/test"
     return {
-        "v": 3, "stdin": json.dumps(conf).encode(), "env": env, "verbose": False,
+        "v": 3,
+        "stdin": json.dumps(conf).encode(),
+        "env": env,
+        "verbose": False,
         "started": started,
     }
 
@@ -189,17 +196,22 @@ def start_plugin(
     command: str, container: str, conf: dict, extra: dict[str, str]
 ) -> subprocess.Popen[bytes]:
     """The plugin in the background, stdin already written and closed, as a runtime runs it."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "CONSUL_", "IPAM_DA_"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "CONSUL_", "IPAM_DA_"))}
     env.update(
-        IPAM_DA_CONSUL_SOCKET=NO_HELPER, CNI_COMMAND=command, CNI_CONTAINERID=container,
-        CNI_IFNAME="eth0", CNI_NETNS="/var/run/netns/test", CNI_PATH=str(BIN_DIR),
+        IPAM_DA_CONSUL_SOCKET=NO_HELPER,
+        CNI_COMMAND=command,
+        CNI_CONTAINERID=container,
+        CNI_IFNAME="eth0",
+        CNI_NETNS="/var/run/netns/test",
+        CNI_PATH=str(BIN_DIR),
     )
     env.update(extra)
     proc = subprocess.Popen(
         [executable("ipam-da-consul")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
     assert proc.stdin is not None
     proc.stdin.write(json.dumps(conf).encode())
