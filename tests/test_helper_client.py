@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ipam_da_consul.cni import fastpath
@@ -21,7 +22,7 @@ from ipam_da_consul.cni.helper import DEFAULT_CALL_TIMEOUT, call_timeout, hung_u
 class FakeHelper:
     """Listens on a unix socket; `behave(conn, request)` plays the helper for one client."""
 
-    def __init__(self, path: Path, behave: Callable[[socket.socket, dict], None]) -> None:
+    def __init__(self, path: Path, behave: Callable[[socket.socket, dict[str, Any]], None]) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
         self.sock.listen(8)
@@ -55,7 +56,7 @@ def sock_path(tmp_path, monkeypatch):
     return path
 
 
-def ack(conn: socket.socket, request: dict, deadline: float, **extra: object) -> None:
+def ack(conn: socket.socket, request: dict[str, Any], deadline: float, **extra: object) -> None:
     message = {"v": WIRE_VERSION, "ack": True, "deadline": deadline, "cniVersion": "0.4.0"}
     conn.sendall(frame({**message, **extra}))
 

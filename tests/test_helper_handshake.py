@@ -12,10 +12,13 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import BIN_DIR, NO_HELPER, executable, run_plugin
+from tests.conftest import BIN_DIR, NO_HELPER, Outcome, executable, run_plugin
 from tests.util_procs import Helper, LossyProxy, Unresponsive, drop_first
 
 ACK = "1"  # seconds, the client's default, set explicitly so the timing asserts read plainly
@@ -23,7 +26,7 @@ DROPPED = "dropped a request without running it"
 
 
 @pytest.fixture
-def helper(tmp_path):
+def helper(tmp_path: Path) -> Iterator[Helper]:
     h = Helper(tmp_path, refresh_interval=0.1, stderr=tmp_path / "helper.err")
     yield h
     h.close()
@@ -33,7 +36,7 @@ def via(helper: Helper, **env: str) -> dict[str, str]:
     return {**helper.env, "IPAM_DA_CONSUL_HELPER_ACK_TIMEOUT": ACK, **env}
 
 
-def timed(*args, **kwargs):
+def timed(*args: Any, **kwargs: Any) -> tuple[Outcome, float]:
     began = time.monotonic()
     out = run_plugin(*args, **kwargs)
     return out, time.monotonic() - began
@@ -133,7 +136,7 @@ def test_helper_dying_after_go_falls_back(consul, make_pool, conf_for, helper):
     assert elapsed < 20, elapsed
 
 
-def raw(helper: Helper, message: dict) -> tuple[dict | None, socket.socket]:
+def raw(helper: Helper, message: dict[str, Any]) -> tuple[dict[str, Any] | None, socket.socket]:
     from ipam_da_consul.cni.fastpath import frame, read_frame
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -146,7 +149,7 @@ def raw(helper: Helper, message: dict) -> tuple[dict | None, socket.socket]:
         return None, sock
 
 
-def add_request(conf: dict, started: float, container: str) -> dict:
+def add_request(conf: dict[str, Any], started: float, container: str) -> dict[str, Any]:
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": container, "CNI_IFNAME": "eth0"}
     env["CNI_NETNS"] = "/var/run/netns/test"
     return {
@@ -193,7 +196,7 @@ def test_raw_handshake_runs_only_after_go(consul, make_pool, conf_for, helper):
 
 
 def start_plugin(
-    command: str, container: str, conf: dict, extra: dict[str, str]
+    command: str, container: str, conf: dict[str, Any], extra: dict[str, str]
 ) -> subprocess.Popen[bytes]:
     """The plugin in the background, stdin already written and closed, as a runtime runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "CONSUL_", "IPAM_DA_"))}

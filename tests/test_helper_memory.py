@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from ipam_da_consul.allocator.cache import PoolCache
@@ -33,7 +34,7 @@ class FakeKV:
     def entries(self, name: str) -> list[KVEntry]:
         return [KVEntry(f"ipam/{name}", RANGES, 1), KVEntry(f"ipam/{name}/", b"", 1)]
 
-    def load(self, name: str):
+    def load(self, name: str) -> Callable[[], tuple[list[KVEntry], int]]:
         def load() -> tuple[list[KVEntry], int]:
             self.loads.append(name)
             return self.entries(name), 1
@@ -43,10 +44,14 @@ class FakeKV:
     def get(self, key: str) -> KVEntry | None:
         return KVEntry(key, RANGES, 1)
 
-    def list_after(self, prefix: str, index: int = 0, wait_seconds: float = 0.0):
+    def list_after(
+        self, prefix: str, index: int = 0, wait_seconds: float = 0.0
+    ) -> tuple[list[KVEntry], int]:
         return self.entries(prefix.removeprefix("ipam/")), 1
 
-    def keys_after(self, prefix: str, index: int = 0, wait_seconds: float = 0.0):
+    def keys_after(
+        self, prefix: str, index: int = 0, wait_seconds: float = 0.0
+    ) -> tuple[list[str], int]:
         if self.broken.wait(0.02):
             raise RuntimeError("Consul went away")
         return [prefix, prefix + "/"], 1
