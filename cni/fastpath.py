@@ -104,10 +104,12 @@ def _call(
     _budget(sock, give_up)
     sock.sendall(frame(request(stdin, verbose, started)))
     ack = marshal.loads(read_frame(_recv_until(sock, give_up)))
-    if ack.get("v") != WIRE_VERSION or ack.get("ack") is not True:
+    if not isinstance(ack, dict) or ack.get("v") != WIRE_VERSION or ack.get("ack") is not True:
         return None  # the helper will not run it (and has not): do it here
     deadline = float(ack["deadline"])
     version = str(ack.get("cniVersion") or "1.0.0")
+    # A deadline already past raises here, before "go": the helper then drops the call.
+    _budget(sock, deadline + ANSWER_MARGIN)
     sock.sendall(frame({"go": True}))
     # Committed: from here a timeout is an error, not a fallback.
     try:

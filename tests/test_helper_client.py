@@ -97,6 +97,27 @@ def test_another_version_falls_back_without_go(sock_path):
     assert fake.after_ack == ["EOF"]
 
 
+def test_ack_with_a_past_deadline_or_garbage_falls_back_without_go(sock_path, monkeypatch):
+    def late(conn: socket.socket, request: dict[str, Any]) -> None:
+        ack(conn, request, request["started"] - ANSWER_MARGIN - 1)
+        fake.next_message(conn)
+
+    fake = FakeHelper(sock_path, late)
+    assert fastpath.via_helper(b"{}", False) is None
+    fake.close()
+    assert fake.after_ack == ["EOF"]
+
+    def garbage(conn: socket.socket, request: dict[str, Any]) -> None:
+        conn.sendall(frame(["not", "a", "dict"]))  # type: ignore[arg-type]
+        fake.next_message(conn)
+
+    fake = FakeHelper(sock_path.with_name("g.sock"), garbage)
+    monkeypatch.setenv("IPAM_DA_CONSUL_SOCKET", str(sock_path.with_name("g.sock")))
+    assert fastpath.via_helper(b"{}", False) is None
+    fake.close()
+    assert fake.after_ack == ["EOF"]
+
+
 def test_answer_after_go_is_returned(sock_path):
     def good(conn, request):
         ack(conn, request, request["started"] + 5)
