@@ -266,7 +266,8 @@ class Handler(socketserver.StreamRequestHandler):
         if now >= call.deadline:
             # Queued while the helper could not run (stopped, swapping): the client has long
             # done the call itself, or given up.
-            self.drop("late", f"its deadline passed {now - call.deadline:.1f} s before")
+            late = now - call.deadline
+            self.drop("late", f"its deadline passed {late:.1f} s before the helper got to it")
             return
         if not self.handshake(sock, call):
             self.drop("hung_up", "the client hung up without go (it does the call itself)")
