@@ -108,7 +108,8 @@ def test_stopped_after_go_is_error_11_by_the_deadline(consul, conf_for, helper):
         in (answer["msg"])
     )
     # The deadline is 2 s after the client started, the client's margin 2 s more.
-    assert 3.5 <= elapsed <= 2 + 2 + 1.5, elapsed
+    # Slack for starting the process on a loaded host; before the handshake it was 300 s.
+    assert 3.5 <= elapsed <= 2 + 2 + 2.5, elapsed
 
 
 def test_helper_dying_after_go_falls_back(consul, make_pool, conf_for, helper):
