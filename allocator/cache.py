@@ -10,12 +10,17 @@ A stale copy can never cause a duplicate: every write is still a compare-and-set
 allocation key, a lost race re-reads that one key, and "pool full" is only said after a fresh
 listing. It can only make an ADD pick a higher address than the lowest free one until the next
 refresh lands (within `refresh_interval` plus Consul's answer time).
+
+Memory is bounded: a pool leaves the cache when its watcher ends (idle, or an error), a cache
+holds at most `max_pools` pools (least recently used evicted first), and the helper bounds the
+number of caches and of pools across them (cni/helper.py).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
@@ -46,33 +51,57 @@ class PoolCache:
         layout: Layout,
         refresh_interval: float = 1.0,
         idle_after: float = 600.0,
+        max_pools: int = 64,
+        on_load: Callable[[], None] | None = None,
     ) -> None:
         self.make_kv = make_kv
         self.layout = layout
         self.refresh_interval = refresh_interval
         self.idle_after = idle_after
+        self.max_pools = max_pools
+        # Told after a pool was added, outside this cache's lock, so the owner can bound the
+        # pools of all its caches together.
+        self.on_load = on_load
         self.lock = threading.Lock()
-        self.pools: dict[str, _Watched] = {}
+        # Least recently used first.
+        self.pools: OrderedDict[str, _Watched] = OrderedDict()
+        self.closed = False
 
     def get(self, name: str, load: Callable[[], tuple[list[KVEntry], int]]) -> Pool:
         """The cached pool; the first call for a pool loads it with `load` and starts a watcher."""
         with self.lock:
             watched = self.pools.get(name)
-        if watched is not None and watched.alive():
-            watched.used = time.monotonic()
-            return watched.pool
+            if watched is not None and watched.alive():
+                watched.used = time.monotonic()
+                self.pools.move_to_end(name)
+                return watched.pool
         entries, index = load()
         pool = parse_pool(self.layout, name, entries).cache_copy()  # raises if missing or broken
+        evicted: list[_Watched] = []
         with self.lock:
+            if self.closed:
+                # Evicted while this call was loading: serve it, but start nothing nobody
+                # would ever stop or count.
+                return pool
             watched = self.pools.get(name)
-            if watched is None or not watched.alive():
+            added = watched is None or not watched.alive()
+            if added:
                 watched = _Watched(self, name, pool, index)
                 self.pools[name] = watched
+                self.pools.move_to_end(name)
                 watched.start()
+                while len(self.pools) > self.max_pools:
+                    evicted.append(self.pools.popitem(last=False)[1])
+            assert watched is not None
+        for old in evicted:
+            old.stopped.set()
+        if added and self.on_load is not None:
+            self.on_load()
         return watched.pool
 
     def peek(self, name: str) -> Pool | None:
-        """The cached pool if it is watched, without loading it."""
+        """The cached pool if it is watched and alive, else None; never loads, and does not
+        count as a use."""
         with self.lock:
             watched = self.pools.get(name)
         return watched.pool if watched is not None and watched.alive() else None
@@ -82,6 +111,37 @@ class PoolCache:
             watched = self.pools.pop(name, None)
         if watched is not None:
             watched.stopped.set()
+
+    def close(self) -> None:
+        """Stop every watcher and hold nothing more: this cache was evicted."""
+        with self.lock:
+            self.closed = True
+            gone = list(self.pools.values())
+            self.pools.clear()
+        for watched in gone:
+            watched.stopped.set()
+
+    def oldest_use(self) -> float | None:
+        """When the least recently used pool was last used (None when empty)."""
+        with self.lock:
+            first = next(iter(self.pools.values()), None)
+            return None if first is None else first.used
+
+    def evict_oldest(self) -> None:
+        with self.lock:
+            if not self.pools:
+                return
+            _, watched = self.pools.popitem(last=False)
+        watched.stopped.set()
+
+    def __len__(self) -> int:
+        return len(self.pools)
+
+    def _ended(self, watched: _Watched) -> None:
+        # Only this watcher's own entry: a newer watcher may already serve the name.
+        with self.lock:
+            if self.pools.get(watched.pool_name) is watched:
+                del self.pools[watched.pool_name]
 
 
 class _Watched(threading.Thread):
@@ -98,10 +158,18 @@ class _Watched(threading.Thread):
         return self.is_alive() and not self.stopped.is_set()
 
     def run(self) -> None:
+        try:
+            self.watch()
+        finally:
+            self.stopped.set()
+            # A pool nobody refreshes must not stay in memory: the next call reloads it.
+            self.cache._ended(self)
+
+    def watch(self) -> None:
         prefix = self.cache.layout.pool_key(self.pool_name)
         while not self.stopped.is_set():
             if time.monotonic() - self.used > self.cache.idle_after:
-                break
+                return
             try:
                 kv = self.cache.make_kv()  # a fresh time budget for each blocking query
                 keys, index = kv.keys_after(prefix, self.index, 30.0)
@@ -111,12 +179,11 @@ class _Watched(threading.Thread):
                     self.index = index
             except Exception as exc:  # the next call reloads the pool itself, and says why
                 logger.warning("stopped watching pool {!r}: {}", self.pool_name, exc)
-                break
+                return
             # Under churn every write wakes the query: keep refreshing a large pool from eating
             # the CPU that calls need, at most a fifth of the time.
             spent = time.monotonic() - started
             self.stopped.wait(max(self.cache.refresh_interval, 4 * spent))
-        self.stopped.set()
 
 
 def refreshed(layout: Layout, old: Pool, keys: list[str], kv: WatchableKV) -> Pool:

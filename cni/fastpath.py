@@ -2,12 +2,30 @@
 
 Only modules that cost next to nothing to import are used here (`_socket` rather than
 `socket`, which pulls in enum and selectors; `marshal` rather than `json`), so a call served by
-the helper costs little more than starting the interpreter. Every failure to reach the helper
-returns None and the caller does the work in-process; a call that reached the helper but got no
-answer is safe to redo, because ADD, DEL and CHECK are idempotent.
+the helper costs little more than starting the interpreter.
 
-Wire format, both ways: an 8-byte big-endian length, then a marshal'd dict. Client and helper
-are the same installation, so they share one marshal version.
+A call is run by exactly one of the helper or this process, never both, never neither:
+
+1. client -> helper: the request `{"v", "stdin", "env", "verbose", "started"}`; `started` is
+   this process's `time.monotonic()` at start (CLOCK_MONOTONIC is system-wide on Linux, so the
+   helper reads it on its own clock).
+2. helper -> client: the acknowledgement `{"v", "ack": True, "deadline", "cniVersion"}`, sent
+   by a live handler thread; `deadline` is `started` plus the config's `ipam.timeout`.
+   A helper that will not run the call (another wire version, a deadline already past) closes
+   the connection or answers without "ack" instead.
+3. client -> helper: `{"go": True}`. From here on the client is committed to the helper.
+4. helper -> client: the answer `{"stdout", "stderr", "code"}`.
+
+No acknowledgement within the ack timeout (a helper that is stopped, swapping or overloaded:
+the kernel queues connections and bytes for a stopped process): the client hangs up without
+"go" and does the call itself; the helper drops a request whose client hung up. Once "go" is
+sent, no answer by the deadline (plus a margin) is error 11, never a fallback, because the
+helper may still act; the helper's machine stops at the same deadline and before every write
+checks that the client is still there. A helper that dies after "go" (EOF) is safe to redo
+in-process: ADD, DEL and CHECK are idempotent.
+
+Framing, both ways: an 8-byte big-endian length, then a marshal'd dict. Client and helper are
+the same installation, so they share one marshal version.
 """
 
 from __future__ import annotations
@@ -15,14 +33,19 @@ from __future__ import annotations
 import _socket
 import marshal
 import os
+import time
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: see cni/main.py
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+WIRE_VERSION = 3
 DEFAULT_SOCKET = "/run/ipam-da-consul/helper.sock"
-# Long enough for any call the helper runs (its own deadline is `ipam.timeout` plus rollback).
-_ANSWER_TIMEOUT = 300.0
+DEFAULT_ACK_TIMEOUT = 1.0
+# After "go": time for the helper's answer to cross the socket once its machine stopped at the
+# deadline, on a loaded host.
+ANSWER_MARGIN = 2.0
+TRY_AGAIN_LATER = 11
 _FORWARDED = ("CNI_", "CONSUL_", "IPAM_DA_CONSUL_")
 MAX_MESSAGE = 16 * 1024 * 1024
 
@@ -31,17 +54,29 @@ def socket_path() -> str:
     return os.environ.get("IPAM_DA_CONSUL_SOCKET") or DEFAULT_SOCKET
 
 
+def ack_timeout() -> float:
+    try:
+        value = float(os.environ.get("IPAM_DA_CONSUL_HELPER_ACK_TIMEOUT") or DEFAULT_ACK_TIMEOUT)
+    except ValueError:
+        return DEFAULT_ACK_TIMEOUT
+    return value if 0 < value < 1e6 else DEFAULT_ACK_TIMEOUT  # also rejects nan and inf
+
+
 def frame(message: dict[str, object]) -> bytes:
     body = marshal.dumps(message)
     return len(body).to_bytes(8, "big") + body
 
 
-def request(stdin: bytes, verbose: bool) -> dict[str, object]:
+def request(stdin: bytes, verbose: bool, started: float) -> dict[str, object]:
     env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED)}
-    return {"v": 2, "stdin": stdin, "env": env, "verbose": verbose}
+    return {"v": WIRE_VERSION, "stdin": stdin, "env": env, "verbose": verbose, "started": started}
 
 
-def via_helper(stdin: bytes, verbose: bool) -> tuple[str, str, int] | None:
+def via_helper(
+    stdin: bytes, verbose: bool, started: float | None = None
+) -> tuple[str, str, int] | None:
+    """The helper's (stdout, stderr, exit code), or None: do the call in this process."""
+    started = time.monotonic() if started is None else started
     path = socket_path()
     try:
         st = os.stat(path)
@@ -51,15 +86,80 @@ def via_helper(stdin: bytes, verbose: bool) -> tuple[str, str, int] | None:
         return None  # a socket someone else planted: never hand them a call or a token
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        sock.settimeout(_ANSWER_TIMEOUT)
-        sock.connect(path)
-        sock.sendall(frame(request(stdin, verbose)))
-        answer = marshal.loads(read_frame(sock.recv))
-        return str(answer["stdout"]), str(answer["stderr"]), int(answer["code"])
+        return _call(sock, path, stdin, verbose, started)
     except (OSError, ValueError, EOFError, KeyError, TypeError):
         return None
     finally:
         sock.close()
+
+
+def _call(
+    sock: _socket.socket, path: str, stdin: bytes, verbose: bool, started: float
+) -> tuple[str, str, int] | None:
+    # Connect, send and the acknowledgement share one budget: each can block on a helper that
+    # is stopped (a full backlog, a full socket buffer, no handler thread).
+    give_up = time.monotonic() + ack_timeout()
+    _budget(sock, give_up)
+    sock.connect(path)
+    _budget(sock, give_up)
+    sock.sendall(frame(request(stdin, verbose, started)))
+    ack = marshal.loads(read_frame(_recv_until(sock, give_up)))
+    if not isinstance(ack, dict) or ack.get("v") != WIRE_VERSION or ack.get("ack") is not True:
+        return None  # the helper will not run it (and has not): do it here
+    deadline = float(ack["deadline"])
+    version = str(ack.get("cniVersion") or "1.0.0")
+    # A deadline already past raises here, before "go": the helper then drops the call.
+    _budget(sock, deadline + ANSWER_MARGIN)
+    sock.sendall(frame({"go": True}))
+    # Committed: from here a timeout is an error, not a fallback.
+    try:
+        answer = marshal.loads(read_frame(_recv_until(sock, deadline + ANSWER_MARGIN)))
+    except TimeoutError:
+        return _no_answer(path, version)
+    return str(answer["stdout"]), str(answer["stderr"]), int(answer["code"])
+
+
+def _budget(sock: _socket.socket, until: float) -> None:
+    left = until - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("out of time waiting for the helper")
+    sock.settimeout(left)
+
+
+def _recv_until(sock: _socket.socket, until: float) -> Callable[[int], bytes]:
+    """`sock.recv` bounded in total, not per chunk: a trickling peer cannot stretch the wait."""
+
+    def recv(n: int) -> bytes:
+        _budget(sock, until)
+        return sock.recv(n)
+
+    return recv
+
+
+def _no_answer(path: str, version: str) -> tuple[str, str, int]:
+    msg = (
+        f"the helper at {path} did not answer before the call's deadline; it may still act on "
+        "this call, so it was not redone here"
+    )
+    out = (
+        f'{{"cniVersion": {_json_str(version)}, "code": {TRY_AGAIN_LATER}, '
+        f'"msg": {_json_str(msg)}}}\n'
+    )
+    return out, f"ipam-da-consul: ERROR: {msg}\n", TRY_AGAIN_LATER
+
+
+def _json_str(text: str) -> str:
+    """A JSON string literal, without importing json (see the module docstring)."""
+    out = ['"']
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch < " ":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
 
 
 def read_frame(recv: Callable[[int], bytes]) -> bytes:

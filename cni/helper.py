@@ -5,74 +5,155 @@ transitions and loguru alone costs ~200 ms, some 15x a bare interpreter start. T
 them imported, keeps pools in memory (refreshed from Consul in the background), and answers the
 plugin's thin client over a unix socket that only root (or the helper's own user) can use.
 Without a helper the plugin does the same work in-process; results are identical.
+
+The handshake with the client (cni/fastpath.py) makes each call run in exactly one place: the
+helper acknowledges a request at once, runs it only after the client's "go", and drops it if
+the client hung up instead (it gave up waiting and did the call itself).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import marshal
+import math
 import os
+import select
 import signal
 import socket
 import socketserver
+import stat
 import struct
 import sys
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
 from .. import __version__
-from ..allocator.cache import PoolCache
+from ..allocator.cache import PoolCache, WatchableKV
 from ..allocator.layout import Layout
 from ..consul import ConsulKV
 from . import logs
 from .config import ConsulSettings
-from .fastpath import DEFAULT_SOCKET, frame, read_frame
+from .fastpath import DEFAULT_SOCKET, TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
 from .machine import consul_client
 from .main import execute
 
 # The time budget of each blocking query a watcher sends: its 30 s wait plus Consul's jitter.
 _WATCH_BUDGET = 120.0
+# `ipam.timeout` when stdin names none or an unreadable one (the schema's default).
+DEFAULT_CALL_TIMEOUT = 15.0
+_MAX_CALL_TIMEOUT = 600.0  # the schema's upper bound
+# A client sends its request right after connecting; one that does not must not hold a thread.
+_REQUEST_WAIT = 10.0
+# The answer is small, but a client that stopped reading must not hold a thread either.
+_ANSWER_SEND = 10.0
 
 
 class PoolCaches:
     """What the helper keeps warm per way of reaching Consul (servers, token, TLS, datacenter,
-    prefix): a PoolCache, and the server that last answered with a leader."""
+    prefix): a PoolCache, and the server that last answered with a leader.
 
-    def __init__(self, refresh_interval: float, server_memory: float = 2.0) -> None:
+    Bounded, because the settings include the ACL token and every token gets its own copy of
+    the pools it reads (sharing one would show a token what only another may read): at most
+    `max_settings` caches and `max_pools` pools across them, least recently used evicted first
+    (their watchers stopped)."""
+
+    def __init__(
+        self,
+        refresh_interval: float,
+        server_memory: float = 2.0,
+        max_settings: int = 8,
+        max_pools: int = 64,
+        make_kv: Callable[[ConsulSettings], WatchableKV] | None = None,
+    ) -> None:
         self.refresh_interval = refresh_interval
+        # Tests give a stand-in; the helper reads Consul.
+        self.make_kv = make_kv or (lambda s: ConsulKV(consul_client(s, _WATCH_BUDGET)))
         self.server_memory = server_memory
+        self.max_settings = max_settings
+        self.max_pools = max_pools
         self.lock = threading.Lock()
-        self.caches: dict[Any, PoolCache] = {}
-        self.servers: dict[Any, tuple[str, float]] = {}
+        self.bounding = threading.Lock()
+        # Least recently used first, both.
+        self.caches: OrderedDict[Any, PoolCache] = OrderedDict()
+        self.servers: OrderedDict[Any, tuple[str, float]] = OrderedDict()
 
     def recent_server(self, settings: ConsulSettings) -> str | None:
         """The server a call used successfully within `server_memory` seconds, if any: it skips
         one leader check per call; a failure there still goes through the full server choice."""
-        seen = self.servers.get(_hashable(settings))
+        with self.lock:
+            seen = self.servers.get(_hashable(settings))
         if seen is None or time.monotonic() - seen[1] > self.server_memory:
             return None
         return seen[0]
 
     def remember_server(self, settings: ConsulSettings, server: str) -> None:
-        self.servers[_hashable(settings)] = (server, time.monotonic())
+        key, now = _hashable(settings), time.monotonic()
+        with self.lock:
+            self.servers[key] = (server, now)
+            self.servers.move_to_end(key)
+            # Calls that use no cache (DEL, CHECK) remember servers too: expired entries are
+            # useless, and dropping them keeps one entry per recently used token at most.
+            while self.servers:
+                _, at = next(iter(self.servers.values()))
+                if now - at <= self.server_memory and len(self.servers) <= 4 * self.max_settings:
+                    break
+                self.servers.popitem(last=False)
 
     def get(self, settings: ConsulSettings, layout: Layout) -> PoolCache:
         key = _hashable(settings)
+        evicted: list[PoolCache] = []
         with self.lock:
             cache = self.caches.get(key)
-            if cache is None:
-                cache = PoolCache(
-                    lambda: ConsulKV(consul_client(settings, _WATCH_BUDGET)),
-                    layout,
-                    self.refresh_interval,
-                )
-                self.caches[key] = cache
-            return cache
+            if cache is not None:
+                self.caches.move_to_end(key)
+                return cache
+            cache = PoolCache(
+                lambda: self.make_kv(settings),
+                layout,
+                self.refresh_interval,
+                max_pools=self.max_pools,
+                on_load=self.bound_pools,
+            )
+            self.caches[key] = cache
+            while len(self.caches) > self.max_settings:
+                old_key, old = self.caches.popitem(last=False)
+                self.servers.pop(old_key, None)
+                evicted.append(old)
+        for old in evicted:
+            old.close()
+        return cache
+
+    def peek(self, settings: ConsulSettings) -> PoolCache | None:
+        """The cache for these settings if there is one; never creates it."""
+        with self.lock:
+            return self.caches.get(_hashable(settings))
+
+    def bound_pools(self) -> None:
+        """Evict the least recently used pools of all caches until at most `max_pools` remain."""
+        with self.bounding:
+            with self.lock:
+                caches = list(self.caches.values())
+            while sum(len(c) for c in caches) > self.max_pools:
+                used = [(c.oldest_use(), c) for c in caches]
+                candidates = [(t, c) for t, c in used if t is not None]
+                if not candidates:
+                    return
+                min(candidates, key=lambda tc: tc[0])[1].evict_oldest()
+
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            caches = list(self.caches.values())
+            servers = len(self.servers)
+        return {"caches": len(caches), "pools": sum(len(c) for c in caches), "servers": servers}
 
 
 def _hashable(settings: ConsulSettings) -> Any:
@@ -87,18 +168,139 @@ def _hashable(settings: ConsulSettings) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class Call:
+    """One request as received, with what the helper derives from it before the handshake."""
+
+    stdin: bytes
+    env: dict[str, str]
+    verbose: bool
+    started: float
+    deadline: float
+    cni_version: str | None
+
+    @classmethod
+    def from_request(cls, request: dict[str, Any], now: float) -> Call:
+        stdin = request["stdin"]
+        if not isinstance(stdin, bytes):
+            raise TypeError("stdin must be bytes")
+        started = request["started"]
+        if not isinstance(started, float) or not math.isfinite(started):
+            raise TypeError("started must be a finite float")
+        # A start in the future would stretch the deadline: the client's clock is ours, so
+        # that can only be a forged or broken request.
+        started = min(started, now)
+        env = {str(k): str(v) for k, v in dict(request["env"]).items()}
+        timeout, version = call_timeout(stdin)
+        return cls(stdin, env, bool(request.get("verbose")), started, started + timeout, version)
+
+
+def call_timeout(stdin: bytes) -> tuple[float, str | None]:
+    """The config's `ipam.timeout` (the default when absent or unreadable: the machine then
+    reports the config error at once) and its cniVersion, for the error the client may print."""
+    try:
+        data = json.loads(stdin)
+    except (ValueError, UnicodeDecodeError):
+        return DEFAULT_CALL_TIMEOUT, None
+    if not isinstance(data, dict):
+        return DEFAULT_CALL_TIMEOUT, None
+    version = data.get("cniVersion")
+    version = version if isinstance(version, str) and version else None
+    ipam = data.get("ipam")
+    timeout = ipam.get("timeout") if isinstance(ipam, dict) else None
+    if (
+        isinstance(timeout, int | float)
+        and not isinstance(timeout, bool)
+        and 0 < timeout <= _MAX_CALL_TIMEOUT
+    ):
+        return float(timeout), version
+    return DEFAULT_CALL_TIMEOUT, version
+
+
+def hung_up(sock: socket.socket) -> Callable[[], bool]:
+    """A cheap, non-blocking check that the client closed its end (it timed out or died): the
+    machine asks before every Consul write, so a call nobody waits for writes nothing."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+
+    def abandoned() -> bool:
+        return bool(poller.poll(0))
+
+    return abandoned
+
+
 class Handler(socketserver.StreamRequestHandler):
     server: HelperServer
 
     def handle(self) -> None:
         if not self.peer_allowed():
             return
+        sock: socket.socket = self.request
+        sock.settimeout(_REQUEST_WAIT)
         try:
-            answer = self.serve(marshal.loads(read_frame(self.request.recv)))
-        except (ValueError, EOFError, KeyError, TypeError) as exc:
+            request = marshal.loads(read_frame(sock.recv))
+            if not isinstance(request, dict):
+                raise TypeError("not a dict")
+        except (OSError, ValueError, EOFError, TypeError) as exc:
             logger.warning("helper: malformed request: {}", exc)
             return  # the client falls back to doing the call itself
-        self.request.sendall(frame(answer))
+        if request.get("v") != WIRE_VERSION:
+            self.server.count("refused")
+            logger.warning(
+                "helper: refused a request of wire version {!r} (this helper speaks {}): "
+                "restart the helper after an upgrade",
+                request.get("v"),
+                WIRE_VERSION,
+            )
+            self.send({"v": WIRE_VERSION, "refused": "wire version"})
+            return
+        if request.get("op") == "stats":
+            self.send({"v": WIRE_VERSION, "stats": self.server.stats()})
+            return
+        now = time.monotonic()
+        try:
+            call = Call.from_request(request, now)
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("helper: malformed request: {}", exc)
+            return
+        if now >= call.deadline:
+            # Queued while the helper could not run (stopped, swapping): the client has long
+            # done the call itself, or given up.
+            late = now - call.deadline
+            self.drop("late", f"its deadline passed {late:.1f} s before the helper got to it")
+            return
+        if not self.handshake(sock, call):
+            self.drop("hung_up", "the client hung up without go (it does the call itself)")
+            return
+        if time.monotonic() >= call.deadline:
+            self.drop("late", "its deadline passed before go arrived")
+            self.send(_too_late(call))
+            return
+        self.server.count("served")
+        self.send(self.serve(call, hung_up(sock)))
+
+    def handshake(self, sock: socket.socket, call: Call) -> bool:
+        """Acknowledge, then wait for the client's go (until the deadline at most)."""
+        ack = {"v": WIRE_VERSION, "ack": True, "deadline": call.deadline}
+        ack["cniVersion"] = call.cni_version or "1.0.0"
+        try:
+            sock.sendall(frame(ack))
+            sock.settimeout(max(call.deadline - time.monotonic(), 0.001))
+            go = marshal.loads(read_frame(sock.recv))
+        except (OSError, ValueError, EOFError, TypeError):
+            return False
+        return isinstance(go, dict) and go.get("go") is True
+
+    def drop(self, counter: str, why: str) -> None:
+        self.server.count(f"dropped_{counter}")
+        logger.warning("helper: dropped a request without running it: {}", why)
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            self.request.settimeout(_ANSWER_SEND)
+            self.request.sendall(frame(message))
+        except OSError as exc:
+            logger.warning("helper: could not answer the client: {}", exc)
 
     def peer_allowed(self) -> bool:
         creds = self.request.getsockopt(
@@ -110,17 +312,79 @@ class Handler(socketserver.StreamRequestHandler):
         logger.warning("helper: refused a connection from uid {}", uid)
         return False
 
-    def serve(self, request: dict[str, Any]) -> dict[str, Any]:
-        stdin = request["stdin"]
-        if not isinstance(stdin, bytes):
-            raise TypeError("stdin must be bytes")
-        env = {str(k): str(v) for k, v in dict(request["env"]).items()}
-        verbose = bool(request.get("verbose"))
+    def serve(self, call: Call, abandoned: Callable[[], bool]) -> dict[str, Any]:
         err = io.StringIO()
-        log_file = env.get("IPAM_DA_CONSUL_LOG_FILE") or logs.DEFAULT_LOG_FILE
-        with logger.contextualize(call=logs.CallLog(err, log_file if verbose else None)):
-            out, code = execute(stdin, env, self.server.caches)
+        log_file = call.env.get("IPAM_DA_CONSUL_LOG_FILE") or logs.DEFAULT_LOG_FILE
+        with logger.contextualize(call=logs.CallLog(err, log_file if call.verbose else None)):
+            out, code = execute(
+                call.stdin,
+                call.env,
+                self.server.caches,
+                started=call.started,
+                abandoned=abandoned,
+            )
         return {"stdout": out, "stderr": err.getvalue(), "code": code}
+
+
+def _too_late(call: Call) -> dict[str, Any]:
+    msg = "the call's deadline passed before the helper could start it; nothing was done"
+    error = {"cniVersion": call.cni_version or "1.0.0", "code": TRY_AGAIN_LATER, "msg": msg}
+    return {
+        "stdout": json.dumps(error) + "\n",
+        "stderr": f"ipam-da-consul: ERROR: {msg}\n",
+        "code": TRY_AGAIN_LATER,
+    }
+
+
+class SetupError(Exception):
+    """The helper cannot serve safely from this socket path."""
+
+
+def prepare_folder(folder: Path) -> None:
+    """Create the socket's folder 0700 when missing; never change an existing one, only refuse
+    it when others could replace the socket in it."""
+    old_umask = os.umask(0o077)
+    try:
+        folder.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    finally:
+        os.umask(old_umask)
+    st = os.stat(folder)
+    if not stat.S_ISDIR(st.st_mode):
+        raise SetupError(f"{folder} is not a folder")
+    if st.st_uid not in (0, os.geteuid()):
+        raise SetupError(
+            f"the socket folder {folder} belongs to uid {st.st_uid}, neither root nor this "
+            f"helper's uid {os.geteuid()}: its owner could replace the socket"
+        )
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise SetupError(
+            f"the socket folder {folder} (mode {stat.S_IMODE(st.st_mode):04o}) is writable by "
+            "others without the sticky bit: anyone could replace the socket; use a private "
+            "folder (the default is created 0700) or a sticky one such as /tmp"
+        )
+
+
+def clear_stale_socket(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SetupError(f"{path} exists and is not a socket; not removing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # left by a helper that died
+        return
+    except OSError:
+        pass  # a timeout: a helper is there, busy or stopped
+    finally:
+        probe.close()
+    raise SetupError(f"another helper is listening on {path}")
 
 
 class HelperServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -132,16 +396,24 @@ class HelperServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, path: str, caches: PoolCaches) -> None:
         self.caches = caches
         self.path = path
-        folder = Path(path).parent
-        folder.mkdir(parents=True, exist_ok=True)
-        os.chmod(folder, 0o700)
-        if Path(path).exists():
-            Path(path).unlink()  # a socket left by a helper that died
+        self.counters: dict[str, int] = {}
+        self.counters_lock = threading.Lock()
+        prepare_folder(Path(path).parent)
+        clear_stale_socket(Path(path))
         old_umask = os.umask(0o177)
         try:
             super().__init__(path, Handler)
         finally:
             os.umask(old_umask)
+
+    def count(self, name: str) -> None:
+        with self.counters_lock:
+            self.counters[name] = self.counters.get(name, 0) + 1
+
+    def stats(self) -> dict[str, int]:
+        with self.counters_lock:
+            counters = dict(self.counters)
+        return {**counters, **self.caches.counts()}
 
     def server_close(self) -> None:
         super().server_close()
@@ -163,9 +435,26 @@ def main(argv: list[str] | None = None) -> None:
         default=1.0,
         help="least seconds between background refreshes of one pool",
     )
+    parser.add_argument(
+        "--max-settings",
+        type=int,
+        default=8,
+        help="most ways of reaching Consul (servers, token, TLS, prefix) kept warm at once",
+    )
+    parser.add_argument(
+        "--max-pools", type=int, default=64, help="most pools kept in memory across them"
+    )
     args = parser.parse_args(argv)
+    if args.max_settings < 1 or args.max_pools < 1:
+        parser.error("--max-settings and --max-pools must be at least 1")
     logs.configure_helper()
-    server = HelperServer(args.socket, PoolCaches(args.refresh_interval))
+    caches = PoolCaches(
+        args.refresh_interval, max_settings=args.max_settings, max_pools=args.max_pools
+    )
+    try:
+        server = HelperServer(args.socket, caches)
+    except (SetupError, OSError) as exc:
+        sys.exit(f"ipam-da-consul-helper: cannot listen on {args.socket}: {exc}")
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     sys.stderr.write(f"ipam-da-consul-helper {__version__} listening on {args.socket}\n")
     sys.stderr.flush()

@@ -505,8 +505,8 @@ class Invocation:
         """The helper's cached copy of a pool, if it keeps one."""
         if self.caches is None or self.conf is None:
             return None
-        settings = self.conf.consul
-        return self.caches.get(settings, Layout(settings.kv_prefix)).peek(name)
+        cache = self.caches.peek(self.conf.consul)  # never creates one just for a DEL
+        return cache.peek(name) if cache is not None else None
 
     def verify_ours(self) -> str:
         """CHECK: each prevResult address inside this pool's ranges is still our key."""

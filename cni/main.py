@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 # Not typing.TYPE_CHECKING: importing typing costs ~10 ms, too much for the helper's fast path.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from typing import Any
 
 
@@ -25,11 +26,13 @@ def main_verbose() -> None:
 
 
 def run(verbose: bool) -> int:
+    # The call's deadline counts from here, whoever runs it (see cni/fastpath.py).
+    started = time.monotonic()
     try:
         stdin = sys.stdin.buffer.read() if sys.stdin is not None else b""
         from .fastpath import via_helper
 
-        answer = via_helper(stdin, verbose)
+        answer = via_helper(stdin, verbose, started)
         if answer is not None:
             out, err, code = answer
             sys.stderr.write(err)
@@ -38,7 +41,7 @@ def run(verbose: bool) -> int:
         from . import logs
 
         logs.configure(verbose)
-        out, code = execute(stdin, os.environ)
+        out, code = execute(stdin, os.environ, started=started)
         sys.stdout.write(out)
         return code
     except Exception as exc:  # last resort: stdout still gets CNI JSON, never a traceback
@@ -50,9 +53,11 @@ def execute(
     environ: Mapping[str, str],
     caches: Any = None,
     started: float | None = None,
-    abandoned: Any = None,
+    abandoned: Callable[[], bool] | None = None,
 ) -> tuple[str, int]:
-    """Run one call; returns what goes to stdout and the exit code."""
+    """Run one call; returns what goes to stdout and the exit code. `started` is the caller's
+    `time.monotonic()` at its start: the call ends by `started` + `ipam.timeout`, rollback
+    included. `abandoned` says the caller hung up: the call then stops before any write."""
     import json
 
     from .machine import Invocation

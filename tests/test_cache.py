@@ -64,6 +64,6 @@ def test_broken_key_stops_the_watcher_so_the_next_call_reports_it(consul, make_p
     cache.get(pool, lambda: kv.list_after(layout.pool_key(pool)))
     consul.put(f"ipam/{pool}/10.9.0.15", "not json")
     end = time.monotonic() + 10
-    while cache.pools[pool].alive() and time.monotonic() < end:
+    while cache.peek(pool) is not None and time.monotonic() < end:
         time.sleep(0.05)
-    assert not cache.pools[pool].alive()
+    assert cache.peek(pool) is None and pool not in cache.pools

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import marshal
 import os
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -244,14 +246,26 @@ def drop_first(method: str) -> Callable[[str, str], bool]:
 class Helper:
     """A running `ipam-da-consul-helper` (one per simulated host) on a private socket."""
 
-    def __init__(self, directory: Path, refresh_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        refresh_interval: float = 1.0,
+        stderr: Path | None = None,
+        args: list[str] | None = None,
+    ) -> None:
         self.socket = str(directory / "run" / "helper.sock")
+        # A file, not a pipe: a helper stopped mid-test must not block on a full pipe, and a
+        # test can read what it said so far.
+        self.stderr_path = stderr
+        err = open(stderr, "wb") if stderr else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             [executable("ipam-da-consul-helper"), "--socket", self.socket,
-             "--refresh-interval", str(refresh_interval)],
+             "--refresh-interval", str(refresh_interval), *(args or [])],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=err,
         )
+        if stderr:
+            err.close()  # the child has its own copy
         end = time.monotonic() + 30
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.monotonic() > end:
@@ -263,8 +277,39 @@ class Helper:
     def env(self) -> dict[str, str]:
         return {"IPAM_DA_CONSUL_SOCKET": self.socket}
 
+    def stderr_text(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path else ""
+
+    def wait_stderr(self, needle: str, count: int = 1, timeout: float = 20.0) -> str:
+        """Wait until the helper has written `needle` `count` times to its stderr file."""
+        end = time.monotonic() + timeout
+        while self.stderr_text().count(needle) < count:
+            if time.monotonic() > end:
+                raise AssertionError(f"helper never said {needle!r}: {self.stderr_text()[-2000:]}")
+            time.sleep(0.05)
+        return self.stderr_text()
+
+    def stats(self, timeout: float = 10.0) -> dict[str, int]:
+        """The helper's counters (requests served, dropped, refused) and cache sizes."""
+        from ipam_da_consul.cni.fastpath import WIRE_VERSION, frame, read_frame
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(self.socket)
+            sock.sendall(frame({"v": WIRE_VERSION, "op": "stats"}))
+            return dict(marshal.loads(read_frame(sock.recv))["stats"])
+
+    def stop(self) -> None:
+        """SIGSTOP: a frozen cgroup, a swapped-out process; the kernel still queues
+        connections for it."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
     def close(self) -> None:
         if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a stopped process only dies once resumed
             self.proc.terminate()
             try:
                 self.proc.wait(10)
