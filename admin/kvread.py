@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from ..allocator.layout import Layout
+from ..allocator.layout import FENCES, Layout
 from ..allocator.ranges import IPRange
 from ..allocator.schemas import load_ranges
 from ..allocator.store import KVEntry
@@ -63,7 +63,10 @@ class Reader:
         names = [k[len(prefix) :] for k in found if k.startswith(prefix) and k != prefix]
         return Listing(
             sorted(n for n in names if n and not n.endswith("/")),
-            sorted(n[:-1] for n in names if n.endswith("/") and "/" not in n[:-1]),
+            # The attachment fences' folder is no pool (see allocator/allocate.py).
+            sorted(
+                n[:-1] for n in names if n.endswith("/") and "/" not in n[:-1] and n != f"{FENCES}/"
+            ),
         )
 
     def pool(self, name: str) -> PoolRead:

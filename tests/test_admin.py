@@ -679,3 +679,16 @@ def test_help_documents_every_command():
         sub = admin(None, command, "--help")
         assert sub.rc == 0 and "--consul" in sub.stdout, sub
     assert "Exit status" in out.stdout and "CONSUL_HTTP_ADDR" in out.stdout
+
+
+def test_check_and_list_ignore_the_fence_folder(consul, pool_name):
+    # DEL leaves the attachment's fence under <prefix>.fences/: no pool, no orphaned folder.
+    create(consul, pool_name, "10.0.20.0/23,10.0.21.100-10.0.21.150,gw=10.0.20.1")
+    conf = netconf([consul.url], [{"name": pool_name}])
+    assert run_plugin("ADD", conf, container="c-fenced").rc == 0
+    assert run_plugin("DEL", conf, container="c-fenced").rc == 0
+    assert consul.get("ipam/.fences/testnet/c-fenced/eth0") is not None
+    out = admin(consul, "check")
+    assert ".fences" not in out.stdout + out.stderr, out
+    out = admin(consul, "list", "--json")
+    assert all(".fences" not in json.dumps(p) for p in out.json), out
