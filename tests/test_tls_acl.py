@@ -236,8 +236,9 @@ def test_without_a_valid_token_add_fails_with_a_hint(
 def test_del_without_a_token_fails_instead_of_finding_nothing(
     plugin: Runner, secure: Secure, pool: str, with_prev_result: bool
 ) -> None:
-    """Consul hides unreadable keys from a listing (404, not 403): a DEL that scans the pool
-    folder must still report the missing permission, not "nothing of ours" and leak the key."""
+    """Consul hides unreadable keys from a listing (404, not 403): a DEL without permissions
+    must report them, not "nothing of ours" and leak the key. Its first request is the
+    attachment's fence, a write: refused, 125."""
     writer = conf(secure, pool, consul_token=secure.write_token, **secure.cert_keys())
     add = plugin("ADD", writer, container="c-del-denied")
     assert add.rc == 0, add
@@ -245,7 +246,7 @@ def test_del_without_a_token_fails_instead_of_finding_nothing(
     if with_prev_result:
         anonymous = with_prev(anonymous, add.json)
     out = plugin("DEL", anonymous, container="c-del-denied")
-    assert_error(out, 111, "403", "ACL token")
+    assert_error(out, 125, "403", "ACL token", "ipam/.fences/")
     assert secure.agent.allocations(pool) == {"10.0.30.10": "c-del-denied"}
 
 
@@ -376,7 +377,7 @@ def test_unknown_datacenter_fails_clearly(plugin: Runner, secure: Secure, pool: 
         pool,
         consul_token=secure.write_token,
         consul_datacenter="dc-nowhere",
-        timeout=1.5,
+        timeout=3.0,
         **secure.cert_keys(),
     )
     before = secure.agent.kv_index()
