@@ -168,6 +168,8 @@ class Allocator:
         rng = pool.range_for(ip)
         if rng is None:
             raise NotInPool(f"requested IP {ip} is not in any range of pool {pool.name!r}")
+        if rng.exclusion(ip) is not None:
+            raise NotInPool(f"requested IP {ip} is excluded from the ranges of pool {pool.name!r}")
         if not rng.allocatable(ip):
             raise NotInPool(
                 f"requested IP {ip} is the network, broadcast or gateway address of {rng.subnet}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +19,9 @@ class IPRange:
     start: IPAddress
     end: IPAddress
     gateway: IPAddress | None = None
+    # Operator reservations inside the range (`exclude`): sorted, merged, inclusive int spans,
+    # so a /64's worth of exclusions costs what one address does.
+    excluded: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def build(
@@ -27,6 +30,7 @@ class IPRange:
         start: IPAddress | None = None,
         end: IPAddress | None = None,
         gateway: IPAddress | None = None,
+        exclude: Sequence[IPNetwork] = (),
     ) -> IPRange:
         """Fill defaults as host-local does and check the pieces agree; ValueError if not."""
         if subnet.num_addresses < 4:
@@ -38,7 +42,17 @@ class IPRange:
                 raise ValueError(f"{label} {ip} is outside subnet {subnet}")
         if int(start) > int(end):
             raise ValueError(f"rangeStart {start} is after rangeEnd {end}")
-        return cls(subnet, start, end, gateway)
+        for net in exclude:
+            if net.version != subnet.version or not net.subnet_of(subnet):  # type: ignore[arg-type]
+                raise ValueError(f"exclude {net} is not inside subnet {subnet}")
+        spans = sorted((int(n.network_address), int(n.broadcast_address)) for n in exclude)
+        merged: list[tuple[int, int]] = []
+        for lo, hi in spans:
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        return cls(subnet, start, end, gateway, tuple(merged))
 
     @property
     def version(self) -> int:
@@ -62,12 +76,24 @@ class IPRange:
         return ip.version == self.version and int(self.start) <= int(ip) <= int(self.end)
 
     def allocatable(self, ip: IPAddress) -> bool:
-        return self.contains(ip) and int(ip) not in self.reserved()
+        return (
+            self.contains(ip) and int(ip) not in self.reserved() and self.exclusion(ip) is None
+        )
+
+    def exclusion(self, ip: IPAddress) -> tuple[int, int] | None:
+        """The `exclude` span holding `ip`, if any."""
+        if ip.version != self.version:
+            return None
+        return _span_of(self.excluded, int(ip))
 
     def size(self) -> int:
         """How many addresses this range can hand out."""
         lo, hi = int(self.start), int(self.end)
-        return hi - lo + 1 - sum(1 for r in self.reserved() if lo <= r <= hi)
+        count = hi - lo + 1
+        for a, b in self.excluded:
+            count -= max(0, min(b, hi) - max(a, lo) + 1)
+        reserved = (r for r in self.reserved() if lo <= r <= hi)
+        return count - sum(1 for r in reserved if _span_of(self.excluded, r) is None)
 
     def lowest_free(self, taken: Sequence[int]) -> IPAddress | None:
         """Lowest allocatable address not in `taken` (sorted, unique ints).
@@ -80,21 +106,47 @@ class IPRange:
         candidate = int(self.start)
         while candidate <= hi:
             candidate = first_gap(taken, candidate)
-            if candidate not in reserved:
+            span = _span_of(self.excluded, candidate)
+            if span is not None:
+                candidate = span[1] + 1  # past the whole exclusion at once
+            elif candidate in reserved:
+                candidate += 1
+            else:
                 return type(self.start)(candidate) if candidate <= hi else None
-            candidate += 1
         return None
 
-    def to_wire(self) -> dict[str, str]:
-        out = {"subnet": str(self.subnet), "rangeStart": str(self.start), "rangeEnd": str(self.end)}
+    def to_wire(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "subnet": str(self.subnet),
+            "rangeStart": str(self.start),
+            "rangeEnd": str(self.end),
+        }
         if self.gateway is not None:
             out["gateway"] = str(self.gateway)
+        if self.excluded:
+            out["exclude"] = [str(n) for n in self.exclusions()]
+        return out
+
+    def exclusions(self) -> list[IPNetwork]:
+        """The excluded spans as CIDRs (a merged span may need several)."""
+        make = ipaddress.IPv4Address if self.version == 4 else ipaddress.IPv6Address
+        out: list[IPNetwork] = []
+        for lo, hi in self.excluded:
+            out.extend(ipaddress.summarize_address_range(make(lo), make(hi)))
         return out
 
 
 def _last_host(subnet: IPNetwork) -> IPAddress:
     # IPv6 has no broadcast address, so its last address is usable.
     return subnet.broadcast_address - 1 if subnet.version == 4 else subnet.broadcast_address
+
+
+def _span_of(spans: Sequence[tuple[int, int]], value: int) -> tuple[int, int] | None:
+    i = bisect_right(spans, (value, _INFINITY)) - 1
+    return spans[i] if i >= 0 and spans[i][0] <= value <= spans[i][1] else None
+
+
+_INFINITY = 1 << 129
 
 
 def first_gap(taken: Sequence[int], start: int) -> int:

@@ -73,6 +73,18 @@ class IPInterfaceField(_ParsedText):
         return ipaddress.ip_interface(text)
 
 
+class ExcludeField(_ParsedText):
+    """One reservation inside a range: an address, or a CIDR without host bits."""
+
+    default_error_messages = {  # noqa: RUF012
+        "invalid": "Not an IP address or CIDR without host bits: {input!r}.",
+        "scoped": "Not a plain address: {input!r} has a zone ID ('%...').",
+    }
+
+    def parse(self, text: str) -> Any:
+        return ipaddress.ip_network(text, strict=True)
+
+
 class IPRangeSchema(Schema):
     class Meta:
         unknown = EXCLUDE
@@ -81,6 +93,8 @@ class IPRangeSchema(Schema):
     rangeStart = IPAddressField(load_default=None)
     rangeEnd = IPAddressField(load_default=None)
     gateway = IPAddressField(load_default=None)
+    # Not in the seed: readers that do not know it see an ordinary range.
+    exclude = fields.List(ExcludeField(), load_default=list)
 
     @post_load
     def build(self, data: dict[str, Any], **kwargs: Any) -> IPRange:
@@ -90,7 +104,11 @@ class IPRangeSchema(Schema):
                 raise ValidationError(f"{ip} is not the IP version of the subnet", name)
         try:
             return IPRange.build(
-                data["subnet"], data["rangeStart"], data["rangeEnd"], data["gateway"]
+                data["subnet"],
+                data["rangeStart"],
+                data["rangeEnd"],
+                data["gateway"],
+                data["exclude"],
             )
         except ValueError as exc:
             raise ValidationError(str(exc)) from exc

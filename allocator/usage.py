@@ -119,4 +119,6 @@ def reserved_role(rng: IPRange, ip: IPAddress) -> str | None:
         return "broadcast"
     if rng.gateway is not None and ip == rng.gateway:
         return "gateway"
+    if rng.exclusion(ip) is not None:
+        return "excluded"
     return None

@@ -4,12 +4,15 @@ addresses, the gap-walking lowest_free, and size()."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ipam_da_consul.allocator.ranges import IPRange, first_gap, sorted_ints
+
+ip_address = ipaddress.ip_address
 
 ip = ipaddress.ip_address
 net = ipaddress.ip_network
@@ -240,3 +243,51 @@ def test_sorted_ints_filters_family_and_sorts() -> None:
     ips = [ip("10.0.0.3"), ip("fd00::1"), ip("10.0.0.1")]
     assert sorted_ints(ips, 4) == [int(ip("10.0.0.1")), int(ip("10.0.0.3"))]
     assert sorted_ints(ips, 6) == [int(ip("fd00::1"))]
+
+
+# -- exclude: operator reservations inside a range --------------------------------------------
+def excluded_range(subnet: str, *exclude: str, **kw: str) -> IPRange:
+    from ipam_da_consul.allocator.schemas import IPRangeSchema
+
+    return IPRangeSchema().load({"subnet": subnet, "exclude": list(exclude), **kw})
+
+
+def test_exclude_is_never_picked_and_not_counted():
+    rng = excluded_range("10.0.0.0/29", "10.0.0.1", "10.0.0.2/31", "10.0.0.4/31")
+    # .1-.5 excluded, .6 left (.0 network, .7 broadcast)
+    assert rng.size() == 1
+    assert str(rng.lowest_free([])) == "10.0.0.6"
+    assert rng.lowest_free([int(ip_address("10.0.0.6"))]) is None
+    assert not rng.allocatable(ip_address("10.0.0.3"))
+    assert rng.to_wire()["exclude"] == ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/31"]
+
+
+def test_exclude_merges_and_counts_a_gateway_inside_once():
+    rng = excluded_range("10.0.0.0/24", "10.0.0.0/28", "10.0.0.8/29", gateway="10.0.0.1")
+    assert rng.excluded == ((int(ip_address("10.0.0.0")), int(ip_address("10.0.0.15"))),)
+    assert rng.size() == 254 - 15  # .1-.15 (the gateway among them) excluded once
+    assert str(rng.lowest_free([])) == "10.0.0.16"
+
+
+def test_a_huge_ipv6_exclusion_costs_no_walk():
+    # A walk over 3 * 2**62 excluded addresses would never end: this returns at once.
+    rng = excluded_range("fd00:1::/64", "fd00:1::/65", "fd00:1:0:0:8000::/66")
+    assert str(rng.lowest_free([])) == "fd00:1:0:0:c000::"
+    assert rng.size() == 2**62
+
+
+@pytest.mark.parametrize(
+    ("exclude", "needle"),
+    [
+        ("10.1.0.0/24", "not inside subnet"),
+        ("fd00::1", "not inside subnet"),
+        ("10.0.0.1/24", "without host bits"),
+        ("10.0.0.5%x", "zone ID"),
+        ("nonsense", "CIDR"),
+    ],
+)
+def test_bad_exclusions_are_invalid_ranges(exclude: str, needle: str):
+    from ipam_da_consul.allocator.schemas import load_ranges
+
+    with pytest.raises(ValueError, match=needle):
+        load_ranges(json.dumps([{"subnet": "10.0.0.0/24", "exclude": [exclude]}]).encode())
