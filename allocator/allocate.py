@@ -76,6 +76,7 @@ class Allocator:
         attachment: Attachment | None = None,
         call: str | None = None,
         before_write: Callable[[], None] | None = None,
+        runtime: dict[str, str] | None = None,
     ) -> None:
         self.kv = kv
         self.layout = layout or Layout()
@@ -84,6 +85,7 @@ class Allocator:
         self.attachment = attachment
         self.call = call
         self.before_write = before_write or (lambda: None)
+        self.runtime = runtime
         # Where this call last saw the attachment's fence; 0: absent, the common case, so the
         # first write needs no read of it.
         self.fence_index = 0
@@ -179,7 +181,9 @@ class Allocator:
     # -- allocating -------------------------------------------------------------------------
     def value(self) -> bytes:
         a = self._attachment()
-        return dump_allocation(a.target, a.ifname, self.host, a.recorded_network, self.call)
+        return dump_allocation(
+            a.target, a.ifname, self.host, a.recorded_network, self.call, self.runtime
+        )
 
     def ours_to_be(self, pool: Pool, ip: IPAddress) -> Held:
         """The allocation we are about to write. ModifyIndex 0 is unknown: a CAS delete with it

@@ -28,6 +28,7 @@ class Held:
     value: bytes = b""  # the raw JSON: a rollback compares it, a take-over's restores it
     network: str | None = None
     call: str | None = None
+    runtime: dict[str, str] | None = field(default=None, compare=False, hash=False)
 
     def owned_by(
         self, target: str, ifname: str | None = None, network: str | None = None
@@ -193,4 +194,5 @@ def parse_held(entry: KVEntry, folder: str) -> Held:
         value=entry.value,
         network=alloc["network"],
         call=alloc["call"],
+        runtime=alloc.get("runtime"),
     )

@@ -129,6 +129,8 @@ class AllocationSchema(Schema):
     host = fields.String(load_default=None)
     network = fields.String(load_default=None)
     call = fields.String(load_default=None)
+    # The runtime's names for the container (K8S_POD_NAME, NOMAD_ALLOC_ID, ...), for operators.
+    runtime = fields.Dict(keys=fields.String(), values=fields.String(), load_default=None)
 
 
 _OPTIONAL = ("ifname", "host", "network", "call")
@@ -169,7 +171,12 @@ def load_allocation(raw: bytes) -> dict[str, Any]:
                 break
             out[name] = value
         else:
-            return out
+            runtime = data.get("runtime")
+            if runtime is None or (
+                type(runtime) is dict and all(type(v) is str for v in runtime.values())
+            ):
+                out["runtime"] = runtime
+                return out
     try:
         return _allocation.load(data)
     except ValidationError as exc:
@@ -182,8 +189,16 @@ def dump_allocation(
     host: str | None = None,
     network: str | None = None,
     call: str | None = None,
+    runtime: dict[str, str] | None = None,
 ) -> bytes:
-    body = {"target": target, "ifname": ifname, "host": host, "network": network, "call": call}
+    body = {
+        "target": target,
+        "ifname": ifname,
+        "host": host,
+        "network": network,
+        "call": call,
+        "runtime": runtime or None,
+    }
     return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
 
 

@@ -16,6 +16,19 @@ from .errors import CNIError, Code
 from .schemas import SUPPORTED_VERSIONS, NetworkConfigSchema
 
 _SECRET_KEYS = ("token", "secret", "password")
+# CNI_ARGS keys that runtimes document passing: understood, so they never fail a call (with or
+# without IgnoreUnknown), and recorded in the allocation so operators can ask who holds what.
+RUNTIME_KEYS = (
+    "K8S_POD_NAMESPACE",
+    "K8S_POD_NAME",
+    "K8S_POD_INFRA_CONTAINER_ID",
+    "K8S_POD_UID",
+    "NOMAD_REGION",
+    "NOMAD_NAMESPACE",
+    "NOMAD_JOB_ID",
+    "NOMAD_GROUP_NAME",
+    "NOMAD_ALLOC_ID",
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,8 @@ class NetConf:
     # GC: the (container, ifname) pairs the runtime still uses; None when not given.
     valid_attachments: list[tuple[str, str]] | None = None
     host: str | None = None
+    # The runtime's own names for the container (RUNTIME_KEYS found in CNI_ARGS).
+    runtime: dict[str, str] = field(default_factory=dict)
 
 
 def decode(raw: bytes) -> dict[str, Any]:
@@ -105,6 +120,7 @@ def load(
         requested_ips=_requested_ips(conf, args or {}) if command == "ADD" else [],
         valid_attachments=_attachments(data) if command == "GC" else None,
         host=ipam["host"] or None,
+        runtime={k: v for k, v in (args or {}).items() if k in RUNTIME_KEYS and v},
     )
 
 
@@ -131,7 +147,7 @@ def _pools(prev: dict[str, Any] | None, ipam: dict[str, Any], command: str) -> l
 
 
 def _requested_ips(conf: dict[str, Any], args: Mapping[str, str]) -> list[IPAddress]:
-    unknown = sorted(set(args) - {"IP", "IgnoreUnknown"})
+    unknown = sorted(set(args) - {"IP", "IgnoreUnknown", *RUNTIME_KEYS})
     if unknown and args.get("IgnoreUnknown", "").lower() not in ("1", "true"):
         raise CNIError(
             Code.INVALID_ENV,

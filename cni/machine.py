@@ -238,6 +238,7 @@ class Invocation:
             attachment=attachment,
             call=self.call_id,
             before_write=self.check_still_wanted,
+            runtime=self.conf.runtime,
         )
         if self.client.current is None:
             self.client.select()
