@@ -116,6 +116,12 @@ class Pool:
     def capacity(self) -> int:
         return sum(r.size() for r in self.ranges)
 
+    def free(self) -> int:
+        """Addresses ADD could still hand out (held keys outside the ranges cost none)."""
+        with self._lock:
+            held = [ip for ip in self.held if any(r.allocatable(ip) for r in self.ranges)]
+        return self.capacity() - len(held)
+
     def put(self, held: Held) -> None:
         """Record an allocation seen or made after the pool was read."""
         with self._lock:

@@ -67,6 +67,8 @@ class NetConf:
     host: str | None = None
     # The runtime's own names for the container (RUNTIME_KEYS found in CNI_ARGS).
     runtime: dict[str, str] = field(default_factory=dict)
+    # STATUS fails when a pool has fewer free addresses than this.
+    min_free: int = 0
 
 
 def decode(raw: bytes) -> dict[str, Any]:
@@ -121,6 +123,7 @@ def load(
         valid_attachments=_attachments(data) if command == "GC" else None,
         host=ipam["host"] or None,
         runtime={k: v for k, v in (args or {}).items() if k in RUNTIME_KEYS and v},
+        min_free=ipam["min_free"],
     )
 
 

@@ -558,9 +558,16 @@ class Invocation:
         return "collect"
 
     def assess_room(self) -> str:
-        """STATUS: the pool parses and still has a free address."""
-        assert self.pool is not None
+        """STATUS: the pool parses, has a free address, and at least `min_free` of them."""
+        assert self.pool is not None and self.conf is not None
         self.pool.next_free()
+        if self.conf.min_free:
+            free = self.pool.free()
+            if free < self.conf.min_free:
+                raise PoolFull(
+                    f"pool {self.pool.name!r} has {free} free address(es), fewer than "
+                    f"ipam.min_free ({self.conf.min_free})"
+                )
         return "assess"
 
     def as_cni_error(self, exc: Exception) -> CNIError:

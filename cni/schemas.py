@@ -87,6 +87,7 @@ class IpamSchema(Schema):
     pools = fields.List(fields.Nested(PoolSchema), load_default=None, allow_none=True)
     # Identity recorded in allocations so GC only ever touches this host's; default hostname.
     host = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=253))
+    min_free = fields.Integer(load_default=0, strict=True, validate=validate.Range(min=0))
 
 
 class IPConfigSchema(Schema):

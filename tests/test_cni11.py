@@ -20,7 +20,8 @@ POOL_B_RANGES = [{"subnet": "10.1.0.0/24", "rangeStart": "10.1.0.10", "rangeEnd"
 def conf11(
     consul: Any, *pools: str, version: str = "1.1.0", servers: list[str] | None = None, **top: Any
 ) -> dict[str, Any]:
-    conf = standalone_conf(servers or [consul.url], list(pools), version, host=HOST)
+    ipam = {k[len("ipam_"):]: top.pop(k) for k in list(top) if k.startswith("ipam_")}
+    conf = standalone_conf(servers or [consul.url], list(pools), version, host=HOST, **ipam)
     conf.update(top)
     return conf
 
@@ -313,6 +314,24 @@ def test_status_full_pool(consul, make_pool):
     # And ADD agrees: it could not be served.
     add = run_plugin("ADD", conf11(consul, pool), container="c-3")
     assert add.rc == 122, add
+
+
+def test_status_warns_below_min_free(consul, make_pool):
+    pool = make_pool(
+        [{"subnet": "10.3.1.0/24", "rangeStart": "10.3.1.10", "rangeEnd": "10.3.1.13",
+          "exclude": ["10.3.1.13"]}]
+    )  # three addresses
+    seed(consul, pool, "10.3.1.10", "c-1", "eth0", HOST)
+    seed(consul, pool, "10.3.1.99", "c-out", "eth0", HOST)  # outside the range: costs none
+    assert status(conf11(consul, pool, ipam_min_free=2)).rc == 0
+    seed(consul, pool, "10.3.1.11", "c-2", "eth0", HOST)
+    out = status(conf11(consul, pool, ipam_min_free=2))
+    assert_error(out, 50, pool, "1 free", "min_free (2)")
+    assert status(conf11(consul, pool)).rc == 0  # without the setting: one free is ready
+    before = consul.kv_index()
+    out = status(conf11(consul, pool, ipam_min_free=-1))
+    assert_error(out, 7, "min_free")
+    assert consul.kv_index() == before
 
 
 @pytest.mark.parametrize("version", ["0.4.0", "1.0.0"])
