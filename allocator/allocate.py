@@ -25,7 +25,7 @@ from .errors import InvalidPool, NotInPool, WriteConflict
 from .layout import Layout
 from .pool import Held, Pool, parse_held, parse_pool
 from .ranges import IPAddress, IPRange
-from .schemas import dump_allocation, dump_fence, fence_time
+from .schemas import dump_allocation, dump_fence, dump_tombstone, fence_time
 from .store import KV, Cas, Check, DeleteCas, KVEntry, Op, Set, TxnResult
 
 # A fence must outlive any write sent before it. Consul applies a forwarded write within its
@@ -194,9 +194,12 @@ class Allocator:
             ip, a.target, key, 0, a.ifname, self.host, self.value(), a.recorded_network, self.call
         )
 
-    def claim(self, pool: Pool, ip: IPAddress) -> Claim:
-        """Create the allocation key if absent (`won` False when someone else holds it)."""
+    def claim(self, pool: Pool, ip: IPAddress, over: Held | None = None) -> Claim:
+        """Create the allocation key if absent, or replace `over`, a release whose cool-down
+        is over (`won` False when someone else got there first)."""
         held = self.ours_to_be(pool, ip)
+        if over is not None and over.free_after is not None:
+            return self._write(pool, ip, Cas(held.key, held.value, over.index), over.value)
         return self._write(pool, ip, Cas(held.key, held.value, 0), None)
 
     def take_over(self, pool: Pool, held: Held) -> Claim:
@@ -245,11 +248,17 @@ class Allocator:
             self.fence_index = result.indexes.get(key, 0)
 
     # -- releasing --------------------------------------------------------------------------
-    def release(self, held: Held, attempts: int = 5) -> bool:
-        """CAS-delete one key of the attachment that holds it; True when it is gone or no
-        longer that attachment's."""
+    def release(self, held: Held, attempts: int = 5, reuse_after: float = 0.0) -> bool:
+        """CAS-delete one key of the attachment that holds it (or, with `reuse_after`, turn it
+        into a release that cools down that long); True when it is gone or no longer that
+        attachment's."""
         for _ in range(attempts):
-            if self.kv.delete(held.key, held.index):
+            if reuse_after > 0:
+                tombstone = dump_tombstone(held.value, time.time() + reuse_after)
+                done = self.kv.replace(held.key, tombstone, held.index)
+            else:
+                done = self.kv.delete(held.key, held.index)
+            if done:
                 return True
             current = self.lookup_key(held)
             if current is None or not current.owned_by(held.target, held.ifname, held.network):

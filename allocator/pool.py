@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+import time
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,13 +30,18 @@ class Held:
     network: str | None = None
     call: str | None = None
     runtime: dict[str, str] | None = field(default=None, compare=False, hash=False)
+    free_after: float | None = None
+
+    def reusable(self, now: float) -> bool:
+        """A released address whose cool-down is over: free, though its key remains."""
+        return self.free_after is not None and self.free_after <= now
 
     def owned_by(
         self, target: str, ifname: str | None = None, network: str | None = None
     ) -> bool:
         # An allocation without ifname or network (upstream, older versions, other tools)
-        # belongs to the whole container.
-        if self.target != target:
+        # belongs to the whole container. A released one (cooling down) belongs to nobody.
+        if self.target != target or self.free_after is not None:
             return False
         if network is not None and self.network is not None and self.network != network:
             return False
@@ -91,19 +97,23 @@ class Pool:
 
     def taken(self, version: int) -> list[int]:
         if version not in self._taken:
-            self._taken[version] = sorted_ints(self.held, version)
+            now = time.time()
+            live = (ip for ip, h in self.held.items() if not h.reusable(now))
+            self._taken[version] = sorted_ints(live, version)
         return self._taken[version]
 
     def reserve_next_free(
         self, placeholder: Callable[[IPAddress], Held]
-    ) -> tuple[IPAddress, IPRange]:
+    ) -> tuple[IPAddress, IPRange, Held | None]:
         """Pick the lowest free address and mark it held before anyone else can pick it: in the
         helper, concurrent calls share this pool and would otherwise all race for one address.
-        The placeholder is replaced by what KV says if the write loses."""
+        The placeholder is replaced by what KV says if the write loses. Also returns the
+        cooled-down release the address still holds, if any: the write replaces that key."""
         with self._lock:
             ip, rng = self.next_free()
+            previous = self.held.get(ip)
             self.put(placeholder(ip))
-            return ip, rng
+            return ip, rng, previous
 
     def next_free(self) -> tuple[IPAddress, IPRange]:
         """Lowest free address, range by range in pool order."""
@@ -118,8 +128,13 @@ class Pool:
 
     def free(self) -> int:
         """Addresses ADD could still hand out (held keys outside the ranges cost none)."""
+        now = time.time()
         with self._lock:
-            held = [ip for ip in self.held if any(r.allocatable(ip) for r in self.ranges)]
+            held = [
+                ip
+                for ip, h in self.held.items()
+                if not h.reusable(now) and any(r.allocatable(ip) for r in self.ranges)
+            ]
         return self.capacity() - len(held)
 
     def put(self, held: Held) -> None:
@@ -201,4 +216,5 @@ def parse_held(entry: KVEntry, folder: str) -> Held:
         network=alloc["network"],
         call=alloc["call"],
         runtime=alloc.get("runtime"),
+        free_after=alloc.get("free_after"),
     )

@@ -131,6 +131,9 @@ class AllocationSchema(Schema):
     call = fields.String(load_default=None)
     # The runtime's names for the container (K8S_POD_NAME, NOMAD_ALLOC_ID, ...), for operators.
     runtime = fields.Dict(keys=fields.String(), values=fields.String(), load_default=None)
+    # A released address cooling down (`reuse_after`): unix time from which it may be reused.
+    # Until then the key stays, so readers that know only `target` see it taken.
+    free_after = fields.Float(load_default=None)
 
 
 _OPTIONAL = ("ifname", "host", "network", "call")
@@ -172,10 +175,13 @@ def load_allocation(raw: bytes) -> dict[str, Any]:
             out[name] = value
         else:
             runtime = data.get("runtime")
-            if runtime is None or (
-                type(runtime) is dict and all(type(v) is str for v in runtime.values())
-            ):
+            free_after = data.get("free_after")
+            if (
+                runtime is None
+                or (type(runtime) is dict and all(type(v) is str for v in runtime.values()))
+            ) and (free_after is None or type(free_after) in (int, float)):
                 out["runtime"] = runtime
+                out["free_after"] = None if free_after is None else float(free_after)
                 return out
     try:
         return _allocation.load(data)
@@ -200,6 +206,13 @@ def dump_allocation(
         "runtime": runtime or None,
     }
     return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+
+
+def dump_tombstone(held_value: bytes, free_after: float) -> bytes:
+    """A released allocation kept until `free_after`: the holder's fields, marked."""
+    body = json.loads(held_value)
+    body.pop("call", None)
+    return json.dumps(body | {"free_after": round(free_after, 3)}).encode()
 
 
 def dump_fence(at: float, host: str | None, reason: str) -> bytes:

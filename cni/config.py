@@ -69,6 +69,8 @@ class NetConf:
     runtime: dict[str, str] = field(default_factory=dict)
     # STATUS fails when a pool has fewer free addresses than this.
     min_free: int = 0
+    # Seconds a released address stays unusable (0: reusable at once).
+    reuse_after: float = 0.0
 
 
 def decode(raw: bytes) -> dict[str, Any]:
@@ -124,6 +126,7 @@ def load(
         host=ipam["host"] or None,
         runtime={k: v for k, v in (args or {}).items() if k in RUNTIME_KEYS and v},
         min_free=ipam["min_free"],
+        reuse_after=ipam["reuse_after"],
     )
 
 

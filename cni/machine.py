@@ -140,6 +140,7 @@ class Invocation:
         self.pool: Pool | None = None
         self.held: list[Held] = []
         self.pick: tuple[IPAddress, IPRange, Held | None] | None = None
+        self.over: Held | None = None  # a cooled-down release the picked address still holds
         self.conflicts = 0
         self.assigned: list[result.Assigned] = []
         self.claims: list[Claim] = []  # writes of this call, undone on failure
@@ -289,7 +290,9 @@ class Invocation:
                 target,
             )
         else:
-            if not self.write(ip, None, lambda: allocator.claim(pool, ip)):
+            over = self.over
+            previous = over.value if over is not None else None
+            if not self.write(ip, previous, lambda: allocator.claim(pool, ip, over)):
                 return self.lost_race(ip)
         self.assigned.append(result.Assigned(self.pool.name, ip, rng))
         logger.debug("pool {!r}: {} for container {!r}", self.pool.name, ip, target)
@@ -414,6 +417,7 @@ class Invocation:
     def pick_address(self) -> str:
         assert self.pool is not None and self.allocator is not None and self.conf is not None
         wanted, may_take = self.requested()
+        self.over = None
         if wanted is not None:
             rng = self.allocator.requested_range(self.pool, wanted)
             if self.pool.cached and wanted in self.pool.held:
@@ -421,10 +425,14 @@ class Invocation:
                 # fixed address): only a fresh read of the key may say it is taken.
                 self.allocator.recheck(self.pool, wanted)
             held = self.pool.held.get(wanted)
+            if held is not None and held.reusable(time.time()):
+                held, self.over = None, held  # a release past its cool-down: free
             if held is not None and not may_take and not self.allocator.owns(held):
+                cooling = "" if held.free_after is None else " (released, cooling down)"
                 raise AddressInUse(
                     f"requested IP {wanted} in pool {self.pool.name!r} is allocated to container "
-                    f"{held.target!r}; only a Pool's own requested-ip re-allocates an address"
+                    f"{held.target!r}{cooling}; only a Pool's own requested-ip re-allocates an "
+                    "address"
                 )
             self.pick = (wanted, rng, held)
             return "pick_ip"
@@ -435,7 +443,7 @@ class Invocation:
                 return "pick_ip"
         pool, allocator = self.pool, self.allocator
         try:
-            ip, rng = pool.reserve_next_free(lambda ip: allocator.ours_to_be(pool, ip))
+            ip, rng, self.over = pool.reserve_next_free(lambda ip: allocator.ours_to_be(pool, ip))
         except PoolFull:
             if not pool.cached:
                 raise
@@ -491,11 +499,13 @@ class Invocation:
 
     def release_ours(self) -> str:
         assert self.allocator is not None and self.current is not None
+        assert self.conf is not None
         cached = self.cached_pool(self.current.name)
+        cooldown = self.conf.reuse_after
         for held in self.held:
-            if not self.allocator.release(held):
+            if not self.allocator.release(held, reuse_after=cooldown):
                 raise WriteConflict(f"could not release {held.key}: it kept changing under us")
-            if cached is not None and cached.held.get(held.ip) is not None:
+            if cached is not None and cached.held.get(held.ip) is not None and not cooldown:
                 cached.discard(held.ip)  # so this host's next ADD may have it at once
             logger.debug("released {}", held.key)
         if not self.held:
@@ -535,11 +545,16 @@ class Invocation:
         assert self.allocator is not None and self.conf is not None
         valid = set(self.conf.valid_attachments or [])
         containers = {cid for cid, _ in valid}
+        now = time.time()
         for held in self.held:
             if held.host != self.allocator.host or not self.conf.name:
                 continue  # another host's, or written by a tool that records no host
             if held.network != self.conf.name:
                 continue  # another network's (or an older version's, which records none)
+            if held.free_after is not None:
+                if held.reusable(now) and self.allocator.kv.delete(held.key, held.index):
+                    logger.debug("GC removed {}, released and cooled down", held.key)
+                continue
             if (held.target, held.ifname) in valid or (
                 held.ifname is None and held.target in containers
             ):
@@ -547,7 +562,7 @@ class Invocation:
             try:
                 gone = Attachment(self.conf.name, held.target, held.ifname)
                 self.allocator.raise_fence("GC", gone)
-                if self.allocator.release(held):
+                if self.allocator.release(held, reuse_after=self.conf.reuse_after):
                     logger.debug("GC released {} (container {!r})", held.key, held.target)
                 else:
                     self.problems.append(f"{held.key} kept changing; not released")

@@ -88,6 +88,7 @@ class IpamSchema(Schema):
     # Identity recorded in allocations so GC only ever touches this host's; default hostname.
     host = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=253))
     min_free = fields.Integer(load_default=0, strict=True, validate=validate.Range(min=0))
+    reuse_after = fields.Float(load_default=0.0, validate=validate.Range(0, 30 * 86400))
 
 
 class IPConfigSchema(Schema):
