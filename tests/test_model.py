@@ -1,0 +1,636 @@
+"""A model-based test of ADD / DEL / CHECK / GC against a real Consul dev agent, plus targeted
+regressions for the interleaving defects it is built to catch.
+
+The model (`IpamModel`, a hypothesis `RuleBasedStateMachine`) drives random interleavings of
+real plugin processes over:
+
+- containers `m<k>-c0 .. c3`, c0/c2 on host h1 and c1/c3 on host h2 (`ipam.host`), each with
+  interfaces eth0 and eth1;
+- networks (config `name`): net-a [shared], net-b [shared, a], net-c [a] and net-x [a, b]
+  where pool b does not exist (its ADD must fail with 114 and leave nothing);
+- routes: through the host's real `ipam-da-consul-helper` (IPAM_DA_CONSUL_SOCKET) or in-process
+  (the socket points nowhere);
+- concurrency: 2-4 calls released at the same instant (eth0 and eth1 of one container attached
+  together, ADD racing GC of another network, ...);
+- faults: a helper paused (SIGSTOP, SIGCONT once the call returned or after PAUSE_LIMIT), a
+  helper killed mid-call (restarted by a later rule), a reply lost by tests/util_procs.LossyProxy
+  in front of Consul.
+
+The model holds, per attachment (network, container, ifname), "live" with the address per pool
+its ADD returned, or "unknown" after an outcome a fault made ambiguous; absent means nothing.
+After every step the invariant reads every allocation key of the example's pools from Consul
+and requires: each key belongs to a live/unknown attachment (else: leak); a live attachment
+holds exactly the addresses its ADD returned, one per pool (else: lost or duplicated); an
+unknown one at most one key per pool; each key's host is its container's host. Rules check
+outcomes: an ADD succeeds (except net-x: 114) with one address per pool, the same ones when
+repeated; DEL, CHECK and GC succeed; GC releases exactly the stale attachments it was given.
+At the end of each example every attachment is deleted and the pools must be empty.
+
+Violations are collected (the model resyncs and keeps going) and reported together, with the
+step log, when the example ends. Shrinking is off by default (each step is real processes).
+
+CI run: derandomized, MODEL_EXAMPLES examples of up to MODEL_STEPS steps.
+Longer seeded run (e.g. before a release, ~1 min per 3 examples on 2 cores):
+
+    IPAM_MODEL_EXAMPLES=40 IPAM_MODEL_STEPS=30 IPAM_MODEL_SEED=12345 \\
+        .venv/bin/pytest -q tests/test_model.py -k state_machine -s
+
+IPAM_MODEL_SHRINK=1 turns shrinking on (slow: every replay runs real processes).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, Phase, seed, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from tests.agent import ConsulAgent
+from tests.conftest import module_consul
+from tests.model_support import (
+    CALL_GUARD,
+    GOOD_NETWORKS,
+    HOSTS,
+    IFNAMES,
+    NETWORKS,
+    PAUSE_BOUND,
+    PAUSE_LIMIT,
+    RANGES,
+    HostHelper,
+    Key,
+    allocation_keys,
+    brief,
+    netconf11,
+    ranges_hold,
+    result_addresses,
+    run_together,
+    start_call,
+)
+from tests.util_procs import Call, Done, LossyProxy, drop_first, run_one
+
+consul = module_consul("model")
+
+MODEL_EXAMPLES = int(os.environ.get("IPAM_MODEL_EXAMPLES", "4"))
+MODEL_STEPS = int(os.environ.get("IPAM_MODEL_STEPS", "15"))
+MODEL_SEED = os.environ.get("IPAM_MODEL_SEED")
+SHRINK = os.environ.get("IPAM_MODEL_SHRINK") == "1"
+NCONTAINERS = 4
+
+Att = tuple[str, str, str]  # (network name, container ID, ifname)
+
+
+class World:
+    """What the module's tests share: the Consul agent and one helper per simulated host."""
+
+    consul: ConsulAgent
+    helpers: dict[str, HostHelper]
+
+
+WORLD = World()
+_examples = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def world(consul: ConsulAgent, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    base = tmp_path_factory.mktemp("model-hosts")
+    WORLD.consul = consul
+    WORLD.helpers = {h: HostHelper(base / h) for h in HOSTS}
+    yield WORLD
+    for helper in WORLD.helpers.values():
+        helper.close()
+
+
+def host_of(cid: str) -> str:
+    return HOSTS[int(cid.rsplit("c", 1)[1]) % len(HOSTS)]
+
+
+class Entry:
+    def __init__(self, state: str, addrs: dict[str, str] | None = None,
+                 result: dict[str, Any] | None = None) -> None:
+        self.state = state  # "live" or "unknown"
+        self.addrs = addrs or {}  # pool role -> ip (live only)
+        self.result = result  # the ADD's result, for prevResult (live only)
+
+    def __repr__(self) -> str:
+        return f"{self.state}{self.addrs or ''}"
+
+
+class IpamModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.consul = WORLD.consul
+        self.helpers = WORLD.helpers
+        for h in self.helpers.values():
+            h.ensure_running()
+        self.tag = next(_examples)
+        self.pool = {role: f"{role}-m{self.tag}" for role in ("shared", "a", "b")}
+        self.role = {name: role for role, name in self.pool.items()}
+        for role, ranges in RANGES.items():
+            self.consul.create_pool(self.pool[role], ranges)
+        self.containers = [f"m{self.tag}-c{i}" for i in range(NCONTAINERS)]
+        self.atts: dict[Att, Entry] = {}
+        self.log: list[str] = []
+        self.violations: list[str] = []
+        self.signatures: set[str] = set()
+        self.step = 0
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def note(self, text: str) -> None:
+        self.log.append(f"[{self.step}] {text}")
+
+    def violate(self, signature: str, text: str, *unknown: Att) -> None:
+        if signature not in self.signatures:
+            self.signatures.add(signature)
+            self.violations.append(f"step {self.step}: {text}")
+            self.note(f"VIOLATION {text}")
+        for att in unknown:
+            self.atts[att] = Entry("unknown")
+
+    def conf(self, net: str, host: str, **kw: Any) -> dict[str, Any]:
+        pools = [self.pool[r] for r in NETWORKS[net]]
+        servers = kw.pop("servers", None) or self.consul.url
+        return netconf11(servers, net, pools, host, **kw)
+
+    def route_env(self, route: str, host: str) -> dict[str, str]:
+        return self.helpers[host].env if route == "helper" else {}
+
+    def bound(self, cid: str, ifname: str) -> str | None:
+        """The network (cid, ifname) is attached to now, if any: an interface name belongs to
+        one network at a time inside a container."""
+        return next((n for (n, c, i) in self.atts if c == cid and i == ifname), None)
+
+    def addable(self, nets: list[str], host: str | None = None) -> list[Att]:
+        out = []
+        for net in nets:
+            for cid in self.containers:
+                if host is not None and host_of(cid) != host:
+                    continue
+                for ifname in IFNAMES:
+                    if self.bound(cid, ifname) in (None, net):
+                        out.append((net, cid, ifname))
+        return out
+
+    def deletable(self) -> list[Att]:
+        # Known attachments, plus ones never added (DEL of an unknown attachment is 0).
+        fresh = [(n, c, i) for n in GOOD_NETWORKS for c in self.containers[:2] for i in IFNAMES
+                 if self.bound(c, i) is None]
+        return sorted(self.atts) + fresh[:3]
+
+    def add_call(self, att: Att, route: str, extra_env: dict[str, str] | None = None) -> Call:
+        net, cid, ifname = att
+        host = host_of(cid)
+        env = {**self.route_env(route, host), **(extra_env or {})}
+        return Call("ADD", cid, self.conf(net, host), ifname=ifname, env=env, timeout=CALL_GUARD)
+
+    def del_call(self, att: Att, route: str, with_prev: bool) -> Call:
+        net, cid, ifname = att
+        host = host_of(cid)
+        entry = self.atts.get(att)
+        prev = entry.result if (with_prev and entry is not None and entry.result) else None
+        conf = self.conf(net, host, prev=prev)
+        return Call("DEL", cid, conf, ifname=ifname, env=self.route_env(route, host),
+                    timeout=CALL_GUARD)
+
+    def gc_call(self, net: str, host: str, valid: list[tuple[str, str]], route: str) -> Call:
+        conf = self.conf(net, host, valid=valid)
+        # The runtime sets no container or interface for GC; Call needs strings, so the
+        # environment overrides them away below (empty values are not "set").
+        call = Call("GC", "", conf, ifname="", env=self.route_env(route, host),
+                    timeout=CALL_GUARD)
+        return call
+
+    # -- settling outcomes into the model ---------------------------------------------------
+    def settle_add(self, att: Att, done: Done, fault: str | None = None) -> None:
+        net, cid, ifname = att
+        before = self.atts.get(att)
+        self.note(f"ADD {att} -> {brief(done)}")
+        if net == "net-x":
+            if done.rc == 0:
+                self.violate(f"netx-ok-{att}", f"ADD {att} with pool b missing succeeded: "
+                             f"{brief(done)}", att)
+            elif done.rc != 114 and fault is None:
+                self.violate(f"netx-code-{done.rc}", f"ADD {att} with pool b missing: expected "
+                             f"114, got {brief(done)}")
+            elif done.rc != 114:
+                self.atts[att] = Entry("unknown")
+            return
+        if done.rc != 0:
+            if fault is None:
+                self.violate(f"add-failed-{att}", f"ADD {att} failed without a fault: "
+                             f"{brief(done)} {done.stderr[-300:]!r}", att)
+            else:
+                self.note(f"  {fault}: outcome unknown")
+                self.atts[att] = Entry("unknown")
+            return
+        result = done.json
+        got = result_addresses(result)
+        roles = NETWORKS[net]
+        addrs: dict[str, str] = {}
+        for ip in got:
+            role = next((r for r in roles if ranges_hold(r, ip)), None)
+            if role is None or role in addrs:
+                self.violate(f"add-shape-{att}", f"ADD {att} returned {got}: not one address "
+                             f"per pool of {roles}", att)
+                return
+            addrs[role] = ip
+        if set(addrs) != set(roles):
+            self.violate(f"add-shape-{att}", f"ADD {att} returned {got}: not one address per "
+                         f"pool of {roles}", att)
+            return
+        if before is not None and before.state == "live" and before.addrs != addrs:
+            self.violate(f"idem-{att}", f"repeated ADD {att} returned {addrs}, the first "
+                         f"returned {before.addrs}", att)
+            return
+        for other, entry in self.atts.items():
+            if other != att and entry.state == "live":
+                for role, ip in addrs.items():
+                    if entry.addrs.get(role) == ip:
+                        self.violate(f"twice-{role}-{ip}", f"ADD {att} got {role} {ip}, which "
+                                     f"{other} got from its own ADD", att, other)
+                        return
+        self.atts[att] = Entry("live", addrs, result)
+
+    def settle_del(self, att: Att, done: Done, fault: str | None = None) -> None:
+        self.note(f"DEL {att} -> {brief(done)}")
+        if done.rc == 0 and done.stdout.strip() == "":
+            self.atts.pop(att, None)
+            return
+        if fault is None:
+            self.violate(f"del-failed-{att}", f"DEL {att} failed without a fault: "
+                         f"{brief(done)} {done.stderr[-300:]!r}", att)
+        else:
+            self.note(f"  {fault}: outcome unknown")
+            if att in self.atts:
+                self.atts[att] = Entry("unknown")
+            else:
+                self.atts[att] = Entry("unknown")
+
+    def settle_gc(self, net: str, host: str, stale: list[Att], done: Done) -> None:
+        self.note(f"GC {net}@{host} stale={stale} -> {brief(done)}")
+        ok = done.rc == 0 or (net == "net-x" and done.rc == 125)
+        if not ok:
+            self.violate(f"gc-failed-{net}", f"GC {net}@{host} failed: {brief(done)}", *stale)
+            return
+        for att in stale:
+            self.atts.pop(att, None)
+
+    def gc_plan(self, net: str, host: str, stale_pick: list[bool],
+                also_valid: list[Att]) -> tuple[list[tuple[str, str]], list[Att]]:
+        mine = [a for a in sorted(self.atts) if a[0] == net and host_of(a[1]) == host
+                and a not in also_valid]
+        stale = [a for a, drop in zip(mine, stale_pick + [False] * len(mine)) if drop]
+        valid = [(c, i) for (n, c, i) in mine if (n, c, i) not in stale]
+        valid += [(c, i) for (n, c, i) in also_valid if n == net and host_of(c) == host]
+        return valid, stale
+
+    # -- the invariant: KV against the model --------------------------------------------------
+    def attribute(self, key: Key) -> Att | None:
+        role = self.role.get(key.pool)
+        if key.network is not None:
+            att = (key.network, key.target, key.ifname)
+            ok = att in self.atts and role in NETWORKS.get(key.network, [])
+            return att if ok else None
+        # No network recorded: the attachment of this (container, ifname) whose network
+        # lists the pool (an interface belongs to one network at a time).
+        for att in self.atts:
+            if att[1] == key.target and att[2] == key.ifname and role in NETWORKS[att[0]]:
+                return att
+        return None
+
+    def keys_by_att(self) -> tuple[dict[Att, list[Key]], list[Key]]:
+        keys = allocation_keys(self.consul, set(self.pool.values()))
+        by_att: dict[Att, list[Key]] = defaultdict(list)
+        orphans = []
+        for key in keys:
+            att = self.attribute(key)
+            if att is None:
+                orphans.append(key)
+            else:
+                by_att[att].append(key)
+        return by_att, orphans
+
+    @invariant()
+    def kv_matches_model(self) -> None:
+        by_att, orphans = self.keys_by_att()
+        for key in orphans:
+            self.violate(f"orphan-{key.pool}-{key.ip}",
+                         f"KV holds {key!r}, which belongs to no live attachment "
+                         f"(model: {self.model_text()})")
+            # Resync: an operator would release it; keep the model checking what follows.
+            self.consul._req("DELETE", f"ipam/{key.pool}/{key.ip}")
+        for att, entry in list(self.atts.items()):
+            keys = by_att.get(att, [])
+            host = host_of(att[1])
+            for key in keys:
+                if key.host != host:
+                    self.violate(f"host-{att}", f"{key!r} of {att} records host {key.host!r}, "
+                                 f"its container is on {host}")
+            per_pool: dict[str, list[str]] = defaultdict(list)
+            for key in keys:
+                per_pool[self.role[key.pool]].append(key.ip)
+            dup = {r: ips for r, ips in per_pool.items() if len(ips) > 1}
+            if dup:
+                self.violate(f"dup-{att}", f"{att} holds several addresses in one pool: {dup}",
+                             att)
+            if entry.state != "live":
+                continue
+            held = {r: ips[0] for r, ips in per_pool.items() if len(ips) == 1}
+            if held != entry.addrs and not dup:
+                lost = {r: ip for r, ip in entry.addrs.items() if held.get(r) != ip}
+                self.violate(f"lost-{att}-{sorted(lost.items())}",
+                             f"{att} got {entry.addrs} from its ADD, KV now holds {held} "
+                             f"(lost {lost})", att)
+
+    def model_text(self) -> str:
+        return ", ".join(f"{a}:{e}" for a, e in sorted(self.atts.items())) or "empty"
+
+    # -- rules --------------------------------------------------------------------------------
+    def begin(self, what: str) -> None:
+        self.step += 1
+        self.note(what)
+
+    @rule(data=st.data(), route=st.sampled_from(["helper", "inproc"]))
+    def add(self, data: st.DataObject, route: str) -> None:
+        att = data.draw(st.sampled_from(self.addable(GOOD_NETWORKS)), label="att")
+        self.begin(f"add {att} via {route}")
+        self.settle_add(att, run_one(self.add_call(att, route)))
+
+    @rule(data=st.data(), route=st.sampled_from(["helper", "inproc"]))
+    def add_missing_pool(self, data: st.DataObject, route: str) -> None:
+        att = data.draw(st.sampled_from(self.addable(["net-x"])), label="att")
+        self.begin(f"add (pool b missing) {att} via {route}")
+        self.settle_add(att, run_one(self.add_call(att, route)))
+
+    @rule(data=st.data(), route=st.sampled_from(["helper", "inproc"]), with_prev=st.booleans())
+    def delete(self, data: st.DataObject, route: str, with_prev: bool) -> None:
+        att = data.draw(st.sampled_from(self.deletable()), label="att")
+        self.begin(f"del {att} via {route} prev={with_prev}")
+        self.settle_del(att, run_one(self.del_call(att, route, with_prev)))
+
+    @precondition(lambda self: any(e.state == "live" for e in self.atts.values()))
+    @rule(data=st.data(), route=st.sampled_from(["helper", "inproc"]))
+    def check(self, data: st.DataObject, route: str) -> None:
+        live = sorted(a for a, e in self.atts.items() if e.state == "live")
+        att = data.draw(st.sampled_from(live), label="att")
+        self.begin(f"check {att} via {route}")
+        net, cid, ifname = att
+        host = host_of(cid)
+        conf = self.conf(net, host, prev=self.atts[att].result)
+        done = run_one(Call("CHECK", cid, conf, ifname=ifname, env=self.route_env(route, host),
+                            timeout=CALL_GUARD))
+        self.note(f"CHECK {att} -> {brief(done)}")
+        if done.rc != 0:
+            self.violate(f"check-{att}", f"CHECK {att} failed: {brief(done)}")
+
+    @rule(data=st.data(), net=st.sampled_from(list(NETWORKS)), host=st.sampled_from(HOSTS),
+          route=st.sampled_from(["helper", "inproc"]),
+          stale_pick=st.lists(st.booleans(), max_size=8))
+    def gc(self, data: st.DataObject, net: str, host: str, route: str,
+           stale_pick: list[bool]) -> None:
+        valid, stale = self.gc_plan(net, host, stale_pick, [])
+        self.begin(f"gc {net}@{host} valid={valid} via {route}")
+        done = run_one(self.gc_call(net, host, valid, route))
+        self.settle_gc(net, host, stale, done)
+
+    def pair_containers(self) -> list[str]:
+        return [c for c in self.containers if all(self.bound(c, i) is None for i in IFNAMES)]
+
+    @precondition(lambda self: bool(self.pair_containers()))
+    @rule(data=st.data(), net0=st.sampled_from(GOOD_NETWORKS),
+          net1=st.sampled_from(["net-x", "net-x", *GOOD_NETWORKS]),
+          routes=st.tuples(st.sampled_from(["helper", "inproc"]),
+                           st.sampled_from(["helper", "inproc"])))
+    def attach_pair(self, data: st.DataObject, net0: str, net1: str,
+                    routes: tuple[str, str]) -> None:
+        """A runtime attaching two networks to one container in parallel."""
+        cid = data.draw(st.sampled_from(self.pair_containers()), label="cid")
+        a0, a1 = (net0, cid, "eth0"), (net1, cid, "eth1")
+        self.begin(f"together: ADD {a0} via {routes[0]} + ADD {a1} via {routes[1]}")
+        d0, d1 = run_together([self.add_call(a0, routes[0]), self.add_call(a1, routes[1])])
+        self.settle_add(a0, d0)
+        self.settle_add(a1, d1)
+
+    @rule(data=st.data(), n=st.integers(2, 4))
+    def together(self, data: st.DataObject, n: int) -> None:
+        """2-4 calls on distinct attachments (and at most one GC) released at one instant."""
+        used: set[tuple[str, str]] = set()
+        plan: list[tuple[str, Any, str]] = []
+        gc_args: tuple[str, str, list[bool]] | None = None
+        for _ in range(n):
+            kind = data.draw(st.sampled_from(["add", "add", "missing", "del", "gc"]), label="k")
+            route = data.draw(st.sampled_from(["helper", "inproc"]), label="route")
+            if kind == "gc":
+                if gc_args is None:
+                    gc_args = (data.draw(st.sampled_from(list(NETWORKS)), label="gcnet"),
+                               data.draw(st.sampled_from(HOSTS), label="gchost"),
+                               data.draw(st.lists(st.booleans(), max_size=8), label="stale"))
+                    plan.append(("gc", None, route))
+                continue
+            if kind == "del":
+                options = [a for a in self.deletable() if (a[1], a[2]) not in used]
+            else:
+                nets = ["net-x"] if kind == "missing" else GOOD_NETWORKS
+                options = [a for a in self.addable(nets) if (a[1], a[2]) not in used]
+            if not options:
+                continue
+            att = data.draw(st.sampled_from(options), label="att")
+            used.add((att[1], att[2]))
+            plan.append(("del" if kind == "del" else "add", att, route))
+        if len(plan) < 2:
+            return
+        inflight = [att for kind, att, _ in plan if kind != "gc"]
+        calls, stale, valid = [], [], []
+        for kind, att, route in plan:
+            if kind == "add":
+                calls.append(self.add_call(att, route))
+            elif kind == "del":
+                calls.append(self.del_call(att, route, with_prev=True))
+            else:
+                assert gc_args is not None
+                gnet, ghost, pick = gc_args
+                valid, stale = self.gc_plan(gnet, ghost, pick, inflight)
+                calls.append(self.gc_call(gnet, ghost, valid, route))
+        self.begin("together: " + " + ".join(
+            f"{k.upper()} {a if a else (gc_args[0] + '@' + gc_args[1] + f' valid={valid}')}"
+            f" via {r}" for k, a, r in plan))
+        done = run_together(calls)
+        for (kind, att, _), d in zip(plan, done):
+            if kind == "add":
+                self.settle_add(att, d)
+            elif kind == "del":
+                self.settle_del(att, d)
+            else:
+                assert gc_args is not None
+                self.settle_gc(gc_args[0], gc_args[1], stale, d)
+
+    # -- faults ---------------------------------------------------------------------------------
+    def running_hosts(self) -> list[str]:
+        return [h for h, hh in self.helpers.items() if hh.alive]
+
+    @precondition(lambda self: bool(self.running_hosts()))
+    @rule(data=st.data())
+    def add_with_helper_paused(self, data: st.DataObject) -> None:
+        host = data.draw(st.sampled_from(self.running_hosts()), label="host")
+        att = data.draw(st.sampled_from(self.addable(GOOD_NETWORKS, host)), label="att")
+        self.begin(f"pause helper {host}; add {att} via helper")
+        was = self.atts.get(att)
+        helper = self.helpers[host]
+        helper.pause()
+        try:
+            running = start_call(self.add_call(att, "helper"))
+            done = running.wait(PAUSE_LIMIT)
+        finally:
+            helper.resume()
+        if done is None:
+            done = running.wait(CALL_GUARD)
+            assert done is not None, "harness: the paused call never returned"
+        if done.elapsed > PAUSE_BOUND:
+            self.violate(f"paused-hang-{host}", f"with helper {host} paused, ADD {att} took "
+                         f"{done.elapsed:.1f}s (bound {PAUSE_BOUND}s: fall back in-process "
+                         f"within ~1 s or 11 by the deadline); it returned only after SIGCONT "
+                         f"at {PAUSE_LIMIT}s: {brief(done)}")
+        if done.rc == 0:
+            self.settle_add(att, done)
+        elif done.rc == 11:
+            self.settle_add(att, done, fault="helper paused")
+            if was is None:
+                # 11 is a failed ADD: once the helper runs again, nothing of the abandoned
+                # call may stay (the helper must not write for it).
+                end = time.monotonic() + 3.0
+                while True:
+                    keys = self.keys_by_att()[0].get(att, [])
+                    if not keys or time.monotonic() > end:
+                        break
+                    time.sleep(0.2)
+                if keys:
+                    self.violate(f"abandoned-{att}", f"ADD {att} returned 11 with the helper "
+                                 f"paused, yet after SIGCONT KV holds {keys}")
+        else:
+            self.violate(f"paused-code-{done.rc}", f"with helper {host} paused, ADD {att}: "
+                         f"expected 0 or 11, got {brief(done)}", att)
+        time.sleep(1.0)  # anything the resumed helper still does lands before the invariant
+
+    @precondition(lambda self: bool(self.running_hosts()))
+    @rule(data=st.data(), command=st.sampled_from(["ADD", "DEL"]),
+          delay=st.sampled_from([0.0, 0.03, 0.1, 0.25]))
+    def kill_helper_mid_call(self, data: st.DataObject, command: str, delay: float) -> None:
+        host = data.draw(st.sampled_from(self.running_hosts()), label="host")
+        if command == "ADD":
+            att = data.draw(st.sampled_from(self.addable(GOOD_NETWORKS, host)), label="att")
+            call = self.add_call(att, "helper")
+        else:
+            options = [a for a in self.deletable() if host_of(a[1]) == host]
+            if not options:
+                return
+            att = data.draw(st.sampled_from(options), label="att")
+            call = self.del_call(att, "helper", with_prev=True)
+        self.begin(f"{command} {att} via helper {host}, SIGKILL it after {delay}s")
+        running = start_call(call)
+        time.sleep(delay)
+        self.helpers[host].kill()
+        done = running.wait(CALL_GUARD + 5)
+        assert done is not None
+        # The client falls back in-process when the helper goes away; ADD and DEL are
+        # idempotent, so the redo must succeed.
+        if command == "ADD":
+            if done.rc != 0:
+                self.violate(f"kill-add-{att}", f"ADD {att} failed after its helper was "
+                             f"killed instead of falling back: {brief(done)}", att)
+            else:
+                self.settle_add(att, done)
+        else:
+            self.settle_del(att, done)
+
+    @precondition(lambda self: any(not h.alive for h in self.helpers.values()))
+    @rule()
+    def restart_helper(self) -> None:
+        for host, helper in self.helpers.items():
+            if not helper.alive:
+                self.begin(f"restart helper {host}")
+                helper.start()
+                return
+
+    @rule(data=st.data(), command=st.sampled_from(["ADD", "DEL"]))
+    def lost_reply(self, data: st.DataObject, command: str) -> None:
+        """Consul applies the write; its reply never arrives (in-process call)."""
+        if command == "ADD":
+            att = data.draw(st.sampled_from(self.addable(GOOD_NETWORKS)), label="att")
+        else:
+            att = data.draw(st.sampled_from(self.deletable()), label="att")
+        net, cid, ifname = att
+        host = host_of(cid)
+        proxy = LossyProxy(self.consul.url, drop_first("PUT" if command == "ADD" else "DELETE"))
+        try:
+            self.begin(f"{command} {att} in-process, first reply lost")
+            servers = [proxy.url, self.consul.url]
+            entry = self.atts.get(att)
+            prev = entry.result if command == "DEL" and entry is not None else None
+            conf = self.conf(net, host, prev=prev, servers=servers)
+            done = run_one(Call(command, cid, conf, ifname=ifname, timeout=CALL_GUARD))
+        finally:
+            proxy.close()
+        self.note(f"  dropped {proxy.dropped}")
+        if command == "ADD":
+            self.settle_add(att, done)
+        else:
+            self.settle_del(att, done)
+
+    def teardown(self) -> None:
+        for h in self.helpers.values():
+            h.resume()
+        if not self.violations:
+            # Every attachment, whatever its state, must be releasable by DEL.
+            for att in sorted(self.atts):
+                host = host_of(att[1])
+                route = "helper" if self.helpers[host].alive else "inproc"
+                done = run_one(self.del_call(att, route, with_prev=False))
+                self.note(f"final DEL {att} via {route} -> {brief(done)}")
+                if done.rc != 0:
+                    self.violate(f"final-del-{att}", f"final DEL {att} failed: {brief(done)}")
+            left = allocation_keys(self.consul, set(self.pool.values()))
+            if left:
+                self.violate("final-left", f"after DEL of every attachment KV still holds "
+                             f"{left}")
+        if self.violations:
+            raise AssertionError(
+                f"{len(self.violations)} violation(s) in example m{self.tag}:\n  "
+                + "\n  ".join(self.violations)
+                + "\nstep log:\n  " + "\n  ".join(self.log)
+            )
+
+
+def _settings() -> settings:
+    phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if SHRINK else [])
+    return settings(
+        max_examples=MODEL_EXAMPLES,
+        stateful_step_count=MODEL_STEPS,
+        deadline=None,
+        derandomize=MODEL_SEED is None,
+        database=None,
+        phases=phases,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+    )
+
+
+def test_state_machine(world: World) -> None:
+    machine = IpamModel
+    if MODEL_SEED is not None:
+        machine = seed(int(MODEL_SEED))(IpamModel)
+    run_state_machine_as_test(machine, settings=_settings())
