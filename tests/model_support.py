@@ -28,17 +28,29 @@ IPAM_TIMEOUTS = {"timeout": TIMEOUT, "consul_read_timeout": 2, "consul_connect_t
 # ~1 s; either way it is over within the budget plus interpreter start-up on 2 busy cores.
 PAUSE_BOUND = TIMEOUT + 3.0
 # How long the helper stays stopped at most (SIGCONT comes earlier when the call returns).
-PAUSE_LIMIT = TIMEOUT + 6.0
+PAUSE_LIMIT = PAUSE_BOUND + 1.0
 # Harness guard only: no call may run longer than this (a hang is reported, not waited out).
 CALL_GUARD = 45.0
 
 # Pools by role; each example of the model gets its own copies (names suffixed), so the
 # helpers' caches and the keys of earlier examples never meet the current one.
 RANGES: dict[str, list[dict[str, str]]] = {
-    "shared": [{"subnet": "10.60.0.0/24", "rangeStart": "10.60.0.10",
-                "rangeEnd": "10.60.0.250", "gateway": "10.60.0.1"}],
-    "a": [{"subnet": "10.61.0.0/24", "rangeStart": "10.61.0.10",
-           "rangeEnd": "10.61.0.250", "gateway": "10.61.0.1"}],
+    "shared": [
+        {
+            "subnet": "10.60.0.0/24",
+            "rangeStart": "10.60.0.10",
+            "rangeEnd": "10.60.0.250",
+            "gateway": "10.60.0.1",
+        }
+    ],
+    "a": [
+        {
+            "subnet": "10.61.0.0/24",
+            "rangeStart": "10.61.0.10",
+            "rangeEnd": "10.61.0.250",
+            "gateway": "10.61.0.1",
+        }
+    ],
     # "b" is never created: the pool a config lists but KV does not have.
 }
 # Network name -> pool roles, in the order the config lists them.
@@ -131,7 +143,7 @@ def allocation_keys(consul: ConsulAgent, pools: set[str], prefix: str = "ipam/")
     prefix (pool keys, folder keys, fences under `.fences/`, other pools) is not an allocation."""
     out = []
     for k, v in consul.tree(prefix).items():
-        rest = k[len(prefix):]
+        rest = k[len(prefix) :]
         pool, sep, ip = rest.partition("/")
         if not sep or not ip or pool not in pools or "/" in ip:
             continue
@@ -226,7 +238,7 @@ def start_call(call: Call, gate: threading.Event | None = None) -> Running:
     def work() -> None:
         try:
             box["done"] = run_one(call, gate)
-        except BaseException as exc:  # noqa: BLE001 (re-raised in the test thread)
+        except BaseException as exc:
             box["error"] = exc
 
     thread = threading.Thread(target=work, daemon=True)

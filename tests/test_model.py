@@ -41,13 +41,10 @@ IPAM_MODEL_SHRINK=1 turns shrinking on (slow: every replay runs real processes).
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -121,8 +118,9 @@ def host_of(cid: str) -> str:
 
 
 class Entry:
-    def __init__(self, state: str, addrs: dict[str, str] | None = None,
-                 result: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, state: str, addrs: dict[str, str] | None = None, result: dict[str, Any] | None = None
+    ) -> None:
         self.state = state  # "live" or "unknown"
         self.addrs = addrs or {}  # pool role -> ip (live only)
         self.result = result  # the ADD's result, for prevResult (live only)
@@ -149,6 +147,7 @@ class IpamModel(RuleBasedStateMachine):
         self.violations: list[str] = []
         self.signatures: set[str] = set()
         self.step = 0
+        self.faults: dict[str, int] = defaultdict(int)  # per kind, to keep examples short
 
     # -- bookkeeping ------------------------------------------------------------------------
     def note(self, text: str) -> None:
@@ -188,8 +187,13 @@ class IpamModel(RuleBasedStateMachine):
 
     def deletable(self) -> list[Att]:
         # Known attachments, plus ones never added (DEL of an unknown attachment is 0).
-        fresh = [(n, c, i) for n in GOOD_NETWORKS for c in self.containers[:2] for i in IFNAMES
-                 if self.bound(c, i) is None]
+        fresh = [
+            (n, c, i)
+            for n in GOOD_NETWORKS
+            for c in self.containers[:2]
+            for i in IFNAMES
+            if self.bound(c, i) is None
+        ]
         return sorted(self.atts) + fresh[:3]
 
     def add_call(self, att: Att, route: str, extra_env: dict[str, str] | None = None) -> Call:
@@ -204,36 +208,42 @@ class IpamModel(RuleBasedStateMachine):
         entry = self.atts.get(att)
         prev = entry.result if (with_prev and entry is not None and entry.result) else None
         conf = self.conf(net, host, prev=prev)
-        return Call("DEL", cid, conf, ifname=ifname, env=self.route_env(route, host),
-                    timeout=CALL_GUARD)
+        return Call(
+            "DEL", cid, conf, ifname=ifname, env=self.route_env(route, host), timeout=CALL_GUARD
+        )
 
     def gc_call(self, net: str, host: str, valid: list[tuple[str, str]], route: str) -> Call:
         conf = self.conf(net, host, valid=valid)
         # The runtime sets no container or interface for GC; Call needs strings, so the
         # environment overrides them away below (empty values are not "set").
-        call = Call("GC", "", conf, ifname="", env=self.route_env(route, host),
-                    timeout=CALL_GUARD)
+        call = Call("GC", "", conf, ifname="", env=self.route_env(route, host), timeout=CALL_GUARD)
         return call
 
     # -- settling outcomes into the model ---------------------------------------------------
     def settle_add(self, att: Att, done: Done, fault: str | None = None) -> None:
-        net, cid, ifname = att
+        net = att[0]
         before = self.atts.get(att)
         self.note(f"ADD {att} -> {brief(done)}")
         if net == "net-x":
             if done.rc == 0:
-                self.violate(f"netx-ok-{att}", f"ADD {att} with pool b missing succeeded: "
-                             f"{brief(done)}", att)
+                self.violate(
+                    f"netx-ok-{att}", f"ADD {att} with pool b missing succeeded: {brief(done)}", att
+                )
             elif done.rc != 114 and fault is None:
-                self.violate(f"netx-code-{done.rc}", f"ADD {att} with pool b missing: expected "
-                             f"114, got {brief(done)}")
+                self.violate(
+                    f"netx-code-{done.rc}",
+                    f"ADD {att} with pool b missing: expected 114, got {brief(done)}",
+                )
             elif done.rc != 114:
                 self.atts[att] = Entry("unknown")
             return
         if done.rc != 0:
             if fault is None:
-                self.violate(f"add-failed-{att}", f"ADD {att} failed without a fault: "
-                             f"{brief(done)} {done.stderr[-300:]!r}", att)
+                self.violate(
+                    f"add-failed-{att}",
+                    f"ADD {att} failed without a fault: {brief(done)} {done.stderr[-300:]!r}",
+                    att,
+                )
             else:
                 self.note(f"  {fault}: outcome unknown")
                 self.atts[att] = Entry("unknown")
@@ -245,24 +255,37 @@ class IpamModel(RuleBasedStateMachine):
         for ip in got:
             role = next((r for r in roles if ranges_hold(r, ip)), None)
             if role is None or role in addrs:
-                self.violate(f"add-shape-{att}", f"ADD {att} returned {got}: not one address "
-                             f"per pool of {roles}", att)
+                self.violate(
+                    f"add-shape-{att}",
+                    f"ADD {att} returned {got}: not one address per pool of {roles}",
+                    att,
+                )
                 return
             addrs[role] = ip
         if set(addrs) != set(roles):
-            self.violate(f"add-shape-{att}", f"ADD {att} returned {got}: not one address per "
-                         f"pool of {roles}", att)
+            self.violate(
+                f"add-shape-{att}",
+                f"ADD {att} returned {got}: not one address per pool of {roles}",
+                att,
+            )
             return
         if before is not None and before.state == "live" and before.addrs != addrs:
-            self.violate(f"idem-{att}", f"repeated ADD {att} returned {addrs}, the first "
-                         f"returned {before.addrs}", att)
+            self.violate(
+                f"idem-{att}",
+                f"repeated ADD {att} returned {addrs}, the first returned {before.addrs}",
+                att,
+            )
             return
         for other, entry in self.atts.items():
             if other != att and entry.state == "live":
                 for role, ip in addrs.items():
                     if entry.addrs.get(role) == ip:
-                        self.violate(f"twice-{role}-{ip}", f"ADD {att} got {role} {ip}, which "
-                                     f"{other} got from its own ADD", att, other)
+                        self.violate(
+                            f"twice-{role}-{ip}",
+                            f"ADD {att} got {role} {ip}, which {other} got from its own ADD",
+                            att,
+                            other,
+                        )
                         return
         self.atts[att] = Entry("live", addrs, result)
 
@@ -272,8 +295,11 @@ class IpamModel(RuleBasedStateMachine):
             self.atts.pop(att, None)
             return
         if fault is None:
-            self.violate(f"del-failed-{att}", f"DEL {att} failed without a fault: "
-                         f"{brief(done)} {done.stderr[-300:]!r}", att)
+            self.violate(
+                f"del-failed-{att}",
+                f"DEL {att} failed without a fault: {brief(done)} {done.stderr[-300:]!r}",
+                att,
+            )
         else:
             self.note(f"  {fault}: outcome unknown")
             if att in self.atts:
@@ -290,11 +316,15 @@ class IpamModel(RuleBasedStateMachine):
         for att in stale:
             self.atts.pop(att, None)
 
-    def gc_plan(self, net: str, host: str, stale_pick: list[bool],
-                also_valid: list[Att]) -> tuple[list[tuple[str, str]], list[Att]]:
-        mine = [a for a in sorted(self.atts) if a[0] == net and host_of(a[1]) == host
-                and a not in also_valid]
-        stale = [a for a, drop in zip(mine, stale_pick + [False] * len(mine)) if drop]
+    def gc_plan(
+        self, net: str, host: str, stale_pick: list[bool], also_valid: list[Att]
+    ) -> tuple[list[tuple[str, str]], list[Att]]:
+        mine = [
+            a
+            for a in sorted(self.atts)
+            if a[0] == net and host_of(a[1]) == host and a not in also_valid
+        ]
+        stale = [a for a, drop in zip(mine, stale_pick + [False] * len(mine), strict=False) if drop]
         valid = [(c, i) for (n, c, i) in mine if (n, c, i) not in stale]
         valid += [(c, i) for (n, c, i) in also_valid if n == net and host_of(c) == host]
         return valid, stale
@@ -329,9 +359,11 @@ class IpamModel(RuleBasedStateMachine):
     def kv_matches_model(self) -> None:
         by_att, orphans = self.keys_by_att()
         for key in orphans:
-            self.violate(f"orphan-{key.pool}-{key.ip}",
-                         f"KV holds {key!r}, which belongs to no live attachment "
-                         f"(model: {self.model_text()})")
+            self.violate(
+                f"orphan-{key.pool}-{key.ip}",
+                f"KV holds {key!r}, which belongs to no live attachment "
+                f"(model: {self.model_text()})",
+            )
             # Resync: an operator would release it; keep the model checking what follows.
             self.consul._req("DELETE", f"ipam/{key.pool}/{key.ip}")
         for att, entry in list(self.atts.items()):
@@ -339,23 +371,26 @@ class IpamModel(RuleBasedStateMachine):
             host = host_of(att[1])
             for key in keys:
                 if key.host != host:
-                    self.violate(f"host-{att}", f"{key!r} of {att} records host {key.host!r}, "
-                                 f"its container is on {host}")
+                    self.violate(
+                        f"host-{att}",
+                        f"{key!r} of {att} records host {key.host!r}, its container is on {host}",
+                    )
             per_pool: dict[str, list[str]] = defaultdict(list)
             for key in keys:
                 per_pool[self.role[key.pool]].append(key.ip)
             dup = {r: ips for r, ips in per_pool.items() if len(ips) > 1}
             if dup:
-                self.violate(f"dup-{att}", f"{att} holds several addresses in one pool: {dup}",
-                             att)
+                self.violate(f"dup-{att}", f"{att} holds several addresses in one pool: {dup}", att)
             if entry.state != "live":
                 continue
             held = {r: ips[0] for r, ips in per_pool.items() if len(ips) == 1}
             if held != entry.addrs and not dup:
                 lost = {r: ip for r, ip in entry.addrs.items() if held.get(r) != ip}
-                self.violate(f"lost-{att}-{sorted(lost.items())}",
-                             f"{att} got {entry.addrs} from its ADD, KV now holds {held} "
-                             f"(lost {lost})", att)
+                self.violate(
+                    f"lost-{att}-{sorted(lost.items())}",
+                    f"{att} got {entry.addrs} from its ADD, KV now holds {held} (lost {lost})",
+                    att,
+                )
 
     def model_text(self) -> str:
         return ", ".join(f"{a}:{e}" for a, e in sorted(self.atts.items())) or "empty"
@@ -392,17 +427,30 @@ class IpamModel(RuleBasedStateMachine):
         net, cid, ifname = att
         host = host_of(cid)
         conf = self.conf(net, host, prev=self.atts[att].result)
-        done = run_one(Call("CHECK", cid, conf, ifname=ifname, env=self.route_env(route, host),
-                            timeout=CALL_GUARD))
+        done = run_one(
+            Call(
+                "CHECK",
+                cid,
+                conf,
+                ifname=ifname,
+                env=self.route_env(route, host),
+                timeout=CALL_GUARD,
+            )
+        )
         self.note(f"CHECK {att} -> {brief(done)}")
         if done.rc != 0:
             self.violate(f"check-{att}", f"CHECK {att} failed: {brief(done)}")
 
-    @rule(data=st.data(), net=st.sampled_from(list(NETWORKS)), host=st.sampled_from(HOSTS),
-          route=st.sampled_from(["helper", "inproc"]),
-          stale_pick=st.lists(st.booleans(), max_size=8))
-    def gc(self, data: st.DataObject, net: str, host: str, route: str,
-           stale_pick: list[bool]) -> None:
+    @rule(
+        data=st.data(),
+        net=st.sampled_from(list(NETWORKS)),
+        host=st.sampled_from(HOSTS),
+        route=st.sampled_from(["helper", "inproc"]),
+        stale_pick=st.lists(st.booleans(), max_size=8),
+    )
+    def gc(
+        self, data: st.DataObject, net: str, host: str, route: str, stale_pick: list[bool]
+    ) -> None:
         valid, stale = self.gc_plan(net, host, stale_pick, [])
         self.begin(f"gc {net}@{host} valid={valid} via {route}")
         done = run_one(self.gc_call(net, host, valid, route))
@@ -412,12 +460,17 @@ class IpamModel(RuleBasedStateMachine):
         return [c for c in self.containers if all(self.bound(c, i) is None for i in IFNAMES)]
 
     @precondition(lambda self: bool(self.pair_containers()))
-    @rule(data=st.data(), net0=st.sampled_from(GOOD_NETWORKS),
-          net1=st.sampled_from(["net-x", "net-x", *GOOD_NETWORKS]),
-          routes=st.tuples(st.sampled_from(["helper", "inproc"]),
-                           st.sampled_from(["helper", "inproc"])))
-    def attach_pair(self, data: st.DataObject, net0: str, net1: str,
-                    routes: tuple[str, str]) -> None:
+    @rule(
+        data=st.data(),
+        net0=st.sampled_from(GOOD_NETWORKS),
+        net1=st.sampled_from(["net-x", "net-x", *GOOD_NETWORKS]),
+        routes=st.tuples(
+            st.sampled_from(["helper", "inproc"]), st.sampled_from(["helper", "inproc"])
+        ),
+    )
+    def attach_pair(
+        self, data: st.DataObject, net0: str, net1: str, routes: tuple[str, str]
+    ) -> None:
         """A runtime attaching two networks to one container in parallel."""
         cid = data.draw(st.sampled_from(self.pair_containers()), label="cid")
         a0, a1 = (net0, cid, "eth0"), (net1, cid, "eth1")
@@ -437,9 +490,11 @@ class IpamModel(RuleBasedStateMachine):
             route = data.draw(st.sampled_from(["helper", "inproc"]), label="route")
             if kind == "gc":
                 if gc_args is None:
-                    gc_args = (data.draw(st.sampled_from(list(NETWORKS)), label="gcnet"),
-                               data.draw(st.sampled_from(HOSTS), label="gchost"),
-                               data.draw(st.lists(st.booleans(), max_size=8), label="stale"))
+                    gc_args = (
+                        data.draw(st.sampled_from(list(NETWORKS)), label="gcnet"),
+                        data.draw(st.sampled_from(HOSTS), label="gchost"),
+                        data.draw(st.lists(st.booleans(), max_size=8), label="stale"),
+                    )
                     plan.append(("gc", None, route))
                 continue
             if kind == "del":
@@ -466,11 +521,16 @@ class IpamModel(RuleBasedStateMachine):
                 gnet, ghost, pick = gc_args
                 valid, stale = self.gc_plan(gnet, ghost, pick, inflight)
                 calls.append(self.gc_call(gnet, ghost, valid, route))
-        self.begin("together: " + " + ".join(
-            f"{k.upper()} {a if a else (gc_args[0] + '@' + gc_args[1] + f' valid={valid}')}"
-            f" via {r}" for k, a, r in plan))
+        self.begin(
+            "together: "
+            + " + ".join(
+                f"{k.upper()} {a if a else (gc_args[0] + '@' + gc_args[1] + f' valid={valid}')}"
+                f" via {r}"
+                for k, a, r in plan
+            )
+        )
         done = run_together(calls)
-        for (kind, att, _), d in zip(plan, done):
+        for (kind, att, _), d in zip(plan, done, strict=True):
             if kind == "add":
                 self.settle_add(att, d)
             elif kind == "del":
@@ -483,12 +543,13 @@ class IpamModel(RuleBasedStateMachine):
     def running_hosts(self) -> list[str]:
         return [h for h, hh in self.helpers.items() if hh.alive]
 
-    @precondition(lambda self: bool(self.running_hosts()))
+    @precondition(lambda self: bool(self.running_hosts()) and self.faults["pause"] < 1)
     @rule(data=st.data())
     def add_with_helper_paused(self, data: st.DataObject) -> None:
         host = data.draw(st.sampled_from(self.running_hosts()), label="host")
         att = data.draw(st.sampled_from(self.addable(GOOD_NETWORKS, host)), label="att")
         self.begin(f"pause helper {host}; add {att} via helper")
+        self.faults["pause"] += 1
         was = self.atts.get(att)
         helper = self.helpers[host]
         helper.pause()
@@ -501,10 +562,13 @@ class IpamModel(RuleBasedStateMachine):
             done = running.wait(CALL_GUARD)
             assert done is not None, "harness: the paused call never returned"
         if done.elapsed > PAUSE_BOUND:
-            self.violate(f"paused-hang-{host}", f"with helper {host} paused, ADD {att} took "
-                         f"{done.elapsed:.1f}s (bound {PAUSE_BOUND}s: fall back in-process "
-                         f"within ~1 s or 11 by the deadline); it returned only after SIGCONT "
-                         f"at {PAUSE_LIMIT}s: {brief(done)}")
+            self.violate(
+                f"paused-hang-{host}",
+                f"with helper {host} paused, ADD {att} took "
+                f"{done.elapsed:.1f}s (bound {PAUSE_BOUND}s: fall back in-process "
+                f"within ~1 s or 11 by the deadline); it returned only after SIGCONT "
+                f"at {PAUSE_LIMIT}s: {brief(done)}",
+            )
         if done.rc == 0:
             self.settle_add(att, done)
         elif done.rc == 11:
@@ -519,16 +583,25 @@ class IpamModel(RuleBasedStateMachine):
                         break
                     time.sleep(0.2)
                 if keys:
-                    self.violate(f"abandoned-{att}", f"ADD {att} returned 11 with the helper "
-                                 f"paused, yet after SIGCONT KV holds {keys}")
+                    self.violate(
+                        f"abandoned-{att}",
+                        f"ADD {att} returned 11 with the helper "
+                        f"paused, yet after SIGCONT KV holds {keys}",
+                    )
         else:
-            self.violate(f"paused-code-{done.rc}", f"with helper {host} paused, ADD {att}: "
-                         f"expected 0 or 11, got {brief(done)}", att)
+            self.violate(
+                f"paused-code-{done.rc}",
+                f"with helper {host} paused, ADD {att}: expected 0 or 11, got {brief(done)}",
+                att,
+            )
         time.sleep(1.0)  # anything the resumed helper still does lands before the invariant
 
-    @precondition(lambda self: bool(self.running_hosts()))
-    @rule(data=st.data(), command=st.sampled_from(["ADD", "DEL"]),
-          delay=st.sampled_from([0.0, 0.03, 0.1, 0.25]))
+    @precondition(lambda self: bool(self.running_hosts()) and self.faults["kill"] < 2)
+    @rule(
+        data=st.data(),
+        command=st.sampled_from(["ADD", "DEL"]),
+        delay=st.sampled_from([0.0, 0.03, 0.1, 0.25]),
+    )
     def kill_helper_mid_call(self, data: st.DataObject, command: str, delay: float) -> None:
         host = data.draw(st.sampled_from(self.running_hosts()), label="host")
         if command == "ADD":
@@ -541,6 +614,7 @@ class IpamModel(RuleBasedStateMachine):
             att = data.draw(st.sampled_from(options), label="att")
             call = self.del_call(att, "helper", with_prev=True)
         self.begin(f"{command} {att} via helper {host}, SIGKILL it after {delay}s")
+        self.faults["kill"] += 1
         running = start_call(call)
         time.sleep(delay)
         self.helpers[host].kill()
@@ -550,8 +624,12 @@ class IpamModel(RuleBasedStateMachine):
         # idempotent, so the redo must succeed.
         if command == "ADD":
             if done.rc != 0:
-                self.violate(f"kill-add-{att}", f"ADD {att} failed after its helper was "
-                             f"killed instead of falling back: {brief(done)}", att)
+                self.violate(
+                    f"kill-add-{att}",
+                    f"ADD {att} failed after its helper was "
+                    f"killed instead of falling back: {brief(done)}",
+                    att,
+                )
             else:
                 self.settle_add(att, done)
         else:
@@ -566,6 +644,7 @@ class IpamModel(RuleBasedStateMachine):
                 helper.start()
                 return
 
+    @precondition(lambda self: self.faults["lossy"] < 2)
     @rule(data=st.data(), command=st.sampled_from(["ADD", "DEL"]))
     def lost_reply(self, data: st.DataObject, command: str) -> None:
         """Consul applies the write; its reply never arrives (in-process call)."""
@@ -578,6 +657,7 @@ class IpamModel(RuleBasedStateMachine):
         proxy = LossyProxy(self.consul.url, drop_first("PUT" if command == "ADD" else "DELETE"))
         try:
             self.begin(f"{command} {att} in-process, first reply lost")
+            self.faults["lossy"] += 1
             servers = [proxy.url, self.consul.url]
             entry = self.atts.get(att)
             prev = entry.result if command == "DEL" and entry is not None else None
@@ -605,13 +685,13 @@ class IpamModel(RuleBasedStateMachine):
                     self.violate(f"final-del-{att}", f"final DEL {att} failed: {brief(done)}")
             left = allocation_keys(self.consul, set(self.pool.values()))
             if left:
-                self.violate("final-left", f"after DEL of every attachment KV still holds "
-                             f"{left}")
+                self.violate("final-left", f"after DEL of every attachment KV still holds {left}")
         if self.violations:
             raise AssertionError(
                 f"{len(self.violations)} violation(s) in example m{self.tag}:\n  "
                 + "\n  ".join(self.violations)
-                + "\nstep log:\n  " + "\n  ".join(self.log)
+                + "\nstep log:\n  "
+                + "\n  ".join(self.log)
             )
 
 
@@ -634,3 +714,186 @@ def test_state_machine(world: World) -> None:
     if MODEL_SEED is not None:
         machine = seed(int(MODEL_SEED))(IpamModel)
     run_state_machine_as_test(machine, settings=_settings())
+
+
+# -- targeted regressions: the known interleaving defects, real executables, real agent -------
+
+_regressions = itertools.count()
+
+
+def fresh_pools(consul: ConsulAgent, *roles: str) -> dict[str, str]:
+    """Real pool names for roles; "b" is never created (the missing pool)."""
+    n = next(_regressions)
+    names = {role: f"{role}-r{n}" for role in roles}
+    for role, name in names.items():
+        if role in RANGES:
+            consul.create_pool(name, RANGES[role])
+    return names
+
+
+def owner(consul: ConsulAgent, pool: str, ip: str) -> Any:
+    return consul.get_json(f"ipam/{pool}/{ip}")
+
+
+def test_sibling_rollback_keeps_eth0(world: World) -> None:
+    """eth0 (pools [a]) and eth1 (pools [a, b], b missing) of one container, attached together:
+    eth1 fails (114) and rolls back its own writes; eth0's address must survive that."""
+    consul = world.consul
+    pools = fresh_pools(consul, "a", "b")
+    eth0_conf = netconf11(consul.url, "net-c", [pools["a"]], "h1")
+    eth1_conf = netconf11(consul.url, "net-x", [pools["a"], pools["b"]], "h1")
+    broken = []
+    for i in range(20):
+        cid = f"sib-{i}"
+        d0, d1 = run_together(
+            [
+                Call("ADD", cid, eth0_conf, ifname="eth0", timeout=CALL_GUARD),
+                Call("ADD", cid, eth1_conf, ifname="eth1", timeout=CALL_GUARD),
+            ]
+        )
+        assert d0.rc == 0, d0
+        assert d1.rc == 114, d1
+        ip = d0.address
+        held = owner(consul, pools["a"], ip)
+        mine = [k for k in allocation_keys(consul, {pools["a"]}) if k.target == cid]
+        if held is None or held.get("target") != cid or held.get("ifname") != "eth0":
+            broken.append(f"run {i}: eth0 got {ip}, KV now {held}; keys of {cid}: {mine}")
+        elif [k.ifname for k in mine] != ["eth0"]:
+            broken.append(f"run {i}: keys of {cid} after eth1 failed: {mine}")
+    assert broken == [], f"{len(broken)}/20 runs lost eth0's address:\n" + "\n".join(broken)
+
+
+def test_gc_leaves_other_networks_alone(world: World) -> None:
+    """GC of net-a with [C/eth0] on h1 must not release C/eth1 of net-b or D/eth0 of net-b,
+    though all share the pool and the host."""
+    consul = world.consul
+    pools = fresh_pools(consul, "shared")
+    shared = pools["shared"]
+    net_a = netconf11(consul.url, "net-a", [shared], "h1")
+    net_b = netconf11(consul.url, "net-b", [shared], "h1")
+    got = {}
+    for cid, ifname, conf in [
+        ("gc-C", "eth0", net_a),
+        ("gc-C", "eth1", net_b),
+        ("gc-D", "eth0", net_b),
+    ]:
+        d = run_one(Call("ADD", cid, conf, ifname=ifname, timeout=CALL_GUARD))
+        assert d.rc == 0, d
+        got[(cid, ifname)] = d.address
+    gc = run_one(
+        Call(
+            "GC",
+            "",
+            netconf11(consul.url, "net-a", [shared], "h1", valid=[("gc-C", "eth0")]),
+            ifname="",
+            timeout=CALL_GUARD,
+        )
+    )
+    assert gc.rc == 0, gc
+    held = {(k.target, k.ifname): k.ip for k in allocation_keys(consul, {shared})}
+    assert held == got, f"GC of net-a released another network's keys: before {got}, after {held}"
+
+
+def test_gc_spares_keys_without_network(world: World) -> None:
+    """A key that records no network (upstream, other tools, older versions) is never GC's."""
+    consul = world.consul
+    shared = fresh_pools(consul, "shared")["shared"]
+    consul.put(f"ipam/{shared}/10.60.0.77", {"target": "legacy", "ifname": "eth0", "host": "h1"})
+    gc = run_one(
+        Call(
+            "GC",
+            "",
+            netconf11(consul.url, "net-a", [shared], "h1", valid=[]),
+            ifname="",
+            timeout=CALL_GUARD,
+        )
+    )
+    assert gc.rc == 0, gc
+    assert owner(consul, shared, "10.60.0.77") is not None, "GC released a key with no network"
+
+
+def test_add_records_network(world: World) -> None:
+    """GC can only tell networks apart if ADD records the network config's name."""
+    consul = world.consul
+    shared = fresh_pools(consul, "shared")["shared"]
+    d = run_one(
+        Call(
+            "ADD",
+            "rec-1",
+            netconf11(consul.url, "net-a", [shared], "h1"),
+            ifname="eth1",
+            timeout=CALL_GUARD,
+        )
+    )
+    assert d.rc == 0, d
+    value = owner(consul, shared, d.address)
+    assert {k: value.get(k) for k in ("target", "ifname", "host", "network")} == {
+        "target": "rec-1",
+        "ifname": "eth1",
+        "host": "h1",
+        "network": "net-a",
+    }, value
+
+
+def test_static_ip_readd_through_helper(world: World) -> None:
+    """CNI_ARGS IP=: ADD old, DEL old, ADD new with the same IP, all through one helper."""
+    consul = world.consul
+    shared = fresh_pools(consul, "shared")["shared"]
+    helper = world.helpers["h1"]
+    helper.ensure_running()
+    conf = netconf11(consul.url, "net-a", [shared], "h1")
+    env = {**helper.env, "CNI_ARGS": "IP=10.60.0.50"}
+    old = run_one(Call("ADD", "static-old", conf, env=env, timeout=CALL_GUARD))
+    assert old.rc == 0 and old.address == "10.60.0.50", old
+    gone = run_one(Call("DEL", "static-old", conf, env=helper.env, timeout=CALL_GUARD))
+    assert gone.rc == 0, gone
+    assert owner(consul, shared, "10.60.0.50") is None
+    new = run_one(Call("ADD", "static-new", conf, env=env, timeout=CALL_GUARD))
+    assert new.rc == 0, f"the released static IP was refused (stale helper cache?): {new}"
+    assert new.address == "10.60.0.50"
+    assert owner(consul, shared, "10.60.0.50")["target"] == "static-new"
+
+
+def test_del_releases_keys_prev_result_does_not_name(world: World) -> None:
+    """DEL with a prevResult naming one key also releases the attachment's other key."""
+    consul = world.consul
+    shared = fresh_pools(consul, "shared")["shared"]
+    conf = netconf11(consul.url, "net-a", [shared], "h1")
+    add = run_one(Call("ADD", "two-keys", conf, timeout=CALL_GUARD))
+    assert add.rc == 0, add
+    planted = {"target": "two-keys", "ifname": "eth0", "host": "h1", "network": "net-a"}
+    consul.put(f"ipam/{shared}/10.60.0.99", planted)
+    prev = netconf11(consul.url, "net-a", [shared], "h1", prev=add.json)
+    d = run_one(Call("DEL", "two-keys", prev, timeout=CALL_GUARD))
+    assert d.rc == 0, d
+    left = allocation_keys(consul, {shared})
+    assert left == [], f"DEL left keys of the attachment: {left}"
+
+
+def test_paused_helper_call_is_bounded(world: World) -> None:
+    """With the helper stopped, an ADD through it ends by its deadline (11) or falls back
+    in-process; after SIGCONT nothing of an abandoned call appears."""
+    consul = world.consul
+    shared = fresh_pools(consul, "shared")["shared"]
+    helper = world.helpers["h2"]
+    helper.ensure_running()
+    conf = netconf11(consul.url, "net-a", [shared], "h2")
+    helper.pause()
+    try:
+        running = start_call(Call("ADD", "paused-1", conf, env=helper.env, timeout=CALL_GUARD))
+        done = running.wait(PAUSE_LIMIT)
+    finally:
+        helper.resume()
+    if done is None:
+        done = running.wait(CALL_GUARD)
+    assert done is not None
+    assert done.elapsed <= PAUSE_BOUND, (
+        f"ADD with the helper paused returned only after SIGCONT ({done.elapsed:.1f}s)"
+    )
+    assert done.rc in (0, 11), done
+    time.sleep(2.0)
+    keys = allocation_keys(consul, {shared})
+    if done.rc == 0:
+        assert [(k.target, k.ip) for k in keys] == [("paused-1", done.address)], keys
+    else:
+        assert keys == [], f"the abandoned call wrote after SIGCONT: {keys}"
