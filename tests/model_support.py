@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.agent import ConsulAgent
-from tests.util_procs import Call, Done, Helper, run_one
+from tests.util_procs import Call, Done, Helper, LossyProxy, run_one
 
 # Short budgets so that every fault resolves within a few seconds.
 TIMEOUT = 4.0
@@ -265,3 +265,19 @@ def brief(done: Done) -> str:
     if len(out) > 300:
         out = out[:300] + "..."
     return f"rc={done.rc} {done.elapsed:.2f}s {out}"
+
+
+def slow_listings(consul_url: str, delay: float = 0.4) -> LossyProxy:
+    """A relay in front of Consul that holds back the answer to every pool listing (a GET with
+    `recurse`, not a blocking query) by `delay`: a slow network or a busy server. Calls started
+    together then all read the pool before any of them writes, so their CAS writes collide, the
+    interleaving a runtime's parallel attachments hit now and then. Every answer is Consul's own.
+    """
+
+    def hold(method: str, path: str) -> bool:
+        listing = method == "GET" and path.startswith("/v1/kv/") and "recurse" in path
+        if listing and "index=" not in path:
+            time.sleep(delay)
+        return False  # never drop: only late
+
+    return LossyProxy(consul_url, hold)
