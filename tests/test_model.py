@@ -29,12 +29,15 @@ At the end of each example every attachment is deleted and the pools must be emp
 Violations are collected (the model resyncs and keeps going) and reported together, with the
 step log, when the example ends. Shrinking is off by default (each step is real processes).
 
-CI run: derandomized, MODEL_EXAMPLES examples of up to MODEL_STEPS steps.
-Longer seeded run (e.g. before a release, ~1 min per 3 examples on 2 cores):
+CI run: derandomized (same examples every run), IPAM_MODEL_EXAMPLES=4 examples of up to
+IPAM_MODEL_STEPS=15 steps, no shrinking, no example database; ~2-3 minutes on 2 busy cores.
+Longer seeded run (new interleavings per seed; ~40 s per example on 2 busy cores):
 
-    IPAM_MODEL_EXAMPLES=40 IPAM_MODEL_STEPS=30 IPAM_MODEL_SEED=12345 \\
-        .venv/bin/pytest -q tests/test_model.py -k state_machine -s
+    IPAM_MODEL_EXAMPLES=30 IPAM_MODEL_STEPS=30 IPAM_MODEL_SEED=12345 \\
+        .venv/bin/pytest -q tests/test_model.py -k state_machine
 
+IPAM_MODEL_SKIP=gc,pause,kill,lossy (any of them) leaves rules out, to look past a known
+failure: hypothesis stops at the first failing example, so one defect can hide the others.
 IPAM_MODEL_SHRINK=1 turns shrinking on (slow: every replay runs real processes).
 """
 
@@ -499,6 +502,20 @@ class IpamModel(RuleBasedStateMachine):
         d0, d1 = run_together([self.add_call(a0, routes[0]), self.add_call(a1, routes[1])])
         self.settle_add(a0, d0)
         self.settle_add(a1, d1)
+
+    @precondition(lambda self: bool(self.pair_containers()))
+    @rule(
+        data=st.data(),
+        net0=st.sampled_from(["net-c", "net-b"]),
+        routes=st.sampled_from([("slow", "slow"), ("slow", "inproc"), ("inproc", "slow")]),
+    )
+    def attach_pair_one_fails(
+        self, data: st.DataObject, net0: str, routes: tuple[str, str]
+    ) -> None:
+        """The same, where eth1's network lists the missing pool b after pool a, which eth0 also
+        uses: eth1 fails and rolls back while eth0 succeeds. Through the slow relay both read
+        pool a before either writes, so their CAS writes on it collide about half the time."""
+        self.attach_pair(data, net0, "net-x", routes)
 
     @rule(data=st.data(), n=st.integers(2, 4))
     def together(self, data: st.DataObject, n: int) -> None:
