@@ -97,6 +97,7 @@ SKIP = set(filter(None, os.environ.get("IPAM_MODEL_SKIP", "").split(",")))
 NCONTAINERS = 4
 
 Att = tuple[str, str, str]  # (network name, container ID, ifname)
+STATIC_IPS = ["10.60.0.200", "10.60.0.201"]  # CNI_ARGS IP= addresses, in pool shared
 # Routes of two calls started together; "slow" is in-process through a relay that answers pool
 # listings late, so that both calls read before either writes and their CAS writes collide.
 PAIR_ROUTES = [
@@ -481,6 +482,43 @@ class IpamModel(RuleBasedStateMachine):
         self.begin(f"gc {net}@{host} valid={valid} via {route}")
         done = run_one(self.gc_call(net, host, valid, route))
         self.settle_gc(net, host, stale, done)
+
+    @rule(
+        data=st.data(),
+        ip=st.sampled_from(STATIC_IPS),
+        route=st.sampled_from(["helper", "inproc"]),
+    )
+    def add_static(self, data: st.DataObject, ip: str, route: str) -> None:
+        """ADD with CNI_ARGS IP= (a static address in pool shared) for a new attachment: served
+        when the address is free in KV, else 126 and nothing written."""
+        options = [a for a in self.addable(["net-a", "net-b"]) if a not in self.atts]
+        if not options:
+            return
+        att = data.draw(st.sampled_from(options), label="att")
+        self.begin(f"add {att} with CNI_ARGS IP={ip} via {route}")
+        key = self.consul.get_json(f"ipam/{self.pool['shared']}/{ip}")
+        done = run_one(self.add_call(att, route, {"CNI_ARGS": f"IP={ip}"}))
+        if key is None:
+            if done.rc != 0:
+                self.violate(
+                    f"static-refused-{ip}-{route}",
+                    f"ADD {att} with IP={ip} via {route}: the address is free in KV, yet "
+                    f"{brief(done)}",
+                )
+                self.note(f"ADD {att} -> {brief(done)}")
+                return
+            self.settle_add(att, done)
+            got = self.atts.get(att)
+            if got is not None and got.state == "live" and got.addrs.get("shared") != ip:
+                self.violate(f"static-ignored-{att}", f"ADD {att} with IP={ip} got {got.addrs}")
+        else:
+            self.note(f"ADD {att} (IP={ip} held by {key}) -> {brief(done)}")
+            if done.rc != 126:
+                self.violate(
+                    f"static-taken-{ip}",
+                    f"ADD {att} with IP={ip}, held by {key}: expected 126, got {brief(done)}",
+                    *([att] if done.rc == 0 else []),
+                )
 
     def pair_containers(self) -> list[str]:
         return [c for c in self.containers if all(self.bound(c, i) is None for i in IFNAMES)]
