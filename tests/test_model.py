@@ -93,6 +93,7 @@ MODEL_SEED = os.environ.get("IPAM_MODEL_SEED")
 SHRINK = os.environ.get("IPAM_MODEL_SHRINK") == "1"
 # Rules to leave out, to look past a known failure: any of gc, pause, kill, lossy (e.g.
 # IPAM_MODEL_SKIP=gc,pause). Empty by default: CI runs everything.
+VERBOSE = os.environ.get("IPAM_MODEL_VERBOSE") == "1"  # print every example's step log (-s)
 SKIP = set(filter(None, os.environ.get("IPAM_MODEL_SKIP", "").split(",")))
 NCONTAINERS = 4
 
@@ -760,6 +761,8 @@ class IpamModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         for h in self.helpers.values():
             h.resume()
+        if VERBOSE:
+            print(f"\n[model] example m{self.tag}:\n  " + "\n  ".join(self.log))
         if not self.violations:
             # Every attachment, whatever its state, must be releasable by DEL.
             for att in sorted(self.atts):
