@@ -39,6 +39,13 @@ Longer seeded run (new interleavings per seed; ~40 s per example on 2 busy cores
 IPAM_MODEL_SKIP=gc,pause,kill,lossy (any of them) leaves rules out, to look past a known
 failure: hypothesis stops at the first failing example, so one defect can hide the others.
 IPAM_MODEL_SHRINK=1 turns shrinking on (slow: every replay runs real processes).
+IPAM_MODEL_VERBOSE=1 prints every example's step log (with -s).
+
+The targeted regressions after the machine each pin one known defect: eth0's address deleted
+by the rollback of a failing sibling eth1 (same container), GC of one network releasing another
+network's (or a network-less) key, ADD not recording the network, a static IP refused from a
+helper's stale cache after its DEL, DEL with a prevResult leaving the attachment's other key,
+and a call through a paused helper waiting for SIGCONT.
 """
 
 from __future__ import annotations
@@ -643,16 +650,17 @@ class IpamModel(RuleBasedStateMachine):
             done = running.wait(PAUSE_LIMIT)
         finally:
             helper.resume()
+        hung = done is None
         if done is None:
             done = running.wait(CALL_GUARD)
             assert done is not None, "harness: the paused call never returned"
         if done.elapsed > PAUSE_BOUND:
+            when = f"only after SIGCONT at {PAUSE_LIMIT}s" if hung else "before SIGCONT"
             self.violate(
                 f"paused-hang-{host}",
-                f"with helper {host} paused, ADD {att} took "
-                f"{done.elapsed:.1f}s (bound {PAUSE_BOUND}s: fall back in-process "
-                f"within ~1 s or 11 by the deadline); it returned only after SIGCONT "
-                f"at {PAUSE_LIMIT}s: {brief(done)}",
+                f"with helper {host} paused, ADD {att} took {done.elapsed:.1f}s (bound "
+                f"{PAUSE_BOUND}s: fall back in-process within ~1 s or 11 by the deadline); it "
+                f"returned {when}: {brief(done)}",
             )
         if done.rc == 0:
             self.settle_add(att, done)
