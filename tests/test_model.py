@@ -36,7 +36,7 @@ Longer seeded run (new interleavings per seed; ~40 s per example on 2 busy cores
     IPAM_MODEL_EXAMPLES=30 IPAM_MODEL_STEPS=30 IPAM_MODEL_SEED=12345 \\
         .venv/bin/pytest -q tests/test_model.py -k state_machine
 
-IPAM_MODEL_SKIP=gc,pause,kill,lossy (any of them) leaves rules out, to look past a known
+IPAM_MODEL_SKIP=gc,pause,kill,lossy,missing (any of them) leaves rules out, to look past a known
 failure: hypothesis stops at the first failing example, so one defect can hide the others.
 IPAM_MODEL_SHRINK=1 turns shrinking on (slow: every replay runs real processes).
 IPAM_MODEL_VERBOSE=1 prints every example's step log (with -s).
@@ -98,7 +98,7 @@ MODEL_EXAMPLES = int(os.environ.get("IPAM_MODEL_EXAMPLES", "4"))
 MODEL_STEPS = int(os.environ.get("IPAM_MODEL_STEPS", "15"))
 MODEL_SEED = os.environ.get("IPAM_MODEL_SEED")
 SHRINK = os.environ.get("IPAM_MODEL_SHRINK") == "1"
-# Rules to leave out, to look past a known failure: any of gc, pause, kill, lossy (e.g.
+# Rules to leave out, to look past a known failure: any of gc, pause, kill, lossy, missing (e.g.
 # IPAM_MODEL_SKIP=gc,pause). Empty by default: CI runs everything.
 VERBOSE = os.environ.get("IPAM_MODEL_VERBOSE") == "1"  # print every example's step log (-s)
 SKIP = set(filter(None, os.environ.get("IPAM_MODEL_SKIP", "").split(",")))
@@ -440,6 +440,7 @@ class IpamModel(RuleBasedStateMachine):
         self.begin(f"add {att} via {route}")
         self.settle_add(att, run_one(self.add_call(att, route)))
 
+    @precondition(lambda self: "missing" not in SKIP)
     @rule(data=st.data(), route=st.sampled_from(["helper", "inproc"]))
     def add_missing_pool(self, data: st.DataObject, route: str) -> None:
         att = data.draw(st.sampled_from(self.addable(["net-x"])), label="att")
@@ -535,7 +536,9 @@ class IpamModel(RuleBasedStateMachine):
     @rule(
         data=st.data(),
         net0=st.sampled_from(GOOD_NETWORKS),
-        net1=st.sampled_from(["net-x", "net-x", *GOOD_NETWORKS]),
+        net1=st.sampled_from(
+            ["net-x", "net-x", *GOOD_NETWORKS] if "missing" not in SKIP else GOOD_NETWORKS
+        ),
         routes=st.sampled_from(PAIR_ROUTES),
     )
     def attach_pair(
@@ -549,7 +552,7 @@ class IpamModel(RuleBasedStateMachine):
         self.settle_add(a0, d0)
         self.settle_add(a1, d1)
 
-    @precondition(lambda self: bool(self.pair_containers()))
+    @precondition(lambda self: bool(self.pair_containers()) and "missing" not in SKIP)
     @rule(
         data=st.data(),
         net0=st.sampled_from(["net-c", "net-b"]),
@@ -571,6 +574,7 @@ class IpamModel(RuleBasedStateMachine):
         gc_args: tuple[str, str, list[bool]] | None = None
         for _ in range(n):
             kinds = ["add", "add", "missing", "del"] + ["gc"] * ("gc" not in SKIP)
+            kinds = [k for k in kinds if k not in SKIP]
             kind = data.draw(st.sampled_from(kinds), label="k")
             route = data.draw(st.sampled_from(["helper", "inproc", "slow"]), label="route")
             if kind == "gc":
