@@ -149,6 +149,10 @@ def allocation_keys(consul: ConsulAgent, pools: set[str], prefix: str = "ipam/")
         if not sep or not ip or pool not in pools or "/" in ip:
             continue
         try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            continue  # not named after an address: not an allocation (a marker, a fence)
+        try:
             value = json.loads(v)
         except ValueError:
             value = {"__raw__": v.decode(errors="replace")}
