@@ -98,9 +98,9 @@ MODEL_EXAMPLES = int(os.environ.get("IPAM_MODEL_EXAMPLES", "4"))
 MODEL_STEPS = int(os.environ.get("IPAM_MODEL_STEPS", "15"))
 MODEL_SEED = os.environ.get("IPAM_MODEL_SEED")
 SHRINK = os.environ.get("IPAM_MODEL_SHRINK") == "1"
+VERBOSE = os.environ.get("IPAM_MODEL_VERBOSE") == "1"  # print every example's step log (-s)
 # Rules to leave out, to look past a known failure: any of gc, pause, kill, lossy, missing (e.g.
 # IPAM_MODEL_SKIP=gc,pause). Empty by default: CI runs everything.
-VERBOSE = os.environ.get("IPAM_MODEL_VERBOSE") == "1"  # print every example's step log (-s)
 SKIP = set(filter(None, os.environ.get("IPAM_MODEL_SKIP", "").split(",")))
 NCONTAINERS = 4
 
