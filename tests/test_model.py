@@ -336,10 +336,7 @@ class IpamModel(RuleBasedStateMachine):
             )
         else:
             self.note(f"  {fault}: outcome unknown")
-            if att in self.atts:
-                self.atts[att] = Entry("unknown")
-            else:
-                self.atts[att] = Entry("unknown")
+            self.atts[att] = Entry("unknown")
 
     def settle_gc(self, net: str, host: str, stale: list[Att], done: Done) -> None:
         self.note(f"GC {net}@{host} stale={stale} -> {brief(done)}")
