@@ -95,7 +95,6 @@ class _Suspect:
     """A leader that did not serve a forwarded request; `leader` None: not known which one."""
 
     leader: str | None
-    since: float
 
 
 @dataclass
@@ -105,6 +104,8 @@ class _Check:
     reached: bool = True
     # The leader check itself got no answer in time.
     quiet: bool = False
+    # It names the leader under suspicion: a probe must show that leader serves requests.
+    suspected: bool = False
 
 
 class ConsulClient:
@@ -162,17 +163,21 @@ class ConsulClient:
 
     # -- server choice -------------------------------------------------------------------
     def select(self, after: str | None = None) -> str:
-        """Use the first server, in list order (starting after `after`), that has a leader."""
+        """Use the first server, in list order (starting after `after`), that has a leader
+        (and, while a leader is suspected, whose leader is a new one or answers a probe).
+
+        Rounds over the servers repeat with backoff until the deadline, except when no server
+        accepted a connection for `unreachable_grace` seconds, or every one failed TLS."""
         start = self.servers.index(after) + 1 if after in self.servers else 0
         order = self.servers[start:] + self.servers[:start]
         problems: dict[str, str] = {}
-        attempt = 0
+        attempt = probes = 0
         check_timeout = min(self.read_timeout, _CHECK_TIMEOUT)
-        probe_timeout = min(self.read_timeout, _PROBE_TIMEOUT)
         unreached_since: float | None = None
         while True:
             round_started = time.monotonic()
-            answered = reached = probed = False
+            answered = reached = False
+            naming_suspect: list[str] = []
             for server in order:
                 went_quiet = self._quiet.get(server)
                 if (
@@ -181,7 +186,7 @@ class ConsulClient:
                     and round_started - went_quiet < _QUIET_RECHECK
                 ):
                     continue
-                check = self._check(server, check_timeout, None if probed else probe_timeout)
+                check = self._check(server, check_timeout)
                 reached = reached or check.reached
                 answered = answered or (check.reached and not check.quiet)
                 if check.quiet:
@@ -189,17 +194,23 @@ class ConsulClient:
                 else:
                     self._quiet.pop(server, None)
                 if check.problem is None:
-                    if server != self.current:
-                        logger.debug("using Consul server {}", server)
-                    self.current = server
-                    return server
-                if self._suspect is not None and check.problem.startswith("its leader"):
-                    probed = True
+                    return self._use(server)
+                if check.suspected:
+                    naming_suspect.append(server)
                 problems[server] = _telling(problems.get(server), check.problem)
                 logger.debug("skipping Consul server {}: {}", server, check.problem)
+            if naming_suspect:
+                # Only after every server was asked: a new leader, when there is one, is
+                # cheaper to find than a probe of the old one is to time out.
+                server = naming_suspect[0]
+                timeout = min(self.read_timeout, _PROBE_TIMEOUT * 2 ** (probes // 2))
+                probes += 1
+                problem = self._probe(server, timeout)
+                if problem is None:
+                    return self._use(server)
+                problems[server] = problem
+                logger.debug("skipping Consul server {}: {}", server, problem)
             attempt += 1
-            if probed:
-                probe_timeout = min(self.read_timeout, probe_timeout * 2)
             if not answered:
                 check_timeout = min(self.read_timeout, check_timeout * 2)
             # A TLS failure (bad CA, missing client certificate) will not heal by waiting.
@@ -228,9 +239,14 @@ class ConsulClient:
         self.current = None
         raise ConsulUnavailable("no Consul server could be reached: " + _listing(problems))
 
-    def _check(self, server: str, timeout: float, probe_timeout: float | None) -> _Check:
-        """Whether `server` can serve a request now; `probe_timeout` None: do not probe a
-        suspected leader through it (a probe already failed in this round)."""
+    def _use(self, server: str) -> str:
+        if server != self.current:
+            logger.debug("using Consul server {}", server)
+        self.current = server
+        return server
+
+    def _check(self, server: str, timeout: float) -> _Check:
+        """Whether `server` names a leader that can serve requests (as far as is known)."""
         params = {"dc": self.datacenter} if self.datacenter else None
         try:
             resp = self._send(server, "GET", "/v1/status/leader", params, None, timeout)
@@ -257,36 +273,34 @@ class ConsulClient:
         if suspect is None:
             return _Check(None)
         if suspect.leader is not None and suspect.leader != leader:
-            logger.info(
-                "Consul server {} names leader {} (was {}): a new leader",
-                server,
-                leader,
-                suspect.leader,
-            )
+            logger.info("Consul server {} names a new leader {}", server, leader)
             self._suspect = None
             return _Check(None)
-        if probe_timeout is None:
-            return _Check(f"its leader {leader} did not serve a forwarded request")
+        return _Check(f"its leader {leader} did not serve a request in time", suspected=True)
+
+    def _probe(self, server: str, timeout: float) -> str | None:
+        """None when a request forwarded through `server` to its leader gets an answer."""
+        params = {"dc": self.datacenter} if self.datacenter else None
+        leader = self.leaders.get(server)
         try:
-            answer = self._send(server, "GET", _PROBE_PATH, params, None, probe_timeout)
+            answer = self._send(server, "GET", _PROBE_PATH, params, None, timeout)
         except requests.RequestException as exc:
             problem = _describe_transport(exc)
         else:
             if answer.status not in _RETRYABLE_STATUS:
-                logger.debug("leader {} serves requests again", leader)
+                logger.debug("Consul leader {} serves requests", leader)
                 self._suspect = None
-                return _Check(None)
+                return None
             problem = f"HTTP {answer.status} {_snippet(answer.body)}"
-        # It is this leader that fails now, whichever was suspected before.
-        suspect.leader = leader
-        return _Check(
-            f"its leader {leader} does not serve requests ({problem}); awaiting a new one"
-        )
+        if self._suspect is not None:
+            # It is this leader that fails now, whichever was suspected before.
+            self._suspect.leader = leader
+        return f"its leader {leader} does not serve requests ({problem}); awaiting a new one"
 
     def _suspect_leader_of(self, server: str) -> None:
         leader = self.leaders.get(server)
         if self._suspect is None or self._suspect.leader != leader:
-            self._suspect = _Suspect(leader, time.monotonic())
+            self._suspect = _Suspect(leader)
 
     def _no_path(self, problem: str, status: int, doubtful: bool) -> ConsulError:
         # The servers of one datacenter share one WAN view: failing over to another cannot help,
@@ -375,7 +389,11 @@ class ConsulClient:
                     self.deadline.sleep(
                         min(_BACKOFF_CAP, 0.05 * 2**failures) * random.uniform(0.5, 1.0)
                     )
-            self.select(after=server)
+            try:
+                self.select(after=server)
+            except ConsulError as exc:
+                exc.doubtful = exc.doubtful or doubtful
+                raise
 
     def _send(
         self,
