@@ -48,6 +48,8 @@ class Outcome:
     faulted_at: float
     elected_after: float
     ops: list[Op] = field(default_factory=list)
+    writes: int = 0
+    refused: int = 0
 
     def longest_gap(self) -> float:
         """The longest stretch, across the fault, with no request succeeding anywhere."""
@@ -72,6 +74,8 @@ class Outcome:
             "election_s": round(self.elected_after, 2),
             "longest_gap_s": round(self.longest_gap(), 2),
             "ops": len(self.ops),
+            "cas_writes": self.writes,
+            "cas_false": self.refused,
             "failed": len(failed),
             "in_flight": len(flight),
             "in_flight_failed": sum(not o.ok for o in flight),
@@ -111,6 +115,8 @@ class Stream:
         self.mode = mode
         self.timeouts = {"connect_timeout": connect_timeout, "read_timeout": read_timeout}
         self.ops: list[Op] = []
+        self.writes = 0  # CAS writes that answered "true"
+        self.refused = 0  # and "false"
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.threads = [
@@ -163,9 +169,11 @@ class Stream:
                 state["index"] = entry.modify_index if entry else 0
                 return
             state["n"] += 1
-            if not kv.replace(key, str(state["n"]).encode(), state["index"]):
-                state["index"] = 0  # our own lost-reply write, or a stale index: re-read
-                return
+            # False: our own earlier try of it was applied (its answer lost), or a stale index.
+            written = kv.replace(key, str(state["n"]).encode(), state["index"])
+            with self.lock:
+                self.writes += written
+                self.refused += not written
             state["index"] = 0  # the next op re-reads: one request per op
 
         while not self.stop.is_set():
@@ -199,6 +207,8 @@ def measure(
     leader = cluster.leader_agent()
     try:
         leader.put("m/read", "x")
+        for i in range(writers):
+            leader.put(f"m/w{i}", "0")
         # Every host lists the servers in the same order. A follower first: requests are
         # forwarded to the leader, and after a failure the leader is the next one tried.
         others = [a for a in cluster.agents if a is not leader]
@@ -217,7 +227,9 @@ def measure(
         elected = time.monotonic() - faulted_at
         time.sleep(max(0.0, faulted_at + after - time.monotonic()))
         stream.finish(BUDGET + 10)
-        return Outcome(fault, mode, order, faulted_at, elected, list(stream.ops))
+        return Outcome(
+            fault, mode, order, faulted_at, elected, list(stream.ops), stream.writes, stream.refused
+        )
     finally:
         if fault == "stop" and leader.proc is not None:
             leader.proc.send_signal(signal.SIGCONT)
@@ -242,6 +254,7 @@ def test_leader_loss_costs_the_election(fault: str, mode: str) -> None:
     assert s["failed"] == 0, s
     assert outcome.longest_gap() < outcome.elected_after + 3.0, s
     assert s["most_requests_per_op"] <= 60, s
+    assert s["cas_writes"] > 10, s
 
 
 def main() -> None:
