@@ -2,12 +2,19 @@
 
 
 class ConsulError(Exception):
-    """Consul answered, but not with what the request needed (HTTP status, bad body)."""
+    """Consul answered, but not with what the request needed (HTTP status, bad body).
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    `doubtful` is True when the request was a write and an attempt of it may have reached
+    Consul without its answer arriving (read timeout, connection dropped after sending, a 5xx
+    other than "No cluster leader"): Consul may have applied it even though this is raised.
+    """
+
+    def __init__(self, message: str, status: int | None = None, *, doubtful: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.doubtful = doubtful
 
 
 class ConsulUnavailable(ConsulError):
-    """No listed server answered with a leader before the time budget ran out."""
+    """No listed server answered with a leader before the time budget ran out, or none could
+    even be connected to for the unreachable grace."""
