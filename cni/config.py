@@ -43,6 +43,8 @@ class ConsulSettings:
     connect_timeout: float
     read_timeout: float
     timeout: float
+    unreachable_grace: float = 2.0
+    attempt_timeout: float = 2.0
     token: str | None = field(default=None, repr=False)
     ca_file: str | None = None
     cert_file: str | None = None
@@ -214,6 +216,8 @@ def _consul_settings(ipam: dict[str, Any], env: Mapping[str, str]) -> ConsulSett
         connect_timeout=ipam["consul_connect_timeout"],
         read_timeout=ipam["consul_read_timeout"],
         timeout=ipam["timeout"],
+        unreachable_grace=ipam["consul_unreachable_grace"],
+        attempt_timeout=ipam["consul_attempt_timeout"],
         token=_token(ipam, env),
         ca_file=ipam["consul_ca_file"] or env.get("CONSUL_CACERT") or None,
         cert_file=ipam["consul_cert_file"] or env.get("CONSUL_CLIENT_CERT") or None,

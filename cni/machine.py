@@ -99,6 +99,8 @@ def consul_client(
         settings.servers,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
+        unreachable_grace=settings.unreachable_grace,
+        attempt_timeout=settings.attempt_timeout,
         deadline=Deadline(settings.timeout if budget is None else budget),
         token=settings.token,
         tls=TLSConfig(settings.ca_file, settings.cert_file, settings.key_file),

@@ -76,6 +76,8 @@ class IpamSchema(Schema):
     )
     consul_connect_timeout = fields.Float(load_default=2.0, validate=validate.Range(0.01, 60))
     consul_read_timeout = fields.Float(load_default=5.0, validate=validate.Range(0.01, 300))
+    consul_unreachable_grace = fields.Float(load_default=2.0, validate=validate.Range(0, 600))
+    consul_attempt_timeout = fields.Float(load_default=2.0, validate=validate.Range(0.01, 300))
     timeout = fields.Float(load_default=15.0, validate=validate.Range(0.1, 600))
     consul_token = fields.String(load_default=None, allow_none=True)
     consul_token_file = fields.String(load_default=None, allow_none=True)

@@ -82,7 +82,7 @@ class ConsulKV:
     def txn(self, ops: Sequence[Op]) -> TxnResult:
         body = json.dumps([{"KV": _txn_op(op)} for op in ops]).encode()
         resp = self.client.request("PUT", "/v1/txn", None, body)
-        doubtful = bool(getattr(resp, "doubtful", False))
+        doubtful = resp.doubtful
         if resp.status == 409:
             errors = _json_field(resp, "Errors") or []
             whats = [str(e.get("What", "")) for e in errors if isinstance(e, dict)]
