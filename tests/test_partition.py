@@ -1,0 +1,561 @@
+"""Jepsen-style partition test: a real three-server Consul cluster in three network namespaces
+(tests/netcluster.py), simulated hosts running the INSTALLED plugin as a runtime does, a nemesis
+that partitions, kills and pauses the Raft leader, and a checker over the recorded history and
+the KV tree read back from a healthy server after a quiet period.
+
+Workload: HOSTS simulated hosts (`ipam.host`), WORKERS_PER_HOST workers each. A worker loops:
+ADD a fresh container; sometimes CHECK it; keeps up to HOLD attachments and DELs the oldest
+(with the ADD's result as prevResult, as a runtime does). When an ADD fails it runs DEL for that
+container (cleanup, no prevResult). A DEL that fails is retried on the next turn. When the
+workload stops, every worker DELs everything it holds. Two modes: `inprocess` (no helper: the
+socket path does not exist) and `helper` (one `ipam-da-consul-helper` per simulated host).
+
+Schedule, per mode: a short baseline, then for each fault: wait until the cluster is healthy,
+apply the fault to the current leader, hold it, heal, stay quiet, next fault. Faults:
+  isolate       all traffic in and out of the leader's eth0 dropped
+  clients-only  the root namespace (clients) cannot reach the leader's HTTP port; servers can
+  asym-in       the leader hears nothing from its peers (it still sends to them)
+  asym-out      the leader's packets to its peers are dropped (it still hears them)
+  kill          SIGKILL the leader, restart it (same data dir) at heal
+  pause-4/15    SIGSTOP the leader for 4 s / 15 s, then SIGCONT
+
+Short (default, CI): faults isolate, asym-in, pause-15; about 3.5 min for both modes on 2 cores.
+Long: IPAM_PARTITION_LONG=1 runs every fault, IPAM_PARTITION_ROUNDS (default 2) times, each
+fault held IPAM_PARTITION_FAULT_SECONDS (default 30) then 15 s quiet (about 12 min per mode).
+IPAM_PARTITION_FAULTS=a,b,... picks the faults, IPAM_PARTITION_SEED the seed.
+    .venv/bin/python -m pytest -s tests/test_partition.py          # short
+    IPAM_PARTITION_LONG=1 .venv/bin/python -m pytest -s tests/test_partition.py   # long
+or `bash scripts/partition.sh [--long]`.
+
+Checker (after the quiet period, final KV read from a healthy server):
+  1. no address held by two attachments at once, as far as the history shows: two successful
+     ADDs returning the same address where each ADD returned before the other container's first
+     DEL started; and never two keys with the same target+ifname (final tree and snapshots
+     taken every second during the run);
+  2. a failed ADD whose cleanup DEL returned 0 leaves no key;
+  3. a container whose DEL returned 0 has no key;
+  4. at the very end (everything DELed) the pool folder is empty;
+  and every call finished within its `timeout` + 1 s of process overhead, none hung.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import itertools
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import executable
+from tests.netcluster import (
+    Nemesis,
+    NetCluster,
+    forget_process,
+    remember_process,
+    unsupported_reason,
+)
+from tests.util_procs import Call, Helper, environment
+
+LONG = os.environ.get("IPAM_PARTITION_LONG") == "1"
+SEED = int(os.environ.get("IPAM_PARTITION_SEED", "7"))
+SHORT_FAULTS = ["isolate", "asym-in", "pause-15"]
+FAULTS = [f for f in os.environ.get("IPAM_PARTITION_FAULTS", "").split(",") if f] or (
+    list(Nemesis.FAULTS) * int(os.environ.get("IPAM_PARTITION_ROUNDS", "2"))
+    if LONG else SHORT_FAULTS)
+FAULT_SECONDS = float(os.environ.get("IPAM_PARTITION_FAULT_SECONDS", "30" if LONG else "8"))
+QUIET_SECONDS = 15.0 if LONG else 10.0
+BASELINE_SECONDS = 4.0
+HOSTS = 4
+WORKERS_PER_HOST = 2
+HOLD = 2  # attachments a worker keeps before DELing its oldest
+MAX_OPS_PER_WORKER = 5000  # a bound; the schedule ends the workload long before
+CALL_TIMEOUT = 10.0  # ipam.timeout
+OVERHEAD = 1.0  # a process's start and exit on top of `timeout`
+HANG = CALL_TIMEOUT + 30  # a call still running then is killed and reported as hung
+POOL_RANGES = [{"subnet": "10.77.0.0/24", "rangeStart": "10.77.0.10",
+                "rangeEnd": "10.77.0.70", "gateway": "10.77.0.1"}]
+PREFIX = "ipam/"
+
+
+# -- history ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Op:
+    worker: str
+    host: str
+    kind: str  # add | check | del | cleanup (DEL after a failed ADD)
+    command: str
+    container: str
+    start: float
+    end: float
+    rc: int
+    stdout: str = ""
+    stderr: str = ""
+    timeout: float = CALL_TIMEOUT
+
+    @property
+    def elapsed(self) -> float:
+        return self.end - self.start
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+    @property
+    def address(self) -> str | None:
+        if self.command != "ADD" or self.rc != 0:
+            return None
+        try:
+            ips = json.loads(self.stdout)["ips"]
+            return str(ipaddress.ip_interface(ips[0]["address"]).ip)
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
+
+    def brief(self, t0: float = 0.0) -> str:
+        msg = ""
+        if self.rc not in (0, -9):
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                msg = " " + str(json.loads(self.stdout).get("msg", ""))[:90]
+        return (f"{self.command} {self.container} [{self.start - t0:.2f}s..{self.end - t0:.2f}s, "
+                f"{self.elapsed:.2f}s] rc={self.rc}{' ' + self.address if self.address else ''}"
+                f"{msg}")
+
+
+@dataclass
+class Phase:
+    name: str
+    target: str
+    start: float
+    healed: float
+    end: float
+
+
+# -- the checker (pure: unit-tested below on synthetic histories) --------------------------------
+
+
+def parse_tree(tree: dict[str, bytes], folder: str) -> dict[str, dict[str, Any]]:
+    """ip -> allocation object for the keys of one pool folder."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, raw in tree.items():
+        if not key.startswith(folder) or key == folder:
+            continue
+        try:
+            out[key[len(folder):]] = json.loads(raw)
+        except ValueError:
+            out[key[len(folder):]] = {"target": f"<unparsable {raw[:40]!r}>"}
+    return out
+
+
+def duplicate_targets(allocs: dict[str, dict[str, Any]]) -> list[str]:
+    seen: dict[tuple[str, str], list[str]] = {}
+    for ip, a in allocs.items():
+        seen.setdefault((str(a.get("target")), str(a.get("ifname", "eth0"))), []).append(ip)
+    return [f"{t}/{i} holds {sorted(ips)}" for (t, i), ips in seen.items() if len(ips) > 1]
+
+
+def check_history(ops: list[Op], final_tree: dict[str, bytes], folder: str,
+                  snapshots: list[tuple[float, dict[str, bytes]]] = (),
+                  t0: float = 0.0) -> list[str]:
+    """Anomalies (human-readable) in a history and the KV tree read after the quiet period."""
+    anomalies: list[str] = []
+    by_container: dict[str, list[Op]] = {}
+    for op in sorted(ops, key=lambda o: o.start):
+        by_container.setdefault(op.container, []).append(op)
+
+    # 1. Two attachments certainly holding one address at once. An attachment certainly holds
+    # its address from its ADD's return until its first DEL starts (any DEL attempt may have
+    # released it, even one that then failed); without a DEL, until the end.
+    held: dict[str, list[tuple[float, float, Op]]] = {}
+    for cops in by_container.values():
+        add = next((o for o in cops if o.command == "ADD" and o.ok and o.address), None)
+        if add is None:
+            continue
+        first_del = next((o for o in cops if o.command == "DEL" and o.start >= add.start), None)
+        until = first_del.start if first_del else float("inf")
+        held.setdefault(add.address or "", []).append((add.end, until, add))
+    for ip, spans in held.items():
+        spans.sort(key=lambda s: s[0])
+        for i, (a_from, a_until, a) in enumerate(spans):
+            for b_from, b_until, b in spans[i + 1:]:
+                if b_from < a_until and a_from < b_until:
+                    anomalies.append(f"DUPLICATE {ip}: {a.brief(t0)} and {b.brief(t0)} both "
+                                     "hold it")
+    final = parse_tree(final_tree, folder)
+    for dup in duplicate_targets(final):
+        anomalies.append(f"DUPLICATE TARGET in the final tree: {dup}")
+    reported: set[str] = set()
+    for at, tree in snapshots:
+        for dup in duplicate_targets(parse_tree(tree, folder)):
+            if dup not in reported:
+                reported.add(dup)
+                anomalies.append(f"DUPLICATE TARGET at {at - t0:.2f}s: {dup}")
+
+    # 2-4. Keys left in the final tree.
+    keys_by_target: dict[str, list[str]] = {}
+    for ip, a in final.items():
+        keys_by_target.setdefault(str(a.get("target")), []).append(ip)
+    for target, ips in sorted(keys_by_target.items()):
+        cops = by_container.get(target, [])
+        add = next((o for o in cops if o.command == "ADD"), None)
+        dels = [o for o in cops if o.command == "DEL"]
+        last_ok_del = next((o for o in reversed(dels) if o.ok), None)
+        if add is None:
+            anomalies.append(f"UNKNOWN KEY {ips} for {target}: no ADD in the history")
+        elif not add.ok and last_ok_del is not None:
+            anomalies.append(
+                f"LEAK after failed ADD: key {ips} for {target}; {add.brief(t0)}; cleanup "
+                f"{last_ok_del.brief(t0)} returned 0 (the failed ADD's write landed after it or "
+                "was never seen by it)")
+        elif add.ok and last_ok_del is not None:
+            anomalies.append(
+                f"LEAK after DEL: key {ips} for {target}; {add.brief(t0)}; "
+                f"{last_ok_del.brief(t0)} returned 0")
+        else:
+            anomalies.append(f"NOT EMPTY: key {ips} for {target} whose DEL never succeeded; "
+                             f"{add.brief(t0)}; DELs: {[d.brief(t0) for d in dels]}")
+    for op in ops:
+        if op.rc == -9:
+            anomalies.append(f"HUNG: {op.brief(t0)} killed after {op.elapsed:.0f}s")
+    return anomalies
+
+
+def overruns(ops: list[Op], overhead: float = OVERHEAD) -> list[Op]:
+    return sorted((o for o in ops if o.elapsed > o.timeout + overhead),
+                  key=lambda o: -o.elapsed)
+
+
+def availability(ops: list[Op], phases: list[Phase]) -> list[dict[str, Any]]:
+    rows = []
+    for ph in phases:
+        window = [o for o in ops if ph.start <= o.start < ph.end]
+        oks = sorted(o.end for o in window if o.ok and ph.start <= o.end <= ph.end)
+        marks = [ph.start, *oks, ph.end]
+        gap = max(b - a for a, b in itertools.pairwise(marks))
+        rows.append({
+            "fault": ph.name, "target": ph.target, "calls": len(window),
+            "failed": sum(1 for o in window if not o.ok),
+            "longest_call": max((o.elapsed for o in window), default=0.0),
+            "longest_gap": gap, "seconds": ph.end - ph.start,
+        })
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'fault':<13}{'leader':>7}{'window s':>10}{'calls':>7}{'failed':>8}"
+             f"{'longest call s':>16}{'longest gap s':>15}"]
+    for r in rows:
+        lines.append(f"{r['fault']:<13}{r['target']:>7}{r['seconds']:>10.1f}{r['calls']:>7}"
+                     f"{r['failed']:>8}{r['longest_call']:>16.2f}{r['longest_gap']:>15.2f}")
+    return "\n".join(lines)
+
+
+# -- running calls ------------------------------------------------------------------------------
+
+
+def invoke(command: str, container: str, conf: dict[str, Any], env: dict[str, str]
+           ) -> tuple[int, str, str, float, float]:
+    """The installed plugin, as a runtime runs it; killed (rc -9) when it hangs."""
+    proc_env = environment(Call(command, container, conf, env=env))
+    began = time.monotonic()
+    proc = subprocess.Popen([executable("ipam-da-consul")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=proc_env)
+    try:
+        out, err = proc.communicate(json.dumps(conf).encode(), timeout=HANG)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        rc = -9
+    return rc, out.decode(errors="replace"), err.decode(errors="replace"), began, \
+        time.monotonic()
+
+
+class Workload:
+    def __init__(self, mode: str, urls: list[str], pool: str,
+                 helper_env: dict[str, dict[str, str]]) -> None:
+        self.mode = mode
+        self.urls = urls
+        self.pool = pool
+        self.helper_env = helper_env
+        self.ops: list[Op] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def conf(self, h: int) -> dict[str, Any]:
+        servers = self.urls[h % len(self.urls):] + self.urls[:h % len(self.urls)]
+        return {"cniVersion": "1.0.0", "name": "partnet", "type": "bridge",
+                "ipam": {"type": "ipam-da-consul", "consul_servers": servers,
+                         "pools": [{"name": self.pool}], "host": f"host{h}",
+                         "timeout": CALL_TIMEOUT, "consul_connect_timeout": 1,
+                         "consul_read_timeout": 2}}
+
+    def call(self, worker: str, h: int, kind: str, command: str, container: str,
+             prev: dict[str, Any] | None = None) -> Op:
+        conf = self.conf(h)
+        if prev is not None:
+            conf["prevResult"] = prev
+        rc, out, err, began, ended = invoke(command, container, conf,
+                                            self.helper_env.get(f"host{h}", {}))
+        op = Op(worker, f"host{h}", kind, command, container, began, ended, rc, out, err)
+        with self.lock:
+            self.ops.append(op)
+        return op
+
+    def work(self, h: int, w: int) -> None:
+        rng = random.Random(f"{SEED}-{self.mode}-{h}-{w}")
+        name = f"h{h}w{w}"
+        holding: deque[tuple[str, dict[str, Any]]] = deque()
+        pending: list[tuple[str, dict[str, Any] | None, str]] = []  # DELs to retry
+
+        def release(container: str, prev: dict[str, Any] | None, kind: str) -> bool:
+            return self.call(name, h, kind, "DEL", container, prev).ok
+
+        for k in range(MAX_OPS_PER_WORKER):
+            if self.stop.is_set():
+                break
+            pending = [p for p in pending if not release(*p)]
+            container = f"{self.mode}-{name}-{SEED}-{k}"
+            add = self.call(name, h, "add", "ADD", container)
+            if add.ok:
+                prev = json.loads(add.stdout)
+                holding.append((container, prev))
+                if rng.random() < 0.3:
+                    self.call(name, h, "check", "CHECK", container, prev)
+                while len(holding) > HOLD:
+                    c, p = holding.popleft()
+                    if not release(c, p, "del"):
+                        pending.append((c, p, "del"))
+            elif not release(container, None, "cleanup"):
+                pending.append((container, None, "cleanup"))
+            time.sleep(rng.uniform(0.0, 0.2))
+        # The runtime tears everything down; a DEL that fails is retried, boundedly.
+        todo = [(c, p, "del") for c, p in holding] + pending
+        for _ in range(10):
+            todo = [t for t in todo if not release(*t)]
+            if not todo:
+                break
+            time.sleep(1)
+
+    def start(self) -> None:
+        for h in range(HOSTS):
+            for w in range(WORKERS_PER_HOST):
+                t = threading.Thread(target=self.work, args=(h, w), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def finish(self) -> None:
+        self.stop.set()
+        deadline = time.monotonic() + 10 * (HANG + 2)
+        for t in self.threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+        alive = [t for t in self.threads if t.is_alive()]
+        assert not alive, f"{len(alive)} workers still running"
+
+
+class Snapshots:
+    """The pool folder read every second from any server with a leader (best effort)."""
+
+    def __init__(self, cluster: NetCluster, folder: str) -> None:
+        self.cluster = cluster
+        self.folder = folder
+        self.taken: list[tuple[float, dict[str, bytes]]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            with contextlib.suppress(Exception):
+                tree = self.cluster.kv_tree(self.folder)
+                if duplicate_targets(parse_tree(tree, self.folder)):
+                    self.taken.append((time.monotonic(), tree))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def netcluster() -> Iterator[NetCluster]:
+    reason = unsupported_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = NetCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def helpers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, dict]]:
+    if request.param != "helper":
+        yield {}
+        return
+    started: list[Helper] = []
+    try:
+        for h in range(HOSTS):
+            d = tmp_path / f"host{h}"
+            d.mkdir()
+            helper = Helper(d)
+            started.append(helper)
+            remember_process(helper.proc.pid)
+        yield {f"host{h}": hp.env for h, hp in enumerate(started)}
+    finally:
+        for hp in started:
+            hp.close()
+            forget_process(hp.proc.pid)
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("helpers", ["inprocess", "helper"], indirect=True)
+def test_partition(netcluster: NetCluster, helpers: dict[str, dict[str, str]],
+                   request: pytest.FixtureRequest) -> None:
+    mode = request.node.callspec.params["helpers"]
+    netcluster.wait_healthy(90)
+    pool = netcluster.create_pool(f"part-{mode}-{SEED}-{time.monotonic_ns()}", POOL_RANGES)
+    folder = f"{PREFIX}{pool}/"
+    nemesis = Nemesis(netcluster)
+    work = Workload(mode, netcluster.urls, pool, helpers)
+    snaps = Snapshots(netcluster, folder)
+    phases: list[Phase] = []
+    t0 = time.monotonic()
+    work.start()
+    try:
+        time.sleep(BASELINE_SECONDS)
+        phases.append(Phase("baseline", "-", t0, time.monotonic(), time.monotonic()))
+        for fault in FAULTS:
+            netcluster.wait_healthy(90)
+            began = time.monotonic()
+            target = nemesis.apply(fault)
+            time.sleep(Nemesis.duration(fault, FAULT_SECONDS))
+            nemesis.heal()
+            healed = time.monotonic()
+            time.sleep(QUIET_SECONDS)
+            phases.append(Phase(fault, target.name, began, healed, time.monotonic()))
+    finally:
+        nemesis.heal()
+        work.finish()
+        snaps.close()
+    netcluster.wait_healthy(90)
+    time.sleep(2)  # let any write still in flight inside Consul land before the final read
+    final = netcluster.kv_tree(folder)
+    ops = sorted(work.ops, key=lambda o: o.start)
+
+    anomalies = check_history(ops, final, folder, snaps.taken, t0)
+    late = overruns(ops)
+    rows = availability(ops, phases)
+    counts: dict[str, int] = {}
+    for o in ops:
+        key = f"{o.kind}:{o.rc}"
+        counts[key] = counts.get(key, 0) + 1
+    report = [f"\n=== partition [{mode}] seed {SEED}, faults {FAULTS}, "
+              f"{time.monotonic() - t0:.0f}s, {len(ops)} calls {dict(sorted(counts.items()))}",
+              table(rows),
+              f"anomalies ({len(anomalies)}):", *[f"  - {a}" for a in anomalies],
+              f"calls over timeout {CALL_TIMEOUT:g}s + {OVERHEAD:g}s ({len(late)}):",
+              *[f"  - {phase_of(o, phases)}: {o.brief(t0)}" for o in late[:15]]]
+    print("\n".join(report))
+    problems = anomalies + [f"over timeout: {o.brief(t0)}" for o in late]
+    assert not problems, "\n".join(problems[:40])
+
+
+def phase_of(op: Op, phases: list[Phase]) -> str:
+    return next((p.name for p in phases if p.start <= op.start < p.end), "between")
+
+
+# -- the checker can fail -----------------------------------------------------------------------
+
+
+def _op(kind: str, command: str, container: str, start: float, end: float, rc: int = 0,
+        ip: str | None = None) -> Op:
+    out = json.dumps({"ips": [{"address": f"{ip}/24"}]}) if ip else ""
+    if rc:
+        out = json.dumps({"code": rc, "msg": "boom"})
+    return Op("w", "host0", kind, command, container, start, end, rc, out)
+
+
+def _tree(folder: str, **keys: str) -> dict[str, bytes]:
+    return {folder: b"", **{folder + ip: json.dumps({"target": t, "ifname": "eth0"}).encode()
+                            for ip, t in keys.items()}}
+
+
+F = "ipam/p/"
+
+
+def test_checker_clean_history_passes() -> None:
+    ops = [_op("add", "ADD", "a", 0, 1, ip="10.0.0.1"), _op("del", "DEL", "a", 2, 3),
+           # b gets a's address while a's DEL runs: not a duplicate (the DEL may have released)
+           _op("add", "ADD", "b", 2.5, 3.5, ip="10.0.0.1"), _op("del", "DEL", "b", 4, 5),
+           _op("add", "ADD", "c", 4, 5, rc=11), _op("cleanup", "DEL", "c", 5, 6)]
+    assert check_history(ops, _tree(F), F) == []
+    assert overruns(ops) == []
+
+
+def test_checker_catches_duplicate_address() -> None:
+    ops = [_op("add", "ADD", "a", 0, 1, ip="10.0.0.1"),
+           _op("add", "ADD", "b", 2, 3, ip="10.0.0.1"),
+           _op("del", "DEL", "a", 4, 5), _op("del", "DEL", "b", 4, 5)]
+    found = check_history(ops, _tree(F), F)
+    assert len(found) == 1 and found[0].startswith("DUPLICATE 10.0.0.1"), found
+
+
+def test_checker_catches_duplicate_target() -> None:
+    ops = [_op("add", "ADD", "a", 0, 1, ip="10.0.0.1")]
+    tree = _tree(F, **{"10.0.0.1": "a", "10.0.0.2": "a"})
+    found = check_history(ops, tree, F, snapshots=[(0.5, tree)])
+    assert any(f.startswith("DUPLICATE TARGET in the final") for f in found), found
+    assert any(f.startswith("DUPLICATE TARGET at 0.50s") for f in found), found
+
+
+def test_checker_catches_leak_after_failed_add() -> None:
+    # The failed ADD's write lands after its cleanup DEL returned 0: the key leaks.
+    ops = [_op("add", "ADD", "c", 0, 10, rc=125), _op("cleanup", "DEL", "c", 10, 11)]
+    found = check_history(ops, _tree(F, **{"10.0.0.3": "c"}), F)
+    assert len(found) == 1 and found[0].startswith("LEAK after failed ADD"), found
+
+
+def test_checker_catches_leak_after_del_and_leftovers() -> None:
+    ops = [_op("add", "ADD", "a", 0, 1, ip="10.0.0.1"), _op("del", "DEL", "a", 2, 3),
+           _op("add", "ADD", "b", 0, 1, ip="10.0.0.2"), _op("del", "DEL", "b", 2, 3, rc=11)]
+    tree = _tree(F, **{"10.0.0.1": "a", "10.0.0.2": "b", "10.0.0.9": "stranger"})
+    found = check_history(ops, tree, F)
+    assert sorted(f.split(":")[0] for f in found) == ["LEAK after DEL", "NOT EMPTY",
+                                                      "UNKNOWN KEY ['10.0.0.9'] for stranger"]
+
+
+def test_checker_catches_overrun_and_hang() -> None:
+    ops = [_op("add", "ADD", "a", 0, CALL_TIMEOUT + 4.2, rc=125),
+           _op("add", "ADD", "b", 0, CALL_TIMEOUT + 0.5, ip="10.0.0.1"),
+           _op("add", "ADD", "c", 0, HANG, rc=-9)]
+    assert [o.container for o in overruns(ops)] == ["c", "a"]
+    assert any(f.startswith("HUNG") for f in check_history(ops, _tree(F, **{"10.0.0.1": "b"}),
+                                                            F))
+
+
+def test_availability_gap() -> None:
+    ops = [_op("add", "ADD", "a", 0, 1, ip="10.0.0.1"), _op("add", "ADD", "b", 1, 9, rc=11),
+           _op("add", "ADD", "c", 8, 9.5, ip="10.0.0.2")]
+    (row,) = availability(ops, [Phase("isolate", "s1", 0, 5, 12)])
+    assert (row["calls"], row["failed"]) == (3, 1)
+    assert row["longest_call"] == 8 and row["longest_gap"] == pytest.approx(8.5)
