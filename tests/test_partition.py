@@ -104,6 +104,7 @@ class Op:
     stdout: str = ""
     stderr: str = ""
     timeout: float = CALL_TIMEOUT
+    cpu: float = 0.0  # CPU seconds of the plugin process itself
 
     @property
     def elapsed(self) -> float:
@@ -129,8 +130,8 @@ class Op:
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 msg = " " + str(json.loads(self.stdout).get("msg", ""))[:90]
         return (f"{self.command} {self.container} [{self.start - t0:.2f}s..{self.end - t0:.2f}s, "
-                f"{self.elapsed:.2f}s] rc={self.rc}{' ' + self.address if self.address else ''}"
-                f"{msg}")
+                f"{self.elapsed:.2f}s, cpu {self.cpu:.2f}s] rc={self.rc}"
+                f"{' ' + self.address if self.address else ''}{msg}")
 
 
 @dataclass
@@ -265,21 +266,47 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def invoke(command: str, container: str, conf: dict[str, Any], env: dict[str, str]
-           ) -> tuple[int, str, str, float, float]:
-    """The installed plugin, as a runtime runs it; killed (rc -9) when it hangs."""
+           ) -> tuple[int, str, str, float, float, float]:
+    """The installed plugin, as a runtime runs it; killed (rc -9) when it hangs. Returns rc,
+    stdout, stderr, start, end and the CPU seconds the process used (to tell a call that waited
+    from one starved of CPU on a busy machine)."""
     proc_env = environment(Call(command, container, conf, env=env))
     began = time.monotonic()
     proc = subprocess.Popen([executable("ipam-da-consul")], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=proc_env)
-    try:
-        out, err = proc.communicate(json.dumps(conf).encode(), timeout=HANG)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        rc = -9
-    return rc, out.decode(errors="replace"), err.decode(errors="replace"), began, \
-        time.monotonic()
+    chunks: dict[str, bytes] = {}
+
+    def drain(name: str, stream: Any) -> None:
+        chunks[name] = stream.read()
+
+    readers = [threading.Thread(target=drain, args=(n, s), daemon=True)
+               for n, s in (("out", proc.stdout), ("err", proc.stderr))]
+    for r in readers:
+        r.start()
+    with contextlib.suppress(BrokenPipeError):
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(conf).encode())
+        proc.stdin.close()
+    rc, cpu, deadline = -9, 0.0, began + HANG
+    while True:
+        # wait4 instead of Popen.wait: the child's own rusage (CPU time) comes with it.
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            ended = time.monotonic()
+            rc = os.waitstatus_to_exitcode(status)
+            proc.returncode = rc
+            cpu = usage.ru_utime + usage.ru_stime
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            ended = time.monotonic()
+            break
+        time.sleep(0.01)
+    for r in readers:
+        r.join(10)
+    out, err = chunks.get("out", b""), chunks.get("err", b"")
+    return rc, out.decode(errors="replace"), err.decode(errors="replace"), began, ended, cpu
 
 
 class Workload:
@@ -307,9 +334,10 @@ class Workload:
         conf = self.conf(h)
         if prev is not None:
             conf["prevResult"] = prev
-        rc, out, err, began, ended = invoke(command, container, conf,
-                                            self.helper_env.get(f"host{h}", {}))
-        op = Op(worker, f"host{h}", kind, command, container, began, ended, rc, out, err)
+        rc, out, err, began, ended, cpu = invoke(command, container, conf,
+                                                 self.helper_env.get(f"host{h}", {}))
+        op = Op(worker, f"host{h}", kind, command, container, began, ended, rc, out, err,
+                cpu=cpu)
         with self.lock:
             self.ops.append(op)
         return op
@@ -319,6 +347,7 @@ class Workload:
         name = f"h{h}w{w}"
         holding: deque[tuple[str, dict[str, Any]]] = deque()
         pending: list[tuple[str, dict[str, Any] | None, str]] = []  # DELs to retry
+        time.sleep(rng.uniform(0.0, 1.5))  # not every interpreter starting at the same moment
 
         def release(container: str, prev: dict[str, Any] | None, kind: str) -> bool:
             return self.call(name, h, kind, "DEL", container, prev).ok
@@ -340,7 +369,7 @@ class Workload:
                         pending.append((c, p, "del"))
             elif not release(container, None, "cleanup"):
                 pending.append((container, None, "cleanup"))
-            time.sleep(rng.uniform(0.0, 0.2))
+            time.sleep(rng.uniform(0.1, 0.5))
         # The runtime tears everything down; a DEL that fails is retried, boundedly.
         todo = [(c, p, "del") for c, p in holding] + pending
         for _ in range(10):
@@ -430,7 +459,7 @@ def helpers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str
 @pytest.mark.cluster
 @pytest.mark.parametrize("helpers", ["inprocess", "helper"], indirect=True)
 def test_partition(netcluster: NetCluster, helpers: dict[str, dict[str, str]],
-                   request: pytest.FixtureRequest) -> None:
+                   request: pytest.FixtureRequest, tmp_path: Path) -> None:
     mode = request.node.callspec.params["helpers"]
     netcluster.wait_healthy(90)
     pool = netcluster.create_pool(f"part-{mode}-{SEED}-{time.monotonic_ns()}", POOL_RANGES)
@@ -439,6 +468,7 @@ def test_partition(netcluster: NetCluster, helpers: dict[str, dict[str, str]],
     work = Workload(mode, netcluster.urls, pool, helpers)
     snaps = Snapshots(netcluster, folder)
     phases: list[Phase] = []
+    load_before = f"{os.getloadavg()[0]:.1f}"
     t0 = time.monotonic()
     work.start()
     try:
@@ -469,8 +499,14 @@ def test_partition(netcluster: NetCluster, helpers: dict[str, dict[str, str]],
     for o in ops:
         key = f"{o.kind}:{o.rc}"
         counts[key] = counts.get(key, 0) + 1
+    history = tmp_path / f"history-{mode}.json"
+    history.write_text(json.dumps({
+        "t0": t0, "phases": [vars(p) for p in phases],
+        "ops": [vars(o) for o in ops],
+        "final": {k: v.decode(errors="replace") for k, v in final.items()}}, indent=1))
     report = [f"\n=== partition [{mode}] seed {SEED}, faults {FAULTS}, "
-              f"{time.monotonic() - t0:.0f}s, {len(ops)} calls {dict(sorted(counts.items()))}",
+              f"{time.monotonic() - t0:.0f}s, {len(ops)} calls {dict(sorted(counts.items()))}, "
+              f"load {load_before} -> {os.getloadavg()[0]:.1f}; history {history}",
               table(rows),
               f"anomalies ({len(anomalies)}):", *[f"  - {a}" for a in anomalies],
               f"calls over timeout {CALL_TIMEOUT:g}s + {OVERHEAD:g}s ({len(late)}):",
