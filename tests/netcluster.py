@@ -16,6 +16,7 @@ consul processes this harness started; the root namespace's firewall is never to
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -328,8 +329,10 @@ class NetCluster:
 
     def kv_tree(self, prefix: str) -> dict[str, bytes]:
         """A consistent read of the KV tree under prefix from a server that has a leader."""
-        import base64
+        return {e["Key"]: decode(e) for e in self.kv_entries(prefix)}
 
+    def kv_entries(self, prefix: str) -> list[dict]:
+        """Consul's own entries (Key, Value, CreateIndex, ModifyIndex), consistent read."""
         last: Exception | None = None
         for s in self.servers:
             if not s.alive() or s.paused:
@@ -338,13 +341,23 @@ class NetCluster:
                 r = self.http.get(f"{s.url}/v1/kv/{prefix}",
                                   params={"recurse": "true", "consistent": "true"}, timeout=3)
                 if r.status_code == 404:
-                    return {}
+                    return []
                 r.raise_for_status()
-                return {e["Key"]: base64.b64decode(e["Value"]) if e["Value"] else b""
-                        for e in r.json()}
+                return list(r.json())
             except requests.RequestException as e:
                 last = e
         raise RuntimeError(f"no server answered the KV read: {last}")
+
+    def stale_read(self, s: Server, prefix: str, timeout: float = 1.0
+                   ) -> tuple[int, dict[str, bytes]]:
+        """One server's own committed state (`?stale`): its raft index and the tree."""
+        r = self.http.get(f"{s.url}/v1/kv/{prefix}", params={"recurse": "true", "stale": "true"},
+                          timeout=timeout)
+        index = int(r.headers.get("X-Consul-Index", "0"))
+        if r.status_code == 404:
+            return index, {}
+        r.raise_for_status()
+        return index, {e["Key"]: decode(e) for e in r.json()}
 
     def put(self, key: str, value: str) -> None:
         r = self.http.put(f"{self.healthy_server().url}/v1/kv/{key}", data=value, timeout=5)
@@ -354,6 +367,10 @@ class NetCluster:
         self.put(f"{prefix}{name}", json.dumps(ranges))
         self.put(f"{prefix}{name}/", "")
         return name
+
+
+def decode(entry: dict) -> bytes:
+    return base64.b64decode(entry["Value"]) if entry.get("Value") else b""
 
 
 # -- the nemesis ----------------------------------------------------------------------------------

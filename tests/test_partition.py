@@ -19,7 +19,7 @@ apply the fault to the current leader, hold it, heal, stay quiet, next fault. Fa
   kill          SIGKILL the leader, restart it (same data dir) at heal
   pause-4/15    SIGSTOP the leader for 4 s / 15 s, then SIGCONT
 
-Short (default, CI): faults isolate, asym-in, pause-15; about 3.5 min for both modes on 2 cores.
+Short (default, CI): faults isolate, asym-out, pause-15; about 3.5 min for both modes on 2 cores.
 Long: IPAM_PARTITION_LONG=1 runs every fault, IPAM_PARTITION_ROUNDS (default 2) times, each
 fault held IPAM_PARTITION_FAULT_SECONDS (default 30) then 15 s quiet (about 12 min per mode).
 IPAM_PARTITION_FAULTS=a,b,... picks the faults, IPAM_PARTITION_SEED the seed.
@@ -61,6 +61,7 @@ from tests.conftest import executable
 from tests.netcluster import (
     Nemesis,
     NetCluster,
+    decode,
     forget_process,
     remember_process,
     unsupported_reason,
@@ -69,7 +70,7 @@ from tests.util_procs import Call, Helper, environment
 
 LONG = os.environ.get("IPAM_PARTITION_LONG") == "1"
 SEED = int(os.environ.get("IPAM_PARTITION_SEED", "7"))
-SHORT_FAULTS = ["isolate", "asym-in", "pause-15"]
+SHORT_FAULTS = ["isolate", "asym-out", "pause-15"]
 FAULTS = [f for f in os.environ.get("IPAM_PARTITION_FAULTS", "").split(",") if f] or (
     list(Nemesis.FAULTS) * int(os.environ.get("IPAM_PARTITION_ROUNDS", "2"))
     if LONG else SHORT_FAULTS)
@@ -395,22 +396,36 @@ class Workload:
 
 
 class Snapshots:
-    """The pool folder read every second from any server with a leader (best effort)."""
+    """Every server's own committed state (stale reads), twice a second, best effort: two keys
+    with the same target+ifname in any of them is a duplicate; the (time, raft index) marks
+    date the keys left at the end (when their write was applied)."""
 
     def __init__(self, cluster: NetCluster, folder: str) -> None:
         self.cluster = cluster
         self.folder = folder
         self.taken: list[tuple[float, dict[str, bytes]]] = []
+        self.marks: list[tuple[float, int]] = []  # (monotonic, highest raft index seen)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
     def run(self) -> None:
-        while not self.stop.wait(1.0):
-            with contextlib.suppress(Exception):
-                tree = self.cluster.kv_tree(self.folder)
-                if duplicate_targets(parse_tree(tree, self.folder)):
-                    self.taken.append((time.monotonic(), tree))
+        while not self.stop.wait(0.5):
+            for s in self.cluster.servers:
+                if not s.alive() or s.paused or self.stop.is_set():
+                    continue
+                with contextlib.suppress(Exception):
+                    index, tree = self.cluster.stale_read(s, self.folder)
+                    self.marks.append((time.monotonic(), index))
+                    if duplicate_targets(parse_tree(tree, self.folder)):
+                        self.taken.append((time.monotonic(), tree))
+
+    def landed(self, index: int) -> tuple[float | None, float | None]:
+        """Bounds on when raft index `index` was applied: the last read that had not seen it
+        (no server yet had it) and the first read that had."""
+        before = max((t for t, i in self.marks if i < index), default=None)
+        after = min((t for t, i in self.marks if i >= index), default=None)
+        return before, after
 
     def close(self) -> None:
         self.stop.set()
@@ -489,7 +504,8 @@ def test_partition(netcluster: NetCluster, helpers: dict[str, dict[str, str]],
         snaps.close()
     netcluster.wait_healthy(90)
     time.sleep(2)  # let any write still in flight inside Consul land before the final read
-    final = netcluster.kv_tree(folder)
+    entries = netcluster.kv_entries(folder)
+    final = {e["Key"]: decode(e) for e in entries}
     ops = sorted(work.ops, key=lambda o: o.start)
 
     anomalies = check_history(ops, final, folder, snaps.taken, t0)
@@ -511,9 +527,18 @@ def test_partition(netcluster: NetCluster, helpers: dict[str, dict[str, str]],
               f"anomalies ({len(anomalies)}):", *[f"  - {a}" for a in anomalies],
               f"calls over timeout {CALL_TIMEOUT:g}s + {OVERHEAD:g}s ({len(late)}):",
               *[f"  - {phase_of(o, phases)}: {o.brief(t0)}" for o in late[:15]]]
+    for e in entries:
+        if e["Key"] != folder:
+            lo, hi = snaps.landed(int(e["CreateIndex"]))
+            report.append(f"  key {e['Key'][len(folder):]} (CreateIndex {e['CreateIndex']}) "
+                          f"applied between {fmt(lo, t0)} and {fmt(hi, t0)}")
     print("\n".join(report))
     problems = anomalies + [f"over timeout: {o.brief(t0)}" for o in late]
     assert not problems, "\n".join(problems[:40])
+
+
+def fmt(t: float | None, t0: float) -> str:
+    return "?" if t is None else f"{t - t0:.2f}s"
 
 
 def phase_of(op: Op, phases: list[Phase]) -> str:
