@@ -32,6 +32,5 @@ if [ ! -x /usr/lib/cni/bridge ]; then
   apt_install containernetworking-plugins iproute2 \
     || echo "setup: containernetworking-plugins not installed; bridge tests will be skipped" >&2
 fi
-# iptables inside network namespaces for the partition test (tests/test_partition.py).
 [ -x /usr/sbin/iptables ] || apt_install iptables || echo "setup: iptables not installed; the partition test will be skipped" >&2
 echo "setup: ready (.venv, $(bash scripts/fetch-consul.sh 2>/dev/null))"
