@@ -379,12 +379,14 @@ def decode(entry: dict) -> bytes:
 class Nemesis:
     """Faults on the current leader. `apply()` starts one, `heal()` ends it (idempotent)."""
 
-    FAULTS = ("isolate", "clients-only", "asym-in", "asym-out", "kill", "pause-4", "pause-15")
+    FAULTS = ("isolate", "clients-only", "asym-in", "asym-out", "kill", "pause-4", "pause-15",
+              "no-quorum")
 
     def __init__(self, cluster: NetCluster) -> None:
         self.cluster = cluster
         self.target: Server | None = None
         self.fault: str | None = None
+        self.also: list[Server] = []  # further servers a fault touches (no-quorum)
 
     def apply(self, fault: str) -> Server:
         c = self.cluster
@@ -395,6 +397,12 @@ class Nemesis:
             # Nothing in or out of eth0: neither peers nor clients reach it.
             leader.iptables("-A", "INPUT", "-i", "eth0", "-j", "DROP")
             leader.iptables("-A", "OUTPUT", "-o", "eth0", "-j", "DROP")
+        elif fault == "no-quorum":
+            # The leader and one follower isolated: no majority anywhere until the heal.
+            self.also = [next(s for s in c.servers if s is not leader)]
+            for s in (leader, *self.also):
+                s.iptables("-A", "INPUT", "-i", "eth0", "-j", "DROP")
+                s.iptables("-A", "OUTPUT", "-o", "eth0", "-j", "DROP")
         elif fault == "clients-only":
             # Clients (the root namespace) cannot talk to its HTTP port; servers still can.
             leader.iptables("-A", "INPUT", "-s", ROOT_IP, "-p", "tcp", "--dport",
@@ -427,8 +435,10 @@ class Nemesis:
         elif fault is not None and fault.startswith("pause-"):
             t.signal(signal.SIGCONT)
         else:
-            t.heal()
+            for s in (t, *self.also):
+                s.heal()
         self.target = self.fault = None
+        self.also = []
 
     @staticmethod
     def duration(fault: str, default: float) -> float:

@@ -84,6 +84,7 @@ MAX_OPS_PER_WORKER = 5000  # a bound; the schedule ends the workload long before
 CALL_TIMEOUT = 10.0  # ipam.timeout
 OVERHEAD = 1.0  # a process's start and exit on top of `timeout`
 HANG = CALL_TIMEOUT + 30  # a call still running then is killed and reported as hung
+TEARDOWN_SECONDS = 60  # the workers' final DELs (retried) stop starting after this
 POOL_RANGES = [{"subnet": "10.77.0.0/24", "rangeStart": "10.77.0.10",
                 "rangeEnd": "10.77.0.70", "gateway": "10.77.0.1"}]
 PREFIX = "ipam/"
@@ -142,6 +143,7 @@ class Phase:
     start: float
     healed: float
     end: float
+    leader_during: str = "-"  # the leader the other servers saw just before the heal
 
 
 # -- the checker (pure: unit-tested below on synthetic histories) --------------------------------
@@ -249,17 +251,18 @@ def availability(ops: list[Op], phases: list[Phase]) -> list[dict[str, Any]]:
             "fault": ph.name, "target": ph.target, "calls": len(window),
             "failed": sum(1 for o in window if not o.ok),
             "longest_call": max((o.elapsed for o in window), default=0.0),
-            "longest_gap": gap, "seconds": ph.end - ph.start,
+            "longest_gap": gap, "seconds": ph.end - ph.start, "during": ph.leader_during,
         })
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'fault':<13}{'leader':>7}{'window s':>10}{'calls':>7}{'failed':>8}"
+    lines = [f"{'fault':<13}{'leader':>7}{'then':>6}{'window s':>10}{'calls':>7}{'failed':>8}"
              f"{'longest call s':>16}{'longest gap s':>15}"]
     for r in rows:
-        lines.append(f"{r['fault']:<13}{r['target']:>7}{r['seconds']:>10.1f}{r['calls']:>7}"
-                     f"{r['failed']:>8}{r['longest_call']:>16.2f}{r['longest_gap']:>15.2f}")
+        lines.append(f"{r['fault']:<13}{r['target']:>7}{r.get('during', '-'):>6}"
+                     f"{r['seconds']:>10.1f}{r['calls']:>7}{r['failed']:>8}"
+                     f"{r['longest_call']:>16.2f}{r['longest_gap']:>15.2f}")
     return "\n".join(lines)
 
 
@@ -371,13 +374,14 @@ class Workload:
             elif not release(container, None, "cleanup"):
                 pending.append((container, None, "cleanup"))
             time.sleep(rng.uniform(0.1, 0.5))
-        # The runtime tears everything down; a DEL that fails is retried, boundedly.
+        # The runtime tears everything down; a DEL that fails is retried, boundedly (what is
+        # still held after that shows up as NOT EMPTY).
         todo = [(c, p, "del") for c, p in holding] + pending
-        for _ in range(10):
-            todo = [t for t in todo if not release(*t)]
-            if not todo:
-                break
-            time.sleep(1)
+        give_up = time.monotonic() + TEARDOWN_SECONDS
+        while todo and time.monotonic() < give_up:
+            todo = [t for t in todo if time.monotonic() > give_up or not release(*t)]
+            if todo:
+                time.sleep(1)
 
     def start(self) -> None:
         for h in range(HOSTS):
@@ -388,7 +392,7 @@ class Workload:
 
     def finish(self) -> None:
         self.stop.set()
-        deadline = time.monotonic() + 10 * (HANG + 2)
+        deadline = time.monotonic() + HANG + TEARDOWN_SECONDS + HANG + 10
         for t in self.threads:
             t.join(max(0.1, deadline - time.monotonic()))
         alive = [t for t in self.threads if t.is_alive()]
@@ -494,10 +498,11 @@ def test_partition(netcluster: NetCluster, helpers: dict[str, dict[str, str]],
             began = time.monotonic()
             target = nemesis.apply(fault)
             time.sleep(Nemesis.duration(fault, FAULT_SECONDS))
+            during = leaders_seen(netcluster, exclude=target)
             nemesis.heal()
             healed = time.monotonic()
             time.sleep(QUIET_SECONDS)
-            phases.append(Phase(fault, target.name, began, healed, time.monotonic()))
+            phases.append(Phase(fault, target.name, began, healed, time.monotonic(), during))
     finally:
         nemesis.heal()
         work.finish()
@@ -533,8 +538,18 @@ def test_partition(netcluster: NetCluster, helpers: dict[str, dict[str, str]],
             report.append(f"  key {e['Key'][len(folder):]} (CreateIndex {e['CreateIndex']}) "
                           f"applied between {fmt(lo, t0)} and {fmt(hi, t0)}")
     print("\n".join(report))
+    # The test must have tested something: calls in every window, successes overall.
+    assert sum(1 for o in ops if o.command == "ADD" and o.ok) >= 10, counts
+    assert all(r["calls"] > 0 for r in rows), rows
     problems = anomalies + [f"over timeout: {o.brief(t0)}" for o in late]
     assert not problems, "\n".join(problems[:40])
+
+
+def leaders_seen(cluster: NetCluster, exclude: Any) -> str:
+    """The leader(s) the servers other than the target report, e.g. "s3" or "s1/s3"."""
+    names = {s.raft_addr: s.name for s in cluster.servers}
+    seen = {cluster.leader_of(s) for s in cluster.servers if s is not exclude}
+    return "/".join(sorted(names.get(a, "none") for a in seen))
 
 
 def fmt(t: float | None, t0: float) -> str:
