@@ -18,11 +18,14 @@ apply the fault to the current leader, hold it, heal, stay quiet, next fault. Fa
   asym-out      the leader's packets to its peers are dropped (it still hears them)
   kill          SIGKILL the leader, restart it (same data dir) at heal
   pause-4/15    SIGSTOP the leader for 4 s / 15 s, then SIGCONT
+  no-quorum     the leader and one follower isolated: no majority until the heal (every call
+                fails; exercises the timeout cap and the cleanup path)
 
 Short (default, CI): faults isolate, asym-out, pause-15; about 3.5 min for both modes on 2 cores.
 Long: IPAM_PARTITION_LONG=1 runs every fault, IPAM_PARTITION_ROUNDS (default 2) times, each
 fault held IPAM_PARTITION_FAULT_SECONDS (default 30) then 15 s quiet (about 12 min per mode).
-IPAM_PARTITION_FAULTS=a,b,... picks the faults, IPAM_PARTITION_SEED the seed.
+IPAM_PARTITION_FAULTS=a,b,... picks the faults, IPAM_PARTITION_SEED the seed,
+IPAM_PARTITION_VERBOSE=1 runs the verbose flavour with a debug log per call (more CPU).
     .venv/bin/python -m pytest -s tests/test_partition.py          # short
     IPAM_PARTITION_LONG=1 .venv/bin/python -m pytest -s tests/test_partition.py   # long
 or `bash scripts/partition.sh [--long]`.
@@ -52,6 +55,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +73,9 @@ from tests.netcluster import (
 from tests.util_procs import Call, Helper, environment
 
 LONG = os.environ.get("IPAM_PARTITION_LONG") == "1"
+# The verbose flavour, one debug log per call (its first-to-last line span is the call's own
+# time, without interpreter start-up that a busy machine stretches; and the requests it sent).
+VERBOSE = os.environ.get("IPAM_PARTITION_VERBOSE") == "1"
 SEED = int(os.environ.get("IPAM_PARTITION_SEED", "7"))
 SHORT_FAULTS = ["isolate", "asym-out", "pause-15"]
 FAULTS = [f for f in os.environ.get("IPAM_PARTITION_FAULTS", "").split(",") if f] or (
@@ -107,6 +114,17 @@ class Op:
     stderr: str = ""
     timeout: float = CALL_TIMEOUT
     cpu: float = 0.0  # CPU seconds of the plugin process itself
+    log: str = ""  # the verbose log of this call (IPAM_PARTITION_VERBOSE=1)
+
+    @property
+    def span(self) -> float | None:
+        """First to last line of the verbose log, if there is one."""
+        try:
+            stamps = [datetime.fromisoformat(line.split(" ", 1)[0])
+                      for line in Path(self.log).read_text().splitlines() if line[:4].isdigit()]
+        except (OSError, ValueError):
+            return None
+        return (stamps[-1] - stamps[0]).total_seconds() if stamps else None
 
     @property
     def elapsed(self) -> float:
@@ -132,7 +150,8 @@ class Op:
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 msg = " " + str(json.loads(self.stdout).get("msg", ""))[:90]
         return (f"{self.command} {self.container} [{self.start - t0:.2f}s..{self.end - t0:.2f}s, "
-                f"{self.elapsed:.2f}s, cpu {self.cpu:.2f}s] rc={self.rc}"
+                f"{self.elapsed:.2f}s, cpu {self.cpu:.2f}s"
+                f"{f', in-plugin {self.span:.2f}s' if self.log and self.span else ''}] rc={self.rc}"
                 f"{' ' + self.address if self.address else ''}{msg}")
 
 
@@ -269,14 +288,15 @@ def table(rows: list[dict[str, Any]]) -> str:
 # -- running calls ------------------------------------------------------------------------------
 
 
-def invoke(command: str, container: str, conf: dict[str, Any], env: dict[str, str]
-           ) -> tuple[int, str, str, float, float, float]:
+def invoke(command: str, container: str, conf: dict[str, Any], env: dict[str, str],
+           log: str = "") -> tuple[int, str, str, float, float, float]:
     """The installed plugin, as a runtime runs it; killed (rc -9) when it hangs. Returns rc,
     stdout, stderr, start, end and the CPU seconds the process used (to tell a call that waited
     from one starved of CPU on a busy machine)."""
-    proc_env = environment(Call(command, container, conf, env=env))
+    proc_env = environment(Call(command, container, conf, env=env, log_file=log or None))
     began = time.monotonic()
-    proc = subprocess.Popen([executable("ipam-da-consul")], stdin=subprocess.PIPE,
+    exe = executable("ipam-da-consul-verbose" if log else "ipam-da-consul")
+    proc = subprocess.Popen([exe], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=proc_env)
     chunks: dict[str, bytes] = {}
 
@@ -315,8 +335,11 @@ def invoke(command: str, container: str, conf: dict[str, Any], env: dict[str, st
 
 class Workload:
     def __init__(self, mode: str, urls: list[str], pool: str,
-                 helper_env: dict[str, dict[str, str]]) -> None:
+                 helper_env: dict[str, dict[str, str]], log_dir: Path | None = None) -> None:
         self.mode = mode
+        self.log_dir = log_dir
+        if log_dir:
+            log_dir.mkdir(parents=True, exist_ok=True)
         self.urls = urls
         self.pool = pool
         self.helper_env = helper_env
@@ -338,10 +361,13 @@ class Workload:
         conf = self.conf(h)
         if prev is not None:
             conf["prevResult"] = prev
+        log = ""
+        if self.log_dir:
+            log = str(self.log_dir / f"{container}-{command}-{time.monotonic_ns()}.log")
         rc, out, err, began, ended, cpu = invoke(command, container, conf,
-                                                 self.helper_env.get(f"host{h}", {}))
+                                                 self.helper_env.get(f"host{h}", {}), log)
         op = Op(worker, f"host{h}", kind, command, container, began, ended, rc, out, err,
-                cpu=cpu)
+                cpu=cpu, log=log)
         with self.lock:
             self.ops.append(op)
         return op
@@ -484,7 +510,8 @@ def test_partition(netcluster: NetCluster, helpers: dict[str, dict[str, str]],
     pool = netcluster.create_pool(f"part-{mode}-{SEED}-{time.monotonic_ns()}", POOL_RANGES)
     folder = f"{PREFIX}{pool}/"
     nemesis = Nemesis(netcluster)
-    work = Workload(mode, netcluster.urls, pool, helpers)
+    work = Workload(mode, netcluster.urls, pool, helpers,
+                    tmp_path / "logs" if VERBOSE else None)
     snaps = Snapshots(netcluster, folder)
     phases: list[Phase] = []
     load_before = f"{os.getloadavg()[0]:.1f}"
