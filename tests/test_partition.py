@@ -240,11 +240,11 @@ def check_history(ops: list[Op], final_tree: dict[str, bytes], folder: str,
             anomalies.append(
                 f"LEAK after failed ADD: key {ips} for {target}; {add.brief(t0)}; cleanup "
                 f"{last_ok_del.brief(t0)} returned 0 (the failed ADD's write landed after it or "
-                "was never seen by it)")
+                f"was never seen by it){' log ' + add.log if add.log else ''}")
         elif add.ok and last_ok_del is not None:
             anomalies.append(
                 f"LEAK after DEL: key {ips} for {target}; {add.brief(t0)}; "
-                f"{last_ok_del.brief(t0)} returned 0")
+                f"{last_ok_del.brief(t0)} returned 0{' log ' + add.log if add.log else ''}")
         else:
             anomalies.append(f"NOT EMPTY: key {ips} for {target} whose DEL never succeeded; "
                              f"{add.brief(t0)}; DELs: {[d.brief(t0) for d in dels]}")
