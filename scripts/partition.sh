@@ -18,4 +18,4 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 if [ "${1:-}" = "--long" ]; then export IPAM_PARTITION_LONG=1; shift; fi
 [ -x .venv/bin/python ] || bash scripts/setup.sh
-exec .venv/bin/python -m pytest -s -p no:cacheprovider tests/test_partition.py "$@"
+exec .venv/bin/python -m pytest -s --tb=short -p no:cacheprovider tests/test_partition.py "$@"
