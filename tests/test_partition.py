@@ -665,3 +665,20 @@ def test_availability_gap() -> None:
     (row,) = availability(ops, [Phase("isolate", "s1", 0, 5, 12)])
     assert (row["calls"], row["failed"]) == (3, 1)
     assert row["longest_call"] == 8 and row["longest_gap"] == pytest.approx(8.5)
+
+
+@pytest.mark.cluster
+def test_checker_sees_a_planted_key_in_the_cluster(netcluster: NetCluster) -> None:
+    """End to end: real ADD and DEL through the plugin, then a key planted behind the plugin's
+    back (as a late write would land) is reported from the real KV read."""
+    netcluster.wait_healthy(90)
+    pool = netcluster.create_pool(f"plant-{time.monotonic_ns()}", POOL_RANGES)
+    folder = f"{PREFIX}{pool}/"
+    work = Workload("plant", netcluster.urls, pool, {})
+    add = work.call("w", 0, "add", "ADD", "planted-1")
+    assert add.ok, add
+    assert work.call("w", 0, "del", "DEL", "planted-1", json.loads(add.stdout)).ok
+    assert check_history(work.ops, netcluster.kv_tree(folder), folder) == []
+    netcluster.put(f"{folder}10.77.0.66", json.dumps({"target": "planted-1", "ifname": "eth0"}))
+    found = check_history(work.ops, netcluster.kv_tree(folder), folder)
+    assert len(found) == 1 and found[0].startswith("LEAK after DEL: key ['10.77.0.66']"), found
