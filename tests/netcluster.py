@@ -3,10 +3,11 @@
 Layout (all private to this harness, deleted on close and at the next start if a run was
 killed):
 
-    root namespace: bridge `ipdcpbr0` 172.31.250.1/24 (the workers and helpers live here)
-    ipdcp-s1: eth0 172.31.250.11/24   consul server s1 (HTTP 172.31.250.11:8500)
-    ipdcp-s2: eth0 172.31.250.12/24   consul server s2
-    ipdcp-s3: eth0 172.31.250.13/24   consul server s3
+    root namespace: bridge `ipdcpartbr` 172.31.250.1/24 (the workers and helpers live here),
+                    veths ipdcpartv1..3
+    ipdcpart-s1: eth0 172.31.250.11/24   consul server s1 (HTTP 172.31.250.11:8500)
+    ipdcpart-s2: eth0 172.31.250.12/24   consul server s2
+    ipdcpart-s3: eth0 172.31.250.13/24   consul server s3
 
 Every server is `consul agent -server -bootstrap-expect 3 -retry-join <the others>` bound to its
 namespace's address, with `raft_multiplier = 1` so elections take about a second. The nemesis
@@ -32,8 +33,12 @@ import requests
 
 from tests.agent import consul_binary
 
-PREFIX = "ipdcp"
-BRIDGE = f"{PREFIX}br0"
+PREFIX = "ipdcpart"
+BRIDGE = f"{PREFIX}br"
+# Exactly the names this harness creates: cleanup touches these and nothing else (other tests
+# on this machine use names that start alike, e.g. ipdc<pid>b0, ipdcpm<pid>).
+NAMESPACES = tuple(f"{PREFIX}-s{i}" for i in (1, 2, 3))
+LINKS = (BRIDGE, *(f"{PREFIX}v{i}" for i in (1, 2, 3)))
 NET = "172.31.250"
 ROOT_IP = f"{NET}.1"
 HTTP_PORT = 8500
@@ -96,7 +101,7 @@ def _remembered() -> list[int]:
 def _our_namespaces() -> list[str]:
     out = sh("ip", "netns", "list", check=False).stdout
     return [line.split()[0] for line in out.splitlines()
-            if line.split() and line.split()[0].startswith(f"{PREFIX}-")]
+            if line.split() and line.split()[0] in NAMESPACES]
 
 
 def cleanup_leftovers() -> list[str]:
@@ -120,10 +125,8 @@ def cleanup_leftovers() -> list[str]:
                 removed.append(f"process {pid} in {ns}")
         sh("ip", "netns", "del", ns, check=False)
         removed.append(f"netns {ns}")
-    links = sh("ip", "-o", "link", "show", check=False).stdout
-    for line in links.splitlines():
-        name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
-        if name.startswith(PREFIX):
+    for name in LINKS:
+        if sh("ip", "link", "show", name, check=False).returncode == 0:
             sh("ip", "link", "del", name, check=False)
             removed.append(f"link {name}")
     return removed
@@ -217,7 +220,7 @@ class NetCluster:
         for i, ip in enumerate(ips, start=1):
             data = Path(self.tmp) / f"s{i}"
             data.mkdir()
-            self.servers.append(Server(i, f"{PREFIX}-s{i}", ip, str(data),
+            self.servers.append(Server(i, NAMESPACES[i - 1], ip, str(data),
                                        [p for p in ips if p != ip]))
 
     @property
