@@ -456,8 +456,14 @@ class Snapshots:
     def landed(self, index: int) -> tuple[float | None, float | None]:
         """Bounds on when raft index `index` was applied: the last read that had not seen it
         (no server yet had it) and the first read that had."""
-        before = max((t for t, i in self.marks if i < index), default=None)
         after = min((t for t, i in self.marks if i >= index), default=None)
+        # A lagging server (e.g. one catching up after a restart) reports an old index late:
+        # only the highest index seen so far says "not applied yet".
+        before, highest = None, 0
+        for t, i in sorted(self.marks):
+            highest = max(highest, i)
+            if highest < index and (after is None or t < after):
+                before = t
         return before, after
 
     def close(self) -> None:
