@@ -104,9 +104,13 @@ def _our_namespaces() -> list[str]:
             if line.split() and line.split()[0] in NAMESPACES]
 
 
-def cleanup_leftovers() -> list[str]:
+DATA_PREFIX = "ipdc-partition-data-"
+
+
+def cleanup_leftovers(keep: str | None = None) -> list[str]:
     """Remove what a killed run of this harness left: processes in our namespaces, the
-    namespaces, the bridge and veths, remembered helper processes. Returns what it removed."""
+    namespaces, the bridge and veths, remembered helper processes, consul data folders (but
+    `keep`). Returns what it removed."""
     removed: list[str] = []
     for pid in _remembered():
         with contextlib.suppress(OSError):
@@ -129,6 +133,10 @@ def cleanup_leftovers() -> list[str]:
         if sh("ip", "link", "show", name, check=False).returncode == 0:
             sh("ip", "link", "del", name, check=False)
             removed.append(f"link {name}")
+    for folder in Path(tempfile.gettempdir()).glob(f"{DATA_PREFIX}*"):
+        if str(folder) != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(f"folder {folder}")
     return removed
 
 
@@ -213,7 +221,7 @@ class Server:
 class NetCluster:
     def __init__(self) -> None:
         self.servers: list[Server] = []
-        self.tmp = tempfile.mkdtemp(prefix="ipdc-partition-")
+        self.tmp = tempfile.mkdtemp(prefix=DATA_PREFIX)
         self.http = requests.Session()
         self.http.trust_env = False
         ips = [f"{NET}.{10 + i}" for i in (1, 2, 3)]
@@ -247,7 +255,7 @@ class NetCluster:
             sh("ip", "-n", s.ns, "link", "set", "lo", "up")
 
     def start(self, timeout: float = 60) -> NetCluster:
-        cleanup_leftovers()
+        cleanup_leftovers(keep=self.tmp)
         try:
             self.build_network()
             for s in self.servers:
@@ -267,9 +275,13 @@ class NetCluster:
                           timeout=5)
         r.raise_for_status()
 
-    def close(self) -> None:
+    def close(self, keep_logs: Path | None = None) -> None:
         for s in self.servers:
             s.kill()
+        if keep_logs is not None:
+            for s in self.servers:
+                with contextlib.suppress(OSError):
+                    shutil.copy(s.log_path, keep_logs / f"consul-{s.name}.log")
         for s in self.servers:
             sh("ip", "netns", "del", s.ns, check=False)
         for s in self.servers:

@@ -479,7 +479,7 @@ class Snapshots:
 
 
 @pytest.fixture(scope="module")
-def netcluster() -> Iterator[NetCluster]:
+def netcluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetCluster]:
     reason = unsupported_reason()
     if reason:
         pytest.skip(reason)
@@ -488,7 +488,8 @@ def netcluster() -> Iterator[NetCluster]:
         cluster.start()
         yield cluster
     finally:
-        cluster.close()
+        # The servers' own logs outlive the cluster, next to the histories.
+        cluster.close(keep_logs=tmp_path_factory.mktemp("consul-logs"))
 
 
 @pytest.fixture
