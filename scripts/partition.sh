@@ -6,8 +6,8 @@
 # iptables inside the namespaces only; all removed at the end, a killed run's leftovers at the
 # next start).
 #
-#   bash scripts/partition.sh                 # short: isolate, pause-15, no-quorum (~4 min)
-#   bash scripts/partition.sh --long          # every fault, 2 rounds, 30 s each (~30 min)
+#   bash scripts/partition.sh                 # short: isolate, pause-15, no-quorum (~3 min)
+#   bash scripts/partition.sh --long          # every fault, 2 rounds, 30 s each (~28 min)
 #   bash scripts/partition.sh --long -k helper   # extra arguments go to pytest
 #
 # Knobs (env): IPAM_PARTITION_ROUNDS, IPAM_PARTITION_FAULT_SECONDS, IPAM_PARTITION_FAULTS=a,b,
