@@ -32,4 +32,5 @@ if [ ! -x /usr/lib/cni/bridge ]; then
   apt_install containernetworking-plugins iproute2 \
     || echo "setup: containernetworking-plugins not installed; bridge tests will be skipped" >&2
 fi
+[ -x /usr/sbin/iptables ] || apt_install iptables || echo "setup: iptables not installed; the partition test will be skipped" >&2
 echo "setup: ready (.venv, $(bash scripts/fetch-consul.sh 2>/dev/null))"
