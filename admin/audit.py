@@ -29,6 +29,7 @@ KINDS = (
     "outside-ranges",  # an allocation in no range of the pool
     "reserved-address",  # an allocation on a network, broadcast or gateway address
     "duplicate-target",  # one target+ifname holding more than one address
+    "orphaned-allocation",  # this host's allocation of a container the runtime no longer has
 )
 
 
