@@ -20,16 +20,18 @@ _SHOWN = 8  # candidates named in an ambiguity error
 
 def resolve_target(given: str, targets: Iterable[str], option: str = "--target") -> str | None:
     """The one target `given` names: itself when some target is exactly that, else the only
-    target it is a prefix of; None when it names none. Exact matches win, as in `docker`."""
+    target it is a prefix of; None when it names none. Exact matches win, as in `docker`.
+    A prefix shorter than MIN_PREFIX that names some target is refused: too easy to mistype."""
     known = set(targets)
     if given in known:
         return given
-    if len(given) < MIN_PREFIX:
+    found = sorted(t for t in known if t.startswith(given))
+    if found and len(given) < MIN_PREFIX:
         raise UsageError(
             f"{option} {given!r} is shorter than {MIN_PREFIX} characters and is no target's full "
-            f"ID: give the full ID or at least {MIN_PREFIX} characters of it"
+            f"ID, only the start of {_names(found)}: give the full ID or at least {MIN_PREFIX} "
+            "characters of it"
         )
-    found = sorted(t for t in known if t.startswith(given))
     if len(found) > 1:
         raise UsageError(
             f"{option} {given!r} is ambiguous: {len(found)} targets start with it "
@@ -52,20 +54,13 @@ class LiveIDs:
 
     def keeps(self, target: str) -> bool:
         """Whether `target` is alive: named in full, or by a prefix of MIN_PREFIX or more.
+        A shorter entry is a full ID (tests and hand-made names are short), never a prefix.
 
         A prefix that several targets share keeps them all: from a live list, an ambiguity
         must never cost a running container its address."""
         if target in self.ids:
             return True
         return any(target[:n] in self.ids for n in range(MIN_PREFIX, len(target)))
-
-    def short_prefix_of(self, target: str) -> str | None:
-        """A live entry too short to count as a prefix that `target` nonetheless starts with:
-        the operator may have meant it, so acting on `target` would be a guess."""
-        return next(
-            (target[:n] for n in range(1, min(MIN_PREFIX, len(target))) if target[:n] in self.ids),
-            None,
-        )
 
 
 def parse_live_ids(text: str, source: str) -> LiveIDs:

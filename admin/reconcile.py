@@ -145,14 +145,6 @@ def survey_pool(
         if survey.live.keeps(held.target):
             survey.kept += 1
             continue
-        short = survey.live.short_prefix_of(held.target)
-        if short is not None:
-            raise UsageError(
-                f"live ID {short!r} ({survey.live.source}) is shorter than 6 characters and "
-                f"names no container exactly, but target {held.target!r} starts with it; give "
-                "full IDs (e.g. `--no-trunc`) so no running container is taken for dead; "
-                "nothing done"
-            )
         orphan = Orphan(name, held)
         if held.index > survey.watermark:
             orphan.action = "recent"
@@ -305,6 +297,16 @@ _VERBS = {
 }
 
 
+_COUNTED = {
+    "would-release": "to release",
+    "released": "released",
+    "gone": "already gone",
+    "changed": "left (changed meanwhile)",
+    "recent": "skipped (newer than this run)",
+    "failed": "failed",
+}
+
+
 def _text(found: Survey, applied: bool) -> None:
     for o in found.orphans:
         line = f"{_VERBS[o.action]} {o.describe()}"
@@ -314,7 +316,7 @@ def _text(found: Survey, applied: bool) -> None:
     counts: dict[str, int] = {}
     for o in found.orphans:
         counts[o.action] = counts.get(o.action, 0) + 1
-    done = ", ".join(f"{n} {_VERBS[a]}" for a, n in counts.items()) or "nothing to release"
+    done = ", ".join(f"{n} {_COUNTED[a]}" for a, n in counts.items()) or "nothing to release"
     where = f"host {found.host}, {len(found.pools)} pool(s)"
     summary = f"{done}; {found.kept} kept (container live) [{where}]"
     if not applied and counts.get("would-release"):
