@@ -276,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
         "  podman ps -a -q --no-trunc | ipam-da-consul-admin reconcile --live-ids - --apply\n"
         "  { crictl pods -q --no-trunc; crictl ps -a -q --no-trunc; } |\n"
         "      ipam-da-consul-admin reconcile --live-ids - --apply\n"
+        "  ipam-da-consul-admin reconcile --live-cmd 'podman ps -a -q --no-trunc' --apply\n"
+        "\n"
+        "--live-cmd reads KV first and lists afterwards, so no container can start between the\n"
+        "two unseen; prefer it in timers. With --live-ids the list is taken before this run:\n"
+        "allocations written after it first reads KV are skipped, but a container started\n"
+        "between its runtime's listing and that read is not protected.\n"
         "\n"
         "Exit status 0 when done (or dry run), 4 when some release failed.",
     )
@@ -299,12 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _live_options(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument(
+    what = "" if required else ": report this host's allocations of other containers"
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument(
         "--live-ids",
-        required=required,
         metavar="FILE",
-        help="the runtime's live container IDs, one per line ('-' for stdin)"
-        + ("" if required else ": report this host's allocations of other containers"),
+        help=f"the runtime's live container IDs, one per line ('-' for stdin){what}",
+    )
+    src.add_argument(
+        "--live-cmd",
+        metavar="COMMAND",
+        help="run this shell command to list them, after reading KV (for timers: exact, and "
+        "its failure stops the run), e.g. 'podman ps -a -q --no-trunc'",
+    )
+    p.add_argument(
+        "--settle",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --live-cmd: wait this long between reading KV and listing, so containers "
+        "whose network was being set up are listed (default: 5)",
     )
     p.add_argument(
         "--host",
@@ -317,6 +337,16 @@ def _live_options(p: argparse.ArgumentParser, required: bool) -> None:
         action="store_true",
         help="accept an empty live list (this host really runs no container)",
     )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 600:
+        raise argparse.ArgumentTypeError("give 0 to 600 seconds")
+    return value
 
 
 def fail(message: str, status: int) -> int:

@@ -17,6 +17,8 @@ Safety, in the order it is applied:
 from __future__ import annotations
 
 import argparse
+import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -27,7 +29,7 @@ from ..allocator.layout import check_pool_name
 from ..allocator.pool import Held, parse_held
 from ..allocator.store import KVEntry
 from .errors import OK, STATE, StateError, UsageError
-from .ids import LiveIDs, read_live_ids
+from .ids import LiveIDs, parse_live_ids, read_live_ids
 from .output import note, print_json
 
 if TYPE_CHECKING:
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 
 # Attempts at deleting a key that keeps changing to the same dead attachment.
 _ATTEMPTS = 3
+# A runtime's listing that takes longer than this is stuck (its daemon is down).
+LIVE_CMD_TIMEOUT = 120.0
 
 
 @dataclass
@@ -97,18 +101,50 @@ def this_host(args: argparse.Namespace) -> str:
     return default_host()
 
 
-def live_and_watermark(ctx: Context, path: str) -> tuple[LiveIDs, int]:
-    """The live list and the KV index before which every allocation is judged.
+def live_and_watermark(ctx: Context, args: argparse.Namespace) -> tuple[LiveIDs, int]:
+    """The live list and the KV index up to which allocations are judged by it.
 
-    A file was written before this run: read it first, so a bad one fails before any network
-    traffic. Stdin may still be being produced (`podman ps | ...`): take the index first, so
-    it predates the runtime's listing as closely as this process can make it."""
+    An allocation is judged only if it was written before the list was taken, so its
+    container, if alive, is in the list:
+    - --live-cmd: the index first, then (after --settle seconds, for runtimes that list a
+      sandbox only once its network is up, as containerd's CRI does) the command: exact;
+    - a file was written before this run: read it first, so a bad one fails before any network
+      traffic, then the index;
+    - stdin may still be being produced (`podman ps | ...`): the index first, then the list.
+    The last two are as close as this process can get; a timer should use --live-cmd."""
     reader = ctx.reader
-    if path == "-":
+    if args.live_cmd is not None:
         index = reader.listing().index
-        return read_live_ids(path), index
-    live = read_live_ids(path)
+        if args.settle > 0:
+            time.sleep(args.settle)
+        return run_live_cmd(args.live_cmd), index
+    if args.live_ids == "-":
+        index = reader.listing().index
+        return read_live_ids(args.live_ids), index
+    live = read_live_ids(args.live_ids)
     return live, reader.listing().index
+
+
+def run_live_cmd(command: str) -> LiveIDs:
+    """Run the runtime's listing command; a failure is never an empty list."""
+    try:
+        done = subprocess.run(
+            ["/bin/sh", "-c", command],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=LIVE_CMD_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise UsageError(
+            f"--live-cmd {command!r} did not finish within {LIVE_CMD_TIMEOUT:g} s; nothing done"
+        ) from None
+    if done.returncode != 0:
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        why = f": {said[-1][:200]}" if said else ""
+        raise UsageError(
+            f"--live-cmd {command!r} failed (exit status {done.returncode}){why}; nothing done"
+        )
+    return parse_live_ids(done.stdout.decode(errors="replace"), f"--live-cmd {command!r}")
 
 
 def require_live(live: LiveIDs, allow_empty: bool) -> None:
@@ -166,7 +202,7 @@ def pools_to_scan(ctx: Context, names: Sequence[str] | None) -> list[str]:
 
 
 def survey(ctx: Context, args: argparse.Namespace) -> Survey:
-    live, watermark = live_and_watermark(ctx, args.live_ids)
+    live, watermark = live_and_watermark(ctx, args)
     require_live(live, args.allow_empty)
     names = pools_to_scan(ctx, args.pool)
     result = Survey(this_host(args), live, names, watermark)
@@ -185,9 +221,9 @@ def survey(ctx: Context, args: argparse.Namespace) -> Survey:
 
 def check_survey(ctx: Context, args: argparse.Namespace) -> Survey | None:
     """`check --live-ids`: the live list, read as reconcile reads it; None without one."""
-    if getattr(args, "live_ids", None) is None:
+    if args.live_ids is None and args.live_cmd is None:
         return None
-    live, watermark = live_and_watermark(ctx, args.live_ids)
+    live, watermark = live_and_watermark(ctx, args)
     require_live(live, args.allow_empty)
     return Survey(this_host(args), live, [], watermark)
 

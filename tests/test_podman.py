@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -141,9 +142,8 @@ class Podman:
     def __call__(
         self, *args: str, check: bool = True, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
-        cmd = ["podman", "--root", str(self.base / "root"), "--runroot", str(self.base / "run")]
         p = subprocess.run(
-            [*cmd, *args],
+            [*self.prefix(), *args],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -153,6 +153,9 @@ class Podman:
         if check and p.returncode != 0:
             raise AssertionError(f"podman {' '.join(args)} failed ({p.returncode}): {p.stderr}")
         return p
+
+    def prefix(self) -> list[str]:
+        return ["podman", "--root", str(self.base / "root"), "--runroot", str(self.base / "run")]
 
     def run(self, *args: str, check: bool = True) -> tuple[str, float, str]:
         """`podman run -d` on our network: (container ID, wall seconds, stderr)."""
@@ -314,8 +317,10 @@ def helper(podman: Podman) -> Iterator[str]:
         proc.wait(10)
 
 
-def admin(consul: ConsulAgent, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "CNI_"))}
+def admin(
+    consul: ConsulAgent, *args: str, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in (env or os.environ).items() if not k.startswith(("CONSUL_", "CNI_"))}
     env["CONSUL_HTTP_ADDR"] = consul.url
     return subprocess.run(
         [executable("ipam-da-consul-admin"), *args],
@@ -419,7 +424,10 @@ def test_consul_down_then_reconcile_releases_the_orphan(podman: Podman, consul: 
     assert dry.returncode == 0, dry
     assert dry.stdout.startswith(f"would release {podman.pool} ") and doomed in dry.stdout
     assert len(podman.allocations()) == 2
-    out = admin(consul, *base, "--apply", "--json", stdin=podman.live_ids())
+    # For a timer: reconcile runs the listing itself, after reading KV.
+    ps = shlex.join([*podman.prefix(), "ps", "-a", "-q", "--no-trunc"])
+    apply = ["reconcile", "--pool", podman.pool, "--live-cmd", ps, "--settle", "0"]
+    out = admin(consul, *apply, "--apply", "--json", env=podman.env())
     assert out.returncode == 0, out
     assert [o["target"] for o in json.loads(out.stdout)["orphans"]] == [doomed]
     assert [v["target"] for v in podman.allocations().values()] == [keep]

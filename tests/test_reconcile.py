@@ -10,6 +10,7 @@ import ipaddress
 import itertools
 import json
 import os
+import sys
 from typing import Any
 
 import pytest
@@ -415,3 +416,39 @@ def test_json_is_parseable_by_scripts(consul, prefix):
     seed(consul, prefix)
     out = reconcile(consul, prefix, "--json")
     assert json.loads(out.stdout)["liveIds"] == 2
+
+
+# -- --live-cmd ---------------------------------------------------------------------------------
+def test_live_cmd_lists_after_reading_kv_and_its_failure_stops_the_run(consul, prefix, tmp_path):
+    seed(consul, prefix)
+    before = consul.kv_index()
+    base = ["--prefix", prefix, "reconcile", "--host", HOST, "--settle", "0"]
+    out = admin(consul, *base, "--live-cmd", "exit 3")
+    assert_fails(out, USAGE, "'exit 3' failed (exit status 3)", "nothing done")
+    out = admin(consul, *base, "--live-cmd", "echo 'podman: cannot connect' >&2; false")
+    assert_fails(out, USAGE, "cannot connect")
+    out = admin(consul, *base, "--live-cmd", "true")
+    assert_fails(out, USAGE, "names no container")
+    assert consul.kv_index() == before
+    # While the runtime lists its containers, a new one gets an address (a KV write during
+    # the command) and is not in the list: written after reconcile read KV, it is not judged.
+    newcomer = "e1b2c3d4e5f6" + "4" * 52
+    value = {"target": newcomer, "ifname": "eth0", "host": HOST, "network": "net1"}
+    script = tmp_path / "list.py"
+    script.write_text(
+        "import requests\n"
+        f"requests.put({consul.url + '/v1/kv/' + prefix + 'p1/10.0.50.20'!r}, "
+        f"data={json.dumps(value)!r}).raise_for_status()\n"
+        f"print({A!r}); print({B[:12]!r})\n"
+    )
+    cmd = f"{sys.executable} {script}"
+    out = admin(consul, *base, "--settle", "0.2", "--live-cmd", cmd, "--apply", "--json")
+    assert out.rc == 0, out
+    actions = {o["ip"]: o["action"] for o in out.json["orphans"]}
+    assert actions == {
+        "10.0.50.12": "released",
+        "10.0.50.13": "released",
+        "10.0.51.10": "released",
+        "10.0.50.20": "recent",
+    }
+    assert held(consul, prefix, "p1")["10.0.50.20"] == newcomer
