@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         "runtimes that never call CNI GC, or lost a DEL while Consul was unreachable.\n"
         "\n"
         "A dry run unless --apply. Never touches allocations of other hosts, ones that record\n"
-        "no host, or ones written after this run started (their container may be newer than\n"
-        "the list). Each release raises the attachment's fence first (a late write of it can\n"
+        "no host, or ones written after this run first read KV (their container may be newer\n"
+        "than the list). Each release raises the attachment's fence first (a late write of it can\n"
         "never land), then deletes the key with a compare-and-set on the version read: a key\n"
         "re-allocated meanwhile is left alone. An empty list is refused (it would release\n"
         "everything of this host) unless --allow-empty.\n"
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         "two unseen; prefer it in timers. With --live-ids the list is taken before this run:\n"
         "allocations written after it first reads KV are skipped, but a container started\n"
         "between its runtime's listing and that read is not protected.\n"
+        "\n"
+        "--timeout bounds the reading of KV, and each release again; not the listing or\n"
+        "--settle.\n"
         "\n"
         "Exit status 0 when done (or dry run), 4 when some release failed.",
     )

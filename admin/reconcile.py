@@ -147,6 +147,13 @@ def run_live_cmd(command: str) -> LiveIDs:
     return parse_live_ids(done.stdout.decode(errors="replace"), f"--live-cmd {command!r}")
 
 
+def fresh_budget(ctx: Context) -> None:
+    """--timeout bounds the Consul work; waiting for the runtime's listing and the settle time
+    are not Consul's, and each release gets the whole budget again, so a long list of orphans
+    is not cut short halfway."""
+    ctx.reader.client.deadline.extend(ctx.settings.timeout)
+
+
 def require_live(live: LiveIDs, allow_empty: bool) -> None:
     if not live.ids and not allow_empty:
         raise UsageError(
@@ -204,6 +211,7 @@ def pools_to_scan(ctx: Context, names: Sequence[str] | None) -> list[str]:
 def survey(ctx: Context, args: argparse.Namespace) -> Survey:
     live, watermark = live_and_watermark(ctx, args)
     require_live(live, args.allow_empty)
+    fresh_budget(ctx)
     names = pools_to_scan(ctx, args.pool)
     result = Survey(this_host(args), live, names, watermark)
     layout = ctx.settings.layout
@@ -225,6 +233,7 @@ def check_survey(ctx: Context, args: argparse.Namespace) -> Survey | None:
         return None
     live, watermark = live_and_watermark(ctx, args)
     require_live(live, args.allow_empty)
+    fresh_budget(ctx)
     return Survey(this_host(args), live, [], watermark)
 
 
@@ -295,6 +304,7 @@ def reconcile(ctx: Context, args: argparse.Namespace) -> int:
     if args.apply:
         for i, orphan in enumerate(todo, 1):
             ctx.progress.count("releasing", i, len(todo))
+            fresh_budget(ctx)
             release(ctx, found.host, orphan)
         ctx.progress.clear()
     failed = [o for o in found.orphans if o.action == "failed"]

@@ -452,3 +452,14 @@ def test_live_cmd_lists_after_reading_kv_and_its_failure_stops_the_run(consul, p
         "10.0.50.20": "recent",
     }
     assert held(consul, prefix, "p1")["10.0.50.20"] == newcomer
+
+
+def test_settle_and_listing_time_do_not_eat_the_consul_budget(consul, prefix):
+    seed(consul, prefix)
+    out = admin(
+        consul,
+        *["--prefix", prefix, "--timeout", "1", "reconcile", "--host", HOST],
+        *["--settle", "1.2", "--live-cmd", f"sleep 0.5; echo {A}; echo {B}", "--apply"],
+    )
+    assert out.rc == 0, out
+    assert "3 released" in out.stdout
