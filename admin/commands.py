@@ -269,14 +269,15 @@ def allocations(ctx: Context, args: argparse.Namespace) -> int:
         held = [h for h in held if h.target == target]
     held.sort(key=lambda h: (h.ip.version, int(h.ip)))
     if args.json:
-        rows = [
-            {"ip": str(h.ip), "target": h.target, "ifname": h.ifname, "host": h.host} for h in held
-        ]
-        print_json(rows)
+        print_json([_allocation_json(h) for h in held])
         return OK
     rows = [[h.ip, h.target, h.ifname or "-", h.host or "-"] for h in held]
     sys.stdout.write(format_table(["IP", "TARGET", "IFNAME", "HOST"], rows, set()))
     return OK
+
+
+def _allocation_json(h: Held) -> dict[str, str | None]:
+    return {"ip": str(h.ip), "target": h.target, "ifname": h.ifname, "host": h.host}
 
 
 # -- release -----------------------------------------------------------------------------------

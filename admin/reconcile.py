@@ -1,7 +1,8 @@
 """`reconcile`: release this host's allocations whose containers the runtime no longer has.
 
-Runtimes that never call CNI GC (Podman's CNI backend, Nomad, crashed runtimes that lost a DEL)
-leave an address allocated for every container removed while Consul was unreachable. The
+Runtimes that never call CNI GC (Podman's CNI backend, Nomad) leave an address allocated for
+every container removed while Consul was unreachable: their DEL failed, they removed the
+container anyway and never retry. The
 runtime's own list of containers is the truth: every allocation this host wrote for a
 container not in it is an orphan.
 
@@ -21,7 +22,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from ..allocator.allocate import Allocator, Attachment
 from ..allocator.errors import InvalidPool
@@ -42,12 +43,16 @@ _ATTEMPTS = 3
 LIVE_CMD_TIMEOUT = 120.0
 
 
+# What became of an orphan: "recent" ones are not judged this run, "changed" ones were
+# re-allocated between the read and the release, "gone" ones released by someone else.
+Action = Literal["would-release", "released", "gone", "changed", "recent", "failed"]
+
+
 @dataclass
 class Orphan:
     pool: str
     held: Held
-    # would-release | released | gone | changed | recent | failed
-    action: str = "would-release"
+    action: Action = "would-release"
     reason: str = ""
 
     def to_json(self) -> dict[str, object]:
@@ -86,10 +91,6 @@ class Survey:
     foreign: int = 0  # allocations of other hosts, or recording no host
     filtered: int = 0  # this host's allocations on other networks than --network
     invalid: int = 0  # keys that are not valid allocations (see `check`)
-
-    @property
-    def recent(self) -> list[Orphan]:
-        return [o for o in self.orphans if o.action == "recent"]
 
 
 def this_host(args: argparse.Namespace) -> str:
@@ -333,7 +334,7 @@ def _json(found: Survey, applied: bool) -> dict[str, object]:
     }
 
 
-_VERBS = {
+_VERBS: dict[Action, str] = {
     "would-release": "would release",
     "released": "released",
     "gone": "already gone",
@@ -343,7 +344,7 @@ _VERBS = {
 }
 
 
-_COUNTED = {
+_COUNTED: dict[Action, str] = {
     "would-release": "to release",
     "released": "released",
     "gone": "already gone",
@@ -359,7 +360,7 @@ def _text(found: Survey, applied: bool) -> None:
         print(f"{line}: {o.reason}" if o.reason else line)
     if found.invalid:
         note(f"{found.invalid} key(s) are not valid allocations and were not judged; see `check`")
-    counts: dict[str, int] = {}
+    counts: dict[Action, int] = {}
     for o in found.orphans:
         counts[o.action] = counts.get(o.action, 0) + 1
     done = ", ".join(f"{n} {_COUNTED[a]}" for a, n in counts.items()) or "nothing to release"
