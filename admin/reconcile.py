@@ -94,8 +94,12 @@ class Survey:
 
 
 def this_host(args: argparse.Namespace) -> str:
-    if getattr(args, "host", None):
-        return str(args.host)
+    given = getattr(args, "host", None)
+    if given is not None:
+        if not given.strip():
+            # An empty identity would match allocations that record no host: never ours.
+            raise UsageError("--host cannot be empty: give the plugin's ipam.host, or omit it")
+        return str(given)
     # The identity the plugin records when `ipam.host` is not set: same function, same answer.
     from ..cni.config import default_host
 

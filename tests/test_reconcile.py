@@ -206,6 +206,8 @@ def test_an_empty_or_unreadable_live_list_is_refused(consul, prefix, tmp_path):
     # An entry shorter than 6 characters is a full ID, never a prefix: it keeps nothing here.
     out = reconcile(consul, prefix, "--json", live=f"{A}\n{B[:12]}\n{C[:5]}\n")
     assert [o["target"] for o in out.json["orphans"]] == [C, D, C]
+    out = admin(consul, "reconcile", "--live-ids", "-", "--host", " ", stdin=A.encode())
+    assert_fails(out, USAGE, "--host cannot be empty")
     missing = tmp_path / "missing"
     out = admin(consul, "reconcile", "--live-ids", str(missing))
     assert_fails(out, USAGE, "cannot read --live-ids")
