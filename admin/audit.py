@@ -29,6 +29,7 @@ KINDS = (
     "outside-ranges",  # an allocation in no range of the pool
     "reserved-address",  # an allocation on a network, broadcast or gateway address
     "duplicate-target",  # one target+ifname holding more than one address
+    "orphaned-allocation",  # this host's allocation of a container the runtime no longer has
 )
 
 
@@ -180,7 +181,7 @@ def _check_duplicates(report: Report, held: Sequence[Held]) -> None:
         if None in by_ifname:
             # An allocation without ifname belongs to the whole container (Held.owned_by), so
             # it clashes with every other allocation of that target.
-            clashes = [(None, group)]
+            clashes: list[tuple[str | None, list[Held]]] = [(None, group)]
         else:
             clashes = [(i, g) for i, g in sorted(by_ifname.items()) if len(g) > 1]
         for ifname, g in clashes:

@@ -10,12 +10,13 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from loguru import logger
 
 from ..consul import ConsulError, ConsulUnavailable
 from . import commands
+from . import reconcile as rec
 from .errors import CONSUL, PROBLEMS, STATE, USAGE, AdminError
 from .output import Progress
 from .rangespec import RANGE_SPEC_HELP
@@ -25,7 +26,8 @@ PROG = "ipam-da-consul-admin"
 
 DESCRIPTION = """\
 Manage the ipam-da-consul address pools kept in Consul KV: create pools, list them, show
-their usage and allocations, release an address, and check pools for problems.
+their usage and allocations, release an address, check pools for problems, and release this
+host's allocations of containers the runtime no longer has (reconcile).
 
 A pool is the key <prefix><pool> holding a JSON array of IP ranges, plus the folder
 <prefix><pool>/ with one key per allocated address, named after the address and holding
@@ -47,7 +49,9 @@ Exit status:
   {USAGE}  bad command line or input (nothing written)
   {CONSUL}  Consul could not be reached, refused the request (e.g. HTTP 403) or answered badly
   {STATE}  KV state prevents the action: pool missing or already there, allocation absent or
-     changed meanwhile (nothing written)
+     changed meanwhile (nothing written); reconcile: some releases failed
+
+Container IDs (--target, live lists): the full ID, or a unique prefix of at least 6 characters.
 
 Examples:
   {PROG} create blue --range 10.0.20.0/23,10.0.21.100-10.0.21.150,gw=10.0.20.1
@@ -56,6 +60,7 @@ Examples:
   {PROG} allocations blue --json
   {PROG} release blue 10.0.21.103 --target 0f3c9a...
   {PROG} check
+  podman ps -a -q --no-trunc | {PROG} reconcile --live-ids - --apply
 """
 
 
@@ -133,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Typed loosely: argparse's stubs tie subparsers to the parent's class, _Parser.
+    sub: Any = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help: str, description: str) -> argparse.ArgumentParser:
         return sub.add_parser(
@@ -205,7 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         "allocations are counted on stderr (see `check`).",
     )
     p.add_argument("pool", metavar="POOL", help="pool name")
-    p.add_argument("--target", metavar="CID", help="only the allocations of this target")
+    p.add_argument(
+        "--target",
+        metavar="CID",
+        help="only the allocations of this target (full ID or a unique prefix of 6+ characters)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=commands.allocations)
 
@@ -219,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("pool", metavar="POOL", help="pool name")
     p.add_argument("ip", metavar="IP", help="the address to release, e.g. 10.0.21.103")
-    p.add_argument("--target", metavar="CID", help="release only if IP is held by this target")
+    p.add_argument(
+        "--target",
+        metavar="CID",
+        help="release only if IP is held by this target (full ID or a unique prefix of 6+ "
+        "characters among the pool's targets)",
+    )
     p.set_defaults(func=commands.release)
 
     p = add(
@@ -235,12 +250,107 @@ def build_parser() -> argparse.ArgumentParser:
         "  outside-ranges      an allocation outside every range\n"
         "  reserved-address    an allocation on a network, broadcast or gateway address\n"
         "  duplicate-target    one target (and interface) holding several addresses\n"
+        "  orphaned-allocation (with --live-ids) this host's allocation of a container not in\n"
+        "                      the live list; `reconcile` releases these\n"
         "Exit status 1 when any problem is found, 0 when clean.",
     )
     p.add_argument("pools", nargs="*", metavar="POOL", help="pool(s) to check (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    _live_options(p, required=False)
     p.set_defaults(func=commands.check)
+
+    p = add(
+        "reconcile",
+        "release this host's allocations of containers that no longer exist",
+        "Release the allocations this host wrote (their `host` field) for containers not in\n"
+        "the live list: the runtime's own list of its containers, one ID per line (full IDs\n"
+        "or unique prefixes of 6+ characters; blank lines and # comments ignored). For\n"
+        "runtimes that never call CNI GC, or lost a DEL while Consul was unreachable.\n"
+        "\n"
+        "A dry run unless --apply. Never touches allocations of other hosts, ones that record\n"
+        "no host, or ones written after this run first read KV (their container may be newer\n"
+        "than the list). Each release raises the attachment's fence first (a late write of it can\n"
+        "never land), then deletes the key with a compare-and-set on the version read: a key\n"
+        "re-allocated meanwhile is left alone. An empty list is refused (it would release\n"
+        "everything of this host) unless --allow-empty.\n"
+        "\n"
+        "  podman ps -a -q --no-trunc | ipam-da-consul-admin reconcile --live-ids - --apply\n"
+        "  { crictl pods -q --no-trunc; crictl ps -a -q --no-trunc; } |\n"
+        "      ipam-da-consul-admin reconcile --live-ids - --apply\n"
+        "  ipam-da-consul-admin reconcile --live-cmd 'podman ps -a -q --no-trunc' --apply\n"
+        "\n"
+        "--live-cmd reads KV first and lists afterwards, so no container can start between the\n"
+        "two unseen; prefer it in timers. With --live-ids the list is taken before this run:\n"
+        "allocations written after it first reads KV are skipped, but a container started\n"
+        "between its runtime's listing and that read is not protected.\n"
+        "\n"
+        "--timeout bounds the reading of KV, and each release again; not the listing or\n"
+        "--settle.\n"
+        "\n"
+        "Exit status 0 when done (or dry run), 4 when some release failed.",
+    )
+    _live_options(p, required=True)
+    p.add_argument(
+        "--pool",
+        action="append",
+        metavar="NAME",
+        help="only this pool (repeatable; default: every pool under the prefix)",
+    )
+    p.add_argument(
+        "--network",
+        action="append",
+        metavar="NAME",
+        help="only allocations recording this CNI network name (repeatable)",
+    )
+    p.add_argument("--apply", action="store_true", help="release them (default: dry run)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=rec.reconcile)
     return parser
+
+
+def _live_options(p: argparse.ArgumentParser, required: bool) -> None:
+    what = "" if required else ": report this host's allocations of other containers"
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument(
+        "--live-ids",
+        metavar="FILE",
+        help=f"the runtime's live container IDs, one per line ('-' for stdin){what}",
+    )
+    src.add_argument(
+        "--live-cmd",
+        metavar="COMMAND",
+        help="run this shell command to list them, after reading KV (for timers: exact, and "
+        "its failure stops the run), e.g. 'podman ps -a -q --no-trunc'",
+    )
+    p.add_argument(
+        "--settle",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --live-cmd: wait this long between reading KV and listing, so containers "
+        "whose network was being set up are listed (default: 5)",
+    )
+    p.add_argument(
+        "--host",
+        metavar="HOST",
+        help="the host identity the plugin records (its ipam.host; default: this host's, "
+        "<hostname>#<tag>)",
+    )
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="accept an empty live list (this host really runs no container)",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 600:
+        raise argparse.ArgumentTypeError("give 0 to 600 seconds")
+    return value
 
 
 def fail(message: str, status: int) -> int:

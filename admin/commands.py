@@ -23,8 +23,10 @@ from ..allocator.store import KVEntry
 from ..allocator.usage import PoolUsage, pool_usage
 from ..consul import ConsulClient, ConsulKV
 from . import rangespec
+from . import reconcile as rec
 from .audit import Report, audit_pool
 from .errors import OK, PROBLEMS, StateError, UsageError
+from .ids import resolve_target
 from .kvread import PoolRead, Reader
 from .output import Progress, format_table, note, print_json
 from .settings import Settings, connect
@@ -262,17 +264,20 @@ def allocations(ctx: Context, args: argparse.Namespace) -> int:
     if invalid:
         note(f"{invalid} key(s) in {folder!r} are not valid allocations; see `check {name}`")
     if args.target:
-        held = [h for h in held if h.target == args.target]
+        # A unique prefix names its target, as runtimes show IDs shortened.
+        target = resolve_target(args.target, (h.target for h in held))
+        held = [h for h in held if h.target == target]
     held.sort(key=lambda h: (h.ip.version, int(h.ip)))
     if args.json:
-        rows = [
-            {"ip": str(h.ip), "target": h.target, "ifname": h.ifname, "host": h.host} for h in held
-        ]
-        print_json(rows)
+        print_json([_allocation_json(h) for h in held])
         return OK
     rows = [[h.ip, h.target, h.ifname or "-", h.host or "-"] for h in held]
     sys.stdout.write(format_table(["IP", "TARGET", "IFNAME", "HOST"], rows, set()))
     return OK
+
+
+def _allocation_json(h: Held) -> dict[str, str | None]:
+    return {"ip": str(h.ip), "target": h.target, "ifname": h.ifname, "host": h.host}
 
 
 # -- release -----------------------------------------------------------------------------------
@@ -290,14 +295,19 @@ def release(ctx: Context, args: argparse.Namespace) -> int:
             f"{ip} is not allocated in pool {name!r} (no KV key {key!r}); nothing released"
         )
     holder = _holder(entry.value)
-    if args.target is not None and holder is None:
+    target = args.target
+    if target is not None and target != holder:
+        # A prefix must name one target of the pool, or the check it stands for is a guess.
+        targets = _targets(ctx.reader.folder(name), ctx.settings.layout.folder(name))
+        target = resolve_target(target, targets) or target
+    if target is not None and holder is None:
         raise StateError(
             f"{key!r} does not hold a valid allocation, so it cannot match --target "
             f"{args.target!r}; nothing released (without --target it is deleted whatever it holds)"
         )
-    if args.target is not None and holder != args.target:
+    if target is not None and holder != target:
         raise StateError(
-            f"{ip} in pool {name!r} is held by {holder!r}, not by {args.target!r}; nothing released"
+            f"{ip} in pool {name!r} is held by {holder!r}, not by {target!r}; nothing released"
         )
     if not kv.delete(key, entry.modify_index):
         now = kv.get(key)
@@ -309,6 +319,16 @@ def release(ctx: Context, args: argparse.Namespace) -> int:
     was = f"held by {holder!r}" if holder else "not a valid allocation"
     print(f"released {ip} from pool {name} (was {was})")
     return OK
+
+
+def _targets(entries: Sequence[KVEntry], folder: str) -> set[str]:
+    found = set()
+    for entry in entries:
+        if entry.key != folder:
+            holder = _holder(entry.value)
+            if holder is not None:
+                found.add(holder)
+    return found
 
 
 def _holder(value: bytes) -> str | None:
@@ -323,7 +343,9 @@ def check(ctx: Context, args: argparse.Namespace) -> int:
     layout = ctx.settings.layout
     if args.pools:
         names = [pool_name(n) for n in args.pools]
-    else:
+    # Before the pools are read: allocations written after that are not judged by the list.
+    found = rec.check_survey(ctx, args)
+    if not args.pools:
         listing = ctx.reader.listing()
         # Folders without a pool key hold orphaned allocations: check those too.
         names = sorted(set(listing.keys) | set(listing.folders))
@@ -337,7 +359,10 @@ def check(ctx: Context, args: argparse.Namespace) -> int:
         def tick(done: int, total: int, name: str = name) -> None:
             ctx.progress.count(f"checking {name}", done, total)
 
-        reports.append(audit_pool(layout, name, read.entry, entries, tick))
+        report = audit_pool(layout, name, read.entry, entries, tick)
+        if found is not None:
+            rec.report_orphans(report, found, name, layout.folder(name), entries)
+        reports.append(report)
         ctx.progress.clear()
     total = sum(len(r.problems) for r in reports)
     if args.json:

@@ -22,6 +22,9 @@ class Listing:
 
     keys: list[str]  # `<prefix><name>` keys: pool candidates
     folders: list[str]  # `<prefix><name>/` folders (with or without a folder key)
+    # Consul's index of the prefix when listed: every key under it written before the listing
+    # has a ModifyIndex at most this, every key written after a higher one.
+    index: int = 0
 
 
 @dataclass
@@ -61,12 +64,16 @@ class Reader:
             # read access would see "no pools". Reading the prefix key itself answers 403 then.
             self.kv.get(prefix)
         names = [k[len(prefix) :] for k in found if k.startswith(prefix) and k != prefix]
+        # The attachment fences live beside the pools; they are no pool's folder.
+        names = [n for n in names if n not in (FENCES, f"{FENCES}/")]
+        try:
+            index = int(resp.headers.get("X-Consul-Index", "0"))
+        except ValueError:
+            index = 0
         return Listing(
             sorted(n for n in names if n and not n.endswith("/")),
-            # The attachment fences' folder is no pool (see allocator/allocate.py).
-            sorted(
-                n[:-1] for n in names if n.endswith("/") and "/" not in n[:-1] and n != f"{FENCES}/"
-            ),
+            sorted(n[:-1] for n in names if n.endswith("/") and "/" not in n[:-1]),
+            index,
         )
 
     def pool(self, name: str) -> PoolRead:
