@@ -80,6 +80,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _percent(text: str) -> float:
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError("a percentage is between 0 and 100")
+    return value
+
+
 def _connection_options() -> argparse.ArgumentParser:
     # SUPPRESS: an option given only before the subcommand is not reset by the subparser.
     p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
@@ -200,8 +210,38 @@ def build_parser() -> argparse.ArgumentParser:
         "address are not counted and are mentioned on stderr (see `check`).",
     )
     p.add_argument("pools", nargs="*", metavar="POOL", help="pool(s) to show (default: all)")
+    p.add_argument(
+        "--warn-at",
+        type=_percent,
+        metavar="PCT",
+        help="exit 1 (and say which on stderr) when a pool is more than PCT%% used",
+    )
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=commands.usage)
+
+    p = add(
+        "who-has",
+        "show which container holds an address",
+        "Show the allocation of IP in every pool whose ranges contain it (or in --pool):\n"
+        "target, interface, network, host and the runtime's own name for the container\n"
+        "(a pod's namespace/name, a Nomad job/group). Exit 4 when nobody holds it.",
+    )
+    p.add_argument("ip", metavar="IP", help="the address")
+    p.add_argument("--pool", action="append", default=[], metavar="NAME", help="only this pool")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=commands.who_has)
+
+    p = add(
+        "ip-of",
+        "show the addresses a container holds",
+        "Show the allocations of a container, named by its ID (or a unique prefix of 6+\n"
+        "characters), its Nomad allocation ID, a pod's namespace/name or a Nomad job/group.\n"
+        "Exit 4 when it holds none.",
+    )
+    p.add_argument("name", metavar="ID-OR-NAME", help="container ID, alloc ID, ns/pod, job/group")
+    p.add_argument("--pool", action="append", default=[], metavar="NAME", help="only this pool")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=commands.ip_of)
 
     p = add(
         "allocations",

@@ -175,9 +175,16 @@ def usage(ctx: Context, args: argparse.Namespace) -> int:
                 f"the ranges, on reserved addresses or not named after an IP); see "
                 f"`check {read.name}`"
             )
+    over = [
+        (name, u.percent) for name, u, _ in results
+        if args.warn_at is not None and u.percent > args.warn_at
+    ]
+    for name, percent in over:
+        note(f"pool {name!r} is {percent:.1f}% used, above --warn-at {args.warn_at:g}%")
+    status = PROBLEMS if over else OK
     if args.json:
         print_json([_usage_json(name, u, invalid) for name, u, invalid in results])
-        return OK
+        return status
     if not results:
         note(f"no pools under prefix {ctx.settings.layout.prefix!r}")
         return OK
@@ -191,7 +198,7 @@ def usage(ctx: Context, args: argparse.Namespace) -> int:
             rows.append([name, "total", "", u.capacity, u.allocated, u.free, f"{u.percent:.1f}%"])
     headers = ["POOL", "RANGE", "GATEWAY", "SIZE", "ALLOCATED", "FREE", "USED"]
     sys.stdout.write(format_table(headers, rows, {3, 4, 5, 6}))
-    return OK
+    return status
 
 
 def _usage_json(name: str, u: PoolUsage, invalid: int) -> dict[str, Any]:
@@ -271,13 +278,103 @@ def allocations(ctx: Context, args: argparse.Namespace) -> int:
     if args.json:
         print_json([_allocation_json(h) for h in held])
         return OK
-    rows = [[h.ip, h.target, h.ifname or "-", h.host or "-"] for h in held]
-    sys.stdout.write(format_table(["IP", "TARGET", "IFNAME", "HOST"], rows, set()))
+    _allocation_table(held)
     return OK
 
 
-def _allocation_json(h: Held) -> dict[str, str | None]:
-    return {"ip": str(h.ip), "target": h.target, "ifname": h.ifname, "host": h.host}
+def _allocation_table(held: Sequence[Held], pools: Sequence[str] | None = None) -> None:
+    rows = [
+        [h.ip, h.target, h.ifname or "-", h.network or "-", h.host or "-", runtime_name(h)]
+        for h in held
+    ]
+    headers = ["IP", "TARGET", "IFNAME", "NETWORK", "HOST", "NAME"]
+    if pools is not None:
+        rows = [[pool, *row] for pool, row in zip(pools, rows, strict=True)]
+        headers = ["POOL", *headers]
+    sys.stdout.write(format_table(headers, rows, set()))
+
+
+def runtime_name(h: Held) -> str:
+    """The runtime's own name for the holder: a pod's namespace/name, a Nomad job/group."""
+    r = h.runtime or {}
+    if r.get("K8S_POD_NAME"):
+        return f"{r.get('K8S_POD_NAMESPACE', '-')}/{r['K8S_POD_NAME']}"
+    if r.get("NOMAD_JOB_ID"):
+        return f"{r['NOMAD_JOB_ID']}/{r.get('NOMAD_GROUP_NAME', '-')}"
+    return "-"
+
+
+def _allocation_json(h: Held) -> dict[str, Any]:
+    return {
+        "ip": str(h.ip),
+        "target": h.target,
+        "ifname": h.ifname,
+        "host": h.host,
+        "network": h.network,
+        "runtime": h.runtime,
+        **({"freeAfter": h.free_after} if h.free_after is not None else {}),
+    }
+
+
+# -- who-has / ip-of ---------------------------------------------------------------------------
+def who_has(ctx: Context, args: argparse.Namespace) -> int:
+    """Which attachment holds IP, in every pool whose ranges contain it (or in --pool)."""
+    try:
+        ip = ipaddress.ip_address(args.ip)
+    except ValueError:
+        raise UsageError(f"{args.ip!r} is not an IP address") from None
+    layout = ctx.settings.layout
+    names = [pool_name(p) for p in args.pool] or [
+        r.name for r in _valid_pools(ctx, ctx.reader.pools())
+        if any(rng.contains(ip) for rng in r.ranges or [])
+    ]
+    found: list[tuple[str, Held]] = []
+    for name in names:
+        entry = ctx.kv.get(layout.allocation_key(name, ip))
+        if entry is not None:
+            found.append((name, parse_held(entry, layout.folder(name))))
+    return _report_holders(args, found, f"nobody holds {ip} (pools searched: {len(names)})")
+
+
+def ip_of(ctx: Context, args: argparse.Namespace) -> int:
+    """The addresses of a container: by container ID (or unique prefix), Nomad allocation ID,
+    pod `namespace/name`, or Nomad `job/group`."""
+    pools = [pool_name(p) for p in args.pool] or [
+        r.name for r in _valid_pools(ctx, ctx.reader.pools())
+    ]
+    held: list[tuple[str, Held]] = []
+    for name in pools:
+        folder = ctx.settings.layout.folder(name)
+        for entry in ctx.reader.folder(name):
+            if entry.key == folder:
+                continue
+            try:
+                held.append((name, parse_held(entry, folder)))
+            except InvalidPool:
+                continue  # `check` reports it
+    wanted = args.name
+    by_name = [(p, h) for p, h in held if wanted in (runtime_name(h), _alloc_id(h))]
+    if by_name:
+        found = by_name
+    else:
+        target = resolve_target(wanted, (h.target for _, h in held), option="ID")
+        found = [(p, h) for p, h in held if h.target == target]
+    return _report_holders(args, found, f"no allocation names {wanted!r}")
+
+
+def _alloc_id(h: Held) -> str | None:
+    return (h.runtime or {}).get("NOMAD_ALLOC_ID")
+
+
+def _report_holders(args: argparse.Namespace, found: list[tuple[str, Held]], none: str) -> int:
+    found.sort(key=lambda ph: (ph[0], ph[1].ip.version, int(ph[1].ip)))
+    if args.json:
+        print_json([{"pool": p, **_allocation_json(h)} for p, h in found])
+    elif found:
+        _allocation_table([h for _, h in found], [p for p, _ in found])
+    if not found:
+        raise StateError(none)
+    return OK
 
 
 # -- release -----------------------------------------------------------------------------------

@@ -336,18 +336,21 @@ def test_allocations_lists_targets_interfaces_and_hosts(consul, pool_name):
     host = default_host()
     out = admin(consul, "allocations", pool_name, "--json")
     assert out.rc == 0, out
+    ours = {"network": "testnet", "runtime": None}
     assert out.json == [
-        {"ip": "10.0.21.100", "target": "c-a", "ifname": "eth0", "host": host},
-        {"ip": "10.0.21.101", "target": "c-b", "ifname": "net1", "host": host},
-        {"ip": "10.0.21.140", "target": "legacy", "ifname": None, "host": None},
+        {"ip": "10.0.21.100", "target": "c-a", "ifname": "eth0", "host": host} | ours,
+        {"ip": "10.0.21.101", "target": "c-b", "ifname": "net1", "host": host} | ours,
+        {"ip": "10.0.21.140", "target": "legacy", "ifname": None, "host": None, "network": None,
+         "runtime": None},
     ]
     assert "1 key(s)" in out.stderr and f"check {pool_name}" in out.stderr
     out = admin(consul, "allocations", pool_name)
+    pad = " " * (len(host) - 4)
     assert out.stdout == (
-        "IP           TARGET  IFNAME  HOST\n"
-        f"10.0.21.100  c-a     eth0    {host}\n"
-        f"10.0.21.101  c-b     net1    {host}\n"
-        "10.0.21.140  legacy  -       -\n"
+        f"IP           TARGET  IFNAME  NETWORK  HOST{pad}  NAME\n"
+        f"10.0.21.100  c-a     eth0    testnet  {host}  -\n"
+        f"10.0.21.101  c-b     net1    testnet  {host}  -\n"
+        f"10.0.21.140  legacy  -       -        -{pad}     -\n"
     )
     out = admin(consul, "allocations", pool_name, "--target", "c-b", "--json")
     assert [a["ip"] for a in out.json] == ["10.0.21.101"]
