@@ -180,7 +180,7 @@ def _check_duplicates(report: Report, held: Sequence[Held]) -> None:
         if None in by_ifname:
             # An allocation without ifname belongs to the whole container (Held.owned_by), so
             # it clashes with every other allocation of that target.
-            clashes = [(None, group)]
+            clashes: list[tuple[str | None, list[Held]]] = [(None, group)]
         else:
             clashes = [(i, g) for i, g in sorted(by_ifname.items()) if len(g) > 1]
         for ifname, g in clashes:

@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=help,
             description=description,
-            parents=[common],
+            # typeshed wants parents of the subparsers' class; argparse takes any parser
+            parents=[common],  # type: ignore[list-item]
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 

@@ -270,8 +270,8 @@ def allocations(ctx: Context, args: argparse.Namespace) -> int:
         ]
         print_json(rows)
         return OK
-    rows = [[h.ip, h.target, h.ifname or "-", h.host or "-"] for h in held]
-    sys.stdout.write(format_table(["IP", "TARGET", "IFNAME", "HOST"], rows, set()))
+    table = [[h.ip, h.target, h.ifname or "-", h.host or "-"] for h in held]
+    sys.stdout.write(format_table(["IP", "TARGET", "IFNAME", "HOST"], table, set()))
     return OK
 
 
