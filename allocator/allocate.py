@@ -16,11 +16,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeGuard
 
 from loguru import logger
 
-from .cache import PoolCache
+from .cache import PoolCache, WatchableKV
 from .errors import InvalidPool, NotInPool, WriteConflict
 from .layout import Layout
 from .pool import Held, Pool, parse_held, parse_pool
@@ -101,8 +101,8 @@ class Allocator:
 
     def _listing(self, name: str) -> tuple[list[KVEntry], int]:
         key = self.layout.pool_key(name)
-        kv: Any = self.kv
-        entries, index = kv.list_after(key) if hasattr(kv, "list_after") else (kv.list(key), 0)
+        kv = self.kv
+        entries, index = kv.list_after(key) if _watchable(kv) else (kv.list(key), 0)
         if not entries:
             self._probe(key)
         return entries, index
@@ -310,3 +310,9 @@ class Allocator:
 
 def _folder_of(key: str) -> str:
     return key.rpartition("/")[0] + "/"
+
+
+def _watchable(kv: KV) -> TypeGuard[WatchableKV]:
+    # ConsulKV can list with the X-Consul-Index the helper's cache watches from; a plain KV
+    # (the tests' in-memory one) lists without it.
+    return hasattr(kv, "list_after")

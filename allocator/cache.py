@@ -28,19 +28,23 @@ from loguru import logger
 
 from .layout import Layout
 from .pool import Pool, parse_pool
-from .store import KVEntry
+from .store import KV, KVEntry
 
 # Past this many new keys in one refresh, one full listing is cheaper than a read per key.
 _READ_ONE_BY_ONE = 200
 
 
-class WatchableKV(Protocol):
-    def get(self, key: str) -> KVEntry | None: ...
+class WatchableKV(KV, Protocol):
+    """A KV that can also wait for changes (ConsulKV): the helper's cache needs it."""
 
-    def list_after(self, prefix: str, index: int, wait_seconds: float) -> tuple[list[KVEntry], int]:
+    def list_after(
+        self, prefix: str, index: int = 0, wait_seconds: float = 0.0
+    ) -> tuple[list[KVEntry], int]:
         """A listing that returns once the prefix changes after `index`, or after the wait."""
 
-    def keys_after(self, prefix: str, index: int, wait_seconds: float) -> tuple[list[str], int]:
+    def keys_after(
+        self, prefix: str, index: int = 0, wait_seconds: float = 0.0
+    ) -> tuple[list[str], int]:
         """Key names only, with the same blocking behaviour."""
 
 

@@ -94,7 +94,8 @@ class IPRangeSchema(Schema):
     rangeEnd = IPAddressField(load_default=None)
     gateway = IPAddressField(load_default=None)
     # Not in the seed: readers that do not know it see an ordinary range.
-    exclude = fields.List(ExcludeField(), load_default=list)
+    # (marshmallow takes declared fields off the class, so this does not shadow Schema.exclude)
+    exclude = fields.List(ExcludeField(), load_default=list)  # type: ignore[assignment]
 
     @post_load
     def build(self, data: dict[str, Any], **kwargs: Any) -> IPRange:
@@ -167,7 +168,7 @@ def load_allocation(raw: bytes) -> dict[str, Any]:
     # let marshmallow judge, and word the error, only when something looks off.
     target = data.get("target")
     if type(target) is str and target:
-        out = {"target": target}
+        out: dict[str, Any] = {"target": target}
         for name in _OPTIONAL:
             value = data.get(name)
             if value is not None and type(value) is not str:

@@ -30,6 +30,7 @@ import argparse
 import base64
 import contextlib
 import datetime as dt
+import functools
 import ipaddress
 import json
 import math
@@ -470,7 +471,7 @@ class Bench:
             pool("check", f"10.{j}.2.0/24", f"10.{j}.2.1")
             pool("v6", f"fd00:be:{j}::/64", f"fd00:be:{j}::1")
             for i, size in enumerate(FILL_SIZES):
-                net = ipaddress.ip_network(f"10.{10 + 10 * j + i}.0.0/16")
+                net = ipaddress.IPv4Network(f"10.{10 + 10 * j + i}.0.0/16")
                 name = pool(f"fill{size}", str(net), str(net[1]))
                 if size:
                     took = fill_pool(a, name, net[2], size)  # .0 is the network, .1 the gateway
@@ -522,7 +523,7 @@ class Bench:
         a = self.args
         floor = self.s("floor", "python -c pass (floor)")
         bare = self.s("bare", "python -S -c pass (no site: bare interpreter)")
-        jobs: list[tuple[list[Series], Callable[[], None]]] = [
+        jobs: list[tuple[list[Series], Callable[[], object]]] = [
             ([floor], lambda: floor.add(run([self.python, "-c", "pass"], base_env()))),
             ([bare], lambda: bare.add(run([self.python, "-S", "-c", "pass"], base_env()))),
         ]
@@ -600,7 +601,7 @@ class Bench:
 
     def mode_jobs(
         self, mode: str, standing: list[tuple[str, str, dict[str, Any]]]
-    ) -> list[tuple[list[Series], Callable[[], None]]]:
+    ) -> list[tuple[list[Series], Callable[[], object]]]:
         tag = MODES[mode]
         add = self.s(f"{mode}:add", f"ADD, IPv4 /24, empty ({tag})")
         check = self.s(f"{mode}:check", f"CHECK ({tag})")
@@ -622,7 +623,7 @@ class Bench:
             r = self.plugin(mode, "CHECK", f"{mode}:check", check_cid, check_prev)
             check.add(r, r.ok and not r.stdout.strip())
 
-        def do_fill(n: int) -> Callable[[], None]:
+        def do_fill(n: int) -> Callable[[], object]:
             return lambda: self.add_del(mode, f"{mode}:fill{n}", fills[n], None, f"f{n}")
 
         return [
@@ -841,8 +842,8 @@ class Bench:
         cases: list[tuple[str, Callable[[], int]]] = [("floor", floor)]
         for mode in self.modes:
             cases += [
-                (f"{mode}:add", lambda m=mode: add(m, "v4")),
-                (f"{mode}:add_60000", lambda m=mode: add(m, "fill60000")),
+                (f"{mode}:add", functools.partial(add, mode, "v4")),
+                (f"{mode}:add_60000", functools.partial(add, mode, "fill60000")),
             ]
         if HOST_LOCAL.exists():
             cases.append(("host_local", host_local))
@@ -887,7 +888,7 @@ class Bench:
             keys = {k for r in rs for k in r[part]}
             return {k: statistics.median(r[part].get(k, 0.0) for r in rs) for k in keys}
 
-        def top(d: dict[str, float], k: int = 12) -> dict[str, float]:
+        def top(d: dict[str, float], k: int = 12) -> dict[str, float | None]:
             return {
                 name: _r(v, 1) for name, v in sorted(d.items(), key=lambda x: -x[1])[:k] if v >= 0.1
             }

@@ -281,7 +281,7 @@ class Handler(socketserver.StreamRequestHandler):
 
     def handshake(self, sock: socket.socket, call: Call) -> bool:
         """Acknowledge, then wait for the client's go (until the deadline at most)."""
-        ack = {"v": WIRE_VERSION, "ack": True, "deadline": call.deadline}
+        ack: dict[str, object] = {"v": WIRE_VERSION, "ack": True, "deadline": call.deadline}
         ack["cniVersion"] = call.cni_version or "1.0.0"
         try:
             sock.sendall(frame(ack))

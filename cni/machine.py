@@ -10,7 +10,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -47,7 +47,7 @@ STATES = [
 ]
 
 # fmt: off
-TRANSITIONS = [
+TRANSITIONS: list[list[Sequence[str]]] = [
     # trigger      source                       dest            what happened
     ["parse",     "start",                     "parsed"],      # env and stdin are valid
     ["report",    "parsed",                    "done"],        # VERSION answered
@@ -113,6 +113,7 @@ class Invocation:
     """The model the machine drives: everything one call knows, and the handler per state."""
 
     state: str
+    trigger: Callable[[str], bool]  # added by the Machine, as `state` is
 
     def __init__(
         self,
@@ -177,6 +178,7 @@ class Invocation:
 
     def log_transition(self, event: EventData) -> None:
         t = event.transition
+        assert t is not None  # after a state change, there was a transition
         logger.debug("state {} -> {} ({})", t.source, t.dest, event.event.name)
 
     # -- handlers, one per state ------------------------------------------------------------
@@ -420,6 +422,7 @@ class Invocation:
         assert self.pool is not None and self.allocator is not None and self.conf is not None
         wanted, may_take = self.requested()
         self.over = None
+        rng: IPRange | None
         if wanted is not None:
             rng = self.allocator.requested_range(self.pool, wanted)
             if self.pool.cached and wanted in self.pool.held:

@@ -6,6 +6,7 @@ This is the adapter for the allocator's storage port, so it speaks the port's ty
 from __future__ import annotations
 
 import base64
+import builtins
 import json
 from collections.abc import Sequence
 from urllib.parse import quote
@@ -37,7 +38,7 @@ class ConsulKV:
 
     def list_after(
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
-    ) -> tuple[list[Entry], int]:
+    ) -> tuple[builtins.list[Entry], int]:
         """A listing with its X-Consul-Index. With `index`, a blocking query: Consul answers when
         something under the prefix changes after it, or when the wait is over."""
         resp, new_index = self._blocking_get(prefix, {"recurse": "true"}, index, wait_seconds)
@@ -45,7 +46,7 @@ class ConsulKV:
 
     def keys_after(
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
-    ) -> tuple[list[str], int]:
+    ) -> tuple[builtins.list[str], int]:
         """Like list_after, names only: a tenth of the bytes for a large folder."""
         resp, new_index = self._blocking_get(prefix, {"keys": "true"}, index, wait_seconds)
         if resp.status == 404:

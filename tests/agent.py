@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import requests
 
@@ -103,7 +103,7 @@ class ConsulAgent:
             cmd += ["-server", "-data-dir", self.data_dir, "-ui=false"]
         return cmd + self.extra
 
-    def start(self, wait_leader: bool = True, timeout: float = 30.0) -> ConsulAgent:
+    def start(self, wait_leader: bool = True, timeout: float = 30.0) -> Self:
         log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the process's life)
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
         self.wait_http(timeout)

@@ -72,7 +72,7 @@ def ranges_hold(role: str, ip: str) -> bool:
         if addr in ipaddress.ip_network(r["subnet"]):
             lo = ipaddress.ip_address(r["rangeStart"])
             hi = ipaddress.ip_address(r["rangeEnd"])
-            if lo <= addr <= hi:
+            if int(lo) <= int(addr) <= int(hi):  # one IP version: all of them in the subnet
                 return True
     return False
 

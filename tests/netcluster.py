@@ -121,11 +121,10 @@ def cleanup_leftovers(keep: str | None = None) -> list[str]:
     with contextlib.suppress(OSError):
         STATE.unlink()
     for ns in _our_namespaces():
-        pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
-        for pid in pids:
+        for text in sh("ip", "netns", "pids", ns, check=False).stdout.split():
             with contextlib.suppress(OSError, ValueError):
-                os.kill(int(pid), signal.SIGCONT)
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(int(text), signal.SIGCONT)
+                os.kill(int(text), signal.SIGKILL)
                 removed.append(f"process {pid} in {ns}")
         sh("ip", "netns", "del", ns, check=False)
         removed.append(f"netns {ns}")

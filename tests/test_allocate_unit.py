@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Sequence
 
 import pytest
 from ipam_da_consul.allocator.allocate import FENCE_TTL, Allocator, Attachment
@@ -106,7 +107,7 @@ class HeldBack:
     def __getattr__(self, name: str):
         return getattr(self.kv, name)
 
-    def txn(self, ops: list[Op]) -> TxnResult:
+    def txn(self, ops: Sequence[Op]) -> TxnResult:
         if self.kept is None:
             self.kept = list(ops)
             raise TimeoutError("no answer before the read timeout")
@@ -117,7 +118,7 @@ def test_a_write_held_back_past_the_fence_never_applies():
     kv = kv_with_pool()
     stuck = HeldBack(kv)
     with pytest.raises(TimeoutError):
-        allocator(stuck).claim(pool(kv), IP1)  # type: ignore[arg-type]
+        allocator(stuck).claim(pool(kv), IP1)
     allocator(kv, call="del").raise_fence("DEL")  # the runtime's cleanup DEL
     assert stuck.kept is not None
     assert kv.txn(stuck.kept).failed == 0  # it arrives late: the fence check fails
@@ -128,7 +129,7 @@ def test_without_the_fence_the_held_back_write_would_apply():
     kv = kv_with_pool()
     stuck = HeldBack(kv)
     with pytest.raises(TimeoutError):
-        allocator(stuck).claim(pool(kv), IP1)  # type: ignore[arg-type]
+        allocator(stuck).claim(pool(kv), IP1)
     assert kv.txn(stuck.kept).ok  # the hazard the fence exists for
 
 

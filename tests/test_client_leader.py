@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 import pytest
 import requests
@@ -64,7 +65,7 @@ class Outcome:
     def in_flight(self) -> list[Op]:
         return [o for o in self.ops if o.started < self.faulted_at < o.ended]
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, Any]:
         failed = [o for o in self.ops if not o.ok]
         flight = self.in_flight()
         return {
@@ -97,6 +98,11 @@ def survivors_elected(agents: list[ConsulAgent], old: str) -> bool:
     return False
 
 
+class _Timeouts(TypedDict):
+    connect_timeout: float
+    read_timeout: float
+
+
 class Stream:
     """Readers (GET one key) and writers (CAS replace of their own key) in a loop. In "fresh"
     mode every request gets a new client, as each plugin process does; in "shared" mode each
@@ -113,7 +119,7 @@ class Stream:
     ) -> None:
         self.servers = servers
         self.mode = mode
-        self.timeouts = {"connect_timeout": connect_timeout, "read_timeout": read_timeout}
+        self.timeouts = _Timeouts(connect_timeout=connect_timeout, read_timeout=read_timeout)
         self.ops: list[Op] = []
         self.writes = 0  # CAS writes that answered "true"
         self.refused = 0  # and "false"

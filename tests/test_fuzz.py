@@ -40,7 +40,7 @@ FUZZ = settings(
 
 # Text the OS can carry in an environment variable: no NUL, no lone surrogates.
 env_text = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40
+    st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=40
 )
 json_values = st.recursive(
     st.none()

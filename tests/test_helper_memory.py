@@ -17,16 +17,19 @@ from ipam_da_consul.cni.config import ConsulSettings
 from ipam_da_consul.cni.helper import PoolCaches
 
 from tests.conftest import run_plugin
+from tests.memkv import MemKV
 from tests.util_procs import Helper
 
 RANGES = json.dumps([{"subnet": "10.1.0.0/24"}]).encode()
 
 
-class FakeKV:
+class FakeKV(MemKV):
     """Pools named in `pools` exist, each with its ranges only; a blocking query waits a little
-    and reports no change. `broken` makes every query fail (the watcher's error path)."""
+    and reports no change. `broken` makes every query fail (the watcher's error path). The
+    writes (never used) are MemKV's, which makes it a whole WatchableKV."""
 
     def __init__(self, pools: set[str] | None = None) -> None:
+        super().__init__()
         self.pools = pools
         self.broken = threading.Event()
         self.loads: list[str] = []

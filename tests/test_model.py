@@ -364,6 +364,8 @@ class IpamModel(RuleBasedStateMachine):
     def attribute(self, key: Key) -> Att | None:
         role = self.role.get(key.pool)
         if key.network is not None:
+            if key.target is None or key.ifname is None:
+                return None  # every attachment has both
             att = (key.network, key.target, key.ifname)
             ok = att in self.atts and role in NETWORKS.get(key.network, [])
             return att if ok else None
@@ -598,7 +600,9 @@ class IpamModel(RuleBasedStateMachine):
         if len(plan) < 2:
             return
         inflight = [att for kind, att, _ in plan if kind != "gc"]
-        calls, stale, valid = [], [], []
+        calls: list[Call] = []
+        stale: list[Att] = []
+        valid: list[tuple[str, str]] = []
         for kind, att, route in plan:
             if kind == "add":
                 calls.append(self.add_call(att, route))
@@ -612,7 +616,7 @@ class IpamModel(RuleBasedStateMachine):
         self.begin(
             "together: "
             + " + ".join(
-                f"{k.upper()} {a if a else (gc_args[0] + '@' + gc_args[1] + f' valid={valid}')}"
+                f"{k.upper()} {a if a else (gnet + '@' + ghost + f' valid={valid}')}"
                 f" via {r}"
                 for k, a, r in plan
             )

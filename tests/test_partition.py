@@ -63,7 +63,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -203,7 +203,7 @@ def duplicate_targets(allocs: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def check_history(ops: list[Op], final_tree: dict[str, bytes], folder: str,
-                  snapshots: list[tuple[float, dict[str, bytes]]] = (),
+                  snapshots: Sequence[tuple[float, dict[str, bytes]]] = (),
                   t0: float = 0.0) -> list[str]:
     """Anomalies (human-readable) in a history and the KV tree read after the quiet period."""
     anomalies: list[str] = []
@@ -241,8 +241,8 @@ def check_history(ops: list[Op], final_tree: dict[str, bytes], folder: str,
 
     # 2-4. Keys left in the final tree.
     keys_by_target: dict[str, list[str]] = {}
-    for ip, a in final.items():
-        keys_by_target.setdefault(str(a.get("target")), []).append(ip)
+    for ip, value in final.items():
+        keys_by_target.setdefault(str(value.get("target")), []).append(ip)
     for target, ips in sorted(keys_by_target.items()):
         cops = by_container.get(target, [])
         add = next((o for o in cops if o.command == "ADD"), None)

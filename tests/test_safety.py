@@ -10,6 +10,7 @@ installed executables where a runtime would see the difference.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class HeldBack:
     def __getattr__(self, name: str):
         return getattr(self.kv, name)
 
-    def txn(self, ops: list[Op]) -> TxnResult:
+    def txn(self, ops: Sequence[Op]) -> TxnResult:
         if self.kept is None:
             self.kept = list(ops)
             raise ConsulUnavailable("no answer before the read timeout")

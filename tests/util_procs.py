@@ -264,7 +264,7 @@ class Helper:
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
-        if stderr:
+        if not isinstance(err, int):  # not DEVNULL: a file opened for `stderr`
             err.close()  # the child has its own copy
         end = time.monotonic() + 30
         while not os.path.exists(self.socket):
