@@ -48,6 +48,8 @@ ENTRY_POINTS = {
 _SKIP_DIRS = {"__pycache__", "tests", "test", "testing"}
 _SKIP_SUFFIXES = {".pyc", ".pyo", ".pyi", ".so", ".exe"}
 _FIXED_TIME = (2020, 1, 1, 0, 0, 0)  # reproducible archives
+_NOT_SOURCE = (".git", ".venv", ".cache", "dist", "build", "*.egg-info", "__pycache__",
+               ".pytest_cache", ".ruff_cache", ".hypothesis", "bench", "tests")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +93,11 @@ def check_target(python: str) -> None:
 def vendor(pip_python: str, site: Path, wheels: Path) -> None:
     """The project and its dependencies, pure-Python wheels only, unpacked into `site`."""
     pip = [pip_python, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(ROOT)], check=True)
+    # From a copy: setuptools builds in the source folder (build/, *.egg-info), and the
+    # worktree must not be left with a stale build/lib another tool might pick up.
+    source = wheels.parent / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*_NOT_SOURCE))
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(source)], check=True)
     (project,) = wheels.glob("ipam_da_consul-*.whl")
     # `--platform any --implementation py`: only py3-none-any wheels, so no compiled extension
     # (charset-normalizer's mypyc build) that zipimport could not load, and one file that runs
