@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from ipam_da_consul.cni.helper import parse_address
 from prometheus_client.parser import text_string_to_metric_families
 
-from ipam_da_consul.cni.helper import parse_address
 from tests.agent import ConsulAgent
 from tests.conftest import run_plugin
 from tests.util_procs import Helper, consul_requests
