@@ -41,16 +41,18 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from .. import __version__
-from ..allocator.cache import PoolCache, WatchableKV
-from ..allocator.layout import Layout
-from ..consul import ConsulKV
 from . import logs
-from .config import ConsulSettings
 from .fastpath import DEFAULT_SOCKET, TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
-from .machine import consul_client
 from .main import execute
 
+# The heavy modules (requests, marshmallow, transitions: ~0.3 s, seconds on a loaded host) are
+# imported in the background once the helper listens, not here: a helper started on demand by
+# its first call must acknowledge it within the client's ack timeout (1 s), and the handshake
+# needs none of them. A call that arrives before they are loaded waits for them in execute().
 if TYPE_CHECKING:
+    from ..allocator.cache import PoolCache, WatchableKV
+    from ..allocator.layout import Layout
+    from .config import ConsulSettings
     from .metrics import Metrics
 
 # The time budget of each blocking query a watcher sends: its 30 s wait plus Consul's jitter.
@@ -85,7 +87,7 @@ class PoolCaches:
     ) -> None:
         self.refresh_interval = refresh_interval
         # Tests give a stand-in; the helper reads Consul.
-        self.make_kv = make_kv or (lambda s: ConsulKV(consul_client(s, _WATCH_BUDGET)))
+        self.make_kv = make_kv or watch_kv
         self.server_memory = server_memory
         self.max_settings = max_settings
         self.max_pools = max_pools
@@ -118,6 +120,8 @@ class PoolCaches:
                 self.servers.popitem(last=False)
 
     def get(self, settings: ConsulSettings, layout: Layout) -> PoolCache:
+        from ..allocator.cache import PoolCache
+
         key = _hashable(settings)
         evicted: list[PoolCache] = []
         with self.lock:
@@ -163,6 +167,19 @@ class PoolCaches:
             caches = list(self.caches.values())
             servers = len(self.servers)
         return {"caches": len(caches), "pools": sum(len(c) for c in caches), "servers": servers}
+
+
+def watch_kv(settings: ConsulSettings) -> WatchableKV:
+    """The KV a pool watcher reads with: a fresh client, its budget one blocking query."""
+    from ..consul import ConsulKV
+    from .machine import consul_client
+
+    return ConsulKV(consul_client(settings, _WATCH_BUDGET))
+
+
+def preload() -> None:
+    """Import what calls need (see the imports above), off the accepting thread."""
+    from . import machine  # noqa: F401  (imports config, consul, allocator in turn)
 
 
 def _hashable(settings: ConsulSettings) -> Any:
@@ -602,7 +619,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def make_kv(settings: ConsulSettings) -> WatchableKV:
             assert metrics is not None
-            return metrics.watch_kv(ConsulKV(consul_client(settings, _WATCH_BUDGET)))
+            return metrics.watch_kv(watch_kv(settings))
 
     caches = PoolCaches(
         args.refresh_interval,
@@ -626,6 +643,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         where += f"; metrics on {url}"
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    threading.Thread(target=preload, name="preload", daemon=True).start()
     if args.idle_exit is not None:
         threading.Thread(
             target=_exit_when_idle, args=(server, args.idle_exit), name="idle-exit", daemon=True

@@ -24,10 +24,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..allocator.cache import WatchableKV
-from ..allocator.store import KVEntry
-
 if TYPE_CHECKING:
+    from ..allocator.cache import WatchableKV
+    from ..allocator.store import KVEntry
     from .helper import HelperServer
 
 PREFIX = "ipam_da_consul"
