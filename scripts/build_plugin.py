@@ -114,6 +114,46 @@ def vendor(pip_python: str, site: Path, wheels: Path) -> None:
     bin_dir = site / "bin"  # console scripts pip wrote for the target: not ours to ship
     if bin_dir.exists():
         shutil.rmtree(bin_dir)
+    (site / "certifi" / "core.py").write_text(_CERTIFI_CORE)
+
+
+# requests calls certifi.where() as it is imported. Inside a zipapp the stock certifi then
+# extracts cacert.pem to a temporary file on every in-process call: a write per call, a failed
+# call where no temporary folder is writable, and a file left behind whenever the runtime kills
+# the plugin. Like Debian's python3-certifi, this answers with the host's CA bundle, and
+# extracts the bundled copy only on a host that has none. (Consul over TLS normally names its
+# CA anyway: ipam.consul_ca_file.)
+_CERTIFI_CORE = '''"""certifi.where() for the single-file plugin (see scripts/build_plugin.py)."""
+
+import os
+
+_SYSTEM_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+)
+_extracted = None
+
+
+def where() -> str:
+    global _extracted
+    for path in _SYSTEM_BUNDLES:
+        if os.path.isfile(path):
+            return path
+    if _extracted is None:
+        import atexit
+        from importlib.resources import as_file, files
+
+        _extracted = as_file(files("certifi").joinpath("cacert.pem"))
+        atexit.register(_extracted.__exit__, None, None, None)
+    return str(_extracted.__enter__())
+
+
+def contents() -> str:
+    with open(where(), encoding="ascii") as fh:
+        return fh.read()
+'''
 
 
 def compile_tree(python: str, site: Path) -> None:
