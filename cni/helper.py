@@ -9,6 +9,10 @@ Without a helper the plugin does the same work in-process; results are identical
 The handshake with the client (cni/fastpath.py) makes each call run in exactly one place: the
 helper acknowledges a request at once, runs it only after the client's "go", and drops it if
 the client hung up instead (it gave up waiting and did the call itself).
+
+Under systemd it can be started on demand: a socket unit holds the listening socket and passes
+it (LISTEN_FDS / LISTEN_PID, fd 3), and `--idle-exit` ends the helper after a quiet spell; the
+next call's connection waits in the socket's queue until systemd has started it again.
 """
 
 from __future__ import annotations
@@ -32,19 +36,24 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from .. import __version__
-from ..allocator.cache import PoolCache, WatchableKV
-from ..allocator.layout import Layout
-from ..consul import ConsulKV
 from . import logs
-from .config import ConsulSettings
 from .fastpath import DEFAULT_SOCKET, TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
-from .machine import consul_client
 from .main import execute
+
+# The heavy modules (requests, marshmallow, transitions: ~0.3 s, seconds on a loaded host) are
+# imported in the background once the helper listens, not here: a helper started on demand by
+# its first call must acknowledge it within the client's ack timeout (1 s), and the handshake
+# needs none of them. A call that arrives before they are loaded waits for them in execute().
+if TYPE_CHECKING:
+    from ..allocator.cache import PoolCache, WatchableKV
+    from ..allocator.layout import Layout
+    from .config import ConsulSettings
+    from .metrics import Metrics
 
 # The time budget of each blocking query a watcher sends: its 30 s wait plus Consul's jitter.
 _WATCH_BUDGET = 120.0
@@ -55,6 +64,8 @@ _MAX_CALL_TIMEOUT = 600.0  # the schema's upper bound
 _REQUEST_WAIT = 10.0
 # The answer is small, but a client that stopped reading must not hold a thread either.
 _ANSWER_SEND = 10.0
+# sd_listen_fds(3): the first socket systemd passes.
+_LISTEN_FDS_START = 3
 
 
 class PoolCaches:
@@ -76,7 +87,7 @@ class PoolCaches:
     ) -> None:
         self.refresh_interval = refresh_interval
         # Tests give a stand-in; the helper reads Consul.
-        self.make_kv = make_kv or (lambda s: ConsulKV(consul_client(s, _WATCH_BUDGET)))
+        self.make_kv = make_kv or watch_kv
         self.server_memory = server_memory
         self.max_settings = max_settings
         self.max_pools = max_pools
@@ -109,6 +120,8 @@ class PoolCaches:
                 self.servers.popitem(last=False)
 
     def get(self, settings: ConsulSettings, layout: Layout) -> PoolCache:
+        from ..allocator.cache import PoolCache
+
         key = _hashable(settings)
         evicted: list[PoolCache] = []
         with self.lock:
@@ -154,6 +167,19 @@ class PoolCaches:
             caches = list(self.caches.values())
             servers = len(self.servers)
         return {"caches": len(caches), "pools": sum(len(c) for c in caches), "servers": servers}
+
+
+def watch_kv(settings: ConsulSettings) -> WatchableKV:
+    """The KV a pool watcher reads with: a fresh client, its budget one blocking query."""
+    from ..consul import ConsulKV
+    from .machine import consul_client
+
+    return ConsulKV(consul_client(settings, _WATCH_BUDGET))
+
+
+def preload() -> None:
+    """Import what calls need (see the imports above), off the accepting thread."""
+    from . import machine  # noqa: F401  (imports config, consul, allocator in turn)
 
 
 def _hashable(settings: ConsulSettings) -> Any:
@@ -315,7 +341,12 @@ class Handler(socketserver.StreamRequestHandler):
     def serve(self, call: Call, abandoned: Callable[[], bool]) -> dict[str, Any]:
         err = io.StringIO()
         log_file = call.env.get("IPAM_DA_CONSUL_LOG_FILE") or logs.DEFAULT_LOG_FILE
-        with logger.contextualize(call=logs.CallLog(err, log_file if call.verbose else None)):
+        command = call.env.get("CNI_COMMAND", "")
+        began = time.monotonic()
+        # `command` rides along for the metrics sink, which sees this call's debug lines.
+        with logger.contextualize(
+            call=logs.CallLog(err, log_file if call.verbose else None), command=command
+        ):
             out, code = execute(
                 call.stdin,
                 call.env,
@@ -323,6 +354,8 @@ class Handler(socketserver.StreamRequestHandler):
                 started=call.started,
                 abandoned=abandoned,
             )
+        if self.server.metrics is not None:
+            self.server.metrics.observe_call(command, code, time.monotonic() - began)
         return {"stdout": out, "stderr": err.getvalue(), "code": code}
 
 
@@ -387,17 +420,66 @@ def clear_stale_socket(path: Path) -> None:
     raise SetupError(f"another helper is listening on {path}")
 
 
+def activated_socket() -> socket.socket | None:
+    """The listening socket systemd (or systemd-socket-activate) passed us, if any.
+
+    LISTEN_PID names the process the sockets are for: a helper started by something that
+    merely inherited the variables (a shell, a test runner) must bind its own socket. The
+    variables are removed either way so that nothing this process starts inherits them."""
+    pid, fds = os.environ.pop("LISTEN_PID", ""), os.environ.pop("LISTEN_FDS", "")
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if not pid.isdigit() or int(pid) != os.getpid():
+        return None
+    if not fds.isdigit() or int(fds) < 1:
+        raise SetupError(f"LISTEN_FDS={fds!r}: socket activation passed no socket")
+    if int(fds) > 1:
+        raise SetupError(
+            f"socket activation passed {fds} sockets; the helper serves exactly one "
+            "(one ListenStream= in the socket unit)"
+        )
+    sock = socket.socket(fileno=_LISTEN_FDS_START)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        family, kind = sock.family, sock.type
+        sock.detach()  # not ours to close: leave the descriptor as systemd gave it
+        raise SetupError(f"the activated socket is {family!r}/{kind!r}, not a unix stream")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise SetupError("the activated socket is not listening (Accept=yes is not supported)")
+    os.set_inheritable(sock.fileno(), False)
+    return sock
+
+
 class HelperServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     # A node starting hundreds of containers connects all at once; a refused connection
     # would push those calls onto the slow in-process path.
     request_queue_size = 1024
 
-    def __init__(self, path: str, caches: PoolCaches) -> None:
+    def __init__(
+        self,
+        path: str,
+        caches: PoolCaches,
+        activated: socket.socket | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.caches = caches
         self.path = path
+        self.metrics = metrics
         self.counters: dict[str, int] = {}
         self.counters_lock = threading.Lock()
+        # Connections being handled, and when the last one ended: what --idle-exit watches.
+        self.activity = threading.Condition()
+        self.active = 0
+        self.last_active = time.monotonic()
+        # Systemd owns an activated socket and its path: never unlink it, nor check the
+        # folder it made (DirectoryMode=0700 in the unit).
+        self.activated = activated is not None
+        if activated is not None:
+            super().__init__(path, Handler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = activated
+            self.server_address = activated.getsockname() or path
+            return
         prepare_folder(Path(path).parent)
         clear_stale_socket(Path(path))
         old_umask = os.umask(0o177)
@@ -405,6 +487,48 @@ class HelperServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             super().__init__(path, Handler)
         finally:
             os.umask(old_umask)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Counted here, in the accepting thread, so an idle check can never miss a connection
+        # accepted but not yet running in its thread.
+        with self.activity:
+            self.active += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._ended()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._ended()
+
+    def _ended(self) -> None:
+        with self.activity:
+            self.active -= 1
+            self.last_active = time.monotonic()
+            self.activity.notify_all()
+
+    def idle_for(self, seconds: float) -> bool:
+        """Block until no connection has been open for `seconds`; False once shut down."""
+        with self.activity:
+            while True:
+                if self.active == 0:
+                    quiet = time.monotonic() - self.last_active
+                    if quiet >= seconds:
+                        return True
+                    self.activity.wait(seconds - quiet)
+                else:
+                    self.activity.wait()
+
+    def drain(self) -> None:
+        """Wait for the connections being handled: a call is never cut short by an exit.
+        Each one ends by its call's deadline (plus the answer's send timeout) at the latest."""
+        with self.activity:
+            while self.active:
+                self.activity.wait()
 
     def count(self, name: str) -> None:
         with self.counters_lock:
@@ -417,7 +541,20 @@ class HelperServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def server_close(self) -> None:
         super().server_close()
-        Path(self.path).unlink(missing_ok=True)
+        if not self.activated:
+            Path(self.path).unlink(missing_ok=True)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """HOST:PORT, [V6]:PORT, or a bare PORT (or :PORT) on 127.0.0.1: metrics are opt-in and
+    local unless a host is named."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host, int(port)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -444,23 +581,90 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-pools", type=int, default=64, help="most pools kept in memory across them"
     )
+    parser.add_argument(
+        "--idle-exit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="exit after this long without a call (for socket activation, which starts the "
+        "helper again on the next call); background pool refreshes do not count",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default=None,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics over HTTP here (host 127.0.0.1 when only a port is "
+        "given; port 0 picks one); off by default",
+    )
     args = parser.parse_args(argv)
     if args.max_settings < 1 or args.max_pools < 1:
         parser.error("--max-settings and --max-pools must be at least 1")
+    if args.idle_exit is not None and not (0 < args.idle_exit < math.inf):
+        parser.error("--idle-exit must be a positive number of seconds")
+    metrics_at = None
+    if args.metrics_address is not None:
+        try:
+            metrics_at = parse_address(args.metrics_address)
+        except ValueError as exc:
+            parser.error(f"--metrics-address: {exc}")
     logs.configure_helper()
+    metrics: Metrics | None = None
+    make_kv: Callable[[ConsulSettings], WatchableKV] | None = None
+    if metrics_at is not None:
+        # Imported only here: prometheus_client costs start-up time a helper without metrics,
+        # and the thin client, never pay.
+        from .metrics import Metrics
+
+        metrics = Metrics()
+
+        def make_kv(settings: ConsulSettings) -> WatchableKV:
+            assert metrics is not None
+            return metrics.watch_kv(watch_kv(settings))
+
     caches = PoolCaches(
-        args.refresh_interval, max_settings=args.max_settings, max_pools=args.max_pools
+        args.refresh_interval,
+        max_settings=args.max_settings,
+        max_pools=args.max_pools,
+        make_kv=make_kv,
     )
     try:
-        server = HelperServer(args.socket, caches)
+        activated = activated_socket()
+        server = HelperServer(args.socket, caches, activated, metrics)
     except (SetupError, OSError) as exc:
         sys.exit(f"ipam-da-consul-helper: cannot listen on {args.socket}: {exc}")
+    where = f"{args.socket} (socket activation)" if activated else args.socket
+    if metrics is not None and metrics_at is not None:
+        try:
+            url = metrics.serve(metrics_at, server)
+        except OSError as exc:
+            server.server_close()
+            sys.exit(
+                f"ipam-da-consul-helper: cannot serve metrics on {args.metrics_address}: {exc}"
+            )
+        where += f"; metrics on {url}"
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    sys.stderr.write(f"ipam-da-consul-helper {__version__} listening on {args.socket}\n")
+    threading.Thread(target=preload, name="preload", daemon=True).start()
+    if args.idle_exit is not None:
+        threading.Thread(
+            target=_exit_when_idle, args=(server, args.idle_exit), name="idle-exit", daemon=True
+        ).start()
+    sys.stderr.write(f"ipam-da-consul-helper {__version__} listening on {where}\n")
     sys.stderr.flush()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        # Calls already accepted finish first; connections still queued stay in the socket
+        # (systemd's copy of it, when activated) for the next helper.
+        server.drain()
         server.server_close()
+        if metrics is not None:
+            metrics.close()
+
+
+def _exit_when_idle(server: HelperServer, seconds: float) -> None:
+    server.idle_for(seconds)
+    sys.stderr.write(f"ipam-da-consul-helper: no call for {seconds:g} s, exiting\n")
+    sys.stderr.flush()
+    server.shutdown()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the demo, tests and benchmark need on a fresh Debian 12 machine:
 # a virtualenv with the plugin and its test tools, the Consul binary, and (as root) the
-# containernetworking-plugins package for the bridge end-to-end tests.
+# containernetworking-plugins package for the bridge end-to-end tests and systemd's
+# systemd-socket-activate for the socket-activation tests.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -39,5 +40,11 @@ if ! command -v podman >/dev/null || ! command -v runc >/dev/null \
   || ! dpkg -s busybox-static >/dev/null 2>&1; then
   apt_install podman runc busybox-static \
     || echo "setup: podman/runc/busybox-static not installed; the podman test will be skipped" >&2
+fi
+# systemd-socket-activate (Debian's systemd package) for the socket-activation tests; no running
+# systemd is needed.
+if ! command -v systemd-socket-activate >/dev/null; then
+  apt_install systemd \
+    || echo "setup: systemd-socket-activate not installed; socket-activation tests will be skipped" >&2
 fi
 echo "setup: ready (.venv, $(bash scripts/fetch-consul.sh 2>/dev/null))"

@@ -19,6 +19,7 @@ import pytest
 
 from tests.agent import ConsulAgent
 from tests.conftest import Outcome, executable
+from tests.test_singlefile import single_file_bin  # noqa: F401  (a fixture)
 
 BRIDGE = Path("/usr/lib/cni/bridge")
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -43,17 +44,25 @@ def ip_json(*args: str) -> Any:
     return json.loads(ip("-j", *args).stdout or "[]")
 
 
-@pytest.fixture(scope="module")
-def cni_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@pytest.fixture(scope="module", params=["venv", "single-file"])
+def cni_path(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """CNI_PATH: our plugin under its runtime name, then Debian's plugins. Skips the module
-    when namespaces cannot be made here; puts ip_forward back as it was (isGateway sets it)."""
+    when namespaces cannot be made here; puts ip_forward back as it was (isGateway sets it).
+    Every test runs with the venv install (a symlink to its console script) and with the
+    single-file build copied in, which is that build's whole install."""
     probe = f"ipdc-probe-{os.getpid()}"
     made = ip("netns", "add", probe, check=False)
     if made.returncode != 0:
         pytest.skip(f"`ip netns add` fails here: {made.stderr.strip()}")
     ip("netns", "del", probe, check=False)
     directory = tmp_path_factory.mktemp("cni-bin")
-    (directory / "ipam-da-consul").symlink_to(executable("ipam-da-consul"))
+    if request.param == "venv":
+        (directory / "ipam-da-consul").symlink_to(executable("ipam-da-consul"))
+    else:
+        folder = request.getfixturevalue("single_file_bin")
+        shutil.copy2(folder / "ipam-da-consul", directory / "ipam-da-consul")
     forward = IP_FORWARD.read_text()
     yield f"{directory}:{BRIDGE.parent}"
     if IP_FORWARD.read_text() != forward:
