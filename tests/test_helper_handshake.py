@@ -68,9 +68,10 @@ def test_stopped_helper_falls_back_and_never_runs_the_call(consul, make_pool, co
 def test_request_queued_past_its_deadline_is_dropped(consul, make_pool, conf_for, helper):
     pool = make_pool()
     helper.stop()
-    out, _ = timed("ADD", conf_for(pool, timeout=2), container="late", env=via(helper))
+    # The budget covers the 1 s wait for the ack, then the in-process call: leave it room.
+    out, _ = timed("ADD", conf_for(pool, timeout=4), container="late", env=via(helper))
     assert out.rc == 0, out
-    time.sleep(2.2)  # the call's deadline passes while the request sits in the backlog
+    time.sleep(4.2)  # the call's deadline passes while the request sits in the backlog
     assert run_plugin("DEL", conf_for(pool), container="late").rc == 0
     helper.resume()
     helper.wait_stderr(DROPPED)
