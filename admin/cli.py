@@ -90,6 +90,12 @@ def _percent(text: str) -> float:
     return value
 
 
+def _finder_options(p: argparse.ArgumentParser, func: Callable[..., int]) -> None:
+    p.add_argument("--pool", action="append", default=[], metavar="NAME", help="only this pool")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=func)
+
+
 def _connection_options() -> argparse.ArgumentParser:
     # SUPPRESS: an option given only before the subcommand is not reset by the subparser.
     p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
@@ -227,9 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(a pod's namespace/name, a Nomad job/group). Exit 4 when nobody holds it.",
     )
     p.add_argument("ip", metavar="IP", help="the address")
-    p.add_argument("--pool", action="append", default=[], metavar="NAME", help="only this pool")
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    p.set_defaults(func=commands.who_has)
+    _finder_options(p, commands.who_has)
 
     p = add(
         "ip-of",
@@ -239,9 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit 4 when it holds none.",
     )
     p.add_argument("name", metavar="ID-OR-NAME", help="container ID, alloc ID, ns/pod, job/group")
-    p.add_argument("--pool", action="append", default=[], metavar="NAME", help="only this pool")
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    p.set_defaults(func=commands.ip_of)
+    _finder_options(p, commands.ip_of)
 
     p = add(
         "allocations",

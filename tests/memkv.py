@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ipam_da_consul.allocator.store import Cas, Check, DeleteCas, KVEntry, Op, Set, TxnResult
 
@@ -62,3 +63,28 @@ class MemKV:
                 elif isinstance(op, DeleteCas):
                     del self.data[op.key]
             return TxnResult(None, indexes)
+
+
+class HeldBack:
+    """A KV whose first transaction is kept instead of sent: a request stuck in a follower
+    until a leader is elected. The sender sees `error`; `release()` sends it, late."""
+
+    def __init__(self, kv: Any, error: Exception) -> None:
+        self.kv = kv
+        self.error = error
+        self.kept: list[Op] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.kv, name)
+
+    def txn(self, ops: Sequence[Op]) -> TxnResult:
+        if self.kept is None:
+            self.kept = list(ops)
+            raise self.error
+        result: TxnResult = self.kv.txn(ops)
+        return result
+
+    def release(self) -> TxnResult:
+        assert self.kept is not None
+        result: TxnResult = self.kv.txn(self.kept)
+        return result

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Sequence
 
 import pytest
 from ipam_da_consul.allocator.allocate import FENCE_TTL, Allocator, Attachment
 from ipam_da_consul.allocator.layout import Layout
 from ipam_da_consul.allocator.pool import Pool, parse_pool
 from ipam_da_consul.allocator.schemas import dump_fence
-from ipam_da_consul.allocator.store import KVEntry, Op, TxnResult
+from ipam_da_consul.allocator.store import KVEntry
 
-from tests.memkv import MemKV
+from tests.memkv import HeldBack, MemKV
 
 RANGES = json.dumps([{"subnet": "10.0.0.0/24"}]).encode()
 IP1, IP2 = ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("10.0.0.2")
@@ -97,40 +96,23 @@ def test_take_over_rollback_restores_only_over_our_bytes():
     assert kv.get("ipam/p/10.0.0.1").value == b'{"target": "newer"}'
 
 
-class HeldBack:
-    """A KV whose next transaction is kept instead of sent, as a request stuck in a follower."""
-
-    def __init__(self, kv: MemKV) -> None:
-        self.kv = kv
-        self.kept: list[Op] | None = None
-
-    def __getattr__(self, name: str):
-        return getattr(self.kv, name)
-
-    def txn(self, ops: Sequence[Op]) -> TxnResult:
-        if self.kept is None:
-            self.kept = list(ops)
-            raise TimeoutError("no answer before the read timeout")
-        return self.kv.txn(ops)
-
-
 def test_a_write_held_back_past_the_fence_never_applies():
     kv = kv_with_pool()
-    stuck = HeldBack(kv)
+    stuck = HeldBack(kv, TimeoutError("no answer before the read timeout"))
     with pytest.raises(TimeoutError):
         allocator(stuck).claim(pool(kv), IP1)
     allocator(kv, call="del").raise_fence("DEL")  # the runtime's cleanup DEL
     assert stuck.kept is not None
-    assert kv.txn(stuck.kept).failed == 0  # it arrives late: the fence check fails
+    assert stuck.release().failed == 0  # it arrives late: the fence check fails
     assert kv.get("ipam/p/10.0.0.1") is None
 
 
 def test_without_the_fence_the_held_back_write_would_apply():
     kv = kv_with_pool()
-    stuck = HeldBack(kv)
+    stuck = HeldBack(kv, TimeoutError("no answer before the read timeout"))
     with pytest.raises(TimeoutError):
         allocator(stuck).claim(pool(kv), IP1)
-    assert kv.txn(stuck.kept).ok  # the hazard the fence exists for
+    assert stuck.release().ok  # the hazard the fence exists for
 
 
 def test_an_add_after_a_del_of_the_same_attachment_goes_behind_the_fence():

@@ -10,7 +10,6 @@ installed executables where a runtime would see the difference.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -18,40 +17,18 @@ import pytest
 from ipam_da_consul.allocator.allocate import Allocator, Attachment
 from ipam_da_consul.allocator.layout import Layout
 from ipam_da_consul.allocator.pool import parse_pool
-from ipam_da_consul.allocator.store import Op, TxnResult
 from ipam_da_consul.consul import ConsulClient, ConsulKV, ConsulUnavailable
 
 from tests.conftest import run_plugin
+from tests.memkv import HeldBack
 from tests.plugin_helpers import assert_cni_error
 from tests.util_procs import LossyProxy, Unresponsive
-
-
-class HeldBack:
-    """A KV whose first transaction is kept instead of sent: a request stuck in a follower
-    until a leader is elected. `release()` sends it, late."""
-
-    def __init__(self, kv: ConsulKV) -> None:
-        self.kv = kv
-        self.kept: list[Op] | None = None
-
-    def __getattr__(self, name: str):
-        return getattr(self.kv, name)
-
-    def txn(self, ops: Sequence[Op]) -> TxnResult:
-        if self.kept is None:
-            self.kept = list(ops)
-            raise ConsulUnavailable("no answer before the read timeout")
-        return self.kv.txn(ops)
-
-    def release(self) -> TxnResult:
-        assert self.kept is not None
-        return self.kv.txn(self.kept)
 
 
 def stuck_add(consul, pool: str, container: str) -> HeldBack:
     """An ADD's allocation write for `container`/eth0 on network testnet, sent but not applied."""
     client = ConsulClient([consul.url])
-    stuck = HeldBack(ConsulKV(client))
+    stuck = HeldBack(ConsulKV(client), ConsulUnavailable("no answer before the read timeout"))
     allocator = Allocator(
         stuck, Layout(), "host-a", attachment=Attachment("testnet", container, "eth0"), call="x"
     )
@@ -127,7 +104,8 @@ def test_timeout_caps_a_call_whose_rollback_is_needed(consul, make_pool, conf_fo
     )
     try:
         # The rollback gets min(3 s, timeout / 4): 1.5 s here, room for a loaded machine.
-        conf = conf_for(a, b, timeout=6.0, consul_read_timeout=10.0)
+        # A first try that waits past the deadline: no resend resolves the doubt here.
+        conf = conf_for(a, b, timeout=6.0, consul_read_timeout=10.0, consul_attempt_timeout=10.0)
         conf["ipam"]["consul_servers"] = [proxy.url]
         log = tmp_path / "call.log"
         out = run_plugin("ADD", conf, container="hung-b", verbose=True,
