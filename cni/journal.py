@@ -43,7 +43,9 @@ REPLAY_MARK = "IPAM_DA_CONSUL_REPLAY"
 # Test knob: while this file exists the replay thread waits (to slip an ADD in before it).
 PAUSE_ENV = "IPAM_DA_CONSUL_TEST_JOURNAL_PAUSE"
 _FIRST_BACKOFF = 0.5
-_MAX_BACKOFF = 30.0
+# Low, because a DEL waiting here holds an address; a pass while Consul is away costs one
+# failed connection per entry. A successful call through the helper also wakes the replay.
+_MAX_BACKOFF = 5.0
 _VERSION = 1
 
 
@@ -79,7 +81,9 @@ class Journal:
         prepare(self.folder)
         # Serialises writes of entries, calls of journaled attachments, and their replay.
         self.lock = threading.RLock()
-        self.wake = threading.Condition(self.lock)
+        # Set by a new entry, or a call that reached Consul: worth a pass now. An Event, not a
+        # Condition on `lock`, so that poking never waits for a replay in progress.
+        self.wake = threading.Event()
         self.stopped = False
 
     # -- recording --------------------------------------------------------------------------
@@ -106,7 +110,7 @@ class Journal:
         try:
             with self.lock:
                 write_atomically(self.path_for(attachment), data)
-                self.wake.notify_all()
+            self.wake.set()
         except OSError as exc:
             logger.error("helper: could not journal a DEL for {}: {}", _show(attachment), exc)
             return False
@@ -139,11 +143,12 @@ class Journal:
         attachment = attachment_of(stdin, env) if not env.get(REPLAY_MARK) else None
         path = self.path_for(attachment) if attachment is not None else None
         if path is None or not path.exists():
-            yield lambda code: None
+            yield self.poke
             return
         command = env.get("CNI_COMMAND", "")
 
         def done(code: int) -> None:
+            self.poke(code)
             if code == 0 and command in ("ADD", "DEL"):
                 self.remove(path)
                 logger.warning(
@@ -155,6 +160,11 @@ class Journal:
 
         with self.lock:
             yield done
+
+    def poke(self, code: int) -> None:
+        """After a call: one that succeeded reached Consul, so pending entries may go now."""
+        if code == 0 and not self.wake.is_set() and any(self.folder.glob("*.json")):
+            self.wake.set()
 
     def remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)
@@ -208,25 +218,24 @@ class Journal:
         while Consul stays away."""
         backoff = _FIRST_BACKOFF
         while not self.stopped:
+            self.wake.clear()  # before the pass: a poke during it brings on the next one
             try:
                 clean = self.replay_once(run)
             except Exception as exc:  # the thread must outlive any one bad pass
                 logger.opt(exception=exc).error("helper: journal replay failed")
                 clean = False
-            with self.lock:
-                if self.stopped:
-                    return
-                if clean:
-                    backoff = _FIRST_BACKOFF
-                    self.wake.wait()  # until a DEL is journaled
-                else:
-                    self.wake.wait(backoff)
-                    backoff = min(backoff * 2, _MAX_BACKOFF)
+            if self.stopped:
+                return
+            if clean:
+                backoff = _FIRST_BACKOFF
+                self.wake.wait()  # until a DEL is journaled
+            else:
+                self.wake.wait(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
 
     def stop(self) -> None:
-        with self.lock:
-            self.stopped = True
-            self.wake.notify_all()
+        self.stopped = True
+        self.wake.set()
 
 
 def _paused() -> bool:
