@@ -114,10 +114,11 @@ class Journal:
         except OSError as exc:
             logger.error("helper: could not journal a DEL for {}: {}", _show(attachment), exc)
             return False
-        logger.warning(
-            "helper: Consul unreachable; DEL of {} journaled, redone when Consul is back",
-            _show(attachment),
-        )
+        with _helper_log():
+            logger.warning(
+                "helper: Consul unreachable; DEL of {} journaled, redone when Consul is back",
+                _show(attachment),
+            )
         return True
 
     def entries(self) -> list[Entry]:
@@ -151,12 +152,13 @@ class Journal:
             self.poke(code)
             if code == 0 and command in ("ADD", "DEL"):
                 self.remove(path)
-                logger.warning(
-                    "helper: {} of {} succeeded after its DEL was journaled; entry dropped "
-                    "without replay",
-                    command,
-                    _show(attachment),
-                )
+                with _helper_log():
+                    logger.warning(
+                        "helper: {} of {} succeeded after its DEL was journaled; entry dropped "
+                        "without replay",
+                        command,
+                        _show(attachment),
+                    )
 
         with self.lock:
             yield done
@@ -236,6 +238,12 @@ class Journal:
     def stop(self) -> None:
         self.stopped = True
         self.wake.set()
+
+
+def _helper_log() -> Any:
+    # Inside a call, lines go to that call's stderr (cni/logs.py); these are the helper's own
+    # news, for its log, where an operator looks for what happened to a DEL later.
+    return logger.contextualize(call=None)
 
 
 def _paused() -> bool:
