@@ -676,7 +676,14 @@ def main(argv: list[str] | None = None) -> None:
         try:
             caches.journal = Journal(state_dir)
         except OSError as exc:
-            sys.exit(f"ipam-da-consul-helper: cannot keep the DEL journal in {state_dir}: {exc}")
+            if args.state_dir:
+                sys.exit(f"ipam-da-consul-helper: cannot keep the DEL journal in {state_dir}: {exc}")
+            # The default place may be read-only (a unit with ProtectSystem=strict and no
+            # StateDirectory=): serving without the journal beats not serving at all.
+            sys.stderr.write(
+                f"ipam-da-consul-helper: WARNING: no DEL journal ({state_dir}: {exc}); a DEL "
+                "that cannot reach Consul only returns 11\n"
+            )
     try:
         activated = activated_socket()
         server = HelperServer(args.socket, caches, activated, metrics)
