@@ -677,7 +677,9 @@ def main(argv: list[str] | None = None) -> None:
             caches.journal = Journal(state_dir)
         except OSError as exc:
             if args.state_dir:
-                sys.exit(f"ipam-da-consul-helper: cannot keep the DEL journal in {state_dir}: {exc}")
+                sys.exit(
+                    f"ipam-da-consul-helper: cannot keep the DEL journal in {state_dir}: {exc}"
+                )
             # The default place may be read-only (a unit with ProtectSystem=strict and no
             # StateDirectory=): serving without the journal beats not serving at all.
             sys.stderr.write(
