@@ -34,6 +34,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ from loguru import logger
 from .. import __version__
 from . import logs
 from .fastpath import DEFAULT_SOCKET, TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
+from .journal import DEFAULT_STATE_DIR, Journal
 from .main import execute
 
 # The heavy modules (requests, marshmallow, transitions: ~0.3 s, seconds on a loaded host) are
@@ -96,6 +98,9 @@ class PoolCaches:
         # Least recently used first, both.
         self.caches: OrderedDict[Any, PoolCache] = OrderedDict()
         self.servers: OrderedDict[Any, tuple[str, float]] = OrderedDict()
+        # Where a DEL that cannot reach Consul is recorded for replay (see cni/journal.py);
+        # None: such a DEL only returns 11, as in-process.
+        self.journal: Journal | None = None
 
     def recent_server(self, settings: ConsulSettings) -> str | None:
         """The server a call used successfully within `server_memory` seconds, if any: it skips
@@ -344,8 +349,13 @@ class Handler(socketserver.StreamRequestHandler):
         command = call.env.get("CNI_COMMAND", "")
         began = time.monotonic()
         # `command` rides along for the metrics sink, which sees this call's debug lines.
-        with logger.contextualize(
-            call=logs.CallLog(err, log_file if call.verbose else None), command=command
+        journal = self.server.caches.journal
+        guard = journal.call(call.stdin, call.env) if journal else nullcontext(_ignore)
+        with (
+            logger.contextualize(
+                call=logs.CallLog(err, log_file if call.verbose else None), command=command
+            ),
+            guard as done,
         ):
             out, code = execute(
                 call.stdin,
@@ -354,9 +364,26 @@ class Handler(socketserver.StreamRequestHandler):
                 started=call.started,
                 abandoned=abandoned,
             )
+            done(code)  # a journaled DEL of this attachment is now superseded, or done
         if self.server.metrics is not None:
             self.server.metrics.observe_call(command, code, time.monotonic() - began)
         return {"stdout": out, "stderr": err.getvalue(), "code": code}
+
+
+def _ignore(code: int) -> None:
+    pass
+
+
+def replay_journal(journal: Journal, caches: PoolCaches) -> None:
+    """The replay thread: each journaled DEL is redone exactly as the plugin's DEL."""
+    preload()
+
+    def run(stdin: bytes, env: dict[str, str]) -> int:
+        # A fresh budget (`ipam.timeout`) per try; its log lines go to the helper's stderr.
+        with logger.contextualize(call=logs.CallLog(sys.stderr), command="DEL"):
+            return execute(stdin, env, caches, started=time.monotonic())[1]
+
+    journal.run_forever(run)
 
 
 def _too_late(call: Call) -> dict[str, Any]:
@@ -596,6 +623,19 @@ def main(argv: list[str] | None = None) -> None:
         help="serve Prometheus metrics over HTTP here (host 127.0.0.1 when only a port is "
         "given; port 0 picks one); off by default",
     )
+    parser.add_argument(
+        "--state-dir",
+        default=os.environ.get("IPAM_DA_CONSUL_STATE_DIR") or None,
+        metavar="DIR",
+        help=f"where DELs that could not reach Consul are journaled for replay (a 0700 "
+        f"'journal' folder inside; default {DEFAULT_STATE_DIR}, or a 'state' folder beside "
+        "a --socket other than the default, so helpers on private sockets never share one)",
+    )
+    parser.add_argument(
+        "--no-journal",
+        action="store_true",
+        help="do not journal DELs that cannot reach Consul: they only return 11",
+    )
     args = parser.parse_args(argv)
     if args.max_settings < 1 or args.max_pools < 1:
         parser.error("--max-settings and --max-pools must be at least 1")
@@ -627,6 +667,25 @@ def main(argv: list[str] | None = None) -> None:
         max_pools=args.max_pools,
         make_kv=make_kv,
     )
+    if not args.no_journal:
+        state_dir = args.state_dir or (
+            DEFAULT_STATE_DIR
+            if args.socket == DEFAULT_SOCKET
+            else str(Path(args.socket).parent / "state")
+        )
+        try:
+            caches.journal = Journal(state_dir)
+        except OSError as exc:
+            if args.state_dir:
+                sys.exit(
+                    f"ipam-da-consul-helper: cannot keep the DEL journal in {state_dir}: {exc}"
+                )
+            # The default place may be read-only (a unit with ProtectSystem=strict and no
+            # StateDirectory=): serving without the journal beats not serving at all.
+            sys.stderr.write(
+                f"ipam-da-consul-helper: WARNING: no DEL journal ({state_dir}: {exc}); a DEL "
+                "that cannot reach Consul only returns 11\n"
+            )
     try:
         activated = activated_socket()
         server = HelperServer(args.socket, caches, activated, metrics)
@@ -644,6 +703,11 @@ def main(argv: list[str] | None = None) -> None:
         where += f"; metrics on {url}"
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     threading.Thread(target=preload, name="preload", daemon=True).start()
+    if caches.journal is not None:
+        # Also replays what a previous helper left: entries survive restarts by design.
+        threading.Thread(
+            target=replay_journal, args=(caches.journal, caches), name="journal", daemon=True
+        ).start()
     if args.idle_exit is not None:
         threading.Thread(
             target=_exit_when_idle, args=(server, args.idle_exit), name="idle-exit", daemon=True
@@ -657,6 +721,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         # Calls already accepted finish first; connections still queued stay in the socket
         # (systemd's copy of it, when activated) for the next helper.
+        if caches.journal is not None:
+            caches.journal.stop()
         server.drain()
         server.server_close()
         if metrics is not None:

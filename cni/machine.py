@@ -307,6 +307,15 @@ class Invocation:
         if self.claims and self.client is not None:
             self.client.deadline.end = self.hard_end  # the reserve is the rollback's
             self.roll_back(self.claims, "rollback")
+        journal = self.caches.journal if self.caches is not None else None
+        if (
+            journal is not None
+            and self.env.command == "DEL"
+            and self.error.code == Code.TRY_AGAIN_LATER
+            and journal.record(self.stdin, self.environ)
+        ):
+            # Still 11: a runtime that retries is welcome to; the helper redoes it either way.
+            self.error.msg += "; the helper journaled this DEL and redoes it once Consul answers"
         logger.error(
             "{} failed (code {}): {}",
             self.env.command or "call",
