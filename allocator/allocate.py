@@ -86,6 +86,8 @@ class Allocator:
         self.call = call
         self.before_write = before_write or (lambda: None)
         self.runtime = runtime
+        # One value per call: a rollback compares bytes, so they must not change within it.
+        self.started_at = time.time()
         # Where this call last saw the attachment's fence; 0: absent, the common case, so the
         # first write needs no read of it.
         self.fence_index = 0
@@ -182,7 +184,13 @@ class Allocator:
     def value(self) -> bytes:
         a = self._attachment()
         return dump_allocation(
-            a.target, a.ifname, self.host, a.recorded_network, self.call, self.runtime
+            a.target,
+            a.ifname,
+            self.host,
+            a.recorded_network,
+            self.call,
+            self.runtime,
+            self.started_at,
         )
 
     def ours_to_be(self, pool: Pool, ip: IPAddress) -> Held:

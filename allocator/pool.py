@@ -31,6 +31,7 @@ class Held:
     call: str | None = None
     runtime: dict[str, str] | None = field(default=None, compare=False, hash=False)
     free_after: float | None = None
+    at: float | None = None
 
     def reusable(self, now: float) -> bool:
         """A released address whose cool-down is over: free, though its key remains."""
@@ -217,4 +218,5 @@ def parse_held(entry: KVEntry, folder: str) -> Held:
         call=alloc["call"],
         runtime=alloc.get("runtime"),
         free_after=alloc.get("free_after"),
+        at=alloc.get("at"),
     )

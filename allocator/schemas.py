@@ -135,6 +135,9 @@ class AllocationSchema(Schema):
     # A released address cooling down (`reuse_after`): unix time from which it may be reused.
     # Until then the key stays, so readers that know only `target` see it taken.
     free_after = fields.Float(load_default=None)
+    # When the call that wrote it started (unix time): a DEL redone late (the helper's journal)
+    # spares a key its attachment wrote again after that DEL.
+    at = fields.Float(load_default=None)
 
 
 _OPTIONAL = ("ifname", "host", "network", "call")
@@ -176,13 +179,18 @@ def load_allocation(raw: bytes) -> dict[str, Any]:
             out[name] = value
         else:
             runtime = data.get("runtime")
-            free_after = data.get("free_after")
+            free_after, at = data.get("free_after"), data.get("at")
             if (
-                runtime is None
-                or (type(runtime) is dict and all(type(v) is str for v in runtime.values()))
-            ) and (free_after is None or type(free_after) in (int, float)):
+                (
+                    runtime is None
+                    or (type(runtime) is dict and all(type(v) is str for v in runtime.values()))
+                )
+                and (free_after is None or type(free_after) in (int, float))
+                and (at is None or type(at) in (int, float))
+            ):
                 out["runtime"] = runtime
                 out["free_after"] = None if free_after is None else float(free_after)
+                out["at"] = None if at is None else float(at)
                 return out
     try:
         return _allocation.load(data)
@@ -197,6 +205,7 @@ def dump_allocation(
     network: str | None = None,
     call: str | None = None,
     runtime: dict[str, str] | None = None,
+    at: float | None = None,
 ) -> bytes:
     body = {
         "target": target,
@@ -205,6 +214,7 @@ def dump_allocation(
         "network": network,
         "call": call,
         "runtime": runtime or None,
+        "at": None if at is None else round(at, 3),
     }
     return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
 
@@ -213,6 +223,7 @@ def dump_tombstone(held_value: bytes, free_after: float) -> bytes:
     """A released allocation kept until `free_after`: the holder's fields, marked."""
     body = json.loads(held_value)
     body.pop("call", None)
+    body.pop("at", None)
     return json.dumps(body | {"free_after": round(free_after, 3)}).encode()
 
 

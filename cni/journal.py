@@ -40,6 +40,8 @@ DEFAULT_STATE_DIR = "/var/lib/ipam-da-consul"
 JOURNAL_FOLDER = "journal"
 # Set on the environment of a replayed DEL: its own failure must not journal it again.
 REPLAY_MARK = "IPAM_DA_CONSUL_REPLAY"
+# The unix time of the journaled DEL, for the replay: keys written after it are spared.
+REPLAY_BEFORE = "IPAM_DA_CONSUL_REPLAY_BEFORE"
 # Test knob: while this file exists the replay thread waits (to slip an ADD in before it).
 PAUSE_ENV = "IPAM_DA_CONSUL_TEST_JOURNAL_PAUSE"
 _FIRST_BACKOFF = 0.5
@@ -192,7 +194,12 @@ class Journal:
                 if current != entry:
                     clean = False
                     continue
-                env = {**entry.env, "CNI_COMMAND": "DEL", REPLAY_MARK: entry.path.stem}
+                env = {
+                    **entry.env,
+                    "CNI_COMMAND": "DEL",
+                    REPLAY_MARK: entry.path.stem,
+                    REPLAY_BEFORE: repr(entry.at),
+                }
                 code = run(entry.stdin, env)
                 attachment = (entry.network, entry.container, entry.ifname)
                 if code == 0:

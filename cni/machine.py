@@ -36,6 +36,7 @@ from ..consul import ConsulClient, ConsulError, ConsulKV, ConsulUnavailable, Dea
 from . import config, result
 from .env import Environment, read_env
 from .errors import CNIError, Code
+from .journal import REPLAY_BEFORE
 from .schemas import SUPPORTED_VERSIONS, VersionSchema
 
 if TYPE_CHECKING:
@@ -283,6 +284,12 @@ class Invocation:
             # Already ours: a repeated ADD, or our own write whose reply was lost.
             if not allocator.still_ours(pool, held):
                 return self.lost_race(ip)
+            if held.call != self.call_id and not self.write(
+                ip, held.value, lambda: allocator.take_over(pool, held)
+            ):
+                # Rewritten as this call's (nonce, start time), so a DEL of the attachment
+                # journaled before this ADD and redone after it spares the key.
+                return self.lost_race(ip)
         elif held is not None:
             if not self.write(ip, held.value, lambda: allocator.take_over(pool, held)):
                 return self.lost_race(ip)
@@ -509,7 +516,16 @@ class Invocation:
         fence went up: prevResult's addresses, and any other (a leak, an older version's)."""
         assert self.allocator is not None
         found = self.allocator.scan(pool, lambda why: logger.warning("DEL skips: {}", why))
-        return [h for h in found if self.allocator.owns(h)]
+        ours = [h for h in found if self.allocator.owns(h)]
+        before = self.environ.get(REPLAY_BEFORE)
+        if before:
+            # A DEL the helper journaled during an outage, redone now: a key its attachment
+            # wrote after that DEL (a new ADD) is not the one the runtime deleted.
+            newer = [h for h in ours if h.at is not None and h.at > float(before)]
+            for h in newer:
+                logger.warning("journaled DEL spares {}: written after that DEL", h.key)
+            ours = [h for h in ours if h not in newer]
+        return ours
 
     def release_ours(self) -> str:
         assert self.allocator is not None and self.current is not None

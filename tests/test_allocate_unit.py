@@ -37,10 +37,12 @@ def pool(kv) -> Pool:
 
 def test_claim_writes_the_attachment_and_this_calls_nonce():
     kv = kv_with_pool()
-    claim = allocator(kv).claim(pool(kv), IP1)
+    a = allocator(kv)
+    claim = a.claim(pool(kv), IP1)
     assert claim.won and claim.index == kv.get("ipam/p/10.0.0.1").modify_index
     assert json.loads(kv.get("ipam/p/10.0.0.1").value) == {
-        "target": "ctr", "ifname": "eth0", "host": "host-a", "network": "net", "call": "call-1"}
+        "target": "ctr", "ifname": "eth0", "host": "host-a", "network": "net", "call": "call-1",
+        "at": round(a.started_at, 3)}
 
 
 def test_a_lost_claim_folds_the_holder_into_the_pool():
@@ -56,8 +58,9 @@ def test_a_lost_claim_folds_the_holder_into_the_pool():
 def test_a_resend_that_finds_our_own_write_has_won():
     # The first send applied but its reply was lost; the resend loses the compare to ourselves.
     kv = kv_with_pool()
-    first = allocator(kv).claim(pool(kv), IP1)
-    again = allocator(kv).claim(pool(kv), IP1)  # same call nonce: the same bytes
+    a = allocator(kv)
+    first = a.claim(pool(kv), IP1)
+    again = a.claim(pool(kv), IP1)  # the same call: the same bytes
     assert first.won and again.won and again.index == first.index
 
 

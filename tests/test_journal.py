@@ -144,6 +144,32 @@ def test_re_added_attachment_is_not_released(
         helper.close()
 
 
+def test_re_added_in_process_is_spared_by_the_replay(
+    up: ConsulAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ADD that re-adds the attachment runs in-process (the helper missed its ack), so the
+    helper never sees it and the entry stays: the replay must still spare the key, which the
+    ADD rewrote as its own (nonce and start time after the journaled DEL)."""
+    pool = make_pool(up, f"jr-d-{os.getpid()}")
+    pause = tmp_path / "pause"
+    pause.touch()
+    monkeypatch.setenv(jr.PAUSE_ENV, str(pause))
+    helper = Helper(tmp_path, stderr=tmp_path / "helper.log")
+    try:
+        ip = journaled_del(up, helper, pool, "ctr-d", tmp_path)
+        up.start()
+        add = run_plugin("ADD", conf(up, pool), container="ctr-d")  # in-process
+        assert add.rc == 0, add
+        assert add.json["ips"][0]["address"].startswith(ip + "/")
+        assert entries(tmp_path)  # the helper did not see that ADD
+        pause.unlink()
+        wait_for("the replay", lambda: not entries(tmp_path))
+        helper.wait_stderr("written after that DEL")
+        assert up.allocations(pool).get(ip) == "ctr-d"
+    finally:
+        helper.close()
+
+
 def test_interrupted_replay_is_redone_without_harm(
     up: ConsulAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

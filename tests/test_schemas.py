@@ -81,14 +81,16 @@ def test_ranges_invalid(raw: bytes, needle: str) -> None:
 def test_allocation_target_only_as_upstream_writes_it() -> None:
     assert load_allocation(b'{"target": "abc"}') == {
         "target": "abc", "ifname": None, "host": None, "network": None, "call": None,
-        "runtime": None, "free_after": None}
+        "runtime": None, "free_after": None,
+        "at": None}
 
 
 def test_allocation_extra_and_optional_fields() -> None:
     raw = b'{"target": "abc", "ifname": "eth1", "host": "node-7", "comment": "by hand"}'
     assert load_allocation(raw) == {
         "target": "abc", "ifname": "eth1", "host": "node-7", "network": None, "call": None,
-        "runtime": None, "free_after": None}
+        "runtime": None, "free_after": None,
+        "at": None}
     raw = b'{"target": "abc", "network": "net-a", "call": "0a1b"}'
     assert load_allocation(raw)["network"] == "net-a"
     assert load_allocation(raw)["call"] == "0a1b"
@@ -125,7 +127,7 @@ def test_dump_allocation_round_trips_and_always_has_target() -> None:
     fields = {"target": "abc", "ifname": "eth0", "host": "node-1", "network": "net-a"}
     assert json.loads(full) == fields | {"call": "c0ffee", "runtime": names}
     loaded = load_allocation(full)
-    assert loaded == fields | {"call": "c0ffee", "runtime": names, "free_after": None}
+    assert loaded == fields | {"call": "c0ffee", "runtime": names, "free_after": None, "at": None}
 
 
 @pytest.mark.parametrize("value", ["fd00:9::10%x", "fe80::1%eth0"])
