@@ -33,7 +33,7 @@ def test_add_result_and_kv(consul, make_pool, conf_for, version):
     }
     value = alloc(consul, pool, "10.0.21.100")
     assert value is not None and value["target"] == "ctr-add"
-    assert set(value) <= {"target", "ifname", "host", "network", "call"}  # all optional for readers
+    assert set(value) <= {"target", "ifname", "host", "network", "call", "at"}  # optional extras
     assert consul.allocations(pool) == {"10.0.21.100": "ctr-add"}
     assert consul.get_json(f"ipam/{pool}") == [SEED_RANGE]  # the ranges key is never rewritten
 
