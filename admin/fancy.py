@@ -75,7 +75,8 @@ _KIND_STYLE = {"ok": "green"}
 
 
 def print_check_line(out: TextIO, pool: str, kind: str | None, message: str) -> None:
-    line = Text(pool, style="bold")
+    line = Text()
+    line.append(pool, style="bold")
     line.append(": ")
     if kind:
         line.append(kind, style="red")
