@@ -57,7 +57,7 @@ Examples:
   {PROG} create blue --range 10.0.20.0/23,10.0.21.100-10.0.21.150,gw=10.0.20.1
   {PROG} list
   {PROG} usage blue
-  {PROG} usage --prometheus > ipam.prom.tmp && mv ipam.prom.tmp /var/lib/node_exporter/textfile/
+  {PROG} usage --prometheus > ipam.tmp && mv ipam.tmp ipam.prom   # in the textfile folder
   {PROG} allocations blue --json
   {PROG} release blue 10.0.21.103 --target 0f3c9a...
   {PROG} check
@@ -451,3 +451,7 @@ def main() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = 0
     raise SystemExit(status)
+
+
+if __name__ == "__main__":
+    main()
