@@ -50,7 +50,7 @@ def print_table(
     fills: Sequence[tuple[int, int] | None] | None = None,
     bold_rows: Collection[int] = (),
 ) -> None:
-    table = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold", show_edge=False, pad_edge=False)
     for i, header in enumerate(headers):
         # fold, never the default ellipsis: a cut container ID or address cannot be copied.
         table.add_column(header, justify="right" if i in right else "left", overflow="fold")
