@@ -1,8 +1,9 @@
 """The terminal side of admin/output.py: rich tables, fill bars, colour and progress.
 
-Imported only when output goes to a terminal (see output.fancy), so rich's import never slows a
-pipe, a script or `--help`. Every cell is rich `Text`, never markup: pool names, targets and
-hosts come from KV and must print as they are, brackets included.
+Imported only when output goes to a terminal (see output.fancy), so rich's import never slows
+a pipe, a script or `--help`; without rich (the optional `cli` extra) this import fails and
+output.py prints the plain text. Every cell is rich `Text`, never markup: pool names, targets
+and hosts come from KV and must print as they are, brackets included.
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """Tables, JSON and terminal-only progress: results on stdout, everything else on stderr.
 
 Plain text unless a person is watching: `rich` (tables, fill bars, colour, the progress display)
-is used only when the stream is a terminal and neither NO_COLOR nor TERM=dumb asks otherwise,
-and is imported only then (admin/fancy.py), so pipes, scripts and `--help` never pay for it and
-the plain tables stay byte for byte what scripts already parse.
+is used only when the stream is a terminal, neither NO_COLOR nor TERM=dumb asks otherwise and
+rich is installed (the `cli` extra), and is imported only then (admin/fancy.py), so pipes,
+scripts and `--help` never pay for it and the plain tables stay byte for byte what scripts
+already parse.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -17,6 +19,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from .fancy import RichProgress
 
 
@@ -35,6 +39,17 @@ def fancy(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):  # a replaced or closed stream
         return False
+
+
+@functools.cache
+def _fancy_module() -> ModuleType | None:
+    """admin/fancy.py, or None when rich is not installed (it is the optional `cli` extra, and
+    the single-file build leaves it out): then a terminal gets the plain output too."""
+    try:
+        from . import fancy as module
+    except ImportError:
+        return None
+    return module
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: set[int]) -> str:
@@ -77,12 +92,11 @@ def write_table(
     an (allocated, size) fill bar, and `bold_rows` marks totals; both show on a terminal only,
     so the plain table keeps its columns."""
     out = out or sys.stdout
-    if not fancy(out):
+    module = _fancy_module() if fancy(out) else None
+    if module is None:
         out.write(format_table(headers, rows, right))
         return
-    from .fancy import print_table
-
-    print_table(out, headers, rows, right, fills=fills, bold_rows=bold_rows)
+    module.print_table(out, headers, rows, right, fills=fills, bold_rows=bold_rows)
 
 
 def bar_cells(allocated: int, size: int, width: int) -> int:
@@ -99,12 +113,11 @@ def write_check_line(pool: str, kind: str | None, message: str, out: TextIO | No
     """One line of `check`: `pool: kind: message` (kind None: a summary). Coloured on a terminal
     only; the words are the same."""
     out = out or sys.stdout
-    if not fancy(out):
+    module = _fancy_module() if fancy(out) else None
+    if module is None:
         out.write(f"{pool}: {kind}: {message}\n" if kind else f"{pool}: {message}\n")
         return
-    from .fancy import print_check_line
-
-    print_check_line(out, pool, kind, message)
+    module.print_check_line(out, pool, kind, message)
 
 
 def note(message: str) -> None:
@@ -167,18 +180,21 @@ class Progress:
         self.shown = False
         self.last = 0.0
 
-    def _rich(self) -> RichProgress:
-        if self.display is None:
-            from .fancy import RichProgress
-
-            self.display = RichProgress(self.stream)
+    def _rich(self) -> RichProgress | None:
+        if self.display is None and self.rich:
+            module = _fancy_module()
+            if module is None:
+                self.rich = False  # the plain status line from now on
+            else:
+                self.display = module.RichProgress(self.stream)
         return self.display
 
     def status(self, text: str) -> None:
         if not self.enabled:
             return
-        if self.rich:
-            self._rich().show(text, None, None)
+        display = self._rich()
+        if display is not None:
+            display.show(text, None, None)
         else:
             self.stream.write("\r\x1b[K" + text)
             self.stream.flush()
@@ -189,8 +205,9 @@ class Progress:
         # Redraw at most every INTERVAL seconds: a terminal write per key would slow big scans.
         if not self.enabled or (done != total and time.monotonic() - self.last < self.INTERVAL):
             return
-        if self.rich:
-            self._rich().show(label, done, total)
+        display = self._rich()
+        if display is not None:
+            display.show(label, done, total)
             self.shown = True
             self.last = time.monotonic()
         else:

@@ -105,6 +105,21 @@ def test_no_color_and_pipes_get_the_same_plain_table(consul, pools):
     assert rc == 0 and "█" in tty
 
 
+def test_without_rich_a_terminal_gets_the_plain_output(consul, pools, tmp_path):
+    # rich is the optional `cli` extra (the single-file build leaves it out): shadow it with a
+    # package that cannot be imported.
+    (tmp_path / "rich").mkdir()
+    (tmp_path / "rich" / "__init__.py").write_text("raise ImportError('no rich here')\n")
+    piped = admin(consul, "--prefix", pools, "usage")
+    rc, tty, err = run_pty(consul, "--prefix", pools, "usage", PYTHONPATH=str(tmp_path))
+    assert (rc, tty, err) == (0, piped.stdout, ""), (tty, err)
+    rc, tty, stdout = run_pty(
+        consul, "--prefix", pools, "check", "busy", tty="stderr", PYTHONPATH=str(tmp_path)
+    )
+    assert (rc, stdout) == (0, "busy: ok, 17 allocation(s)\n")
+    assert "checking busy 17/17" in tty and tty.endswith("\r\x1b[K"), repr(tty)
+
+
 def test_tables_print_kv_text_literally(consul, pools):
     # Targets come from KV: rich markup in one must print as written, not as style.
     consul.put(f"{pools}calm/10.0.80.19", {"target": "[bold red]odd[/]", "host": "h[1]"})
