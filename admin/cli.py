@@ -57,6 +57,7 @@ Examples:
   {PROG} create blue --range 10.0.20.0/23,10.0.21.100-10.0.21.150,gw=10.0.20.1
   {PROG} list
   {PROG} usage blue
+  {PROG} usage --prometheus > ipam.tmp && mv ipam.tmp ipam.prom   # in the textfile folder
   {PROG} allocations blue --json
   {PROG} release blue 10.0.21.103 --target 0f3c9a...
   {PROG} check
@@ -213,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Show, per range of each pool, its size, the addresses allocated, those free and the\n"
         "percentage used. Without POOL, every pool under the prefix. An allocation counts by\n"
         "its key name; keys outside the ranges, on reserved addresses or not named after an\n"
-        "address are not counted and are mentioned on stderr (see `check`).",
+        "address are not counted and are mentioned on stderr (see `check`).\n"
+        "On a terminal each range gets a fill bar (yellow above 80%, red above 95%); piped,\n"
+        "or with NO_COLOR set, a plain table.",
     )
     p.add_argument("pools", nargs="*", metavar="POOL", help="pool(s) to show (default: all)")
     p.add_argument(
@@ -222,7 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PCT",
         help="exit 1 (and say which on stderr) when a pool is more than PCT%% used",
     )
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON for scripts")
+    fmt.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="print per-pool gauges in the Prometheus text format (node_exporter's textfile "
+        "collector): ipam_da_consul_pool_allocated, _capacity, _free",
+    )
     p.set_defaults(func=commands.usage)
 
     p = add(
@@ -443,3 +453,7 @@ def main() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = 0
     raise SystemExit(status)
+
+
+if __name__ == "__main__":
+    main()

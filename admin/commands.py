@@ -28,7 +28,7 @@ from .audit import Report, audit_pool
 from .errors import OK, PROBLEMS, StateError, UsageError
 from .ids import resolve_target
 from .kvread import PoolRead, Reader
-from .output import Progress, format_table, note, print_json
+from .output import Progress, note, print_json, prometheus_text, write_check_line, write_table
 from .settings import Settings, connect
 
 
@@ -143,7 +143,7 @@ def list_pools(ctx: Context, args: argparse.Namespace) -> int:
         ]
         for p in pools
     ]
-    sys.stdout.write(format_table(["POOL", "RANGES", "CAPACITY", "SUBNETS"], rows, {1, 2}))
+    write_table(["POOL", "RANGES", "CAPACITY", "SUBNETS"], rows, {1, 2})
     return OK
 
 
@@ -185,20 +185,64 @@ def usage(ctx: Context, args: argparse.Namespace) -> int:
     if args.json:
         print_json([_usage_json(name, u, invalid) for name, u, invalid in results])
         return status
+    if args.prometheus:
+        # Even with no pool: HELP and TYPE alone, so a textfile collector's file stays valid.
+        sys.stdout.write(_usage_prometheus(ctx.settings, results))
+        return status
     if not results:
         note(f"no pools under prefix {ctx.settings.layout.prefix!r}")
         return OK
     rows: list[list[Any]] = []
+    fills: list[tuple[int, int] | None] = []
+    totals: list[int] = []
     for name, u, _ in results:
         for r in u.ranges:
             span = f"{r.range.subnet} {r.range.start}-{r.range.end}"
             gw = r.range.gateway or "-"
             rows.append([name, span, gw, r.size, r.allocated, r.free, f"{r.percent:.1f}%"])
+            fills.append((r.allocated, r.size))
         if len(u.ranges) > 1:
+            totals.append(len(rows))
             rows.append([name, "total", "", u.capacity, u.allocated, u.free, f"{u.percent:.1f}%"])
+            fills.append((u.allocated, u.capacity))
     headers = ["POOL", "RANGE", "GATEWAY", "SIZE", "ALLOCATED", "FREE", "USED"]
-    sys.stdout.write(format_table(headers, rows, {3, 4, 5, 6}))
+    write_table(headers, rows, {3, 4, 5, 6}, fills=fills, bold_rows=totals)
     return status
+
+
+def _usage_prometheus(settings: Settings, results: Sequence[tuple[str, PoolUsage, int]]) -> str:
+    """The helper's pool gauges and labels (cni/metrics.py), so one query covers both, plus
+    free addresses. Counts are `usage`'s: keys named after an allocatable address."""
+    consul, prefix = ",".join(settings.servers), settings.layout.prefix
+
+    def samples(value: str) -> list[tuple[dict[str, str], float]]:
+        return [
+            ({"consul": consul, "prefix": prefix, "pool": name}, getattr(u, value))
+            for name, u, _ in results
+        ]
+
+    return prometheus_text(
+        [
+            (
+                "ipam_da_consul_pool_allocated",
+                "Allocated addresses in a pool's ranges, read from Consul by ipam-da-consul-admin",
+                "gauge",
+                samples("allocated"),
+            ),
+            (
+                "ipam_da_consul_pool_capacity",
+                "Addresses a pool's ranges can hand out (no network, broadcast, gateway)",
+                "gauge",
+                samples("capacity"),
+            ),
+            (
+                "ipam_da_consul_pool_free",
+                "Addresses of a pool's ranges still free",
+                "gauge",
+                samples("free"),
+            ),
+        ]
+    )
 
 
 def _usage_json(name: str, u: PoolUsage, invalid: int) -> dict[str, Any]:
@@ -291,7 +335,7 @@ def _allocation_table(held: Sequence[Held], pools: Sequence[str] | None = None) 
     if pools is not None:
         rows = [[pool, *row] for pool, row in zip(pools, rows, strict=True)]
         headers = ["POOL", *headers]
-    sys.stdout.write(format_table(headers, rows, set()))
+    write_table(headers, rows, set())
 
 
 def runtime_name(h: Held) -> str:
@@ -469,10 +513,10 @@ def check(ctx: Context, args: argparse.Namespace) -> int:
             note(f"no pools under prefix {layout.prefix!r}")
         for r in reports:
             for p in r.problems:
-                print(f"{r.pool}: {p.kind}: {p.message}")
+                write_check_line(r.pool, p.kind, p.message)
             if r.problems:
                 n, valid = len(r.problems), r.allocations
-                print(f"{r.pool}: {n} problem(s), {valid} valid allocation(s)")
+                write_check_line(r.pool, None, f"{n} problem(s), {valid} valid allocation(s)")
             else:
-                print(f"{r.pool}: ok, {r.allocations} allocation(s)")
+                write_check_line(r.pool, None, f"ok, {r.allocations} allocation(s)")
     return PROBLEMS if total else OK

@@ -546,9 +546,11 @@ def test_check_of_a_clean_prefix_exits_zero(consul, prefix):
 
 
 # -- progress ----------------------------------------------------------------------------------
-def run_on_tty(consul: ConsulAgent, *args: str) -> tuple[int, str, str]:
+def run_on_tty(
+    consul: ConsulAgent, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     """Run with stderr on a pseudo-terminal; return status, stdout, what the terminal got."""
-    env = clean_env() | {"CONSUL_HTTP_ADDR": consul.url}
+    env = clean_env() | {"CONSUL_HTTP_ADDR": consul.url} | (env or {})
     main, secondary = pty.openpty()
     try:
         p = subprocess.Popen(
@@ -579,7 +581,8 @@ def test_progress_only_on_a_terminal(consul, prefix):
     create(consul, "p", "10.0.46.0/24", prefix=prefix)
     for i in range(1, 4):
         consul.put(f"{prefix}p/10.0.46.{i}", {"target": f"c{i}"})
-    rc, stdout, tty = run_on_tty(consul, "--prefix", prefix, "check", "p")
+    # NO_COLOR: the plain one-line status (rich's display: tests/test_admin_output.py).
+    rc, stdout, tty = run_on_tty(consul, "--prefix", prefix, "check", "p", env={"NO_COLOR": "1"})
     assert (rc, stdout) == (0, "p: ok, 3 allocation(s)\n")
     assert f"reading {prefix}p/ from Consul" in tty and "checking p 3/3" in tty
     assert tty.endswith("\r\x1b[K")  # the status line is wiped before exit
