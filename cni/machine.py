@@ -481,8 +481,17 @@ class Invocation:
         a claim of unknown outcome, since Consul may apply it though the reply is lost."""
         assert self.allocator is not None and self.pool is not None
         key = self.allocator.layout.allocation_key(self.pool.name, ip)
+        self.check_still_wanted()
         self.claims.append(Claim(key, ip, self.allocator.value(), previous))
-        claim = attempt()  # raising leaves the record: the outcome is unknown
+        try:
+            claim = attempt()
+        except CallAbandoned:
+            self.claims.pop()  # stopped before sending, or after a send that was refused
+            raise
+        except ConsulError as exc:
+            if not exc.doubtful:
+                self.claims.pop()  # certainly not applied (refused, not sent, 4xx)
+            raise  # otherwise the record stays: the outcome is unknown
         self.claims.pop()
         if claim.won or claim.doubtful:
             # A compare lost after an earlier send went unanswered may still be followed by
