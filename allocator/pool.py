@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import threading
 import time
@@ -103,24 +104,46 @@ class Pool:
         return self._taken[version]
 
     def reserve_next_free(
-        self, placeholder: Callable[[IPAddress], Held]
+        self, placeholder: Callable[[IPAddress], Held], spread: int | None = None
     ) -> tuple[IPAddress, IPRange, Held | None]:
-        """Pick the lowest free address and mark it held before anyone else can pick it: in the
-        helper, concurrent calls share this pool and would otherwise all race for one address.
-        The placeholder is replaced by what KV says if the write loses. Also returns the
-        cooled-down release the address still holds, if any: the write replaces that key."""
+        """Pick the next free address (see `next_free`) and mark it held before anyone else can
+        pick it: in the helper, concurrent calls share this pool and would otherwise all race
+        for one address. The placeholder is replaced by what KV says if the write loses. Also
+        returns the cooled-down release the address still holds, if any: the write replaces
+        that key."""
         with self._lock:
-            ip, rng = self.next_free()
+            ip, rng = self.next_free(spread)
             previous = self.held.get(ip)
             self.put(placeholder(ip))
             return ip, rng, previous
 
-    def next_free(self) -> tuple[IPAddress, IPRange]:
-        """Lowest free address, range by range in pool order."""
-        for rng in self.ranges:
-            ip = rng.lowest_free(self.taken(rng.version))
-            if ip is not None:
-                return ip, rng
+    def next_free(self, spread: int | None = None) -> tuple[IPAddress, IPRange]:
+        """Without `spread`: the lowest free address, range by range in pool order.
+
+        With `spread` (a call's `spread_key`): number the free addresses in that same order
+        from 0 and take number `spread mod free`. Hosts bursting into one pool then pick
+        addresses spread uniformly over its free space instead of all the lowest one, so few
+        compare-and-set writes lose (each loss costs a Raft entry); any free address can
+        still be picked, so a small pool fills completely."""
+        if spread is None:
+            for rng in self.ranges:
+                ip = rng.lowest_free(self.taken(rng.version))
+                if ip is not None:
+                    return ip, rng
+        else:
+            counts = [rng.free_count(self.taken(rng.version)) for rng in self.ranges]
+            total = sum(counts)
+            if total > 0:
+                n = spread % total
+                for rng, count in zip(self.ranges, counts, strict=True):
+                    if n < count:
+                        found = rng.nth_free(self.taken(rng.version), n)
+                        if found is not None:
+                            return found, rng
+                        break  # cannot happen: counts and search agree
+                    n -= count
+                # Overlapping ranges count an address twice; the lowest free one still serves.
+                return self.next_free()
         raise PoolFull(f"pool {self.name!r} is full: all {self.capacity()} addresses are allocated")
 
     def capacity(self) -> int:
@@ -159,6 +182,16 @@ class Pool:
                     del taken[i]
             if self._by_target is not None and old in self._by_target.get(old.target, []):
                 self._by_target[old.target].remove(old)
+
+
+def spread_key(host: str, network: str, target: str, ifname: str | None, pool: str) -> int:
+    """The number a call's `spread` pick is taken modulo the pool's free addresses: the first
+    8 bytes (big-endian) of SHA-256 over the host, network, container ID, interface and pool,
+    each followed by a NUL byte. A pure function of the call, so the address it gets can be
+    worked out from KV; it differs between containers, so concurrent calls rarely meet."""
+    parts = (host, network, target, ifname or "", pool)
+    digest = hashlib.sha256(b"".join(p.encode() + b"\0" for p in parts)).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 def parse_pool(
