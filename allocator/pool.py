@@ -37,9 +37,7 @@ class Held:
         """A released address whose cool-down is over: free, though its key remains."""
         return self.free_after is not None and self.free_after <= now
 
-    def owned_by(
-        self, target: str, ifname: str | None = None, network: str | None = None
-    ) -> bool:
+    def owned_by(self, target: str, ifname: str | None = None, network: str | None = None) -> bool:
         # An allocation without ifname or network (upstream, older versions, other tools)
         # belongs to the whole container. A released one (cooling down) belongs to nobody.
         if self.target != target or self.free_after is not None:

@@ -76,9 +76,7 @@ class IPRange:
         return ip.version == self.version and int(self.start) <= int(ip) <= int(self.end)
 
     def allocatable(self, ip: IPAddress) -> bool:
-        return (
-            self.contains(ip) and int(ip) not in self.reserved() and self.exclusion(ip) is None
-        )
+        return self.contains(ip) and int(ip) not in self.reserved() and self.exclusion(ip) is None
 
     def exclusion(self, ip: IPAddress) -> tuple[int, int] | None:
         """The `exclude` span holding `ip`, if any."""

@@ -7,25 +7,32 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections import Counter
 
 import pytest
-
 from ipam_da_consul.allocator.allocate import Allocator, Attachment
 from ipam_da_consul.allocator.errors import PoolFull
 from ipam_da_consul.allocator.layout import Layout
 from ipam_da_consul.allocator.pool import Held, Pool, spread_key
 from ipam_da_consul.allocator.ranges import IPRange, sorted_ints
 from ipam_da_consul.allocator.schemas import load_ranges
+
 from tests.memkv import MemKV
 
-V4 = [{"subnet": "10.1.0.0/24", "rangeStart": "10.1.0.10", "rangeEnd": "10.1.0.40",
-       "gateway": "10.1.0.20", "exclude": ["10.1.0.24/30", "10.1.0.33"]}]
+V4 = [
+    {
+        "subnet": "10.1.0.0/24",
+        "rangeStart": "10.1.0.10",
+        "rangeEnd": "10.1.0.40",
+        "gateway": "10.1.0.20",
+        "exclude": ["10.1.0.24/30", "10.1.0.33"],
+    }
+]
 
 
 def brute_free(rng: IPRange, taken: set[int]) -> list[int]:
     return [
-        i for i in range(int(rng.start), int(rng.end) + 1)
+        i
+        for i in range(int(rng.start), int(rng.end) + 1)
         if i not in taken and rng.allocatable(ipaddress.ip_address(i))
     ]
 
@@ -41,7 +48,8 @@ def test_nth_free_numbers_the_free_addresses_in_order(seed):
     r = random.Random(seed)
     rng = load_ranges(json.dumps(V4).encode())[0]
     # Keys anywhere, including on the gateway, exclusions and outside the range.
-    taken = {int(ipaddress.ip_address("10.1.0.0")) + r.randrange(0, 60) for _ in range(r.randrange(0, 40))}
+    base = int(ipaddress.ip_address("10.1.0.0"))
+    taken = {base + r.randrange(0, 60) for _ in range(r.randrange(0, 40))}
     ints = sorted(taken)
     free = brute_free(rng, taken)
     assert rng.free_count(ints) == len(free)
@@ -51,7 +59,8 @@ def test_nth_free_numbers_the_free_addresses_in_order(seed):
 
 
 def test_nth_free_in_a_v6_64_is_cheap():
-    rng = IPRange.build(ipaddress.ip_network("fd00:20::/64"), gateway=ipaddress.ip_address("fd00:20::1"))
+    net, gw = ipaddress.ip_network("fd00:20::/64"), ipaddress.ip_address("fd00:20::1")
+    rng = IPRange.build(net, gateway=gw)
     taken = sorted_ints([ipaddress.ip_address(f"fd00:20::{i:x}") for i in range(2, 5000)], 6)
     assert rng.free_count(taken) == 2**64 - 1 - 1 - len(taken)
     assert str(rng.nth_free(taken, 0)) == "fd00:20::1388"
@@ -59,13 +68,26 @@ def test_nth_free_in_a_v6_64_is_cheap():
 
 
 def test_spread_takes_free_number_key_mod_free_across_ranges():
-    ranges = load_ranges(json.dumps([
-        {"subnet": "10.2.0.0/29"},  # .1 .. .6
-        {"subnet": "10.3.0.0/29"},
-    ]).encode())
+    ranges = load_ranges(
+        json.dumps(
+            [
+                {"subnet": "10.2.0.0/29"},  # .1 .. .6
+                {"subnet": "10.3.0.0/29"},
+            ]
+        ).encode()
+    )
     pool = Pool("p", ranges, {h.ip: h for h in map(held, ["10.2.0.1", "10.2.0.3", "10.3.0.2"])})
-    free = ["10.2.0.2", "10.2.0.4", "10.2.0.5", "10.2.0.6",
-            "10.3.0.1", "10.3.0.3", "10.3.0.4", "10.3.0.5", "10.3.0.6"]
+    free = [
+        "10.2.0.2",
+        "10.2.0.4",
+        "10.2.0.5",
+        "10.2.0.6",
+        "10.3.0.1",
+        "10.3.0.3",
+        "10.3.0.4",
+        "10.3.0.5",
+        "10.3.0.6",
+    ]
     for key in range(30):
         assert str(pool.next_free(key)[0]) == free[key % len(free)]
     assert str(pool.next_free()[0]) == "10.2.0.2"  # lowest, the default
@@ -87,14 +109,18 @@ def setup_pool(kv: MemKV, ranges: list[dict[str, object]]) -> None:
     kv.put("ipam/p/", b"")
 
 
+def claim_next(a: Allocator, pool: Pool, key: int | None) -> str | None:
+    ip, _, over = pool.reserve_next_free(lambda ip: a.ours_to_be(pool, ip), key)
+    return str(ip) if a.claim(pool, ip, over).won else None
+
+
 def add(kv: MemKV, host: str, cid: str, spread: bool) -> str:
     a = allocator(kv, host, cid)
     for _ in range(200):
-        pool = a.load("p")
         key = spread_key(host, "net", cid, "eth0", "p") if spread else None
-        ip, _, over = pool.reserve_next_free(lambda ip: a.ours_to_be(pool, ip), key)
-        if a.claim(pool, ip, over).won:
-            return str(ip)
+        got = claim_next(a, a.load("p"), key)
+        if got is not None:
+            return got
     raise AssertionError("never won")
 
 
@@ -124,12 +150,10 @@ def test_stale_views_lose_at_most_one_write_each_and_never_duplicate():
             for host, pool in views.items():
                 cid = f"{host}-{round_}"
                 a = allocator(kv, host, cid)
-                while True:
-                    key = spread_key(host, "net", cid, "eth0", "p") if spread else None
-                    ip, _, over = pool.reserve_next_free(lambda ip, a=a, pool=pool: a.ours_to_be(pool, ip), key)
-                    if a.claim(pool, ip, over).won:
-                        won.append(str(ip))
-                        break
+                key = spread_key(host, "net", cid, "eth0", "p") if spread else None
+                while (got := claim_next(a, pool, key)) is None:
+                    pass
+                won.append(got)
         assert len(set(won)) == len(won) == 48
         results[spread] = (kv.writes - start) / len(won)
     assert results[True] <= 1.3 < results[False], results
