@@ -57,6 +57,8 @@ class Pool:
     held: dict[IPAddress, Held] = field(default_factory=dict)
     # Served from the helper's cache, so possibly behind KV (see allocator/cache.py).
     cached: bool = False
+    # ModifyIndex of the pool key the ranges came from: the helper's watcher compares it.
+    ranges_index: int = 0
     _taken: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False)
     _by_target: dict[str, list[Held]] | None = field(default=None, init=False, repr=False)
     # The helper shares one Pool between concurrent calls; the indexes must stay consistent.
@@ -218,7 +220,7 @@ def parse_pool(
         ranges = load_ranges(ranges_entry.value)
     except ValueError as exc:
         raise InvalidPool(f"KV key {pool_key!r} does not hold valid IP Ranges: {exc}") from exc
-    return Pool(name, ranges, held)
+    return Pool(name, ranges, held, ranges_index=ranges_entry.modify_index)
 
 
 def parse_held(entry: KVEntry, folder: str) -> Held:
