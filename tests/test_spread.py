@@ -60,7 +60,7 @@ def test_nth_free_numbers_the_free_addresses_in_order(seed):
     free = brute_free(rng, taken)
     assert rng.free_count(ints) == len(free)
     for n, want in enumerate(free):
-        assert int(rng.nth_free(ints, n)) == want  # type: ignore[arg-type]
+        assert int(rng.nth_free(ints, n)) == want
     assert rng.nth_free(ints, len(free)) is None
 
 
