@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
 import threading
 import time
 from bisect import bisect_left, insort
@@ -223,12 +224,24 @@ def parse_pool(
     return Pool(name, ranges, held, ranges_index=ranges_entry.modify_index)
 
 
+def _ip_of_key(name: str) -> IPAddress | None:
+    """The address a key is named after, None when it is not a plain one. Dotted quads go
+    through inet_pton, which takes exactly what ipaddress takes for them (four decimal octets
+    up to 255, no leading zeros) at a tenth of the cost: a pool holds tens of thousands."""
+    if ":" not in name:
+        try:
+            return ipaddress.IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, name)))
+        except (OSError, UnicodeEncodeError, ValueError):
+            pass
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
 def parse_held(entry: KVEntry, folder: str) -> Held:
     name = entry.key[len(folder) :]
-    try:
-        ip = ipaddress.ip_address(name)
-    except ValueError:
-        ip = None
+    ip = _ip_of_key(name)
     if ip is None or "%" in name:
         # A scoped name (fd00::10%x) would be a second key for one address.
         raise InvalidPool(
