@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Callable
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
@@ -234,7 +235,8 @@ def fence_time(raw: bytes) -> float | None:
 # bytes, where json.loads spends most of its time on encoding detection and Python-level
 # wrappers. Anything it does not take whole (whitespace, another encoding, an error) goes
 # through json.loads, which judges and words the error.
-_scan = json.JSONDecoder().scan_once
+_Scan = Callable[[str, int], tuple[Any, int]]
+_scan: _Scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def _json(raw: bytes) -> Any:
