@@ -1,11 +1,16 @@
 """Benchmark ipam-da-consul as a runtime runs it: whole processes against a real Consul.
 
     .venv/bin/python bench/bench.py [--quick] [--runs N] [--json PATH] [--profile]
+                                    [--only all|multihost|sizes] [--hosts 1,2,4,8]
+                                    [--burst-inproc N]
 
 Starts its own Consul dev agent (tests/agent.py) and its own `ipam-da-consul-helper`, then
 measures the interpreter floor, our ADD, CHECK and DEL (in-process, and through the helper),
 the Go `host-local` peer, ADD in pools holding 0 to 60,000 allocations and in an IPv6 /64,
-50 concurrent ADDs, Consul requests per call and peak memory; prints a table and writes JSON
+50 concurrent ADDs, many simulated hosts (distinct `ipam.host`, one helper each, or
+in-process) bursting into one pool with `ipam.pick` lowest and spread, counting Raft log
+entries per successful ADD from Consul's /v1/agent/self, Consul requests per call and peak
+memory; prints a table and writes JSON
 (plus a Markdown copy of the table next to it).
 
 Method, so the numbers can be trusted and compared:
