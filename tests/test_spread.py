@@ -19,6 +19,7 @@ from ipam_da_consul.allocator.layout import Layout
 from ipam_da_consul.allocator.pool import Held, Pool, parse_pool, spread_key
 from ipam_da_consul.allocator.ranges import IPRange, sorted_ints
 from ipam_da_consul.allocator.schemas import load_ranges
+from ipam_da_consul.allocator.store import KVEntry
 from ipam_da_consul.consul import ConsulClient, ConsulKV, Deadline
 
 from tests.memkv import MemKV
@@ -250,3 +251,42 @@ def test_mixed_fleet_of_processes_fills_a_small_pool_once(consul, make_pool, con
     assert sorted(held) == [f"10.9.2.{i}" for i in range(10, 18)]
     assert {target: ip for ip, target in held.items()} == {d.call.container: d.address for d in won}
     assert Counter(held.values()).most_common(1)[0][1] == 1
+
+
+class StubWatchKV(MemKV):
+    """MemKV with Consul's blocking-query shape: a scripted index per keys_after call."""
+
+    def __init__(self, indexes: list[int]) -> None:
+        super().__init__()
+        self.indexes = indexes
+        self.calls: list[tuple[str, int]] = []
+        self.on_call: Any = None
+
+    def keys_after(
+        self, prefix: str, index: int = 0, wait_seconds: float = 0.0
+    ) -> tuple[list[str], int]:
+        self.calls.append((prefix, index))
+        if self.on_call is not None:
+            self.on_call()
+        return [k for k in self.data if k.startswith(prefix)], self.indexes.pop(0)
+
+    def list_after(
+        self, prefix: str, index: int = 0, wait_seconds: float = 0.0
+    ) -> tuple[list[KVEntry], int]:
+        return self.list(prefix), 0
+
+
+def test_watcher_starts_over_when_consuls_index_goes_backwards():
+    kv = StubWatchKV([5, 7, 7])
+    setup_pool(kv, [{"subnet": "10.6.1.0/24"}])
+    kv.put("ipam/p/10.6.1.9", json.dumps({"target": "t"}).encode())
+    layout = Layout()
+    cache = PoolCache(lambda: kv, layout, refresh_interval=0.01)
+    cache.get("p", lambda: (list_pool(kv, layout, "p")[0], 100))
+    watched = cache.pools["p"]
+    kv.on_call = lambda: len(kv.calls) >= 3 and watched.stopped.set()
+    watched.join(10)
+    # Blocking on the folder from 100; the answer 5 is lower: a fresh read from 0, then
+    # blocking from the new index.
+    assert kv.calls == [("ipam/p/", 100), ("ipam/p/", 0), ("ipam/p/", 7)]
+    assert [str(ip) for ip in watched.pool.held] == ["10.6.1.9"]
