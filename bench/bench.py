@@ -912,7 +912,9 @@ class Bench:
                     hp = Helper(self.tmp, f"host{h}")
                     hp.start()
                     helpers.append(hp)
-            for mode in sorted(self.modes, key=lambda m: m != "helper"):  # the quick ones first
+            wanted = self.args.multihost_modes.split(",")
+            modes = [m for m in self.modes if m in wanted]
+            for mode in sorted(modes, key=lambda m: m != "helper"):  # the quick ones first
                 for pick in PICKS:
                     for hosts in counts:
                         total = self.args.burst_inproc if mode == "inproc" else BURST_TOTAL
@@ -1569,6 +1571,11 @@ def main() -> int:
         default=BURST_TOTAL,
         help=f"ADDs per in-process multi-host burst (default {BURST_TOTAL}; each one is a whole "
         "interpreter, so a loaded machine may want fewer)",
+    )
+    ap.add_argument(
+        "--multihost-modes",
+        default="helper,inproc",
+        help="which ways of running the multi-host bursts use (default helper,inproc)",
     )
     ap.add_argument(
         "--only",
