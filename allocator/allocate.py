@@ -16,11 +16,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeGuard
 
 from loguru import logger
 
-from .cache import PoolCache, WatchableKV
+from .cache import PoolCache, list_pool
 from .errors import InvalidPool, NotInPool, WriteConflict
 from .layout import Layout
 from .pool import Held, Pool, parse_held, parse_pool
@@ -102,12 +101,7 @@ class Allocator:
         return parse_pool(self.layout, name, entries)
 
     def _listing(self, name: str) -> tuple[list[KVEntry], int]:
-        key = self.layout.pool_key(name)
-        kv = self.kv
-        entries, index = kv.list_after(key) if _watchable(kv) else (kv.list(key), 0)
-        if not entries:
-            self._probe(key)
-        return entries, index
+        return list_pool(self.kv, self.layout, name)
 
     def load_ranges(self, name: str) -> Pool:
         """The pool's ranges alone (one small read), for calls that look up single keys."""
@@ -318,9 +312,3 @@ class Allocator:
 
 def _folder_of(key: str) -> str:
     return key.rpartition("/")[0] + "/"
-
-
-def _watchable(kv: KV) -> TypeGuard[WatchableKV]:
-    # ConsulKV can list with the X-Consul-Index the helper's cache watches from; a plain KV
-    # (the tests' in-memory one) lists without it.
-    return hasattr(kv, "list_after")

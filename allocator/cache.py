@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 from loguru import logger
 
@@ -46,6 +46,29 @@ class WatchableKV(KV, Protocol):
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
     ) -> tuple[list[str], int]:
         """Key names only, with the same blocking behaviour."""
+
+
+def list_pool(kv: KV, layout: Layout, name: str) -> tuple[list[KVEntry], int]:
+    """The pool key and its folder's keys, as `parse_pool` takes them, with the folder's
+    X-Consul-Index (0 from a KV that has none). Two reads, the key `<prefix>blue` then the
+    folder `<prefix>blue/`, because one listing of the prefix `<prefix>blue` would also bring
+    every key of `blue-v6`, `blue2`, ... (60,000 of them, for all we know). A missing pool key
+    answers [] without listing; a key the token may not read raises (403) on the first read."""
+    entry = kv.get(layout.pool_key(name))
+    if entry is None:
+        return [], 0
+    folder = layout.folder(name)
+    if _watchable(kv):
+        entries, index = kv.list_after(folder)
+    else:
+        entries, index = kv.list(folder), 0
+    return [entry, *entries], index
+
+
+def _watchable(kv: KV) -> TypeGuard[WatchableKV]:
+    # ConsulKV can list with the X-Consul-Index the helper's cache watches from; a plain KV
+    # (the tests' in-memory one) lists without it.
+    return hasattr(kv, "list_after")
 
 
 class PoolCache:
@@ -170,17 +193,31 @@ class _Watched(threading.Thread):
             self.cache._ended(self)
 
     def watch(self) -> None:
-        prefix = self.cache.layout.pool_key(self.pool_name)
+        layout = self.cache.layout
+        # The folder, not the prefix `<prefix><pool>`: churn in `blue-v6` must not wake `blue`.
+        folder = layout.folder(self.pool_name)
         while not self.stopped.is_set():
             if time.monotonic() - self.used > self.cache.idle_after:
                 return
             try:
                 kv = self.cache.make_kv()  # a fresh time budget for each blocking query
-                keys, index = kv.keys_after(prefix, self.index, 30.0)
+                keys, index = kv.keys_after(folder, self.index, 30.0)
                 started = time.monotonic()
-                if index != self.index:
-                    self.pool = refreshed(self.cache.layout, self.pool, keys, kv)
+                if index < self.index:
+                    # Consul's index went backwards (a restored snapshot, a new cluster): its
+                    # blocking-query docs say to start over from 0; the refresh re-reads all.
+                    keys, index = kv.keys_after(folder)
+                    self.pool = refreshed(layout, self.pool, keys, kv, forget=True)
                     self.index = index
+                elif index != self.index:
+                    self.pool = refreshed(layout, self.pool, keys, kv)
+                    self.index = index
+                else:
+                    # A quiet folder: the ranges alone may have changed (`admin create
+                    # --force`); one small read per wait notices it.
+                    entry = kv.get(layout.pool_key(self.pool_name))
+                    if entry is None or entry.modify_index != self.pool.ranges_index:
+                        self.pool = refreshed(layout, self.pool, keys, kv)
             except Exception as exc:  # the next call reloads the pool itself, and says why
                 logger.warning("stopped watching pool {!r}: {}", self.pool_name, exc)
                 return
@@ -190,15 +227,18 @@ class _Watched(threading.Thread):
             self.stopped.wait(max(self.cache.refresh_interval, 4 * spent))
 
 
-def refreshed(layout: Layout, old: Pool, keys: list[str], kv: WatchableKV) -> Pool:
-    """A new Pool from the key names under the pool's prefix: known allocations are kept, new
-    keys are read one by one (or all at once when there are many), the ranges are re-read."""
+def refreshed(
+    layout: Layout, old: Pool, keys: list[str], kv: WatchableKV, forget: bool = False
+) -> Pool:
+    """A new Pool from the key names in the pool's folder: known allocations are kept (unless
+    `forget`), new keys are read one by one (or all at once when there are many), the ranges
+    are re-read."""
     folder = layout.folder(old.name)
     names = {k for k in keys if k.startswith(folder) and k != folder}
-    known = {h.key: h for h in old.snapshot() if h.key in names}
+    known = {} if forget else {h.key: h for h in old.snapshot() if h.key in names}
     new = names - known.keys()
     if len(new) > _READ_ONE_BY_ONE:
-        entries, _ = kv.list_after(layout.pool_key(old.name), 0, 0.0)
+        entries, _ = list_pool(kv, layout, old.name)
         return parse_pool(layout, old.name, entries, known=known).cache_copy()
     entries = [e for e in map(kv.get, [layout.pool_key(old.name), *sorted(new)]) if e is not None]
     pool = parse_pool(layout, old.name, entries)  # raises for missing or broken ranges / keys

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import socket
 import threading
 import time
 from bisect import bisect_left, insort
@@ -37,9 +39,7 @@ class Held:
         """A released address whose cool-down is over: free, though its key remains."""
         return self.free_after is not None and self.free_after <= now
 
-    def owned_by(
-        self, target: str, ifname: str | None = None, network: str | None = None
-    ) -> bool:
+    def owned_by(self, target: str, ifname: str | None = None, network: str | None = None) -> bool:
         # An allocation without ifname or network (upstream, older versions, other tools)
         # belongs to the whole container. A released one (cooling down) belongs to nobody.
         if self.target != target or self.free_after is not None:
@@ -59,6 +59,8 @@ class Pool:
     held: dict[IPAddress, Held] = field(default_factory=dict)
     # Served from the helper's cache, so possibly behind KV (see allocator/cache.py).
     cached: bool = False
+    # ModifyIndex of the pool key the ranges came from: the helper's watcher compares it.
+    ranges_index: int = 0
     _taken: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False)
     _by_target: dict[str, list[Held]] | None = field(default=None, init=False, repr=False)
     # The helper shares one Pool between concurrent calls; the indexes must stay consistent.
@@ -104,24 +106,46 @@ class Pool:
         return self._taken[version]
 
     def reserve_next_free(
-        self, placeholder: Callable[[IPAddress], Held]
+        self, placeholder: Callable[[IPAddress], Held], spread: int | None = None
     ) -> tuple[IPAddress, IPRange, Held | None]:
-        """Pick the lowest free address and mark it held before anyone else can pick it: in the
-        helper, concurrent calls share this pool and would otherwise all race for one address.
-        The placeholder is replaced by what KV says if the write loses. Also returns the
-        cooled-down release the address still holds, if any: the write replaces that key."""
+        """Pick the next free address (see `next_free`) and mark it held before anyone else can
+        pick it: in the helper, concurrent calls share this pool and would otherwise all race
+        for one address. The placeholder is replaced by what KV says if the write loses. Also
+        returns the cooled-down release the address still holds, if any: the write replaces
+        that key."""
         with self._lock:
-            ip, rng = self.next_free()
+            ip, rng = self.next_free(spread)
             previous = self.held.get(ip)
             self.put(placeholder(ip))
             return ip, rng, previous
 
-    def next_free(self) -> tuple[IPAddress, IPRange]:
-        """Lowest free address, range by range in pool order."""
-        for rng in self.ranges:
-            ip = rng.lowest_free(self.taken(rng.version))
-            if ip is not None:
-                return ip, rng
+    def next_free(self, spread: int | None = None) -> tuple[IPAddress, IPRange]:
+        """Without `spread`: the lowest free address, range by range in pool order.
+
+        With `spread` (a call's `spread_key`): number the free addresses in that same order
+        from 0 and take number `spread mod free`. Hosts bursting into one pool then pick
+        addresses spread uniformly over its free space instead of all the lowest one, so few
+        compare-and-set writes lose (each loss costs a Raft entry); any free address can
+        still be picked, so a small pool fills completely."""
+        if spread is None:
+            for rng in self.ranges:
+                ip = rng.lowest_free(self.taken(rng.version))
+                if ip is not None:
+                    return ip, rng
+        else:
+            counts = [rng.free_count(self.taken(rng.version)) for rng in self.ranges]
+            total = sum(counts)
+            if total > 0:
+                n = spread % total
+                for rng, count in zip(self.ranges, counts, strict=True):
+                    if n < count:
+                        found = rng.nth_free(self.taken(rng.version), n)
+                        if found is not None:
+                            return found, rng
+                        break  # cannot happen: counts and search agree
+                    n -= count
+                # Overlapping ranges count an address twice; the lowest free one still serves.
+                return self.next_free()
         raise PoolFull(f"pool {self.name!r} is full: all {self.capacity()} addresses are allocated")
 
     def capacity(self) -> int:
@@ -162,6 +186,16 @@ class Pool:
                 self._by_target[old.target].remove(old)
 
 
+def spread_key(host: str, network: str, target: str, ifname: str | None, pool: str) -> int:
+    """The number a call's `spread` pick is taken modulo the pool's free addresses: the first
+    8 bytes (big-endian) of SHA-256 over the host, network, container ID, interface and pool,
+    each followed by a NUL byte. A pure function of the call, so the address it gets can be
+    worked out from KV; it differs between containers, so concurrent calls rarely meet."""
+    parts = (host, network, target, ifname or "", pool)
+    digest = hashlib.sha256(b"".join(p.encode() + b"\0" for p in parts)).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
 def parse_pool(
     layout: Layout,
     name: str,
@@ -188,15 +222,27 @@ def parse_pool(
         ranges = load_ranges(ranges_entry.value)
     except ValueError as exc:
         raise InvalidPool(f"KV key {pool_key!r} does not hold valid IP Ranges: {exc}") from exc
-    return Pool(name, ranges, held)
+    return Pool(name, ranges, held, ranges_index=ranges_entry.modify_index)
+
+
+def _ip_of_key(name: str) -> IPAddress | None:
+    """The address a key is named after, None when it is not a plain one. Dotted quads go
+    through inet_pton, which takes exactly what ipaddress takes for them (four decimal octets
+    up to 255, no leading zeros) at a tenth of the cost: a pool holds tens of thousands."""
+    if ":" not in name:
+        try:
+            return ipaddress.IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, name)))
+        except (OSError, UnicodeEncodeError, ValueError):
+            pass
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
 
 
 def parse_held(entry: KVEntry, folder: str) -> Held:
     name = entry.key[len(folder) :]
-    try:
-        ip = ipaddress.ip_address(name)
-    except ValueError:
-        ip = None
+    ip = _ip_of_key(name)
     if ip is None or "%" in name:
         # A scoped name (fd00::10%x) would be a second key for one address.
         raise InvalidPool(

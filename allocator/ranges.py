@@ -76,9 +76,7 @@ class IPRange:
         return ip.version == self.version and int(self.start) <= int(ip) <= int(self.end)
 
     def allocatable(self, ip: IPAddress) -> bool:
-        return (
-            self.contains(ip) and int(ip) not in self.reserved() and self.exclusion(ip) is None
-        )
+        return self.contains(ip) and int(ip) not in self.reserved() and self.exclusion(ip) is None
 
     def exclusion(self, ip: IPAddress) -> tuple[int, int] | None:
         """The `exclude` span holding `ip`, if any."""
@@ -114,6 +112,60 @@ class IPRange:
             else:
                 return type(self.start)(candidate) if candidate <= hi else None
         return None
+
+    def free_count(self, taken: Sequence[int]) -> int:
+        """How many addresses of this range are neither taken nor reserved (O(E log n) for E
+        exclusions): what `nth_free` numbers."""
+        return self.size() - self._taken_upto(taken, int(self.end))
+
+    def nth_free(self, taken: Sequence[int], n: int) -> IPAddress | None:
+        """The free address numbered `n` (0 is the lowest) in address order, None past the last.
+
+        A binary search over the range for the smallest address with n + 1 free ones up to it:
+        O(log(size) * E log n), so a /64 costs about what a /24 does.
+        """
+        lo, hi = int(self.start), int(self.end)
+        if n < 0 or lo > hi:
+            return None
+        if self._free_upto(taken, hi) <= n:
+            return None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._free_upto(taken, mid) > n:
+                hi = mid
+            else:
+                lo = mid + 1
+        return type(self.start)(lo)
+
+    def _free_upto(self, taken: Sequence[int], x: int) -> int:
+        """Free addresses in start..x."""
+        start = int(self.start)
+        if x < start:
+            return 0
+        count = x - start + 1
+        for a, b in self.excluded:
+            count -= max(0, min(b, x) - max(a, start) + 1)
+        reserved = (r for r in self.reserved() if start <= r <= x)
+        count -= sum(1 for r in reserved if _span_of(self.excluded, r) is None)
+        return count - self._taken_upto(taken, x)
+
+    def _taken_upto(self, taken: Sequence[int], x: int) -> int:
+        """Allocatable addresses in start..x that `taken` holds: keys on reserved or excluded
+        addresses (written by hand, or before an `exclude`) cost no capacity twice."""
+        start = int(self.start)
+        x = min(x, int(self.end))
+        if x < start:
+            return 0
+        count = bisect_right(taken, x) - bisect_left(taken, start)
+        for a, b in self.excluded:
+            a, b = max(a, start), min(b, x)
+            if a <= b:
+                count -= bisect_right(taken, b) - bisect_left(taken, a)
+        for r in self.reserved():
+            if start <= r <= x and _span_of(self.excluded, r) is None:
+                i = bisect_left(taken, r)
+                count -= i < len(taken) and taken[i] == r
+        return count
 
     def to_wire(self) -> dict[str, object]:
         out: dict[str, object] = {

@@ -73,6 +73,8 @@ class NetConf:
     min_free: int = 0
     # Seconds a released address stays unusable (0: reusable at once).
     reuse_after: float = 0.0
+    # "lowest" or "spread": how ADD picks among free addresses (allocator/pool.py next_free).
+    pick: str = "lowest"
 
 
 def decode(raw: bytes) -> dict[str, Any]:
@@ -129,6 +131,7 @@ def load(
         runtime={k: v for k, v in (args or {}).items() if k in RUNTIME_KEYS and v},
         min_free=ipam["min_free"],
         reuse_after=ipam["reuse_after"],
+        pick=ipam["pick"],
     )
 
 

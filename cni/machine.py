@@ -30,7 +30,7 @@ from ..allocator.errors import (
     WriteConflict,
 )
 from ..allocator.layout import Layout
-from ..allocator.pool import Held, Pool
+from ..allocator.pool import Held, Pool, spread_key
 from ..allocator.ranges import IPAddress, IPRange
 from ..consul import ConsulClient, ConsulError, ConsulKV, ConsulUnavailable, Deadline, TLSConfig
 from . import config, result
@@ -463,8 +463,15 @@ class Invocation:
                 self.pick = (held.ip, rng, held)  # idempotent ADD: hand back what we hold
                 return "pick_ip"
         pool, allocator = self.pool, self.allocator
+        spread = None
+        if self.conf.pick == "spread":
+            target, ifname = self.attachment()
+            host = allocator.host or ""
+            spread = spread_key(host, self.conf.name, target, ifname, pool.name)
         try:
-            ip, rng, self.over = pool.reserve_next_free(lambda ip: allocator.ours_to_be(pool, ip))
+            ip, rng, self.over = pool.reserve_next_free(
+                lambda ip: allocator.ours_to_be(pool, ip), spread
+            )
         except PoolFull:
             if not pool.cached:
                 raise

@@ -91,6 +91,9 @@ class IpamSchema(Schema):
     host = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=253))
     min_free = fields.Integer(load_default=0, strict=True, validate=validate.Range(min=0))
     reuse_after = fields.Float(load_default=0.0, validate=validate.Range(0, 30 * 86400))
+    # How ADD picks among free addresses: "lowest" (the seed's) or "spread" (see
+    # allocator/pool.py: fewer lost compare-and-sets when many hosts allocate at once).
+    pick = fields.String(load_default="lowest", validate=validate.OneOf(("lowest", "spread")))
 
 
 class IPConfigSchema(Schema):

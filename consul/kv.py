@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import builtins
 import json
+from binascii import a2b_base64
 from collections.abc import Sequence
 from urllib.parse import quote
 
@@ -16,6 +17,7 @@ from .client import ConsulClient, Response, check_status
 from .errors import ConsulError
 
 Entry = KVEntry
+
 
 class ConsulKV:
     def __init__(self, client: ConsulClient) -> None:
@@ -122,7 +124,9 @@ def _entries(resp: Response, what: str) -> list[Entry]:
         return [
             Entry(
                 e["Key"],
-                base64.b64decode(e["Value"]) if e.get("Value") else b"",
+                # binascii directly: base64.b64decode's wrapper is most of the cost of a
+                # 60,000-key listing's values.
+                a2b_base64(e["Value"]) if e.get("Value") else b"",
                 int(e["ModifyIndex"]),
             )
             for e in resp.json()
