@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import pty
-import select
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +27,7 @@ from ipam_da_consul.consul import ConsulClient, ConsulKV
 
 from tests.agent import ConsulAgent, SecureConsulAgent, free_ports
 from tests.conftest import Outcome, executable, netconf, run_plugin
+from tests.util_procs import drain_pty
 
 PROG = "ipam-da-consul-admin"
 _prefixes = itertools.count()
@@ -558,19 +558,8 @@ def run_on_tty(
         )
     finally:
         os.close(secondary)
-    tty = b""
     try:
-        while True:
-            ready, _, _ = select.select([main], [], [], 30)
-            if not ready:
-                break
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            tty += chunk
+        tty = drain_pty(main)
     finally:
         os.close(main)
     stdout = p.stdout.read().decode() if p.stdout else ""

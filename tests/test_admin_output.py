@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import pty
-import select
 import subprocess
 from typing import Any
 
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.agent import ConsulAgent
 from tests.conftest import executable
 from tests.test_admin import PROG, admin, clean_env, create
+from tests.util_procs import drain_pty
 
 ESC = "\x1b["
 
@@ -44,19 +44,8 @@ def run_pty(
         p = subprocess.Popen([executable(PROG), *args], env=terminal_env(consul, **env), **streams)
     finally:
         os.close(secondary)
-    got = b""
     try:
-        while True:
-            ready, _, _ = select.select([main], [], [], 30)
-            if not ready:
-                break
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            got += chunk
+        got = drain_pty(main)
     finally:
         os.close(main)
     piped = p.stdout if tty == "stderr" else p.stderr

@@ -316,3 +316,22 @@ class Helper:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def drain_pty(main: int) -> bytes:
+    """Everything a child writes to the terminal whose main side is `main`, until it closes it
+    (or is silent for 30 s)."""
+    import select
+
+    got = b""
+    while True:
+        ready, _, _ = select.select([main], [], [], 30)
+        if not ready:
+            return got
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            return got
+        if not chunk:
+            return got
+        got += chunk
