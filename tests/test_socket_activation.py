@@ -85,6 +85,14 @@ class Activator:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def wait_started(self, timeout: float = 30.0) -> None:
+        # The supervising thread spawns asynchronously: on a loaded machine the first Popen can
+        # still be under way when the test body starts.
+        end = time.monotonic() + timeout
+        while not self.starts:
+            assert time.monotonic() < end, "systemd-socket-activate was never started"
+            time.sleep(0.02)
+
     def wait_exits(self, n: int, timeout: float = 30.0) -> None:
         end = time.monotonic() + timeout
         while len(self.exits) < n:
@@ -102,6 +110,7 @@ class Activator:
 @pytest.fixture
 def activator(tmp_path: Path) -> Iterator[Activator]:
     a = Activator(tmp_path, ["--idle-exit", "1.5", "--refresh-interval", "0.2"])
+    a.wait_started()
     yield a
     a.close()
 
@@ -118,7 +127,7 @@ def test_served_on_demand_exits_idle_and_starts_again(
     # A cold start imports everything before it can acknowledge: give it time (see the README
     # for what the default 1 s does on a slow host).
     env = {**activator.env, "IPAM_DA_CONSUL_HELPER_ACK_TIMEOUT": "30"}
-    assert activator.starts and not activator.exits  # waiting, nothing running yet
+    assert not activator.exits  # waiting, nothing running yet
     first_log = tmp_path / "add.log"
     add = run_plugin("ADD", conf_for(pool), container="sa1", verbose=True,
                      env={**env, "IPAM_DA_CONSUL_LOG_FILE": str(first_log)})
