@@ -25,7 +25,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from .output import bar_cells, fill_style
+from .bars import bar_cells, fill_style
 
 BAR_WIDTH = 20
 

@@ -66,19 +66,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: s
     return "\n".join(lines) + "\n"
 
 
-# Fill levels at which a pool's bar and percentage turn yellow, then red.
-WARN_PERCENT = 80.0
-FULL_PERCENT = 95.0
-
-
-def fill_style(percent: float) -> str:
-    if percent > FULL_PERCENT:
-        return "red"
-    if percent > WARN_PERCENT:
-        return "yellow"
-    return "green"
-
-
 def write_table(
     headers: Sequence[str],
     rows: Sequence[Sequence[Any]],
@@ -97,16 +84,6 @@ def write_table(
         out.write(format_table(headers, rows, right))
         return
     module.print_table(out, headers, rows, right, fills=fills, bold_rows=bold_rows)
-
-
-def bar_cells(allocated: int, size: int, width: int) -> int:
-    """Cells of a `width`-cell bar to fill: any allocation shows at least one, and only a full
-    range fills them all, so neither 0.4% nor 99.6% reads as its neighbour."""
-    if size <= 0 or allocated <= 0:
-        return 0
-    if allocated >= size:
-        return width
-    return min(width - 1, max(1, math.floor(width * allocated / size)))
 
 
 def write_check_line(pool: str, kind: str | None, message: str, out: TextIO | None = None) -> None:

@@ -29,6 +29,15 @@ class Code(IntEnum):
     ADDRESS_IN_USE = 126
 
 
+# Codes that say the call itself was wrong (env, JSON, config): retrying it unchanged never helps.
+INPUT_CODES = (
+    Code.INCOMPATIBLE_VERSION,
+    Code.INVALID_ENV,
+    Code.DECODE_FAILURE,
+    Code.INVALID_CONFIG,
+)
+
+
 class CNIError(Exception):
     def __init__(self, code: Code, msg: str, details: str = "") -> None:
         super().__init__(msg)

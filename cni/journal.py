@@ -36,12 +36,13 @@ from typing import Any
 
 from loguru import logger
 
+from .env import REPLAY_BEFORE
+from .errors import INPUT_CODES
+
 DEFAULT_STATE_DIR = "/var/lib/ipam-da-consul"
 JOURNAL_FOLDER = "journal"
 # Set on the environment of a replayed DEL: its own failure must not journal it again.
 REPLAY_MARK = "IPAM_DA_CONSUL_REPLAY"
-# The unix time of the journaled DEL, for the replay: keys written after it are spared.
-REPLAY_BEFORE = "IPAM_DA_CONSUL_REPLAY_BEFORE"
 # Test knob: while this file exists the replay thread waits (to slip an ADD in before it).
 PAUSE_ENV = "IPAM_DA_CONSUL_TEST_JOURNAL_PAUSE"
 _FIRST_BACKOFF = 0.5
@@ -178,7 +179,6 @@ class Journal:
     def replay_once(self, run: Callable[[bytes, dict[str, str]], int]) -> bool:
         """Redo every entry once; True when the journal is empty afterwards. `run` does a DEL
         as the plugin does and returns its exit code."""
-        from .machine import _INPUT_CODES
 
         clean = True
         for entry in self.entries():
@@ -205,7 +205,7 @@ class Journal:
                 if code == 0:
                     self.remove(entry.path)
                     logger.warning("helper: journaled DEL of {} redone", _show(attachment))
-                elif code in _INPUT_CODES:
+                elif code in INPUT_CODES:
                     # It can never succeed; keeping it would retry forever.
                     self.remove(entry.path)
                     logger.error(

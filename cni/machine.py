@@ -34,9 +34,8 @@ from ..allocator.pool import Held, Pool, spread_key
 from ..allocator.ranges import IPAddress, IPRange
 from ..consul import ConsulClient, ConsulError, ConsulKV, ConsulUnavailable, Deadline, TLSConfig
 from . import config, result
-from .env import Environment, read_env
-from .errors import CNIError, Code
-from .journal import REPLAY_BEFORE
+from .env import REPLAY_BEFORE, Environment, read_env
+from .errors import INPUT_CODES, CNIError, Code
 from .schemas import SUPPORTED_VERSIONS, VersionSchema
 
 if TYPE_CHECKING:
@@ -85,12 +84,6 @@ _ERROR_CODES: list[tuple[type[Exception], Code]] = [
     (CallAbandoned, Code.TRY_AGAIN_LATER),
     (ConsulUnavailable, Code.TRY_AGAIN_LATER),
 ]
-_INPUT_CODES = (
-    Code.INCOMPATIBLE_VERSION,
-    Code.INVALID_ENV,
-    Code.DECODE_FAILURE,
-    Code.INVALID_CONFIG,
-)
 
 
 def consul_client(
@@ -633,7 +626,7 @@ class Invocation:
 
     def as_cni_error(self, exc: Exception) -> CNIError:
         error = self.classify(exc)
-        if self.env.command == "STATUS" and error.code not in _INPUT_CODES:
+        if self.env.command == "STATUS" and error.code not in INPUT_CODES:
             return CNIError(Code.NOT_READY, f"not ready to serve ADD: {error.msg}")
         return error
 

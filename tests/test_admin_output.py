@@ -11,7 +11,7 @@ import subprocess
 from typing import Any
 
 import pytest
-from ipam_da_consul.admin import output
+from ipam_da_consul.admin import bars, output
 from ipam_da_consul.admin.errors import PROBLEMS, USAGE
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -206,7 +206,7 @@ def test_prometheus_text_escapes_labels_and_help():
     [(0, 20, 0), (1, 1000, 1), (999, 1000, 19), (20, 20, 20), (10, 20, 10), (5, 0, 0)],
 )
 def test_bar_cells(allocated, size, cells):
-    assert output.bar_cells(allocated, size, 20) == cells
+    assert bars.bar_cells(allocated, size, 20) == cells
 
 
 def test_fancy_only_on_a_terminal(monkeypatch):
@@ -222,5 +222,5 @@ def test_fancy_only_on_a_terminal(monkeypatch):
         assert not output.fancy(terminal)
     os.close(main)
     assert not output.fancy(io.StringIO())
-    assert output.fill_style(80) == "green" and output.fill_style(80.1) == "yellow"
-    assert output.fill_style(95.1) == "red"
+    assert bars.fill_style(80) == "green" and bars.fill_style(80.1) == "yellow"
+    assert bars.fill_style(95.1) == "red"
