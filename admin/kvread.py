@@ -4,14 +4,12 @@ ranges, its folder. Writes go straight through `ConsulKV`'s CAS calls in the com
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import quote
 
 from ..allocator.layout import FENCES, Layout
 from ..allocator.ranges import IPRange
 from ..allocator.schemas import load_ranges
 from ..allocator.store import KVEntry
-from ..consul import ConsulClient, ConsulError, ConsulKV
-from ..consul.client import check_status
+from ..consul import ConsulClient, ConsulKV
 from .errors import StateError
 from .output import Progress, note
 
@@ -47,17 +45,9 @@ class Reader:
     def listing(self) -> Listing:
         """One `?keys&separator=/` call: names only, never the allocations of every pool."""
         prefix = self.layout.prefix
-        resp = self.client.request(
-            "GET", "/v1/kv/" + quote(prefix, safe="/:"), {"keys": "true", "separator": "/"}
-        )
-        found: list[str] = []
-        if resp.status != 404:
-            check_status(resp, f"listing KV prefix {prefix!r}")
-            try:
-                found = [k for k in resp.json() if isinstance(k, str)]
-            except (ValueError, TypeError) as exc:
-                raise ConsulError(f"Consul sent a key listing that is not JSON: {exc}") from None
-        if resp.headers.get("X-Consul-Results-Filtered-By-ACLs", "").lower() == "true":
+        listed = self.kv.names(prefix, separator="/")
+        found = listed.keys
+        if listed.acl_filtered:
             note(f"some keys under {prefix!r} are hidden by ACLs: the token cannot read them")
         if not found and prefix:
             # Consul drops unreadable keys from listings without an error, so a token without
@@ -66,14 +56,10 @@ class Reader:
         names = [k[len(prefix) :] for k in found if k.startswith(prefix) and k != prefix]
         # The attachment fences live beside the pools; they are no pool's folder.
         names = [n for n in names if n not in (FENCES, f"{FENCES}/")]
-        try:
-            index = int(resp.headers.get("X-Consul-Index", "0"))
-        except ValueError:
-            index = 0
         return Listing(
             sorted(n for n in names if n and not n.endswith("/")),
             sorted(n[:-1] for n in names if n.endswith("/") and "/" not in n[:-1]),
-            index,
+            listed.index,
         )
 
     def pool(self, name: str) -> PoolRead:

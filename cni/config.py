@@ -12,6 +12,9 @@ from marshmallow import ValidationError
 
 from ..allocator.ranges import IPAddress
 from ..allocator.schemas import describe
+from ..consul import settings as cs
+from ..consul.errors import SettingsError
+from ..consul.settings import ConsulSettings  # re-exported: the helper imports it from here
 from .errors import CNIError, Code
 from .schemas import SUPPORTED_VERSIONS, NetworkConfigSchema
 
@@ -35,22 +38,6 @@ RUNTIME_KEYS = (
 class PoolRequest:
     name: str
     requested_ip: IPAddress | None = None
-
-
-@dataclass(frozen=True)
-class ConsulSettings:
-    servers: list[str]
-    connect_timeout: float
-    read_timeout: float
-    timeout: float
-    unreachable_grace: float = 2.0
-    attempt_timeout: float = 2.0
-    token: str | None = field(default=None, repr=False)
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    datacenter: str | None = None
-    kv_prefix: str = "ipam/"
 
 
 @dataclass(frozen=True)
@@ -214,40 +201,35 @@ def _attachments(data: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _consul_settings(ipam: dict[str, Any], env: Mapping[str, str]) -> ConsulSettings:
-    return ConsulSettings(
-        servers=ipam["consul_servers"],
-        connect_timeout=ipam["consul_connect_timeout"],
-        read_timeout=ipam["consul_read_timeout"],
-        timeout=ipam["timeout"],
-        unreachable_grace=ipam["consul_unreachable_grace"],
-        attempt_timeout=ipam["consul_attempt_timeout"],
-        token=_token(ipam, env),
-        ca_file=ipam["consul_ca_file"] or env.get("CONSUL_CACERT") or None,
-        cert_file=ipam["consul_cert_file"] or env.get("CONSUL_CLIENT_CERT") or None,
-        key_file=ipam["consul_key_file"] or env.get("CONSUL_CLIENT_KEY") or None,
-        datacenter=ipam["consul_datacenter"],
-        kv_prefix=_prefix(ipam["kv_prefix"]),
-    )
-
-
-def _token(ipam: dict[str, Any], env: Mapping[str, str]) -> str | None:
-    if ipam["consul_token"]:
-        return ipam["consul_token"]
-    path = ipam["consul_token_file"] or env.get("CONSUL_HTTP_TOKEN_FILE")
-    if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                return fh.read().strip() or None
-        except OSError as exc:
-            raise CNIError(
-                Code.INVALID_CONFIG, f"cannot read the Consul token file {path}: {exc.strerror}"
-            ) from None
-        except UnicodeDecodeError:
-            raise CNIError(
-                Code.INVALID_CONFIG,
-                f"the Consul token file {path} is not UTF-8 text: a token is a UUID or text",
-            ) from None
-    return env.get("CONSUL_HTTP_TOKEN") or None
+    """The schema checked each field; here the settings that also come from the environment
+    (token, TLS files) are resolved. Their rules, and their messages, are consul/settings.py's."""
+    try:
+        tls = cs.tls_config(
+            ipam["consul_ca_file"], ipam["consul_cert_file"], ipam["consul_key_file"], env
+        )
+        return ConsulSettings(
+            servers=ipam["consul_servers"],
+            connect_timeout=ipam["consul_connect_timeout"],
+            read_timeout=ipam["consul_read_timeout"],
+            timeout=ipam["timeout"],
+            unreachable_grace=ipam["consul_unreachable_grace"],
+            attempt_timeout=ipam["consul_attempt_timeout"],
+            token=cs.resolve_token(
+                ipam["consul_token"],
+                ipam["consul_token_file"],
+                env,
+                file_source="ipam.consul_token_file",
+                # An empty file has always meant the anonymous token here.
+                empty_file_is_anonymous=True,
+            ),
+            ca_file=tls.ca_file,
+            cert_file=tls.cert_file,
+            key_file=tls.key_file,
+            datacenter=cs.datacenter(ipam["consul_datacenter"]),
+            kv_prefix=cs.kv_prefix(ipam["kv_prefix"]),
+        )
+    except SettingsError as exc:
+        raise CNIError(Code.INVALID_CONFIG, str(exc)) from None
 
 
 def default_host() -> str:
@@ -267,11 +249,6 @@ def default_host() -> str:
         return name
     tag = hashlib.sha256(b"ipam-da-consul host " + machine).hexdigest()[:8]
     return f"{name}#{tag}"
-
-
-def _prefix(prefix: str) -> str:
-    prefix = prefix.strip("/")
-    return f"{prefix}/" if prefix else ""
 
 
 def redact(value: Any) -> Any:

@@ -32,7 +32,7 @@ from ..allocator.errors import (
 from ..allocator.layout import Layout
 from ..allocator.pool import Held, Pool, spread_key
 from ..allocator.ranges import IPAddress, IPRange
-from ..consul import ConsulClient, ConsulError, ConsulKV, ConsulUnavailable, Deadline, TLSConfig
+from ..consul import ConsulClient, ConsulError, ConsulKV, ConsulUnavailable, build_client
 from . import config, result
 from .env import REPLAY_BEFORE, Environment, read_env
 from .errors import INPUT_CODES, CNIError, Code
@@ -89,18 +89,7 @@ _ERROR_CODES: list[tuple[type[Exception], Code]] = [
 def consul_client(
     settings: config.ConsulSettings, budget: float | None = None, known_good: str | None = None
 ) -> ConsulClient:
-    return ConsulClient(
-        settings.servers,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-        unreachable_grace=settings.unreachable_grace,
-        attempt_timeout=settings.attempt_timeout,
-        deadline=Deadline(settings.timeout if budget is None else budget),
-        token=settings.token,
-        tls=TLSConfig(settings.ca_file, settings.cert_file, settings.key_file),
-        datacenter=settings.datacenter,
-        known_good=known_good,
-    )
+    return build_client(settings, budget, known_good)  # the one builder: consul/settings.py
 
 
 class Invocation:

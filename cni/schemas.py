@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 from marshmallow import (
     EXCLUDE,
@@ -18,25 +18,28 @@ from marshmallow import (
 
 from ..allocator.layout import check_pool_name
 from ..allocator.schemas import IPAddressField, IPInterfaceField
+from ..consul import settings as cs
+from ..consul.errors import SettingsError
 
 SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
 # Results of these versions carry ips[].version; 1.x dropped it.
 VERSIONED_IPS = frozenset({"0.3.0", "0.3.1", "0.4.0"})
 
 
-def check_server_url(value: str) -> None:
-    """An http(s) URL with a host. marshmallow's validate.URL compiles a regex that costs
-    ~60 ms per process, a fifth of an in-process call; urlsplit says what we need."""
-    try:
-        url = urlsplit(value)
-        port = url.port  # raises ValueError for a port that is not a number in range
-    except ValueError:
-        url, port = None, None
-    if url is None or url.scheme not in ("http", "https") or not url.hostname:
-        raise ValidationError(f"not an http(s) URL of a Consul server: {value!r}")
-    if any(c.isspace() for c in value) or url.query or url.fragment:
-        raise ValidationError(f"a Consul server URL has no spaces, query or fragment: {value!r}")
-    del port
+def _rule(check: Callable[[str], object]) -> Callable[[str], None]:
+    """A consul/settings.py rule as a field validator: its SettingsError is the field's error."""
+
+    def validator(value: str) -> None:
+        try:
+            check(value)
+        except SettingsError as exc:
+            raise ValidationError(str(exc)) from None
+
+    return validator
+
+
+def _within(limit: cs.Limit) -> validate.Range:
+    return validate.Range(limit.low, limit.high)
 
 
 class PoolSchema(Schema):
@@ -69,23 +72,32 @@ class IpamSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
+    # Connection settings: their defaults, limits and rules live in consul/settings.py.
     consul_servers = fields.List(
-        fields.String(validate=check_server_url),
+        fields.String(validate=_rule(cs.check_server_url)),
         required=True,
         validate=validate.Length(min=1, error="must list at least one Consul server URL"),
     )
-    consul_connect_timeout = fields.Float(load_default=2.0, validate=validate.Range(0.01, 60))
-    consul_read_timeout = fields.Float(load_default=5.0, validate=validate.Range(0.01, 300))
-    consul_unreachable_grace = fields.Float(load_default=2.0, validate=validate.Range(0, 600))
-    consul_attempt_timeout = fields.Float(load_default=2.0, validate=validate.Range(0.01, 300))
-    timeout = fields.Float(load_default=15.0, validate=validate.Range(0.1, 600))
+    consul_connect_timeout = fields.Float(
+        load_default=cs.CONNECT_TIMEOUT.default, validate=_within(cs.CONNECT_TIMEOUT)
+    )
+    consul_read_timeout = fields.Float(
+        load_default=cs.READ_TIMEOUT.default, validate=_within(cs.READ_TIMEOUT)
+    )
+    consul_unreachable_grace = fields.Float(
+        load_default=cs.UNREACHABLE_GRACE.default, validate=_within(cs.UNREACHABLE_GRACE)
+    )
+    consul_attempt_timeout = fields.Float(
+        load_default=cs.ATTEMPT_TIMEOUT.default, validate=_within(cs.ATTEMPT_TIMEOUT)
+    )
+    timeout = fields.Float(load_default=cs.CALL_TIMEOUT.default, validate=_within(cs.CALL_TIMEOUT))
     consul_token = fields.String(load_default=None, allow_none=True)
     consul_token_file = fields.String(load_default=None, allow_none=True)
     consul_ca_file = fields.String(load_default=None, allow_none=True)
     consul_cert_file = fields.String(load_default=None, allow_none=True)
     consul_key_file = fields.String(load_default=None, allow_none=True)
     consul_datacenter = fields.String(load_default=None, allow_none=True)
-    kv_prefix = fields.String(load_default="ipam/", validate=validate.Regexp(r"^[^?#%\s]*\Z"))
+    kv_prefix = fields.String(load_default=cs.DEFAULT_PREFIX, validate=_rule(cs.kv_prefix))
     pools = fields.List(fields.Nested(PoolSchema), load_default=None, allow_none=True)
     # Identity recorded in allocations so GC only ever touches this host's; default hostname.
     host = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=253))

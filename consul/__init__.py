@@ -1,10 +1,22 @@
-"""A small Consul HTTP client: server choice with failover, timeouts, ACL token, TLS, KV.
+"""A small Consul HTTP client: server choice with failover, timeouts, ACL token, TLS, KV, and
+the connection settings with their rules (settings.py).
 
 Knows nothing of CNI or pools.
 """
 
 from .client import ConsulClient, Deadline, TLSConfig
-from .errors import ConsulError, ConsulUnavailable
+from .errors import ConsulError, ConsulUnavailable, SettingsError
 from .kv import ConsulKV
+from .settings import ConsulSettings, build_client
 
-__all__ = ["ConsulClient", "ConsulError", "ConsulKV", "ConsulUnavailable", "Deadline", "TLSConfig"]
+__all__ = [
+    "ConsulClient",
+    "ConsulError",
+    "ConsulKV",
+    "ConsulSettings",
+    "ConsulUnavailable",
+    "Deadline",
+    "SettingsError",
+    "TLSConfig",
+    "build_client",
+]

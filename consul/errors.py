@@ -18,3 +18,9 @@ class ConsulError(Exception):
 class ConsulUnavailable(ConsulError):
     """No listed server answered with a leader before the time budget ran out, or none could
     even be connected to for the unreachable grace."""
+
+
+class SettingsError(ValueError):
+    """A connection setting that cannot be used (consul/settings.py). The message names the
+    setting as the caller spelled it and what to give instead, never a token; the plugin turns
+    it into CNI error 7, the admin CLI into a usage error."""

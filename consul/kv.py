@@ -10,6 +10,7 @@ import builtins
 import json
 from binascii import a2b_base64
 from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import quote
 
 from ..allocator.store import Cas, Check, DeleteCas, KVEntry, Op, Set, TxnResult
@@ -17,6 +18,18 @@ from .client import ConsulClient, Response, check_status
 from .errors import ConsulError
 
 Entry = KVEntry
+
+
+@dataclass(frozen=True)
+class KeyNames:
+    """A `?keys` listing of a prefix."""
+
+    keys: list[str]
+    # Consul's index of the prefix when listed: every key under it written before the listing
+    # has a ModifyIndex at most this, every key written after a higher one.
+    index: int
+    # Consul left out keys the token may not read (it does so without an error).
+    acl_filtered: bool
 
 
 class ConsulKV:
@@ -59,6 +72,26 @@ class ConsulKV:
             raise ConsulError(
                 f"Consul sent a key list for {prefix!r} that could not be read"
             ) from exc
+
+    def names(self, prefix: str, separator: str | None = None) -> KeyNames:
+        """The names of the keys under `prefix`, never their values. With `separator`, a name
+        ends at the first separator after the prefix: each folder is named once, as
+        `<prefix><folder>/`, however many keys it holds."""
+        params = {"keys": "true"} | ({"separator": separator} if separator else {})
+        resp = self.client.request("GET", _path(prefix), params)
+        keys: builtins.list[str] = []
+        if resp.status != 404:
+            check_status(resp, f"listing KV prefix {prefix!r}")
+            try:
+                keys = [k for k in resp.json() if isinstance(k, str)]
+            except (ValueError, TypeError) as exc:
+                raise ConsulError(f"Consul sent a key listing that is not JSON: {exc}") from None
+        try:
+            index = int(resp.headers.get("X-Consul-Index", "0"))
+        except ValueError:
+            index = 0
+        filtered = resp.headers.get("X-Consul-Results-Filtered-By-ACLs", "").lower() == "true"
+        return KeyNames(keys, index, filtered)
 
     def _blocking_get(
         self, prefix: str, params: dict[str, str], index: int, wait_seconds: float
