@@ -13,7 +13,7 @@ refresh lands (within `refresh_interval` plus Consul's answer time).
 
 Memory is bounded: a pool leaves the cache when its watcher ends (idle, or an error), a cache
 holds at most `max_pools` pools (least recently used evicted first), and the helper bounds the
-number of caches and of pools across them (cni/helper.py).
+number of caches and of pools across them (caches.py).
 """
 
 from __future__ import annotations
@@ -22,53 +22,15 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol, TypeGuard
 
 from loguru import logger
 
-from .layout import Layout
-from .pool import Pool, parse_pool
-from .store import KV, KVEntry
+from ...allocator.layout import Layout
+from ...allocator.pool import Pool, list_pool, parse_pool
+from ...allocator.store import KVEntry, WatchableKV
 
 # Past this many new keys in one refresh, one full listing is cheaper than a read per key.
 _READ_ONE_BY_ONE = 200
-
-
-class WatchableKV(KV, Protocol):
-    """A KV that can also wait for changes (ConsulKV): the helper's cache needs it."""
-
-    def list_after(
-        self, prefix: str, index: int = 0, wait_seconds: float = 0.0
-    ) -> tuple[list[KVEntry], int]:
-        """A listing that returns once the prefix changes after `index`, or after the wait."""
-
-    def keys_after(
-        self, prefix: str, index: int = 0, wait_seconds: float = 0.0
-    ) -> tuple[list[str], int]:
-        """Key names only, with the same blocking behaviour."""
-
-
-def list_pool(kv: KV, layout: Layout, name: str) -> tuple[list[KVEntry], int]:
-    """The pool key and its folder's keys, as `parse_pool` takes them, with the folder's
-    X-Consul-Index (0 from a KV that has none). Two reads, the key `<prefix>blue` then the
-    folder `<prefix>blue/`, because one listing of the prefix `<prefix>blue` would also bring
-    every key of `blue-v6`, `blue2`, ... (60,000 of them, for all we know). A missing pool key
-    answers [] without listing; a key the token may not read raises (403) on the first read."""
-    entry = kv.get(layout.pool_key(name))
-    if entry is None:
-        return [], 0
-    folder = layout.folder(name)
-    if _watchable(kv):
-        entries, index = kv.list_after(folder)
-    else:
-        entries, index = kv.list(folder), 0
-    return [entry, *entries], index
-
-
-def _watchable(kv: KV) -> TypeGuard[WatchableKV]:
-    # ConsulKV can list with the X-Consul-Index the helper's cache watches from; a plain KV
-    # (the tests' in-memory one) lists without it.
-    return hasattr(kv, "list_after")
 
 
 class PoolCache:
