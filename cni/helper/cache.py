@@ -29,6 +29,8 @@ from ...allocator.layout import Layout
 from ...allocator.pool import Pool, list_pool, parse_pool
 from ...allocator.store import KVEntry, WatchableKV
 
+# How long each blocking query waits for a change (Consul adds up to 1/16 of jitter).
+_WAIT = 30.0
 # Past this many new keys in one refresh, one full listing is cheaper than a read per key.
 _READ_ONE_BY_ONE = 200
 
@@ -158,35 +160,56 @@ class _Watched(threading.Thread):
         layout = self.cache.layout
         # The folder, not the prefix `<prefix><pool>`: churn in `blue-v6` must not wake `blue`.
         folder = layout.folder(self.pool_name)
-        while not self.stopped.is_set():
-            if time.monotonic() - self.used > self.cache.idle_after:
-                return
-            try:
-                kv = self.cache.make_kv()  # a fresh time budget for each blocking query
-                keys, index = kv.keys_after(folder, self.index, 30.0)
-                started = time.monotonic()
-                if index < self.index:
-                    # Consul's index went backwards (a restored snapshot, a new cluster): its
-                    # blocking-query docs say to start over from 0; the refresh re-reads all.
-                    keys, index = kv.keys_after(folder)
-                    self.pool = refreshed(layout, self.pool, keys, kv, forget=True)
-                    self.index = index
-                elif index != self.index:
-                    self.pool = refreshed(layout, self.pool, keys, kv)
-                    self.index = index
-                else:
-                    # A quiet folder: the ranges alone may have changed (`admin create
-                    # --force`); one small read per wait notices it.
-                    entry = kv.get(layout.pool_key(self.pool_name))
-                    if entry is None or entry.modify_index != self.pool.ranges_index:
+        # One KV for the watcher's life: one kept-alive connection, and the server found with a
+        # leader once, not one client (a TCP connect and a leader check) per round.
+        kv = self.cache.make_kv()
+        backoff = 0.0
+        try:
+            while not self.stopped.is_set():
+                if time.monotonic() - self.used > self.cache.idle_after:
+                    return
+                try:
+                    keys, index = kv.keys_after(folder, self.index, _WAIT)
+                    started = time.monotonic()
+                    if 0 < index < self.index:
+                        # Consul's index went backwards (a restored snapshot, a new cluster):
+                        # its blocking-query docs say to start over from 0; the refresh
+                        # re-reads all.
+                        keys, index = kv.keys_after(folder)
+                        self.pool = refreshed(layout, self.pool, keys, kv, forget=True)
+                    elif index != self.index or index == 0:
+                        # (Without an index, only the key names can tell what changed.)
                         self.pool = refreshed(layout, self.pool, keys, kv)
-            except Exception as exc:  # the next call reloads the pool itself, and says why
-                logger.warning("stopped watching pool {!r}: {}", self.pool_name, exc)
-                return
-            # Under churn every write wakes the query: keep refreshing a large pool from eating
-            # the CPU that calls need, at most a fifth of the time.
-            spent = time.monotonic() - started
-            self.stopped.wait(max(self.cache.refresh_interval, 4 * spent))
+                    else:
+                        # A quiet folder: the ranges alone may have changed (`admin create
+                        # --force`); one small read per wait notices it.
+                        entry = kv.get(layout.pool_key(self.pool_name))
+                        if entry is None or entry.modify_index != self.pool.ranges_index:
+                            self.pool = refreshed(layout, self.pool, keys, kv)
+                    self.index = index
+                except Exception as exc:  # the next call reloads the pool itself, and says why
+                    logger.warning("stopped watching pool {!r}: {}", self.pool_name, exc)
+                    return
+                if index > 0:
+                    backoff = 0.0
+                else:
+                    # No X-Consul-Index (0 or absent): nothing to block on, so every query
+                    # would return at once. Consul's docs call it a bug; poll ever less often,
+                    # up to the blocking wait, until an index comes back.
+                    if not backoff:
+                        logger.warning(
+                            "Consul sent no X-Consul-Index for pool {!r}: polling, backing off",
+                            self.pool_name,
+                        )
+                    backoff = min(_WAIT, max(self.cache.refresh_interval, 2 * backoff))
+                # Under churn every write wakes the query: keep refreshing a large pool from
+                # eating the CPU that calls need, at most a fifth of the time.
+                spent = time.monotonic() - started
+                self.stopped.wait(max(self.cache.refresh_interval, 4 * spent, backoff))
+        finally:
+            close = getattr(kv, "close", None)
+            if callable(close):
+                close()
 
 
 def refreshed(

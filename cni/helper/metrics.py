@@ -181,6 +181,11 @@ class _CountingKV:
             self.refreshes.inc()
         return keys, new
 
+    def close(self) -> None:
+        close = getattr(self.kv, "close", None)  # the watcher's connection (WatchKV)
+        if callable(close):
+            close()
+
 
 class _StateCollector(Collector):
     """Read at scrape time: the cached pools and the helper's own counters."""

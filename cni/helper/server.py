@@ -69,11 +69,10 @@ _LISTEN_FDS_START = 3
 
 
 def watch_kv(settings: ConsulSettings) -> WatchableKV:
-    """The KV a pool watcher reads with: a fresh client, its budget one blocking query."""
-    from ...consul import ConsulKV
-    from ..machine import consul_client
+    """The KV one pool watcher reads with for its whole life (see watchkv.py)."""
+    from .watchkv import WatchKV
 
-    return ConsulKV(consul_client(settings, _WATCH_BUDGET))
+    return WatchKV(settings, _WATCH_BUDGET)
 
 
 def preload() -> None:
