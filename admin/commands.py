@@ -211,7 +211,7 @@ def usage(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _usage_prometheus(settings: Settings, results: Sequence[tuple[str, PoolUsage, int]]) -> str:
-    """The helper's pool gauges and labels (cni/metrics.py), so one query covers both, plus
+    """The helper's pool gauges and labels (cni/helper/metrics.py), so one query covers both, plus
     free addresses. Counts are `usage`'s: keys named after an allocatable address."""
     consul, prefix = ",".join(settings.servers), settings.layout.prefix
 

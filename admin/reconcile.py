@@ -22,7 +22,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..allocator.allocate import Allocator, Attachment
 from ..allocator.errors import InvalidPool
@@ -34,8 +34,25 @@ from .ids import LiveIDs, parse_live_ids, read_live_ids
 from .output import note, print_json
 
 if TYPE_CHECKING:
+    from ..consul import ConsulKV
     from .audit import Report
-    from .commands import Context
+    from .kvread import Reader
+    from .output import Progress
+    from .settings import Settings
+
+
+class Context(Protocol):
+    """What reconcile reads of the CLI's context (commands.Context), which imports this
+    module: a protocol here keeps the imports one way."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def progress(self) -> Progress: ...
+    @property
+    def kv(self) -> ConsulKV: ...
+    @property
+    def reader(self) -> Reader: ...
 
 # Attempts at deleting a key that keeps changing to the same dead attachment.
 _ATTEMPTS = 3

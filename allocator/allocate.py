@@ -16,13 +16,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from loguru import logger
 
-from .cache import PoolCache, list_pool
 from .errors import InvalidPool, NotInPool, WriteConflict
 from .layout import Layout
-from .pool import Held, Pool, parse_held, parse_pool
+from .pool import Held, Pool, list_pool, parse_held, parse_pool
 from .ranges import IPAddress, IPRange
 from .schemas import dump_allocation, dump_fence, dump_tombstone, fence_time
 from .store import KV, Cas, Check, DeleteCas, KVEntry, Op, Set, TxnResult
@@ -65,13 +65,20 @@ class Claim:
     doubtful: bool = False
 
 
+class CachedPools(Protocol):
+    """Pools kept between calls (the helper's PoolCache, cni/helper/cache.py)."""
+
+    def get(self, name: str, load: Callable[[], tuple[list[KVEntry], int]]) -> Pool:
+        """The kept copy of the pool; `load` lists it (entries and index) the first time."""
+
+
 class Allocator:
     def __init__(
         self,
         kv: KV,
         layout: Layout | None = None,
         host: str | None = None,
-        cache: PoolCache | None = None,
+        cache: CachedPools | None = None,
         attachment: Attachment | None = None,
         call: str | None = None,
         before_write: Callable[[], None] | None = None,

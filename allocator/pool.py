@@ -10,12 +10,13 @@ import time
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from .errors import InvalidPool, PoolFull, PoolMissing
 from .layout import Layout
 from .ranges import IPAddress, IPRange, sorted_ints
 from .schemas import load_allocation, load_ranges
-from .store import KVEntry
+from .store import KV, KVEntry, WatchableKV
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Pool:
     name: str
     ranges: list[IPRange]
     held: dict[IPAddress, Held] = field(default_factory=dict)
-    # Served from the helper's cache, so possibly behind KV (see allocator/cache.py).
+    # Served from the helper's cache, so possibly behind KV (see cni/helper/cache.py).
     cached: bool = False
     # ModifyIndex of the pool key the ranges came from: the helper's watcher compares it.
     ranges_index: int = 0
@@ -266,3 +267,26 @@ def parse_held(entry: KVEntry, folder: str) -> Held:
         free_after=alloc.get("free_after"),
         at=alloc.get("at"),
     )
+
+
+def list_pool(kv: KV, layout: Layout, name: str) -> tuple[list[KVEntry], int]:
+    """The pool key and its folder's keys, as `parse_pool` takes them, with the folder's
+    X-Consul-Index (0 from a KV that has none). Two reads, the key `<prefix>blue` then the
+    folder `<prefix>blue/`, because one listing of the prefix `<prefix>blue` would also bring
+    every key of `blue-v6`, `blue2`, ... (60,000 of them, for all we know). A missing pool key
+    answers [] without listing; a key the token may not read raises (403) on the first read."""
+    entry = kv.get(layout.pool_key(name))
+    if entry is None:
+        return [], 0
+    folder = layout.folder(name)
+    if _watchable(kv):
+        entries, index = kv.list_after(folder)
+    else:
+        entries, index = kv.list(folder), 0
+    return [entry, *entries], index
+
+
+def _watchable(kv: KV) -> TypeGuard[WatchableKV]:
+    # ConsulKV can list with the X-Consul-Index the helper's cache watches from; a plain KV
+    # (the tests' in-memory one) lists without it.
+    return hasattr(kv, "list_after")

@@ -83,3 +83,18 @@ class KV(Protocol):
 
     def txn(self, ops: Sequence[Op]) -> TxnResult:
         """Apply every op atomically, or none of them (at most 64 ops)."""
+
+
+class WatchableKV(KV, Protocol):
+    """A KV that can also wait for changes (ConsulKV): the helper's pool cache
+    (cni/helper/cache.py) watches with it, and a listing records the index to watch from."""
+
+    def list_after(
+        self, prefix: str, index: int = 0, wait_seconds: float = 0.0
+    ) -> tuple[list[KVEntry], int]:
+        """A listing that returns once the prefix changes after `index`, or after the wait."""
+
+    def keys_after(
+        self, prefix: str, index: int = 0, wait_seconds: float = 0.0
+    ) -> tuple[list[str], int]:
+        """Key names only, with the same blocking behaviour."""

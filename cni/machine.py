@@ -39,7 +39,7 @@ from .errors import INPUT_CODES, CNIError, Code
 from .schemas import SUPPORTED_VERSIONS, VersionSchema
 
 if TYPE_CHECKING:
-    from .helper import PoolCaches
+    from .helper.caches import PoolCaches
 
 STATES = [
     "start", "parsed", "connected", "fenced", "pool_loaded", "ip_picked", "pool_done", "done",

@@ -26,11 +26,11 @@ def main_verbose() -> None:
 
 
 def run(verbose: bool) -> int:
-    # The call's deadline counts from here, whoever runs it (see cni/fastpath.py).
+    # The call's deadline counts from here, whoever runs it (see cni/helper/client.py).
     started = time.monotonic()
     try:
         stdin = sys.stdin.buffer.read() if sys.stdin is not None else b""
-        from .fastpath import via_helper
+        from .helper.client import via_helper
 
         answer = via_helper(stdin, verbose, started)
         if answer is not None:

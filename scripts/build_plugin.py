@@ -41,7 +41,7 @@ ENTRY_POINTS = {
     "ipam-da-consul": ("ipam_da_consul.cni.main", "main"),
     "ipam-da-consul-verbose": ("ipam_da_consul.cni.main", "main_verbose"),
     "ipam-da-consul-admin": ("ipam_da_consul.admin.cli", "main"),
-    "ipam-da-consul-helper": ("ipam_da_consul.cni.helper", "main"),
+    "ipam-da-consul-helper": ("ipam_da_consul.cni.helper.cli", "main"),
 }
 # Never needed at run time; each entry also costs a central-directory record that zipimport
 # parses on the first import from the file.

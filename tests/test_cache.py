@@ -6,9 +6,9 @@ import ipaddress
 import json
 import time
 
-from ipam_da_consul.allocator.cache import PoolCache, refreshed
 from ipam_da_consul.allocator.layout import Layout
 from ipam_da_consul.allocator.pool import parse_pool
+from ipam_da_consul.cni.helper.cache import PoolCache, refreshed
 from ipam_da_consul.consul import ConsulClient, ConsulKV, Deadline
 
 RANGES = [{"subnet": "10.9.0.0/24", "rangeStart": "10.9.0.10", "rangeEnd": "10.9.0.20"}]

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ipam_da_consul.cni import fastpath
-from ipam_da_consul.cni.fastpath import ANSWER_MARGIN, WIRE_VERSION, frame, read_frame
-from ipam_da_consul.cni.helper import DEFAULT_CALL_TIMEOUT, call_timeout, hung_up
+from ipam_da_consul.cni.helper import client
+from ipam_da_consul.cni.helper.client import ANSWER_MARGIN
+from ipam_da_consul.cni.helper.server import DEFAULT_CALL_TIMEOUT, call_timeout, hung_up
+from ipam_da_consul.cni.helper.wire import WIRE_VERSION, frame, read_frame
 
 
 class FakeHelper:
@@ -67,7 +68,7 @@ def test_no_ack_falls_back_within_the_ack_timeout(sock_path):
 
     fake = FakeHelper(sock_path, silent)
     began = time.monotonic()
-    assert fastpath.via_helper(b"{}", False) is None
+    assert client.via_helper(b"{}", False) is None
     assert time.monotonic() - began == pytest.approx(0.5, abs=0.3)
     fake.close()
     assert fake.after_ack == ["EOF"]
@@ -80,7 +81,7 @@ def test_request_carries_started_and_the_wire_version(sock_path):
         seen.append(request)
 
     fake = FakeHelper(sock_path, record)
-    assert fastpath.via_helper(b"{}", True, started=123.5) is None
+    assert client.via_helper(b"{}", True, started=123.5) is None
     fake.close()
     assert seen[0]["v"] == WIRE_VERSION and seen[0]["started"] == 123.5
     assert seen[0]["stdin"] == b"{}" and seen[0]["verbose"] is True
@@ -92,7 +93,7 @@ def test_another_version_falls_back_without_go(sock_path):
         fake.next_message(conn)
 
     fake = FakeHelper(sock_path, old)
-    assert fastpath.via_helper(b"{}", False) is None
+    assert client.via_helper(b"{}", False) is None
     fake.close()
     assert fake.after_ack == ["EOF"]
 
@@ -103,7 +104,7 @@ def test_ack_with_a_past_deadline_or_garbage_falls_back_without_go(sock_path, mo
         fake.next_message(conn)
 
     fake = FakeHelper(sock_path, late)
-    assert fastpath.via_helper(b"{}", False) is None
+    assert client.via_helper(b"{}", False) is None
     fake.close()
     assert fake.after_ack == ["EOF"]
 
@@ -113,7 +114,7 @@ def test_ack_with_a_past_deadline_or_garbage_falls_back_without_go(sock_path, mo
 
     fake = FakeHelper(sock_path.with_name("g.sock"), garbage)
     monkeypatch.setenv("IPAM_DA_CONSUL_SOCKET", str(sock_path.with_name("g.sock")))
-    assert fastpath.via_helper(b"{}", False) is None
+    assert client.via_helper(b"{}", False) is None
     fake.close()
     assert fake.after_ack == ["EOF"]
 
@@ -125,7 +126,7 @@ def test_answer_after_go_is_returned(sock_path):
         conn.sendall(frame({"stdout": "out\n", "stderr": "err\n", "code": 0}))
 
     fake = FakeHelper(sock_path, good)
-    assert fastpath.via_helper(b"{}", False) == ("out\n", "err\n", 0)
+    assert client.via_helper(b"{}", False) == ("out\n", "err\n", 0)
     fake.close()
     assert fake.after_ack == [{"go": True}]
 
@@ -138,7 +139,7 @@ def test_no_answer_after_go_is_error_11_at_the_deadline(sock_path):
 
     fake = FakeHelper(sock_path, stuck)
     began = time.monotonic()
-    out, err, code = fastpath.via_helper(b"{}", False, started=began)
+    out, err, code = client.via_helper(b"{}", False, started=began)
     elapsed = time.monotonic() - began
     assert code == 11
     assert elapsed == pytest.approx(0.3 + ANSWER_MARGIN, abs=0.3)
@@ -155,13 +156,13 @@ def test_helper_dying_after_go_falls_back(sock_path):
         fake.next_message(conn)  # then the connection closes: EOF
 
     fake = FakeHelper(sock_path, dies)
-    assert fastpath.via_helper(b"{}", False) is None
+    assert client.via_helper(b"{}", False) is None
     fake.close()
 
 
 @pytest.mark.parametrize("text", ["plain", 'quote " back \\ slash', "ctl \x00\x1f\n\t", "é ☃"])
 def test_error_json_is_valid(text):
-    assert json.loads(fastpath._json_str(text)) == text
+    assert json.loads(client._json_str(text)) == text
 
 
 @pytest.mark.parametrize(
@@ -173,7 +174,7 @@ def test_ack_timeout_from_env(monkeypatch, value, expected):
         monkeypatch.delenv("IPAM_DA_CONSUL_HELPER_ACK_TIMEOUT", raising=False)
     else:
         monkeypatch.setenv("IPAM_DA_CONSUL_HELPER_ACK_TIMEOUT", value)
-    assert fastpath.ack_timeout() == expected
+    assert client.ack_timeout() == expected
 
 
 @pytest.mark.parametrize(
@@ -211,7 +212,7 @@ def test_client_imports_stay_cheap():
 
     code = (
         "import sys; before = set(sys.modules); "
-        "import ipam_da_consul.cni.main, ipam_da_consul.cni.fastpath; "
+        "import ipam_da_consul.cni.main, ipam_da_consul.cni.helper.client; "
         "print(' '.join(sorted(set(sys.modules) - before)))"
     )
     added = set(subprocess.check_output([sys.executable, "-c", code], text=True).split())
@@ -219,7 +220,9 @@ def test_client_imports_stay_cheap():
         "ipam_da_consul",
         "ipam_da_consul.cni",
         "ipam_da_consul.cni.main",
-        "ipam_da_consul.cni.fastpath",
+        "ipam_da_consul.cni.helper",
+        "ipam_da_consul.cni.helper.client",
+        "ipam_da_consul.cni.helper.wire",
         "_socket",
         "marshal",
         "time",

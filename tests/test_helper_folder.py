@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from ipam_da_consul.cni.helper import SetupError, clear_stale_socket, prepare_folder
+from ipam_da_consul.cni.helper.server import SetupError, clear_stale_socket, prepare_folder
 
 from tests.conftest import executable
 from tests.util_procs import Helper

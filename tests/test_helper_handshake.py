@@ -139,7 +139,7 @@ def test_helper_dying_after_go_falls_back(consul, make_pool, conf_for, helper):
 
 
 def raw(helper: Helper, message: dict[str, Any]) -> tuple[dict[str, Any] | None, socket.socket]:
-    from ipam_da_consul.cni.fastpath import frame, read_frame
+    from ipam_da_consul.cni.helper.wire import frame, read_frame
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
@@ -180,7 +180,7 @@ def test_past_deadline_and_other_versions_run_nothing(consul, make_pool, conf_fo
 
 
 def test_raw_handshake_runs_only_after_go(consul, make_pool, conf_for, helper):
-    from ipam_da_consul.cni.fastpath import frame, read_frame
+    from ipam_da_consul.cni.helper.wire import frame, read_frame
 
     pool = make_pool()
     started = time.monotonic()

@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable
 
 import pytest
-from ipam_da_consul.allocator.cache import PoolCache
 from ipam_da_consul.allocator.layout import Layout
 from ipam_da_consul.allocator.store import KVEntry
 from ipam_da_consul.cni.config import ConsulSettings
-from ipam_da_consul.cni.helper import PoolCaches
+from ipam_da_consul.cni.helper.cache import PoolCache
+from ipam_da_consul.cni.helper.caches import PoolCaches
 
 from tests.conftest import run_plugin
 from tests.memkv import MemKV

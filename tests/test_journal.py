@@ -1,4 +1,4 @@
-"""The helper's DEL journal (cni/journal.py) against a real, persistent Consul server that is
+"""The helper's DEL journal (cni/helper/journal.py) against a real, persistent Consul server that is
 stopped and started again with its data, and real helper processes that are restarted and
 killed. Nothing is mocked: calls are the installed plugin run as a runtime runs it."""
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from ipam_da_consul.allocator.allocate import Allocator, Attachment
 from ipam_da_consul.allocator.layout import Layout
-from ipam_da_consul.cni import journal as jr
+from ipam_da_consul.cni.helper import journal as jr
 from ipam_da_consul.consul import ConsulClient, ConsulKV
 
 from tests.agent import ConsulAgent

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from ipam_da_consul.cni.helper import parse_address
+from ipam_da_consul.cni.helper.cli import parse_address
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.agent import ConsulAgent
@@ -132,9 +132,9 @@ def test_metrics_are_off_by_default_and_never_imported_by_the_client(tmp_path: P
     # The thin client and a helper without --metrics-address never load prometheus_client.
     probe = (
         "import sys\n"
-        "import ipam_da_consul.cni.main, ipam_da_consul.cni.fastpath\n"
+        "import ipam_da_consul.cni.main, ipam_da_consul.cni.helper.client\n"
         "assert 'prometheus_client' not in sys.modules\n"
-        "import ipam_da_consul.cni.helper\n"
+        "import ipam_da_consul.cni.helper.cli, ipam_da_consul.cni.helper.server\n"
         "assert 'prometheus_client' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True)

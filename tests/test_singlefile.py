@@ -92,7 +92,7 @@ def test_each_entry_point_is_one_self_contained_zipapp(single_file_bin: Path) ->
         assert shebang.startswith("#!/") and shebang.rstrip().endswith(" -IS"), shebang
         with zipfile.ZipFile(exe) as zf:
             names = set(zf.namelist())
-        assert {"__main__.py", "__main__.pyc", "ipam_da_consul/cni/fastpath.pyc"} <= names
+        assert {"__main__.py", "__main__.pyc", "ipam_da_consul/cni/helper/client.pyc"} <= names
         assert "prometheus_client/__init__.pyc" in names  # the helper's metrics, bundled
         # Nothing zipimport could not load, nothing extracted at run time.
         assert not [n for n in names if n.endswith((".so", ".pyd"))]
@@ -156,7 +156,7 @@ def test_thin_client_through_the_single_file_helper(
         assert again.returncode == 0, again
         imported = {line.split("|")[-1].strip() for line in again.stderr.splitlines()
                     if line.startswith("import time:")}
-        assert "ipam_da_consul.cni.fastpath" in imported
+        assert "ipam_da_consul.cni.helper.client" in imported
         heavy = {"requests", "loguru", "marshmallow", "transitions", "prometheus_client", "json",
                  "socket"}
         assert not heavy & imported, heavy & imported

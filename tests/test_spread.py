@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 from ipam_da_consul.allocator.allocate import Allocator, Attachment
-from ipam_da_consul.allocator.cache import PoolCache, list_pool, refreshed
 from ipam_da_consul.allocator.errors import PoolFull
 from ipam_da_consul.allocator.layout import Layout
-from ipam_da_consul.allocator.pool import Held, Pool, parse_pool, spread_key
+from ipam_da_consul.allocator.pool import Held, Pool, list_pool, parse_pool, spread_key
 from ipam_da_consul.allocator.ranges import IPRange, sorted_ints
 from ipam_da_consul.allocator.schemas import load_ranges
 from ipam_da_consul.allocator.store import KVEntry
+from ipam_da_consul.cni.helper.cache import PoolCache, refreshed
 from ipam_da_consul.consul import ConsulClient, ConsulKV, Deadline
 
 from tests.memkv import MemKV

@@ -291,7 +291,7 @@ class Helper:
 
     def stats(self, timeout: float = 10.0) -> dict[str, int]:
         """The helper's counters (requests served, dropped, refused) and cache sizes."""
-        from ipam_da_consul.cni.fastpath import WIRE_VERSION, frame, read_frame
+        from ipam_da_consul.cni.helper.wire import WIRE_VERSION, frame, read_frame
 
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)

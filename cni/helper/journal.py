@@ -36,8 +36,8 @@ from typing import Any
 
 from loguru import logger
 
-from .env import REPLAY_BEFORE
-from .errors import INPUT_CODES
+from ..env import REPLAY_BEFORE
+from ..errors import INPUT_CODES
 
 DEFAULT_STATE_DIR = "/var/lib/ipam-da-consul"
 JOURNAL_FOLDER = "journal"

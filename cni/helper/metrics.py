@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import builtins
 import re
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import prometheus_client
@@ -26,11 +26,22 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from ..allocator.cache import WatchableKV
-    from ..allocator.store import KVEntry, Op, TxnResult
-    from .helper import HelperServer
+    from ...allocator.store import KVEntry, Op, TxnResult, WatchableKV
 
 PREFIX = "ipam_da_consul"
+
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What the scrape reads from the helper, as plain callables so this module knows nothing
+    of the server: its request counters and pool/cache counts (HelperServer.stats), the
+    connections it is handling, and one row per cached pool (PoolCaches.pool_sizes)."""
+
+    stats: Callable[[], Mapping[str, int]]
+    active: Callable[[], int]
+    pools: Callable[[], Iterable[tuple[str, str, str, int, int]]]
+
 
 # consul/client.py: "<METHOD> <server><path> -> <status> in <ms> ms" or
 # "<METHOD> <server><path> failed after <ms> ms: <why>".
@@ -99,9 +110,9 @@ class Metrics:
     def watch_kv(self, kv: WatchableKV) -> WatchableKV:
         return _CountingKV(kv, self.refreshes)
 
-    def serve(self, address: tuple[str, int], server: HelperServer) -> str:
+    def serve(self, address: tuple[str, int], sources: Sources) -> str:
         """Start the HTTP listener (a daemon thread); returns its URL."""
-        self.state.server = server
+        self.state.sources = sources
         host, port = address
         self.httpd, _ = start_http_server(port, host, registry=self.registry)
         shown = f"[{host}]" if ":" in host else host
@@ -170,20 +181,24 @@ class _CountingKV:
             self.refreshes.inc()
         return keys, new
 
+    def close(self) -> None:
+        close = getattr(self.kv, "close", None)  # the watcher's connection (WatchKV)
+        if callable(close):
+            close()
+
 
 class _StateCollector(Collector):
     """Read at scrape time: the cached pools and the helper's own counters."""
 
     def __init__(self) -> None:
-        self.server: HelperServer | None = None
-        self.lock = threading.Lock()
+        self.sources: Sources | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []  # dynamic: nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        server = self.server
-        if server is None:
+        sources = self.sources
+        if sources is None:
             return
         labels = ["consul", "prefix", "pool"]
         allocated = GaugeMetricFamily(
@@ -200,16 +215,8 @@ class _StateCollector(Collector):
         # Caches differ by token too; tokens are never a label, so the same pool read with two
         # tokens is shown once (the most recently used cache, last in LRU order, wins).
         rows: dict[tuple[str, str, str], tuple[int, int]] = {}
-        with server.caches.lock:
-            caches = list(server.caches.caches.items())
-        for key, cache in caches:
-            servers, prefix = ",".join(key[0]), key[6]
-            with cache.lock:
-                names = list(cache.pools)
-            for name in names:
-                pool = cache.peek(name)
-                if pool is not None:
-                    rows[servers, prefix, name] = (len(pool.held), pool.capacity())
+        for servers, prefix, name, held, size in sources.pools():
+            rows[servers, prefix, name] = (held, size)
         for row, (held, size) in sorted(rows.items()):
             allocated.add_metric(list(row), held)
             capacity.add_metric(list(row), size)
@@ -222,12 +229,12 @@ class _StateCollector(Collector):
             "dropped_late, dropped_hung_up (the client did the call itself)",
             labels=["outcome"],
         )
-        counts = server.stats()
+        counts = sources.stats()
         for outcome in ("served", "refused", "dropped_late", "dropped_hung_up"):
             requests.add_metric([outcome], counts.get(outcome, 0))
         yield requests
         for name, help_text, value in (
-            ("helper_connections_active", "Connections being handled now", server.active),
+            ("helper_connections_active", "Connections being handled now", sources.active()),
             ("helper_cached_pools", "Pools in memory", counts.get("pools", 0)),
             ("helper_caches", "Ways of reaching Consul kept warm", counts.get("caches", 0)),
         ):

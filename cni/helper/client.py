@@ -24,8 +24,7 @@ helper may still act; the helper's machine stops at the same deadline and before
 checks that the client is still there. A helper that dies after "go" (EOF) is safe to redo
 in-process: ADD, DEL and CHECK are idempotent.
 
-Framing, both ways: an 8-byte big-endian length, then a marshal'd dict. Client and helper are
-the same installation, so they share one marshal version.
+Framing and the shared constants: wire.py.
 """
 
 from __future__ import annotations
@@ -35,19 +34,17 @@ import marshal
 import os
 import time
 
+from .wire import DEFAULT_SOCKET, TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
+
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: see cni/main.py
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-WIRE_VERSION = 3
-DEFAULT_SOCKET = "/run/ipam-da-consul/helper.sock"
 DEFAULT_ACK_TIMEOUT = 1.0
 # After "go": time for the helper's answer to cross the socket once its machine stopped at the
 # deadline, on a loaded host.
 ANSWER_MARGIN = 2.0
-TRY_AGAIN_LATER = 11
 _FORWARDED = ("CNI_", "CONSUL_", "IPAM_DA_CONSUL_")
-MAX_MESSAGE = 16 * 1024 * 1024
 
 
 def socket_path() -> str:
@@ -60,11 +57,6 @@ def ack_timeout() -> float:
     except ValueError:
         return DEFAULT_ACK_TIMEOUT
     return value if 0 < value < 1e6 else DEFAULT_ACK_TIMEOUT  # also rejects nan and inf
-
-
-def frame(message: dict[str, object]) -> bytes:
-    body = marshal.dumps(message)
-    return len(body).to_bytes(8, "big") + body
 
 
 def request(stdin: bytes, verbose: bool, started: float) -> dict[str, object]:
@@ -160,22 +152,3 @@ def _json_str(text: str) -> str:
             out.append(ch)
     out.append('"')
     return "".join(out)
-
-
-def read_frame(recv: Callable[[int], bytes]) -> bytes:
-    """One length-prefixed message from `recv` (a socket's recv)."""
-
-    def exactly(n: int) -> bytes:
-        chunks, left = [], n
-        while left:
-            chunk = recv(min(left, 1 << 20))
-            if not chunk:
-                raise EOFError("connection closed mid-message")
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-
-    size = int.from_bytes(exactly(8), "big")
-    if size > MAX_MESSAGE:
-        raise ValueError(f"message of {size} bytes is too large")
-    return exactly(size)

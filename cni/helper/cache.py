@@ -13,7 +13,7 @@ refresh lands (within `refresh_interval` plus Consul's answer time).
 
 Memory is bounded: a pool leaves the cache when its watcher ends (idle, or an error), a cache
 holds at most `max_pools` pools (least recently used evicted first), and the helper bounds the
-number of caches and of pools across them (cni/helper.py).
+number of caches and of pools across them (caches.py).
 """
 
 from __future__ import annotations
@@ -22,53 +22,17 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol, TypeGuard
 
 from loguru import logger
 
-from .layout import Layout
-from .pool import Pool, parse_pool
-from .store import KV, KVEntry
+from ...allocator.layout import Layout
+from ...allocator.pool import Pool, list_pool, parse_pool
+from ...allocator.store import KVEntry, WatchableKV
 
+# How long each blocking query waits for a change (Consul adds up to 1/16 of jitter).
+_WAIT = 30.0
 # Past this many new keys in one refresh, one full listing is cheaper than a read per key.
 _READ_ONE_BY_ONE = 200
-
-
-class WatchableKV(KV, Protocol):
-    """A KV that can also wait for changes (ConsulKV): the helper's cache needs it."""
-
-    def list_after(
-        self, prefix: str, index: int = 0, wait_seconds: float = 0.0
-    ) -> tuple[list[KVEntry], int]:
-        """A listing that returns once the prefix changes after `index`, or after the wait."""
-
-    def keys_after(
-        self, prefix: str, index: int = 0, wait_seconds: float = 0.0
-    ) -> tuple[list[str], int]:
-        """Key names only, with the same blocking behaviour."""
-
-
-def list_pool(kv: KV, layout: Layout, name: str) -> tuple[list[KVEntry], int]:
-    """The pool key and its folder's keys, as `parse_pool` takes them, with the folder's
-    X-Consul-Index (0 from a KV that has none). Two reads, the key `<prefix>blue` then the
-    folder `<prefix>blue/`, because one listing of the prefix `<prefix>blue` would also bring
-    every key of `blue-v6`, `blue2`, ... (60,000 of them, for all we know). A missing pool key
-    answers [] without listing; a key the token may not read raises (403) on the first read."""
-    entry = kv.get(layout.pool_key(name))
-    if entry is None:
-        return [], 0
-    folder = layout.folder(name)
-    if _watchable(kv):
-        entries, index = kv.list_after(folder)
-    else:
-        entries, index = kv.list(folder), 0
-    return [entry, *entries], index
-
-
-def _watchable(kv: KV) -> TypeGuard[WatchableKV]:
-    # ConsulKV can list with the X-Consul-Index the helper's cache watches from; a plain KV
-    # (the tests' in-memory one) lists without it.
-    return hasattr(kv, "list_after")
 
 
 class PoolCache:
@@ -196,35 +160,56 @@ class _Watched(threading.Thread):
         layout = self.cache.layout
         # The folder, not the prefix `<prefix><pool>`: churn in `blue-v6` must not wake `blue`.
         folder = layout.folder(self.pool_name)
-        while not self.stopped.is_set():
-            if time.monotonic() - self.used > self.cache.idle_after:
-                return
-            try:
-                kv = self.cache.make_kv()  # a fresh time budget for each blocking query
-                keys, index = kv.keys_after(folder, self.index, 30.0)
-                started = time.monotonic()
-                if index < self.index:
-                    # Consul's index went backwards (a restored snapshot, a new cluster): its
-                    # blocking-query docs say to start over from 0; the refresh re-reads all.
-                    keys, index = kv.keys_after(folder)
-                    self.pool = refreshed(layout, self.pool, keys, kv, forget=True)
-                    self.index = index
-                elif index != self.index:
-                    self.pool = refreshed(layout, self.pool, keys, kv)
-                    self.index = index
-                else:
-                    # A quiet folder: the ranges alone may have changed (`admin create
-                    # --force`); one small read per wait notices it.
-                    entry = kv.get(layout.pool_key(self.pool_name))
-                    if entry is None or entry.modify_index != self.pool.ranges_index:
+        # One KV for the watcher's life: one kept-alive connection, and the server found with a
+        # leader once, not one client (a TCP connect and a leader check) per round.
+        kv = self.cache.make_kv()
+        backoff = 0.0
+        try:
+            while not self.stopped.is_set():
+                if time.monotonic() - self.used > self.cache.idle_after:
+                    return
+                try:
+                    keys, index = kv.keys_after(folder, self.index, _WAIT)
+                    started = time.monotonic()
+                    if 0 < index < self.index:
+                        # Consul's index went backwards (a restored snapshot, a new cluster):
+                        # its blocking-query docs say to start over from 0; the refresh
+                        # re-reads all.
+                        keys, index = kv.keys_after(folder)
+                        self.pool = refreshed(layout, self.pool, keys, kv, forget=True)
+                    elif index != self.index or index == 0:
+                        # (Without an index, only the key names can tell what changed.)
                         self.pool = refreshed(layout, self.pool, keys, kv)
-            except Exception as exc:  # the next call reloads the pool itself, and says why
-                logger.warning("stopped watching pool {!r}: {}", self.pool_name, exc)
-                return
-            # Under churn every write wakes the query: keep refreshing a large pool from eating
-            # the CPU that calls need, at most a fifth of the time.
-            spent = time.monotonic() - started
-            self.stopped.wait(max(self.cache.refresh_interval, 4 * spent))
+                    else:
+                        # A quiet folder: the ranges alone may have changed (`admin create
+                        # --force`); one small read per wait notices it.
+                        entry = kv.get(layout.pool_key(self.pool_name))
+                        if entry is None or entry.modify_index != self.pool.ranges_index:
+                            self.pool = refreshed(layout, self.pool, keys, kv)
+                    self.index = index
+                except Exception as exc:  # the next call reloads the pool itself, and says why
+                    logger.warning("stopped watching pool {!r}: {}", self.pool_name, exc)
+                    return
+                if index > 0:
+                    backoff = 0.0
+                else:
+                    # No X-Consul-Index (0 or absent): nothing to block on, so every query
+                    # would return at once. Consul's docs call it a bug; poll ever less often,
+                    # up to the blocking wait, until an index comes back.
+                    if not backoff:
+                        logger.warning(
+                            "Consul sent no X-Consul-Index for pool {!r}: polling, backing off",
+                            self.pool_name,
+                        )
+                    backoff = min(_WAIT, max(self.cache.refresh_interval, 2 * backoff))
+                # Under churn every write wakes the query: keep refreshing a large pool from
+                # eating the CPU that calls need, at most a fifth of the time.
+                spent = time.monotonic() - started
+                self.stopped.wait(max(self.cache.refresh_interval, 4 * spent, backoff))
+        finally:
+            close = getattr(kv, "close", None)
+            if callable(close):
+                close()
 
 
 def refreshed(

@@ -1,4 +1,4 @@
-"""ipam-da-consul-helper: a long-lived local process that serves plugin calls.
+"""The helper's server: a long-lived local process that serves plugin calls.
 
 Why it exists: a CNI plugin is a new process per call, and importing requests, marshmallow,
 transitions and loguru alone costs ~200 ms, some 15x a bare interpreter start. The helper keeps
@@ -6,25 +6,25 @@ them imported, keeps pools in memory (refreshed from Consul in the background), 
 plugin's thin client over a unix socket that only root (or the helper's own user) can use.
 Without a helper the plugin does the same work in-process; results are identical.
 
-The handshake with the client (cni/fastpath.py) makes each call run in exactly one place: the
+The handshake with the client (client.py) makes each call run in exactly one place: the
 helper acknowledges a request at once, runs it only after the client's "go", and drops it if
 the client hung up instead (it gave up waiting and did the call itself).
 
 Under systemd it can be started on demand: a socket unit holds the listening socket and passes
 it (LISTEN_FDS / LISTEN_PID, fd 3), and `--idle-exit` ends the helper after a quiet spell; the
 next call's connection waits in the socket's queue until systemd has started it again.
+
+The command line is cli.py; what is kept between calls, caches.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import marshal
 import math
 import os
 import select
-import signal
 import socket
 import socketserver
 import stat
@@ -32,7 +32,6 @@ import struct
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,20 +40,19 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from .. import __version__
-from . import logs
-from .fastpath import DEFAULT_SOCKET, TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
-from .journal import DEFAULT_STATE_DIR, Journal
-from .main import execute
+from .. import logs
+from ..main import execute
+from .caches import PoolCaches
+from .journal import Journal
+from .wire import TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
 
 # The heavy modules (requests, marshmallow, transitions: ~0.3 s, seconds on a loaded host) are
 # imported in the background once the helper listens, not here: a helper started on demand by
 # its first call must acknowledge it within the client's ack timeout (1 s), and the handshake
 # needs none of them. A call that arrives before they are loaded waits for them in execute().
 if TYPE_CHECKING:
-    from ..allocator.cache import PoolCache, WatchableKV
-    from ..allocator.layout import Layout
-    from .config import ConsulSettings
+    from ...allocator.store import WatchableKV
+    from ..config import ConsulSettings
     from .metrics import Metrics
 
 # The time budget of each blocking query a watcher sends: its 30 s wait plus Consul's jitter.
@@ -70,133 +68,16 @@ _ANSWER_SEND = 10.0
 _LISTEN_FDS_START = 3
 
 
-class PoolCaches:
-    """What the helper keeps warm per way of reaching Consul (servers, token, TLS, datacenter,
-    prefix): a PoolCache, and the server that last answered with a leader.
-
-    Bounded, because the settings include the ACL token and every token gets its own copy of
-    the pools it reads (sharing one would show a token what only another may read): at most
-    `max_settings` caches and `max_pools` pools across them, least recently used evicted first
-    (their watchers stopped)."""
-
-    def __init__(
-        self,
-        refresh_interval: float,
-        server_memory: float = 2.0,
-        max_settings: int = 8,
-        max_pools: int = 64,
-        make_kv: Callable[[ConsulSettings], WatchableKV] | None = None,
-    ) -> None:
-        self.refresh_interval = refresh_interval
-        # Tests give a stand-in; the helper reads Consul.
-        self.make_kv = make_kv or watch_kv
-        self.server_memory = server_memory
-        self.max_settings = max_settings
-        self.max_pools = max_pools
-        self.lock = threading.Lock()
-        self.bounding = threading.Lock()
-        # Least recently used first, both.
-        self.caches: OrderedDict[Any, PoolCache] = OrderedDict()
-        self.servers: OrderedDict[Any, tuple[str, float]] = OrderedDict()
-        # Where a DEL that cannot reach Consul is recorded for replay (see cni/journal.py);
-        # None: such a DEL only returns 11, as in-process.
-        self.journal: Journal | None = None
-
-    def recent_server(self, settings: ConsulSettings) -> str | None:
-        """The server a call used successfully within `server_memory` seconds, if any: it skips
-        one leader check per call; a failure there still goes through the full server choice."""
-        with self.lock:
-            seen = self.servers.get(_hashable(settings))
-        if seen is None or time.monotonic() - seen[1] > self.server_memory:
-            return None
-        return seen[0]
-
-    def remember_server(self, settings: ConsulSettings, server: str) -> None:
-        key, now = _hashable(settings), time.monotonic()
-        with self.lock:
-            self.servers[key] = (server, now)
-            self.servers.move_to_end(key)
-            # Calls that use no cache (DEL, CHECK) remember servers too: expired entries are
-            # useless, and dropping them keeps one entry per recently used token at most.
-            while self.servers:
-                _, at = next(iter(self.servers.values()))
-                if now - at <= self.server_memory and len(self.servers) <= 4 * self.max_settings:
-                    break
-                self.servers.popitem(last=False)
-
-    def get(self, settings: ConsulSettings, layout: Layout) -> PoolCache:
-        from ..allocator.cache import PoolCache
-
-        key = _hashable(settings)
-        evicted: list[PoolCache] = []
-        with self.lock:
-            cache = self.caches.get(key)
-            if cache is not None:
-                self.caches.move_to_end(key)
-                return cache
-            cache = PoolCache(
-                lambda: self.make_kv(settings),
-                layout,
-                self.refresh_interval,
-                max_pools=self.max_pools,
-                on_load=self.bound_pools,
-            )
-            self.caches[key] = cache
-            while len(self.caches) > self.max_settings:
-                old_key, old = self.caches.popitem(last=False)
-                self.servers.pop(old_key, None)
-                evicted.append(old)
-        for old in evicted:
-            old.close()
-        return cache
-
-    def peek(self, settings: ConsulSettings) -> PoolCache | None:
-        """The cache for these settings if there is one; never creates it."""
-        with self.lock:
-            return self.caches.get(_hashable(settings))
-
-    def bound_pools(self) -> None:
-        """Evict the least recently used pools of all caches until at most `max_pools` remain."""
-        with self.bounding:
-            with self.lock:
-                caches = list(self.caches.values())
-            while sum(len(c) for c in caches) > self.max_pools:
-                used = [(c.oldest_use(), c) for c in caches]
-                candidates = [(t, c) for t, c in used if t is not None]
-                if not candidates:
-                    return
-                min(candidates, key=lambda tc: tc[0])[1].evict_oldest()
-
-    def counts(self) -> dict[str, int]:
-        with self.lock:
-            caches = list(self.caches.values())
-            servers = len(self.servers)
-        return {"caches": len(caches), "pools": sum(len(c) for c in caches), "servers": servers}
-
-
 def watch_kv(settings: ConsulSettings) -> WatchableKV:
-    """The KV a pool watcher reads with: a fresh client, its budget one blocking query."""
-    from ..consul import ConsulKV
-    from .machine import consul_client
+    """The KV one pool watcher reads with for its whole life (see watchkv.py)."""
+    from .watchkv import WatchKV
 
-    return ConsulKV(consul_client(settings, _WATCH_BUDGET))
+    return WatchKV(settings, _WATCH_BUDGET)
 
 
 def preload() -> None:
     """Import what calls need (see the imports above), off the accepting thread."""
-    from . import machine  # noqa: F401  (imports config, consul, allocator in turn)
-
-
-def _hashable(settings: ConsulSettings) -> Any:
-    return (
-        tuple(settings.servers),
-        settings.token,
-        settings.ca_file,
-        settings.cert_file,
-        settings.key_file,
-        settings.datacenter,
-        settings.kv_prefix,
-    )
+    from .. import machine  # noqa: F401  (imports config, consul, allocator in turn)
 
 
 @dataclass(frozen=True)
@@ -570,167 +451,3 @@ class HelperServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         super().server_close()
         if not self.activated:
             Path(self.path).unlink(missing_ok=True)
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """HOST:PORT, [V6]:PORT, or a bare PORT (or :PORT) on 127.0.0.1: metrics are opt-in and
-    local unless a host is named."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = "", text
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host, int(port)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="ipam-da-consul-helper", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--socket",
-        default=os.environ.get("IPAM_DA_CONSUL_SOCKET") or DEFAULT_SOCKET,
-        help=f"unix socket to listen on (default {DEFAULT_SOCKET})",
-    )
-    parser.add_argument(
-        "--refresh-interval",
-        type=float,
-        default=1.0,
-        help="least seconds between background refreshes of one pool",
-    )
-    parser.add_argument(
-        "--max-settings",
-        type=int,
-        default=8,
-        help="most ways of reaching Consul (servers, token, TLS, prefix) kept warm at once",
-    )
-    parser.add_argument(
-        "--max-pools", type=int, default=64, help="most pools kept in memory across them"
-    )
-    parser.add_argument(
-        "--idle-exit",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="exit after this long without a call (for socket activation, which starts the "
-        "helper again on the next call); background pool refreshes do not count",
-    )
-    parser.add_argument(
-        "--metrics-address",
-        default=None,
-        metavar="[HOST:]PORT",
-        help="serve Prometheus metrics over HTTP here (host 127.0.0.1 when only a port is "
-        "given; port 0 picks one); off by default",
-    )
-    parser.add_argument(
-        "--state-dir",
-        default=os.environ.get("IPAM_DA_CONSUL_STATE_DIR") or None,
-        metavar="DIR",
-        help=f"where DELs that could not reach Consul are journaled for replay (a 0700 "
-        f"'journal' folder inside; default {DEFAULT_STATE_DIR}, or a 'state' folder beside "
-        "a --socket other than the default, so helpers on private sockets never share one)",
-    )
-    parser.add_argument(
-        "--no-journal",
-        action="store_true",
-        help="do not journal DELs that cannot reach Consul: they only return 11",
-    )
-    args = parser.parse_args(argv)
-    if args.max_settings < 1 or args.max_pools < 1:
-        parser.error("--max-settings and --max-pools must be at least 1")
-    if args.idle_exit is not None and not (0 < args.idle_exit < math.inf):
-        parser.error("--idle-exit must be a positive number of seconds")
-    metrics_at = None
-    if args.metrics_address is not None:
-        try:
-            metrics_at = parse_address(args.metrics_address)
-        except ValueError as exc:
-            parser.error(f"--metrics-address: {exc}")
-    logs.configure_helper()
-    metrics: Metrics | None = None
-    make_kv: Callable[[ConsulSettings], WatchableKV] | None = None
-    if metrics_at is not None:
-        # Imported only here: prometheus_client costs start-up time a helper without metrics,
-        # and the thin client, never pay.
-        from .metrics import Metrics
-
-        metrics = Metrics()
-
-        def make_kv(settings: ConsulSettings) -> WatchableKV:
-            assert metrics is not None
-            return metrics.watch_kv(watch_kv(settings))
-
-    caches = PoolCaches(
-        args.refresh_interval,
-        max_settings=args.max_settings,
-        max_pools=args.max_pools,
-        make_kv=make_kv,
-    )
-    if not args.no_journal:
-        state_dir = args.state_dir or (
-            DEFAULT_STATE_DIR
-            if args.socket == DEFAULT_SOCKET
-            else str(Path(args.socket).parent / "state")
-        )
-        try:
-            caches.journal = Journal(state_dir)
-        except OSError as exc:
-            if args.state_dir:
-                sys.exit(
-                    f"ipam-da-consul-helper: cannot keep the DEL journal in {state_dir}: {exc}"
-                )
-            # The default place may be read-only (a unit with ProtectSystem=strict and no
-            # StateDirectory=): serving without the journal beats not serving at all.
-            sys.stderr.write(
-                f"ipam-da-consul-helper: WARNING: no DEL journal ({state_dir}: {exc}); a DEL "
-                "that cannot reach Consul only returns 11\n"
-            )
-    try:
-        activated = activated_socket()
-        server = HelperServer(args.socket, caches, activated, metrics)
-    except (SetupError, OSError) as exc:
-        sys.exit(f"ipam-da-consul-helper: cannot listen on {args.socket}: {exc}")
-    where = f"{args.socket} (socket activation)" if activated else args.socket
-    if metrics is not None and metrics_at is not None:
-        try:
-            url = metrics.serve(metrics_at, server)
-        except OSError as exc:
-            server.server_close()
-            sys.exit(
-                f"ipam-da-consul-helper: cannot serve metrics on {args.metrics_address}: {exc}"
-            )
-        where += f"; metrics on {url}"
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    threading.Thread(target=preload, name="preload", daemon=True).start()
-    if caches.journal is not None:
-        # Also replays what a previous helper left: entries survive restarts by design.
-        threading.Thread(
-            target=replay_journal, args=(caches.journal, caches), name="journal", daemon=True
-        ).start()
-    if args.idle_exit is not None:
-        threading.Thread(
-            target=_exit_when_idle, args=(server, args.idle_exit), name="idle-exit", daemon=True
-        ).start()
-    sys.stderr.write(f"ipam-da-consul-helper {__version__} listening on {where}\n")
-    sys.stderr.flush()
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        # Calls already accepted finish first; connections still queued stay in the socket
-        # (systemd's copy of it, when activated) for the next helper.
-        if caches.journal is not None:
-            caches.journal.stop()
-        server.drain()
-        server.server_close()
-        if metrics is not None:
-            metrics.close()
-
-
-def _exit_when_idle(server: HelperServer, seconds: float) -> None:
-    server.idle_for(seconds)
-    sys.stderr.write(f"ipam-da-consul-helper: no call for {seconds:g} s, exiting\n")
-    sys.stderr.flush()
-    server.shutdown()

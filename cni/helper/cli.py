@@ -1,0 +1,198 @@
+"""ipam-da-consul-helper: a long-lived local process that serves plugin calls.
+
+The command line (the console script's entry point): it sets up the caches (caches.py), the DEL
+journal (journal.py), the socket (server.py) and the opt-in metrics listener (metrics.py), then
+serves until SIGTERM or an idle exit. Why a helper at all: see server.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ... import __version__
+from .. import logs
+from .caches import PoolCaches
+from .journal import DEFAULT_STATE_DIR, Journal
+from .server import HelperServer, SetupError, activated_socket, preload, replay_journal, watch_kv
+from .wire import DEFAULT_SOCKET
+
+if TYPE_CHECKING:
+    from ...allocator.store import WatchableKV
+    from ..config import ConsulSettings
+    from .metrics import Metrics
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """HOST:PORT, [V6]:PORT, or a bare PORT (or :PORT) on 127.0.0.1: metrics are opt-in and
+    local unless a host is named."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="ipam-da-consul-helper", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--socket",
+        default=os.environ.get("IPAM_DA_CONSUL_SOCKET") or DEFAULT_SOCKET,
+        help=f"unix socket to listen on (default {DEFAULT_SOCKET})",
+    )
+    parser.add_argument(
+        "--refresh-interval",
+        type=float,
+        default=1.0,
+        help="least seconds between background refreshes of one pool",
+    )
+    parser.add_argument(
+        "--max-settings",
+        type=int,
+        default=8,
+        help="most ways of reaching Consul (servers, token, TLS, prefix) kept warm at once",
+    )
+    parser.add_argument(
+        "--max-pools", type=int, default=64, help="most pools kept in memory across them"
+    )
+    parser.add_argument(
+        "--idle-exit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="exit after this long without a call (for socket activation, which starts the "
+        "helper again on the next call); background pool refreshes do not count",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default=None,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics over HTTP here (host 127.0.0.1 when only a port is "
+        "given; port 0 picks one); off by default",
+    )
+    parser.add_argument(
+        "--state-dir",
+        default=os.environ.get("IPAM_DA_CONSUL_STATE_DIR") or None,
+        metavar="DIR",
+        help=f"where DELs that could not reach Consul are journaled for replay (a 0700 "
+        f"'journal' folder inside; default {DEFAULT_STATE_DIR}, or a 'state' folder beside "
+        "a --socket other than the default, so helpers on private sockets never share one)",
+    )
+    parser.add_argument(
+        "--no-journal",
+        action="store_true",
+        help="do not journal DELs that cannot reach Consul: they only return 11",
+    )
+    args = parser.parse_args(argv)
+    if args.max_settings < 1 or args.max_pools < 1:
+        parser.error("--max-settings and --max-pools must be at least 1")
+    if args.idle_exit is not None and not (0 < args.idle_exit < math.inf):
+        parser.error("--idle-exit must be a positive number of seconds")
+    metrics_at = None
+    if args.metrics_address is not None:
+        try:
+            metrics_at = parse_address(args.metrics_address)
+        except ValueError as exc:
+            parser.error(f"--metrics-address: {exc}")
+    logs.configure_helper()
+    metrics: Metrics | None = None
+    make_kv: Callable[[ConsulSettings], WatchableKV] = watch_kv
+    if metrics_at is not None:
+        # Imported only here: prometheus_client costs start-up time a helper without metrics,
+        # and the thin client, never pay.
+        from .metrics import Metrics, Sources
+
+        metrics = Metrics()
+
+        def counted_kv(settings: ConsulSettings) -> WatchableKV:
+            assert metrics is not None
+            return metrics.watch_kv(watch_kv(settings))
+
+        make_kv = counted_kv
+
+    caches = PoolCaches(
+        args.refresh_interval,
+        max_settings=args.max_settings,
+        max_pools=args.max_pools,
+        make_kv=make_kv,
+    )
+    if not args.no_journal:
+        state_dir = args.state_dir or (
+            DEFAULT_STATE_DIR
+            if args.socket == DEFAULT_SOCKET
+            else str(Path(args.socket).parent / "state")
+        )
+        try:
+            caches.journal = Journal(state_dir)
+        except OSError as exc:
+            if args.state_dir:
+                sys.exit(
+                    f"ipam-da-consul-helper: cannot keep the DEL journal in {state_dir}: {exc}"
+                )
+            # The default place may be read-only (a unit with ProtectSystem=strict and no
+            # StateDirectory=): serving without the journal beats not serving at all.
+            sys.stderr.write(
+                f"ipam-da-consul-helper: WARNING: no DEL journal ({state_dir}: {exc}); a DEL "
+                "that cannot reach Consul only returns 11\n"
+            )
+    try:
+        activated = activated_socket()
+        server = HelperServer(args.socket, caches, activated, metrics)
+    except (SetupError, OSError) as exc:
+        sys.exit(f"ipam-da-consul-helper: cannot listen on {args.socket}: {exc}")
+    where = f"{args.socket} (socket activation)" if activated else args.socket
+    if metrics is not None and metrics_at is not None:
+        try:
+            url = metrics.serve(
+                metrics_at, Sources(server.stats, lambda: server.active, caches.pool_sizes)
+            )
+        except OSError as exc:
+            server.server_close()
+            sys.exit(
+                f"ipam-da-consul-helper: cannot serve metrics on {args.metrics_address}: {exc}"
+            )
+        where += f"; metrics on {url}"
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    threading.Thread(target=preload, name="preload", daemon=True).start()
+    if caches.journal is not None:
+        # Also replays what a previous helper left: entries survive restarts by design.
+        threading.Thread(
+            target=replay_journal, args=(caches.journal, caches), name="journal", daemon=True
+        ).start()
+    if args.idle_exit is not None:
+        threading.Thread(
+            target=_exit_when_idle, args=(server, args.idle_exit), name="idle-exit", daemon=True
+        ).start()
+    sys.stderr.write(f"ipam-da-consul-helper {__version__} listening on {where}\n")
+    sys.stderr.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # Calls already accepted finish first; connections still queued stay in the socket
+        # (systemd's copy of it, when activated) for the next helper.
+        if caches.journal is not None:
+            caches.journal.stop()
+        server.drain()
+        server.server_close()
+        if metrics is not None:
+            metrics.close()
+
+
+def _exit_when_idle(server: HelperServer, seconds: float) -> None:
+    server.idle_for(seconds)
+    sys.stderr.write(f"ipam-da-consul-helper: no call for {seconds:g} s, exiting\n")
+    sys.stderr.flush()
+    server.shutdown()
