@@ -4,7 +4,7 @@
                                     [--only all|multihost|sizes] [--hosts 1,2,4,8]
                                     [--burst-inproc N]
 
-Starts its own Consul dev agent (tests/agent.py) and its own `ipam-da-consul-helper`, then
+Starts its own Consul dev agent (tests/support/agent.py) and its own `ipam-da-consul-helper`, then
 measures the interpreter floor, our ADD, CHECK and DEL (in-process, and through the helper),
 the Go `host-local` peer, ADD in pools holding 0 to 60,000 allocations and in an IPv6 /64,
 50 concurrent ADDs, many simulated hosts (distinct `ipam.host`, one helper each, or
@@ -62,7 +62,7 @@ from typing import IO, Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.agent import ConsulAgent, consul_binary  # noqa: E402
+from tests.support.agent import ConsulAgent, consul_binary  # noqa: E402
 
 BIN_DIR = Path(sys.executable).parent
 PLUGIN = BIN_DIR / "ipam-da-consul"

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import run_plugin
-from tests.plugin_helpers import VERSIONS, alloc, assert_cni_error, put_alloc
+from tests.support.plugin import run_plugin
+from tests.support.plugin_helpers import VERSIONS, alloc, assert_cni_error, put_alloc
 
 SEED_RANGE = {"subnet": "10.0.20.0/23", "rangeStart": "10.0.21.100", "rangeEnd": "10.0.21.150",
               "gateway": "10.0.20.1"}

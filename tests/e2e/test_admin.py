@@ -19,15 +19,14 @@ import pytest
 from ipam_da_consul.admin import commands
 from ipam_da_consul.admin.errors import CONSUL, PROBLEMS, STATE, USAGE, StateError
 from ipam_da_consul.admin.output import Progress
-from ipam_da_consul.admin.rangespec import parse_spec
 from ipam_da_consul.admin.settings import Settings
 from ipam_da_consul.allocator.layout import Layout
 from ipam_da_consul.cni.config import default_host
 from ipam_da_consul.consul import ConsulClient, ConsulKV
 
-from tests.agent import ConsulAgent, SecureConsulAgent, free_ports
-from tests.conftest import Outcome, executable, netconf, run_plugin
-from tests.util_procs import drain_pty
+from tests.support.agent import ConsulAgent, SecureConsulAgent, free_ports
+from tests.support.plugin import Outcome, executable, netconf, run_plugin
+from tests.support.util_procs import drain_pty
 
 PROG = "ipam-da-consul-admin"
 _prefixes = itertools.count()
@@ -213,19 +212,6 @@ def test_bad_pool_names_and_missing_ranges_are_usage_errors(consul):
         out.rc == USAGE and "one of the arguments --range --ranges-json is required" in out.stderr
     )
     assert consul.kv_index() == index
-
-
-def test_range_spec_parsing():
-    assert parse_spec(" 10.0.20.0/23 , 10.0.21.100-10.0.21.150 , GW=10.0.20.1 ") == {
-        "subnet": "10.0.20.0/23",
-        "rangeStart": "10.0.21.100",
-        "rangeEnd": "10.0.21.150",
-        "gateway": "10.0.20.1",
-    }
-    assert parse_spec("fd00::/64,end=fd00::ff") == {"subnet": "fd00::/64", "rangeEnd": "fd00::ff"}
-    for bad in ("", ",gw=10.0.0.1", "10.0.0.0/24,gw=", "10.0.0.0/24,x", "10.0.0.0/24,1-2,3-4"):
-        with pytest.raises(Exception, match="--range"):
-            parse_spec(bad)
 
 
 # -- list, usage, allocations ------------------------------------------------------------------
@@ -570,7 +556,7 @@ def test_progress_only_on_a_terminal(consul, prefix):
     create(consul, "p", "10.0.46.0/24", prefix=prefix)
     for i in range(1, 4):
         consul.put(f"{prefix}p/10.0.46.{i}", {"target": f"c{i}"})
-    # NO_COLOR: the plain one-line status (rich's display: tests/test_admin_output.py).
+    # NO_COLOR: the plain one-line status (rich's display: tests/e2e/test_admin_output.py).
     rc, stdout, tty = run_on_tty(consul, "--prefix", prefix, "check", "p", env={"NO_COLOR": "1"})
     assert (rc, stdout) == (0, "p: ok, 3 allocation(s)\n")
     assert f"reading {prefix}p/ from Consul" in tty and "checking p 3/3" in tty

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.agent import ConsulAgent
-from tests.conftest import Outcome, executable
-from tests.test_singlefile import single_file_bin  # noqa: F401  (a fixture)
+from tests.e2e.test_singlefile import single_file_bin  # noqa: F401  (a fixture)
+from tests.support.agent import ConsulAgent
+from tests.support.plugin import Outcome, executable
 
 BRIDGE = Path("/usr/lib/cni/bridge")
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import run_plugin
-from tests.plugin_helpers import VERSIONS, assert_cni_error, put_alloc
+from tests.support.plugin import run_plugin
+from tests.support.plugin_helpers import VERSIONS, assert_cni_error, put_alloc
 
 
 @pytest.mark.parametrize("version", VERSIONS)

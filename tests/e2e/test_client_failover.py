@@ -4,8 +4,6 @@ which writes are reported in doubt. Nothing here mocks Consul."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import time
 from collections.abc import Iterator
 
@@ -13,42 +11,12 @@ import pytest
 from ipam_da_consul.consul import ConsulClient, ConsulError, ConsulKV, ConsulUnavailable, Deadline
 from ipam_da_consul.consul.client import Response
 
-from tests.agent import ConsulAgent, free_ports
-from tests.conftest import module_consul
-from tests.util_procs import LossyProxy, Unresponsive, drop_first
+from tests.support.agent import ConsulAgent, module_consul
+from tests.support.util_procs import LossyProxy, Unresponsive, drop_first
+from tests.unit.consul.test_client_failover import dead_url, timed
 
 consul = module_consul("client-failover")
 _keys = iter(range(10**6))
-
-
-class BlackHole:
-    """A port whose connections never complete: a listening socket with a full backlog that
-    nobody accepts from, so the kernel drops further SYNs (as a firewall that drops does)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(0)
-        port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.fillers: list[socket.socket] = []
-        for _ in range(3):
-            filler = socket.socket()
-            filler.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                filler.connect(("127.0.0.1", port))
-            self.fillers.append(filler)
-
-    def close(self) -> None:
-        for s in [*self.fillers, self.sock]:
-            s.close()
-
-
-@pytest.fixture
-def hole() -> Iterator[BlackHole]:
-    h = BlackHole()
-    yield h
-    h.close()
 
 
 @pytest.fixture
@@ -67,44 +35,11 @@ def leaderless() -> Iterator[ConsulAgent]:
     agent.close()
 
 
-def dead_url() -> str:
-    return f"http://127.0.0.1:{free_ports(1)[0]}"
-
-
 def key() -> str:
     return f"client-test/{next(_keys)}-{time.monotonic_ns()}"
 
 
-def timed(fn) -> tuple[float, object]:
-    started = time.monotonic()
-    try:
-        result: object = fn()
-    except ConsulError as exc:
-        result = exc
-    return time.monotonic() - started, result
-
-
 # -- nothing can answer: fail within the grace, not the budget ----------------------------------
-
-
-def test_all_refusing_fails_fast_and_names_each_server():
-    servers = [dead_url(), dead_url(), dead_url()]
-    client = ConsulClient(servers, deadline=Deadline(15))
-    took, err = timed(client.select)
-    assert isinstance(err, ConsulUnavailable), err
-    assert took < 2.5, took
-    # A few retries happened within the grace, not a single round.
-    assert client.requests_sent >= 2 * len(servers), client.requests_sent
-    for server in servers:
-        assert f"{server}: connection failed (refused or unreachable)" in str(err)
-
-
-def test_grace_is_configurable_and_request_fails_fast_too():
-    servers = [dead_url(), dead_url()]
-    client = ConsulClient(servers, deadline=Deadline(15), unreachable_grace=0.5)
-    took, err = timed(lambda: client.request("GET", "/v1/kv/x"))
-    assert isinstance(err, ConsulUnavailable) and not err.doubtful, err
-    assert took < 1.0, took
 
 
 def test_black_hole_costs_a_connect_timeout(consul, hole):
@@ -112,16 +47,6 @@ def test_black_hole_costs_a_connect_timeout(consul, hole):
     took, server = timed(client.select)
     assert server == consul.url
     assert 0.4 < took < 1.5, took
-
-
-def test_black_holes_and_refusals_alone_fail_within_the_grace(hole):
-    servers = [hole.url, dead_url()]
-    client = ConsulClient(servers, connect_timeout=0.5, deadline=Deadline(15))
-    took, err = timed(client.select)
-    assert isinstance(err, ConsulUnavailable), err
-    assert took < 2.0 + 0.5 + 0.5, took
-    assert f"{hole.url}: connect timed out" in str(err)
-    assert f"{servers[1]}: connection failed (refused or unreachable)" in str(err)
 
 
 def test_hung_server_costs_a_check_timeout_not_the_read_timeout(consul, hung):

@@ -24,7 +24,7 @@ import pytest
 import requests
 from ipam_da_consul.consul import ConsulClient, ConsulError, ConsulKV, Deadline
 
-from tests.agent import ConsulAgent, ConsulCluster
+from tests.support.agent import ConsulAgent, ConsulCluster
 
 pytestmark = pytest.mark.cluster
 

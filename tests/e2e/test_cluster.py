@@ -17,9 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent import ConsulAgent, ConsulCluster, free_ports
-from tests.conftest import netconf, run_plugin
-from tests.util_procs import Call, Done, LossyProxy, Unresponsive, drop_first, run_many, run_one
+from tests.support.agent import ConsulAgent, ConsulCluster, free_ports
+from tests.support.plugin import netconf, run_plugin
+from tests.support.util_procs import (
+    Call,
+    Done,
+    LossyProxy,
+    Unresponsive,
+    drop_first,
+    run_many,
+    run_one,
+)
 
 pytestmark = pytest.mark.cluster
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests.agent import free_ports
-from tests.conftest import run_plugin
-from tests.plugin_helpers import standalone_conf
+from tests.support.agent import free_ports
+from tests.support.plugin import run_plugin
+from tests.support.plugin_helpers import standalone_conf
 
 HOST = "node-a"  # this host's identity in every config here, so "ours" is known exactly
 POOL_B_RANGES = [{"subnet": "10.1.0.0/24", "rangeStart": "10.1.0.10", "rangeEnd": "10.1.0.90"}]

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.agent import ConsulAgent
-from tests.conftest import run_plugin
-from tests.util_procs import Call, Done, Helper, consul_requests, run_many
+from tests.support.agent import ConsulAgent
+from tests.support.plugin import run_plugin
+from tests.support.util_procs import Call, Done, Helper, consul_requests, run_many
 
 PROCESSES = 45
 # The time budget (ipam.timeout) for the crowded tests: 45 Python processes starting at once on

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from tests.conftest import run_plugin
-from tests.plugin_helpers import assert_cni_error
-from tests.util_procs import Helper
+from tests.support.plugin import run_plugin
+from tests.support.plugin_helpers import assert_cni_error
+from tests.support.util_procs import Helper
 
 TWO = [{"subnet": "10.0.42.0/24", "rangeStart": "10.0.42.10", "rangeEnd": "10.0.42.11"}]
 
@@ -70,7 +70,7 @@ def test_default_behaviour_deletes_at_once(consul, make_pool, conf_for):
 
 
 def test_gc_removes_cooled_down_releases_of_its_network(consul, make_pool):
-    from tests.test_cni11 import HOST, conf11, gc
+    from tests.e2e.test_cni11 import HOST, conf11, gc
 
     pool = make_pool(TWO)
     now = time.time()

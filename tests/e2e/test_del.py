@@ -7,8 +7,8 @@ import pytest
 from ipam_da_consul.allocator.allocate import Allocator
 from ipam_da_consul.consul import ConsulClient, ConsulKV
 
-from tests.conftest import run_plugin
-from tests.plugin_helpers import VERSIONS, alloc, put_alloc
+from tests.support.plugin import run_plugin
+from tests.support.plugin_helpers import VERSIONS, alloc, put_alloc
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.agent import ConsulAgent
-from tests.conftest import BIN_DIR, NO_HELPER, executable, netconf, run_plugin
-from tests.plugin_helpers import FAST, VERSIONS, assert_cni_error, dead_url
+from tests.support.agent import ConsulAgent
+from tests.support.plugin import BIN_DIR, NO_HELPER, executable, netconf, run_plugin
+from tests.support.plugin_helpers import FAST, VERSIONS, assert_cni_error, dead_url
 
 # -- fixtures: extra real agents and a silent TCP listener ---------------------------------------
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import run_plugin
-from tests.plugin_helpers import assert_cni_error
-from tests.test_admin import admin
+from tests.e2e.test_admin import admin
+from tests.support.plugin import run_plugin
+from tests.support.plugin_helpers import assert_cni_error
 
 RANGE = {"subnet": "10.0.40.0/24", "rangeStart": "10.0.40.10", "rangeEnd": "10.0.40.20",
          "exclude": ["10.0.40.10/31", "10.0.40.12"]}

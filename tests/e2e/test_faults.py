@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.agent import ConsulAgent, free_ports
-from tests.conftest import Outcome, module_consul, run_plugin
-from tests.util_procs import LossyProxy, Unresponsive, drop_first
+from tests.support.agent import ConsulAgent, free_ports, module_consul
+from tests.support.plugin import Outcome, run_plugin
+from tests.support.util_procs import LossyProxy, Unresponsive, drop_first
 
 GOOD = [{"subnet": "10.5.0.0/24", "rangeStart": "10.5.0.10", "rangeEnd": "10.5.0.20",
          "gateway": "10.5.0.1"}]

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.agent import ConsulAgent
-from tests.conftest import Outcome, module_consul, netconf, run_plugin
+from tests.support.agent import ConsulAgent, module_consul
+from tests.support.plugin import Outcome, netconf, run_plugin
 
 RANGES = [{"subnet": "10.9.0.0/24", "rangeStart": "10.9.0.10", "rangeEnd": "10.9.0.40",
            "gateway": "10.9.0.1"}]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import executable, run_plugin
+from tests.support.plugin import executable, run_plugin
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BIN_DIR, NO_HELPER, Outcome, executable, run_plugin
-from tests.util_procs import Helper, LossyProxy, Unresponsive, drop_first
+from tests.support.plugin import BIN_DIR, NO_HELPER, Outcome, executable, run_plugin
+from tests.support.util_procs import Helper, LossyProxy, Unresponsive, drop_first
 
 ACK = "1"  # seconds, the client's default, set explicitly so the timing asserts read plainly
 DROPPED = "dropped a request without running it"

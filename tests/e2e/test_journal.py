@@ -18,12 +18,10 @@ from ipam_da_consul.allocator.layout import Layout
 from ipam_da_consul.cni import journal as jr
 from ipam_da_consul.consul import ConsulClient, ConsulKV
 
-from tests.agent import ConsulAgent
-from tests.conftest import netconf, run_plugin
-from tests.util_procs import Helper
-
-TOKEN = "journal-secret-0123456789abcdef"
-NET = "testnet"
+from tests.support.agent import ConsulAgent
+from tests.support.plugin import netconf, run_plugin
+from tests.support.util_procs import Helper
+from tests.unit.cni.test_journal import NET, TOKEN
 
 
 @pytest.fixture(scope="module")
@@ -206,34 +204,3 @@ def test_interrupted_replay_is_redone_without_harm(
         assert (up.modify_index(fence) or 0) > first_fence  # the redo raised the fence again
     finally:
         helper.close()
-
-
-def test_journal_file_format_and_supersede(tmp_path: Path) -> None:
-    """The journal alone (no Consul): atomic 0600 files in a 0700 folder, one per attachment,
-    and a successful ADD of a journaled attachment drops its entry."""
-    journal = jr.Journal(tmp_path / "state")
-    stdin = json.dumps({"name": NET, "ipam": {"consul_token": TOKEN}}).encode()
-    env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "x", "CNI_IFNAME": "eth0"}
-    assert journal.record(stdin, env) and journal.record(stdin, env)
-    assert len(journal) == 1
-    [entry] = journal.entries()
-    assert (entry.network, entry.container, entry.ifname, entry.stdin) == (NET, "x", "eth0", stdin)
-    assert stat.S_IMODE(entry.path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(entry.path.parent.stat().st_mode) == 0o700
-    assert not list(entry.path.parent.glob(".*"))  # no temporary file left behind
-    # A replay's own failure is never journaled again.
-    assert not journal.record(stdin, {**env, jr.REPLAY_MARK: "1", "CNI_CONTAINERID": "y"})
-    # A failed ADD keeps the entry; a successful one drops it.
-    add = {**env, "CNI_COMMAND": "ADD"}
-    with journal.call(stdin, add) as done:
-        done(11)
-    assert len(journal) == 1
-    with journal.call(stdin, add) as done:
-        done(0)
-    assert len(journal) == 0
-    # A folder others can read is refused: entries hold tokens.
-    loose = tmp_path / "loose" / jr.JOURNAL_FOLDER
-    loose.mkdir(parents=True, mode=0o755)
-    loose.chmod(0o755)
-    with pytest.raises(OSError, match="0700"):
-        jr.Journal(loose.parent)

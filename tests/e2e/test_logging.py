@@ -9,8 +9,8 @@ import re
 import pytest
 
 from ipam_da_consul import __version__
-from tests.conftest import run_plugin
-from tests.plugin_helpers import put_alloc
+from tests.support.plugin import run_plugin
+from tests.support.plugin_helpers import put_alloc
 
 ADD_STATES = [
     "state start -> parsed (parse)",

@@ -13,8 +13,8 @@ real plugin processes over:
 - concurrency: 2-4 calls released at the same instant (eth0 and eth1 of one container attached
   together, ADD racing GC of another network, ...);
 - faults: a helper paused (SIGSTOP, SIGCONT once the call returned or after PAUSE_LIMIT), a
-  helper killed mid-call (restarted by a later rule), a reply lost by tests/util_procs.LossyProxy
-  in front of Consul.
+  helper killed mid-call (restarted by a later rule), a reply lost by
+  tests/support/util_procs.LossyProxy in front of Consul.
 
 The model holds, per attachment (network, container, ifname), "live" with the address per pool
 its ADD returned, or "unknown" after an outcome a fault made ambiguous; absent means nothing.
@@ -34,7 +34,7 @@ IPAM_MODEL_STEPS=15 steps, no shrinking, no example database; ~2-3 minutes on 2 
 Longer seeded run (new interleavings per seed; ~40 s per example on 2 busy cores):
 
     IPAM_MODEL_EXAMPLES=30 IPAM_MODEL_STEPS=30 IPAM_MODEL_SEED=12345 \\
-        .venv/bin/pytest -q tests/test_model.py -k state_machine
+        .venv/bin/pytest -q tests/e2e/test_model.py -k state_machine
 
 IPAM_MODEL_SKIP=gc,pause,kill,lossy,missing (any of them) leaves rules out, to look past a known
 failure: hypothesis stops at the first failing example, so one defect can hide the others.
@@ -68,9 +68,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tests.agent import ConsulAgent
-from tests.conftest import module_consul
-from tests.model_support import (
+from tests.support.agent import ConsulAgent, module_consul
+from tests.support.model_support import (
     CALL_GUARD,
     GOOD_NETWORKS,
     HOSTS,
@@ -90,7 +89,7 @@ from tests.model_support import (
     slow_listings,
     start_call,
 )
-from tests.util_procs import Call, Done, LossyProxy, drop_first, run_one
+from tests.support.util_procs import Call, Done, LossyProxy, drop_first, run_one
 
 consul = module_consul("model")
 

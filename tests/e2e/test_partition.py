@@ -1,7 +1,7 @@
 """Jepsen-style partition test: a real three-server Consul cluster in three network namespaces
-(tests/netcluster.py), simulated hosts running the INSTALLED plugin as a runtime does, a nemesis
-that partitions, kills and pauses the Raft leader, and a checker over the recorded history and
-the KV tree read back from a healthy server after a quiet period.
+(tests/support/netcluster.py), simulated hosts running the INSTALLED plugin as a runtime does, a
+nemesis that partitions, kills and pauses the Raft leader, and a checker (tests/support/history.py)
+over the recorded history and the KV tree read back from a healthy server after a quiet period.
 
 Workload: HOSTS simulated hosts (`ipam.host`), WORKERS_PER_HOST workers each. A worker loops:
 ADD a fresh container; sometimes CHECK it; keeps up to HOLD attachments and DELs the oldest
@@ -31,8 +31,8 @@ IPAM_PARTITION_OVERHEAD (default 1) is the process overhead allowed on top of `t
 IPAM_PARTITION_VERBOSE=0 runs the plain executable instead of the verbose flavour (which
 writes a debug log per call: its first-to-last line span is the call's own time, printed as
 "in-plugin" next to the wall time, which a busy machine stretches with interpreter start-up).
-    .venv/bin/python -m pytest -s tests/test_partition.py          # short
-    IPAM_PARTITION_LONG=1 .venv/bin/python -m pytest -s tests/test_partition.py   # long
+    .venv/bin/python -m pytest -s tests/e2e/test_partition.py          # short
+    IPAM_PARTITION_LONG=1 .venv/bin/python -m pytest -s tests/e2e/test_partition.py   # long
 or `bash scripts/partition.sh [--long]`.
 
 Checker (after the quiet period, final KV read from a healthy server):
@@ -54,8 +54,6 @@ per-call logs and the servers' logs stay under pytest's basetemp.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import itertools
 import json
 import os
 import random
@@ -63,16 +61,26 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import executable
-from tests.netcluster import (
+from tests.support.history import (
+    CALL_TIMEOUT,
+    HANG,
+    OVERHEAD,
+    Op,
+    Phase,
+    availability,
+    check_history,
+    duplicate_targets,
+    overruns,
+    parse_tree,
+    table,
+)
+from tests.support.netcluster import (
     Nemesis,
     NetCluster,
     decode,
@@ -80,7 +88,8 @@ from tests.netcluster import (
     remember_process,
     unsupported_reason,
 )
-from tests.util_procs import Call, Helper, environment
+from tests.support.plugin import executable
+from tests.support.util_procs import Call, Helper, environment
 
 LONG = os.environ.get("IPAM_PARTITION_LONG") == "1"
 # The verbose flavour, one debug log per call (its first-to-last line span is the call's own
@@ -99,204 +108,10 @@ HOSTS = 4
 WORKERS_PER_HOST = 2
 HOLD = 2  # attachments a worker keeps before DELing its oldest
 MAX_OPS_PER_WORKER = 5000  # a bound; the schedule ends the workload long before
-CALL_TIMEOUT = 10.0  # ipam.timeout
-# A process's start and exit on top of `timeout`. A machine loaded by other work stretches
-# interpreter start-up (seen: 2-4.5 s at load 15-50 on 2 cores); the "in-plugin" span of the
-# verbose log tells the two apart. IPAM_PARTITION_OVERHEAD changes it.
-OVERHEAD = float(os.environ.get("IPAM_PARTITION_OVERHEAD", "1.0"))
-HANG = CALL_TIMEOUT + 30  # a call still running then is killed and reported as hung
 TEARDOWN_SECONDS = 60  # the workers' final DELs (retried) stop starting after this
 POOL_RANGES = [{"subnet": "10.77.0.0/24", "rangeStart": "10.77.0.10",
                 "rangeEnd": "10.77.0.70", "gateway": "10.77.0.1"}]
 PREFIX = "ipam/"
-
-
-# -- history ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Op:
-    worker: str
-    host: str
-    kind: str  # add | check | del | cleanup (DEL after a failed ADD)
-    command: str
-    container: str
-    start: float
-    end: float
-    rc: int
-    stdout: str = ""
-    stderr: str = ""
-    timeout: float = CALL_TIMEOUT
-    cpu: float = 0.0  # CPU seconds of the plugin process itself
-    log: str = ""  # the verbose log of this call (IPAM_PARTITION_VERBOSE=1)
-
-    @property
-    def span(self) -> float | None:
-        """First to last line of the verbose log, if there is one."""
-        try:
-            stamps = [datetime.fromisoformat(line.split(" ", 1)[0])
-                      for line in Path(self.log).read_text().splitlines() if line[:4].isdigit()]
-        except (OSError, ValueError):
-            return None
-        return (stamps[-1] - stamps[0]).total_seconds() if stamps else None
-
-    @property
-    def elapsed(self) -> float:
-        return self.end - self.start
-
-    @property
-    def ok(self) -> bool:
-        return self.rc == 0
-
-    @property
-    def address(self) -> str | None:
-        if self.command != "ADD" or self.rc != 0:
-            return None
-        try:
-            ips = json.loads(self.stdout)["ips"]
-            return str(ipaddress.ip_interface(ips[0]["address"]).ip)
-        except (ValueError, KeyError, IndexError, TypeError):
-            return None
-
-    def brief(self, t0: float = 0.0) -> str:
-        msg = ""
-        if self.rc not in (0, -9):
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                msg = " " + str(json.loads(self.stdout).get("msg", ""))[:90]
-        return (f"{self.command} {self.container} [{self.start - t0:.2f}s..{self.end - t0:.2f}s, "
-                f"{self.elapsed:.2f}s, cpu {self.cpu:.2f}s"
-                f"{f', in-plugin {self.span:.2f}s' if self.log and self.span else ''}] rc={self.rc}"
-                f"{' ' + self.address if self.address else ''}{msg}")
-
-
-@dataclass
-class Phase:
-    name: str
-    target: str
-    start: float
-    healed: float
-    end: float
-    leader_during: str = "-"  # the leader the other servers saw just before the heal
-
-
-# -- the checker (pure: unit-tested below on synthetic histories) --------------------------------
-
-
-def parse_tree(tree: dict[str, bytes], folder: str) -> dict[str, dict[str, Any]]:
-    """ip -> allocation object for the keys of one pool folder."""
-    out: dict[str, dict[str, Any]] = {}
-    for key, raw in tree.items():
-        if not key.startswith(folder) or key == folder:
-            continue
-        try:
-            out[key[len(folder):]] = json.loads(raw)
-        except ValueError:
-            out[key[len(folder):]] = {"target": f"<unparsable {raw[:40]!r}>"}
-    return out
-
-
-def duplicate_targets(allocs: dict[str, dict[str, Any]]) -> list[str]:
-    seen: dict[tuple[str, str], list[str]] = {}
-    for ip, a in allocs.items():
-        seen.setdefault((str(a.get("target")), str(a.get("ifname", "eth0"))), []).append(ip)
-    return [f"{t}/{i} holds {sorted(ips)}" for (t, i), ips in seen.items() if len(ips) > 1]
-
-
-def check_history(ops: list[Op], final_tree: dict[str, bytes], folder: str,
-                  snapshots: Sequence[tuple[float, dict[str, bytes]]] = (),
-                  t0: float = 0.0) -> list[str]:
-    """Anomalies (human-readable) in a history and the KV tree read after the quiet period."""
-    anomalies: list[str] = []
-    by_container: dict[str, list[Op]] = {}
-    for op in sorted(ops, key=lambda o: o.start):
-        by_container.setdefault(op.container, []).append(op)
-
-    # 1. Two attachments certainly holding one address at once. An attachment certainly holds
-    # its address from its ADD's return until its first DEL starts (any DEL attempt may have
-    # released it, even one that then failed); without a DEL, until the end.
-    held: dict[str, list[tuple[float, float, Op]]] = {}
-    for cops in by_container.values():
-        add = next((o for o in cops if o.command == "ADD" and o.ok and o.address), None)
-        if add is None:
-            continue
-        first_del = next((o for o in cops if o.command == "DEL" and o.start >= add.start), None)
-        until = first_del.start if first_del else float("inf")
-        held.setdefault(add.address or "", []).append((add.end, until, add))
-    for ip, spans in held.items():
-        spans.sort(key=lambda s: s[0])
-        for i, (a_from, a_until, a) in enumerate(spans):
-            for b_from, b_until, b in spans[i + 1:]:
-                if b_from < a_until and a_from < b_until:
-                    anomalies.append(f"DUPLICATE {ip}: {a.brief(t0)} and {b.brief(t0)} both "
-                                     "hold it")
-    final = parse_tree(final_tree, folder)
-    for dup in duplicate_targets(final):
-        anomalies.append(f"DUPLICATE TARGET in the final tree: {dup}")
-    reported: set[str] = set()
-    for at, tree in snapshots:
-        for dup in duplicate_targets(parse_tree(tree, folder)):
-            if dup not in reported:
-                reported.add(dup)
-                anomalies.append(f"DUPLICATE TARGET at {at - t0:.2f}s: {dup}")
-
-    # 2-4. Keys left in the final tree.
-    keys_by_target: dict[str, list[str]] = {}
-    for ip, value in final.items():
-        keys_by_target.setdefault(str(value.get("target")), []).append(ip)
-    for target, ips in sorted(keys_by_target.items()):
-        cops = by_container.get(target, [])
-        add = next((o for o in cops if o.command == "ADD"), None)
-        dels = [o for o in cops if o.command == "DEL"]
-        last_ok_del = next((o for o in reversed(dels) if o.ok), None)
-        if add is None:
-            anomalies.append(f"UNKNOWN KEY {ips} for {target}: no ADD in the history")
-        elif not add.ok and last_ok_del is not None:
-            anomalies.append(
-                f"LEAK after failed ADD: key {ips} for {target}; {add.brief(t0)}; cleanup "
-                f"{last_ok_del.brief(t0)} returned 0 (the failed ADD's write landed after it or "
-                f"was never seen by it){' log ' + add.log if add.log else ''}")
-        elif add.ok and last_ok_del is not None:
-            anomalies.append(
-                f"LEAK after DEL: key {ips} for {target}; {add.brief(t0)}; "
-                f"{last_ok_del.brief(t0)} returned 0{' log ' + add.log if add.log else ''}")
-        else:
-            anomalies.append(f"NOT EMPTY: key {ips} for {target} whose DEL never succeeded; "
-                             f"{add.brief(t0)}; DELs: {[d.brief(t0) for d in dels]}")
-    for op in ops:
-        if op.rc == -9:
-            anomalies.append(f"HUNG: {op.brief(t0)} killed after {op.elapsed:.0f}s")
-    return anomalies
-
-
-def overruns(ops: list[Op], overhead: float = OVERHEAD) -> list[Op]:
-    return sorted((o for o in ops if o.elapsed > o.timeout + overhead),
-                  key=lambda o: -o.elapsed)
-
-
-def availability(ops: list[Op], phases: list[Phase]) -> list[dict[str, Any]]:
-    rows = []
-    for ph in phases:
-        window = [o for o in ops if ph.start <= o.start < ph.end]
-        oks = sorted(o.end for o in window if o.ok and ph.start <= o.end <= ph.end)
-        marks = [ph.start, *oks, ph.end]
-        gap = max(b - a for a, b in itertools.pairwise(marks))
-        rows.append({
-            "fault": ph.name, "target": ph.target, "calls": len(window),
-            "failed": sum(1 for o in window if not o.ok),
-            "longest_call": max((o.elapsed for o in window), default=0.0),
-            "longest_gap": gap, "seconds": ph.end - ph.start, "during": ph.leader_during,
-        })
-    return rows
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'fault':<13}{'leader':>7}{'then':>6}{'window s':>10}{'calls':>7}{'failed':>8}"
-             f"{'longest call s':>16}{'longest gap s':>15}"]
-    for r in rows:
-        lines.append(f"{r['fault']:<13}{r['target']:>7}{r.get('during', '-'):>6}"
-                     f"{r['seconds']:>10.1f}{r['calls']:>7}{r['failed']:>8}"
-                     f"{r['longest_call']:>16.2f}{r['longest_gap']:>15.2f}")
-    return "\n".join(lines)
 
 
 # -- running calls ------------------------------------------------------------------------------
@@ -606,83 +421,6 @@ def fmt(t: float | None, t0: float) -> str:
 
 def phase_of(op: Op, phases: list[Phase]) -> str:
     return next((p.name for p in phases if p.start <= op.start < p.end), "between")
-
-
-# -- the checker can fail -----------------------------------------------------------------------
-
-
-def _op(kind: str, command: str, container: str, start: float, end: float, rc: int = 0,
-        ip: str | None = None) -> Op:
-    out = json.dumps({"ips": [{"address": f"{ip}/24"}]}) if ip else ""
-    if rc:
-        out = json.dumps({"code": rc, "msg": "boom"})
-    return Op("w", "host0", kind, command, container, start, end, rc, out)
-
-
-def _tree(folder: str, **keys: str) -> dict[str, bytes]:
-    return {folder: b"", **{folder + ip: json.dumps({"target": t, "ifname": "eth0"}).encode()
-                            for ip, t in keys.items()}}
-
-
-F = "ipam/p/"
-
-
-def test_checker_clean_history_passes() -> None:
-    ops = [_op("add", "ADD", "a", 0, 1, ip="10.0.0.1"), _op("del", "DEL", "a", 2, 3),
-           # b gets a's address while a's DEL runs: not a duplicate (the DEL may have released)
-           _op("add", "ADD", "b", 2.5, 3.5, ip="10.0.0.1"), _op("del", "DEL", "b", 4, 5),
-           _op("add", "ADD", "c", 4, 5, rc=11), _op("cleanup", "DEL", "c", 5, 6)]
-    assert check_history(ops, _tree(F), F) == []
-    assert overruns(ops) == []
-
-
-def test_checker_catches_duplicate_address() -> None:
-    ops = [_op("add", "ADD", "a", 0, 1, ip="10.0.0.1"),
-           _op("add", "ADD", "b", 2, 3, ip="10.0.0.1"),
-           _op("del", "DEL", "a", 4, 5), _op("del", "DEL", "b", 4, 5)]
-    found = check_history(ops, _tree(F), F)
-    assert len(found) == 1 and found[0].startswith("DUPLICATE 10.0.0.1"), found
-
-
-def test_checker_catches_duplicate_target() -> None:
-    ops = [_op("add", "ADD", "a", 0, 1, ip="10.0.0.1")]
-    tree = _tree(F, **{"10.0.0.1": "a", "10.0.0.2": "a"})
-    found = check_history(ops, tree, F, snapshots=[(0.5, tree)])
-    assert any(f.startswith("DUPLICATE TARGET in the final") for f in found), found
-    assert any(f.startswith("DUPLICATE TARGET at 0.50s") for f in found), found
-
-
-def test_checker_catches_leak_after_failed_add() -> None:
-    # The failed ADD's write lands after its cleanup DEL returned 0: the key leaks.
-    ops = [_op("add", "ADD", "c", 0, 10, rc=125), _op("cleanup", "DEL", "c", 10, 11)]
-    found = check_history(ops, _tree(F, **{"10.0.0.3": "c"}), F)
-    assert len(found) == 1 and found[0].startswith("LEAK after failed ADD"), found
-
-
-def test_checker_catches_leak_after_del_and_leftovers() -> None:
-    ops = [_op("add", "ADD", "a", 0, 1, ip="10.0.0.1"), _op("del", "DEL", "a", 2, 3),
-           _op("add", "ADD", "b", 0, 1, ip="10.0.0.2"), _op("del", "DEL", "b", 2, 3, rc=11)]
-    tree = _tree(F, **{"10.0.0.1": "a", "10.0.0.2": "b", "10.0.0.9": "stranger"})
-    found = check_history(ops, tree, F)
-    assert sorted(f.split(":")[0] for f in found) == ["LEAK after DEL", "NOT EMPTY",
-                                                      "UNKNOWN KEY ['10.0.0.9'] for stranger"]
-
-
-def test_checker_catches_overrun_and_hang() -> None:
-    ops = [_op("add", "ADD", "a", 0, CALL_TIMEOUT + 4.2, rc=125),
-           _op("add", "ADD", "b", 0, CALL_TIMEOUT + 0.5, ip="10.0.0.1"),
-           _op("add", "ADD", "c", 0, HANG, rc=-9)]
-    assert [o.container for o in overruns(ops)] == ["c", "a"]
-    assert any(f.startswith("HUNG") for f in check_history(ops, _tree(F, **{"10.0.0.1": "b"}),
-                                                            F))
-
-
-def test_availability_gap() -> None:
-    ops = [_op("add", "ADD", "a", 0, 1, ip="10.0.0.1"), _op("add", "ADD", "b", 1, 9, rc=11),
-           _op("add", "ADD", "c", 8, 9.5, ip="10.0.0.2")]
-    (row,) = availability(ops, [Phase("isolate", "s1", 0, 5, 12)])
-    assert (row["calls"], row["failed"]) == (3, 1)
-    assert row["longest_call"] == 8 and row["longest_gap"] == pytest.approx(8.5)
 
 
 @pytest.mark.cluster

@@ -31,8 +31,8 @@ from typing import Any
 
 import pytest
 
-from tests.agent import ConsulAgent
-from tests.conftest import BIN_DIR, executable
+from tests.support.agent import ConsulAgent
+from tests.support.plugin import BIN_DIR, executable
 
 BRIDGE_DIR = Path("/usr/lib/cni")
 BUSYBOX = Path("/usr/bin/busybox")  # busybox-static: runs in an empty root file system

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from ipam_da_consul.admin import commands
 from ipam_da_consul.admin import reconcile as rec
-from ipam_da_consul.admin.errors import PROBLEMS, STATE, USAGE, UsageError
-from ipam_da_consul.admin.ids import parse_live_ids, resolve_target
+from ipam_da_consul.admin.errors import PROBLEMS, STATE, USAGE
+from ipam_da_consul.admin.ids import parse_live_ids
 from ipam_da_consul.admin.output import Progress
 from ipam_da_consul.admin.settings import Settings, connect
 from ipam_da_consul.allocator.allocate import Allocator, Attachment
@@ -26,14 +26,13 @@ from ipam_da_consul.allocator.pool import parse_held
 from ipam_da_consul.allocator.store import Cas, Check
 from ipam_da_consul.cni.config import default_host
 
-from tests.agent import ConsulAgent
-from tests.conftest import netconf, run_plugin
-from tests.test_admin import admin, assert_fails, create
+from tests.e2e.test_admin import admin, assert_fails, create
+from tests.support.agent import ConsulAgent
+from tests.support.plugin import netconf, run_plugin
+from tests.unit.admin.test_reconcile import A, B
 
 HOST = "node-a#00000001"
 OTHER = "node-b#00000002"
-A = "a1b2c3d4e5f6" + "0" * 52  # podman-style 64-hex IDs
-B = "b1b2c3d4e5f6" + "1" * 52
 C = "c1b2c3d4e5f6" + "2" * 52
 D = "d1b2c3d4e5f6" + "3" * 52
 _prefixes = itertools.count()
@@ -359,29 +358,6 @@ def test_allocations_newer_than_the_run_are_not_judged(consul, prefix):
         (C, "would-release"),
         (D, "recent"),
     ]
-
-
-# -- short IDs ---------------------------------------------------------------------------------
-def test_resolve_target_rules():
-    targets = [A, B, "c-1", "c-10", A[:12] + "f" * 52]
-    assert resolve_target(B[:6], targets) == B
-    assert resolve_target("c-1", targets) == "c-1"  # exact wins over being a prefix
-    assert resolve_target("zzzzzz", targets) is None
-    assert resolve_target("old", targets) is None  # short and names nothing: no match
-    with pytest.raises(UsageError, match="ambiguous: 2 targets") as err:
-        resolve_target(A[:8], targets)
-    assert A in str(err.value)
-    with pytest.raises(UsageError, match="shorter than 6"):
-        resolve_target("b1b2", targets)
-
-
-def test_live_list_parsing():
-    live = parse_live_ids(f"  {A}  \n# c\n\n{B[:6]} # short\nc-1\n", "x")
-    assert live.ids == {A, B[:6], "c-1"}
-    assert live.keeps(A) and live.keeps(B) and live.keeps("c-1")
-    assert not live.keeps("c-10")  # a short entry counts in full only
-    with pytest.raises(UsageError, match="line 2"):
-        parse_live_ids(f"{A}\n{A} {B}\n", "x")
 
 
 def test_short_ids_for_allocations_and_release(consul, prefix):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import run_plugin
-from tests.plugin_helpers import assert_cni_error
+from tests.support.plugin import run_plugin
+from tests.support.plugin_helpers import assert_cni_error
 
 ALLOC_ID = "5f1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"
 # Exactly what each runtime sends (Nomad documents no IgnoreUnknown; containerd adds it).

@@ -19,10 +19,10 @@ from ipam_da_consul.allocator.layout import Layout
 from ipam_da_consul.allocator.pool import parse_pool
 from ipam_da_consul.consul import ConsulClient, ConsulKV, ConsulUnavailable
 
-from tests.conftest import run_plugin
-from tests.memkv import HeldBack
-from tests.plugin_helpers import assert_cni_error
-from tests.util_procs import LossyProxy, Unresponsive
+from tests.support.memkv import HeldBack
+from tests.support.plugin import run_plugin
+from tests.support.plugin_helpers import assert_cni_error
+from tests.support.util_procs import LossyProxy, Unresponsive
 
 
 def stuck_add(consul, pool: str, container: str) -> HeldBack:

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.agent import ConsulAgent
+from tests.support.agent import ConsulAgent
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NAMES = (
     "ipam-da-consul", "ipam-da-consul-verbose", "ipam-da-consul-admin", "ipam-da-consul-helper"
 )

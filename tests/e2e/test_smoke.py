@@ -1,4 +1,4 @@
-from tests.conftest import run_plugin
+from tests.support.plugin import run_plugin
 
 
 def test_add_then_del(consul, make_pool, conf_for):

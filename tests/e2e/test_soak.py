@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from tests.util_procs import Call, Done, run_many, run_one
+from tests.support.util_procs import Call, Done, run_many, run_one
 
 SEED = int(os.environ.get("SOAK_SEED", "20240611"))
 SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent import ConsulAgent
-from tests.conftest import executable, run_plugin
-from tests.util_procs import Unresponsive
+from tests.support.agent import ConsulAgent
+from tests.support.plugin import executable, run_plugin
+from tests.support.util_procs import Unresponsive
 
 ACTIVATE = shutil.which("systemd-socket-activate")
 pytestmark = pytest.mark.skipif(

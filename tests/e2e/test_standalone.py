@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import run_plugin
-from tests.plugin_helpers import standalone_conf
+from tests.support.plugin import run_plugin
+from tests.support.plugin_helpers import standalone_conf
 
 POOL_B_RANGES = [{"subnet": "10.1.0.0/24", "rangeStart": "10.1.0.10", "rangeEnd": "10.1.0.90"}]
 V6_RANGES = [{"subnet": "fd00:5::/64", "rangeStart": "fd00:5::10", "rangeEnd": "fd00:5::20"}]

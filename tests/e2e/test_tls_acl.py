@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import requests
 
-from tests.agent import SecureConsulAgent, TLSFiles
-from tests.conftest import Outcome, executable, run_plugin
+from tests.support.agent import SecureConsulAgent, TLSFiles
+from tests.support.plugin import Outcome, executable, run_plugin
 
 RANGES = [
     {

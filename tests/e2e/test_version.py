@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from ipam_da_consul.cni.schemas import SUPPORTED_VERSIONS
 
-from tests.conftest import run_plugin
-from tests.plugin_helpers import VERSIONS
+from tests.support.plugin import run_plugin
+from tests.support.plugin_helpers import VERSIONS
 
 
 @pytest.mark.parametrize("version", VERSIONS)

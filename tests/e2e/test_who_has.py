@@ -3,9 +3,9 @@ real Consul: operators find holders by the runtime's own names (hashicorp/nomad#
 
 from __future__ import annotations
 
-from tests.conftest import run_plugin
-from tests.test_admin import PROBLEMS, STATE, admin, assert_fails, create
-from tests.test_runtime_names import ALLOC_ID, CONTAINERD, NOMAD, cni_args
+from tests.e2e.test_admin import PROBLEMS, STATE, admin, assert_fails, create
+from tests.e2e.test_runtime_names import ALLOC_ID, CONTAINERD, NOMAD, cni_args
+from tests.support.plugin import run_plugin
 
 
 def test_who_has_and_ip_of_by_runtime_names(consul, pool_name, conf_for):

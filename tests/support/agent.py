@@ -12,12 +12,13 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def consul_binary() -> str:
@@ -324,3 +325,19 @@ class SecureConsulAgent(ConsulAgent):
         policy = self._acl("policy", {"Name": f"{name}-{uuid.uuid4().hex[:8]}", "Rules": rules})
         token = self._acl("token", {"Description": name, "Policies": [{"ID": policy["ID"]}]})
         return str(token["SecretID"])
+
+
+def module_consul(name: str) -> Any:
+    """A `consul` fixture for one module's own dev agent (it overrides the session one, and
+    with it make_pool and conf_for). For KV-index checks: Consul's reaping of KV tombstones,
+    some 15 minutes after deletes, moves the index of a long-lived agent with no write."""
+
+    import pytest  # here, not at the top: the bench and scripts/demo.py import this module
+
+    @pytest.fixture(scope="module")
+    def consul() -> Iterator[ConsulAgent]:
+        agent = ConsulAgent(name).start()
+        yield agent
+        agent.close()
+
+    return consul

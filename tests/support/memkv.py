@@ -2,7 +2,7 @@
 
 One global index, bumped by every applied write, as Consul's raft index is; `create` is
 `cas=0`; a transaction applies all of its ops or none. It never replaces the real-Consul test of
-the same behaviour (see tests/test_safety.py): it makes the allocator's logic cheap to explore.
+the same behaviour (see tests/e2e/test_safety.py): it makes the allocator's logic cheap to explore.
 """
 
 from __future__ import annotations

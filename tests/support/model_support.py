@@ -1,4 +1,4 @@
-"""Harness for tests/test_model.py: network configs, simulated hosts with their helpers, calls
+"""Harness for tests/e2e/test_model.py: network configs, simulated hosts with their helpers, calls
 run as real processes (alone, together, or around a fault), and a reading of the allocation
 keys straight from Consul's KV.
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.agent import ConsulAgent
-from tests.util_procs import Call, Done, Helper, LossyProxy, run_one
+from tests.support.agent import ConsulAgent
+from tests.support.util_procs import Call, Done, Helper, LossyProxy, run_one
 
 # Short budgets so that every fault resolves within a few seconds.
 TIMEOUT = 6.0  # timeout caps the whole call: the rollback reserve (1.5 s) comes out of it

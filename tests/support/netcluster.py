@@ -31,7 +31,7 @@ from pathlib import Path
 
 import requests
 
-from tests.agent import consul_binary
+from tests.support.agent import consul_binary
 
 PREFIX = "ipdcpart"
 BRIDGE = f"{PREFIX}br"

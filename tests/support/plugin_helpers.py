@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.agent import ConsulAgent, free_ports
-from tests.conftest import Outcome
+from tests.support.agent import ConsulAgent, free_ports
+from tests.support.plugin import Outcome
 
 VERSIONS = ["0.4.0", "1.0.0"]
 # Keep failures against dead or leaderless servers quick.

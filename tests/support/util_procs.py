@@ -6,6 +6,7 @@ waits for its process so that each call's wall time is measured on its own. Noth
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import marshal
@@ -25,7 +26,7 @@ from typing import Any
 
 import requests
 
-from tests.conftest import BIN_DIR, NO_HELPER, executable
+from tests.support.plugin import BIN_DIR, NO_HELPER, executable
 
 
 @dataclass
@@ -139,6 +140,29 @@ def consul_requests(log_file: str | Path) -> int:
 
 # `state a -> b (trigger)` lines also hold " -> ", so match the request shape exactly.
 _REQUEST_LINE = re.compile(r" (?:GET|PUT|DELETE|POST) https?://\S+ (?:-> \d{3} in|failed after) ")
+
+
+class BlackHole:
+    """A port whose connections never complete: a listening socket with a full backlog that
+    nobody accepts from, so the kernel drops further SYNs (as a firewall that drops does)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.fillers: list[socket.socket] = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            self.fillers.append(filler)
+
+    def close(self) -> None:
+        for s in [*self.fillers, self.sock]:
+            s.close()
 
 
 class Unresponsive:

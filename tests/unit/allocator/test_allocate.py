@@ -1,5 +1,5 @@
 """The allocator's write rules over the in-memory KV (no Consul): fenced claims, rollbacks that
-remove only this call's bytes, lost replies, and fence sweeps. tests/test_safety.py proves the
+remove only this call's bytes, lost replies, and fence sweeps. tests/e2e/test_safety.py proves the
 same rules against a real Consul."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ipam_da_consul.allocator.pool import Pool, parse_pool
 from ipam_da_consul.allocator.schemas import dump_fence
 from ipam_da_consul.allocator.store import KVEntry
 
-from tests.memkv import HeldBack, MemKV
+from tests.support.memkv import HeldBack, MemKV
 
 RANGES = json.dumps([{"subnet": "10.0.0.0/24"}]).encode()
 IP1, IP2 = ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("10.0.0.2")

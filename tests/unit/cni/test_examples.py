@@ -1,5 +1,5 @@
 """The operator examples under deploy/examples parse, and their ipam sections are configs the
-plugin accepts. The Podman conflist has the shape tests/test_podman.py runs with a real Podman;
+plugin accepts. The Podman conflist has the shape tests/e2e/test_podman.py runs with a real Podman;
 the Nomad and Kubernetes files are examples only (no Nomad or cluster here)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from ipam_da_consul.cni import config
 
-from tests import test_podman
+from tests.e2e import test_podman
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "deploy" / "examples"
 CONFLISTS = sorted(EXAMPLES.rglob("*.conflist"))
 
 

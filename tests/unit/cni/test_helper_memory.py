@@ -1,6 +1,7 @@
 """The helper's memory stays bounded: pools leave the cache when nobody refreshes them, and
 the number of caches (one per Consul settings, token included) and of pools is capped, least
-recently used evicted first. Unit level with a stand-in KV, then the real helper process."""
+recently used evicted first. Unit level with a stand-in KV; the real helper process is in
+tests/e2e/test_helper_memory.py."""
 
 from __future__ import annotations
 
@@ -9,16 +10,13 @@ import threading
 import time
 from collections.abc import Callable
 
-import pytest
 from ipam_da_consul.allocator.cache import PoolCache
 from ipam_da_consul.allocator.layout import Layout
 from ipam_da_consul.allocator.store import KVEntry
 from ipam_da_consul.cni.config import ConsulSettings
 from ipam_da_consul.cni.helper import PoolCaches
 
-from tests.conftest import run_plugin
-from tests.memkv import MemKV
-from tests.util_procs import Helper
+from tests.support.memkv import MemKV
 
 RANGES = json.dumps([{"subnet": "10.1.0.0/24"}]).encode()
 
@@ -167,34 +165,3 @@ def test_remembered_servers_expire():
     time.sleep(0.1)
     caches.remember_server(settings("last"), "http://s")
     assert caches.counts()["servers"] == 1
-
-
-def test_real_helper_keeps_few_caches_for_many_tokens(consul, make_pool, conf_for, tmp_path):
-    pools = [make_pool(), make_pool()]
-    helper = Helper(tmp_path, args=["--max-settings", "3", "--max-pools", "4"])
-    try:
-        for t in range(6):
-            for pool in pools:
-                conf = conf_for(pool, consul_token=f"token-{t}")
-                out = run_plugin("ADD", conf, container=f"tok-{t}", env=helper.env)
-                assert out.rc == 0, out
-        stats = helper.stats()
-    finally:
-        helper.close()
-    assert stats["served"] == 12, stats
-    assert stats["caches"] == 3 and stats["pools"] == 4, stats
-
-
-@pytest.mark.parametrize("bad", ["0", "-1"])
-def test_bounds_must_be_positive(bad, tmp_path):
-    import subprocess
-
-    from tests.conftest import executable
-
-    out = subprocess.run(
-        [executable("ipam-da-consul-helper"), "--socket", str(tmp_path / "s"), "--max-pools", bad],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 2 and "at least 1" in out.stderr
