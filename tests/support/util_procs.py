@@ -273,20 +273,23 @@ class Helper:
     def __init__(
         self,
         directory: Path,
-        refresh_interval: float = 1.0,
+        refresh_interval: float | None = 1.0,
         stderr: Path | None = None,
         args: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        """refresh_interval None: the helper's own default. env None: ours."""
         self.socket = str(directory / "run" / "helper.sock")
         # A file, not a pipe: a helper stopped mid-test must not block on a full pipe, and a
         # test can read what it said so far.
         self.stderr_path = stderr
         err = open(stderr, "wb") if stderr else subprocess.DEVNULL  # noqa: SIM115
+        refresh = [] if refresh_interval is None else ["--refresh-interval", str(refresh_interval)]
         self.proc = subprocess.Popen(
-            [executable("ipam-da-consul-helper"), "--socket", self.socket,
-             "--refresh-interval", str(refresh_interval), *(args or [])],
+            [executable("ipam-da-consul-helper"), "--socket", self.socket, *refresh, *(args or [])],
             stdout=subprocess.DEVNULL,
             stderr=err,
+            env=env,
         )
         if not isinstance(err, int):  # not DEVNULL: a file opened for `stderr`
             err.close()  # the child has its own copy
