@@ -1,6 +1,7 @@
 """The operator examples under deploy/examples parse, and their ipam sections are configs the
-plugin accepts. The Podman conflist has the shape tests/e2e/test_podman.py runs with a real Podman;
-the Nomad and Kubernetes files are examples only (no Nomad or cluster here)."""
+plugin accepts. The Podman conflist has the shape tests/e2e/test_podman.py runs with a real Podman
+(tests/e2e/test_examples.py); the Nomad and Kubernetes files are examples only (no Nomad or
+cluster here)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ from typing import Any
 
 import pytest
 from ipam_da_consul.cni import config
-
-from tests.e2e import test_podman
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "deploy" / "examples"
 CONFLISTS = sorted(EXAMPLES.rglob("*.conflist"))
@@ -44,17 +43,6 @@ def test_every_conflist_is_one_the_plugin_accepts(tmp_path):
             plugin["ipam"] = {**plugin["ipam"], "consul_token_file": str(token)}
         conf = config.load(plugin, "ADD", env={})
         assert conf.name == conflist["name"] and conf.pools, path
-
-
-def test_podman_example_has_the_tested_shape(tmp_path):
-    class FakeConsul:
-        url = "http://127.0.0.1:8500"
-
-    test_podman._write_config(tmp_path, "consulnet", "cni-consul0", FakeConsul(), "blue")
-    tested = json.loads((tmp_path / "net.d" / "consulnet.conflist").read_text())
-    example = json.loads((EXAMPLES / "podman" / "ipam-da-consul.conflist").read_text())
-    assert shape(example) == shape(tested)
-    assert example == tested  # same values too: the example is what the test runs
 
 
 def test_kubernetes_daemonset_parses():
