@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.agent import ConsulAgent  # noqa: E402
+from tests.support.agent import ConsulAgent  # noqa: E402
 
 PLUGIN = str(Path(sys.executable).parent / "ipam-da-consul")
 RANGES = [

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.agent import ConsulAgent  # noqa: E402
+from tests.support.agent import ConsulAgent  # noqa: E402
 
 
 @dataclass

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Jepsen-style partition test (tests/test_partition.py): a 3-server Consul cluster in network
+# Jepsen-style partition test (tests/e2e/test_partition.py): a 3-server Consul cluster in network
 # namespaces, simulated hosts running the plugin in-process and through the helper, a nemesis
 # on the leader (isolate, clients-only, asym-in, asym-out, kill, pause-4, pause-15, no-quorum),
 # then a checker and an availability table per fault. Needs root (namespaces, a bridge,
@@ -18,4 +18,4 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 if [ "${1:-}" = "--long" ]; then export IPAM_PARTITION_LONG=1; shift; fi
 [ -x .venv/bin/python ] || bash scripts/setup.sh
-exec .venv/bin/python -m pytest -s --tb=short -p no:cacheprovider tests/test_partition.py "$@"
+exec .venv/bin/python -m pytest -s --tb=short -p no:cacheprovider tests/e2e/test_partition.py "$@"

@@ -34,7 +34,7 @@ if [ ! -x /usr/lib/cni/bridge ]; then
     || echo "setup: containernetworking-plugins not installed; bridge tests will be skipped" >&2
 fi
 [ -x /usr/sbin/iptables ] || apt_install iptables || echo "setup: iptables not installed; the partition test will be skipped" >&2
-# Podman (CNI backend, runc) and a static busybox for the real-runtime test (tests/test_podman.py);
+# Podman (CNI backend, runc) and a static busybox for the real-runtime test (tests/e2e/test_podman.py);
 # without them that test skips and says why.
 if ! command -v podman >/dev/null || ! command -v runc >/dev/null \
   || ! dpkg -s busybox-static >/dev/null 2>&1; then

@@ -1,170 +1,17 @@
-"""Fixtures: a real Consul dev agent per session, fresh pools, and the installed plugin run as
-a subprocess exactly as a runtime runs it."""
+"""Fixtures shared by both tiers. The Consul fixtures are in tests/e2e/conftest.py: the unit
+tier (tests/unit) never sees them."""
 
 from __future__ import annotations
 
-import itertools
-import json
-import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.agent import ConsulAgent
-
-BIN_DIR = Path(sys.executable).parent
-_counter = itertools.count()
-NO_HELPER = "/nonexistent/ipam-da-consul-tests/helper.sock"
-
-
-def executable(name: str) -> str:
-    path = BIN_DIR / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    if not found:
-        pytest.exit(f"{name} is not installed: run `pip install .` first", 2)
-    return found
-
-
-@dataclass
-class Outcome:
-    rc: int
-    stdout: str
-    stderr: str
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-    def __repr__(self) -> str:
-        return f"Outcome(rc={self.rc}, stdout={self.stdout!r}, stderr={self.stderr[-800:]!r})"
-
-
-def run_plugin(
-    command: str,
-    conf: dict[str, Any] | str | bytes,
-    container: str | None = "c-1",
-    ifname: str | None = "eth0",
-    env: dict[str, str] | None = None,
-    verbose: bool = False,
-    timeout: float = 60,
-    name: str = "ipam-da-consul",
-) -> Outcome:
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "CONSUL_", "IPAM_DA_"))
-    }
-    # In-process unless a test hands over a helper's socket: never a helper left on the machine.
-    full_env["IPAM_DA_CONSUL_SOCKET"] = NO_HELPER
-    full_env["CNI_COMMAND"] = command
-    if container is not None:
-        full_env["CNI_CONTAINERID"] = container
-    if ifname is not None:
-        full_env["CNI_IFNAME"] = ifname
-    full_env["CNI_NETNS"] = "/var/run/netns/test"
-    full_env["CNI_PATH"] = str(BIN_DIR)
-    full_env.update(env or {})
-    exe = executable(name + ("-verbose" if verbose else ""))
-    data = conf if isinstance(conf, str | bytes) else json.dumps(conf)
-    if isinstance(data, str):
-        data = data.encode()
-    p = subprocess.run([exe], input=data, env=full_env, capture_output=True, timeout=timeout)
-    return Outcome(
-        p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
-    )
-
-
-def netconf(
-    servers: list[str],
-    pools: list[dict[str, Any]] | None,
-    version: str = "1.0.0",
-    ips: list[dict[str, Any]] | None = None,
-    **ipam: Any,
-) -> dict[str, Any]:
-    conf: dict[str, Any] = {
-        "cniVersion": version,
-        "name": "testnet",
-        "type": "ipam-delegated",
-        "ipam": {
-            "type": "ipam-delegated",
-            "delegates": ["ipam-da-consul"],
-            "consul_servers": servers,
-            **ipam,
-        },
-    }
-    prev: dict[str, Any] = {"cniVersion": version, "ips": ips or []}
-    if pools is not None:
-        prev["pools"] = pools
-    conf["prevResult"] = prev
-    return conf
-
-
-def module_consul(name: str) -> Any:
-    """A `consul` fixture for one module's own dev agent (it overrides the session one, and
-    with it make_pool and conf_for). For KV-index checks: Consul's reaping of KV tombstones,
-    some 15 minutes after deletes, moves the index of a long-lived agent with no write."""
-
-    @pytest.fixture(scope="module")
-    def consul() -> Iterator[ConsulAgent]:
-        agent = ConsulAgent(name).start()
-        yield agent
-        agent.close()
-
-    return consul
-
-
-@pytest.fixture(scope="session")
-def consul() -> Iterator[ConsulAgent]:
-    agent = ConsulAgent("dev").start()
-    yield agent
-    agent.close()
+from tests.support.util_procs import BlackHole
 
 
 @pytest.fixture
-def pool_name() -> str:
-    return f"pool-{os.getpid()}-{next(_counter)}"
-
-
-@pytest.fixture
-def make_pool(consul: ConsulAgent):
-    """make_pool(ranges) -> name of a fresh pool holding those ranges."""
-
-    def make(ranges: list[dict[str, str]] | None = None, name: str | None = None) -> str:
-        name = name or f"pool-{os.getpid()}-{next(_counter)}"
-        consul.create_pool(
-            name,
-            ranges
-            or [
-                {
-                    "subnet": "10.0.20.0/23",
-                    "rangeStart": "10.0.21.100",
-                    "rangeEnd": "10.0.21.150",
-                    "gateway": "10.0.20.1",
-                }
-            ],
-        )
-        return name
-
-    return make
-
-
-@pytest.fixture
-def conf_for(consul: ConsulAgent):
-    """conf_for(pool, version=..., **ipam) -> a network config naming the dev agent."""
-
-    def make(
-        *pools: str | dict[str, Any],
-        version: str = "1.0.0",
-        ips: list[dict[str, Any]] | None = None,
-        **ipam: Any,
-    ) -> dict[str, Any]:
-        objs = [p if isinstance(p, dict) else {"name": p} for p in pools]
-        return netconf([consul.url], objs, version, ips, **ipam)
-
-    return make
+def hole() -> Iterator[BlackHole]:
+    h = BlackHole()
+    yield h
+    h.close()

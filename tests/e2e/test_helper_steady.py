@@ -22,7 +22,7 @@ from ipam_da_consul.cni.helper.cache import PoolCache
 from ipam_da_consul.cni.helper.server import watch_kv
 from ipam_da_consul.consul import ConsulClient, ConsulKV, Deadline
 
-from tests.conftest import module_consul
+from tests.support.agent import module_consul
 
 consul = module_consul("helper-steady")
 

@@ -1,0 +1,288 @@
+"""Harness for tests/e2e/test_model.py: network configs, simulated hosts with their helpers, calls
+run as real processes (alone, together, or around a fault), and a reading of the allocation
+keys straight from Consul's KV.
+
+Nothing here knows the plugin's internals: every call is the installed `ipam-da-consul`
+executable with the config on stdin, as a runtime runs it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support.agent import ConsulAgent
+from tests.support.util_procs import Call, Done, Helper, LossyProxy, run_one
+
+# Short budgets so that every fault resolves within a few seconds.
+TIMEOUT = 6.0  # timeout caps the whole call: the rollback reserve (1.5 s) comes out of it
+IPAM_TIMEOUTS = {"timeout": TIMEOUT, "consul_read_timeout": 2, "consul_connect_timeout": 1}
+# A call with its helper paused must end by its deadline (11) or fall back in-process within
+# ~1 s; either way it is over within the budget plus interpreter start-up on 2 busy cores
+# (generous: a call that waits for SIGCONT is what this catches).
+PAUSE_BOUND = TIMEOUT + 4.0
+# How long the helper stays stopped at most (SIGCONT comes earlier when the call returns).
+PAUSE_LIMIT = PAUSE_BOUND + 1.0
+# Harness guard only: no call may run longer than this (a hang is reported, not waited out).
+CALL_GUARD = 45.0
+
+# Pools by role; each example of the model gets its own copies (names suffixed), so the
+# helpers' caches and the keys of earlier examples never meet the current one.
+RANGES: dict[str, list[dict[str, str]]] = {
+    "shared": [
+        {
+            "subnet": "10.60.0.0/24",
+            "rangeStart": "10.60.0.10",
+            "rangeEnd": "10.60.0.250",
+            "gateway": "10.60.0.1",
+        }
+    ],
+    "a": [
+        {
+            "subnet": "10.61.0.0/24",
+            "rangeStart": "10.61.0.10",
+            "rangeEnd": "10.61.0.250",
+            "gateway": "10.61.0.1",
+        }
+    ],
+    # "b" is never created: the pool a config lists but KV does not have.
+}
+# Network name -> pool roles, in the order the config lists them.
+NETWORKS: dict[str, list[str]] = {
+    "net-a": ["shared"],
+    "net-b": ["shared", "a"],
+    "net-c": ["a"],
+    "net-x": ["a", "b"],  # b is missing: every ADD must fail (114) and leave nothing
+}
+GOOD_NETWORKS = ["net-a", "net-b", "net-c"]
+HOSTS = ["h1", "h2"]
+IFNAMES = ["eth0", "eth1"]
+
+
+def ranges_hold(role: str, ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    for r in RANGES.get(role, []):
+        if addr in ipaddress.ip_network(r["subnet"]):
+            lo = ipaddress.ip_address(r["rangeStart"])
+            hi = ipaddress.ip_address(r["rangeEnd"])
+            if int(lo) <= int(addr) <= int(hi):  # one IP version: all of them in the subnet
+                return True
+    return False
+
+
+def netconf11(
+    consul_url: str | list[str],
+    name: str,
+    pools: list[str],
+    host: str,
+    prev: dict[str, Any] | None = None,
+    valid: list[tuple[str, str]] | None = None,
+) -> dict[str, Any]:
+    """A CNI 1.1.0 standalone config (ipam-da-consul directly under bridge)."""
+    servers = consul_url if isinstance(consul_url, list) else [consul_url]
+    conf: dict[str, Any] = {
+        "cniVersion": "1.1.0",
+        "name": name,
+        "type": "bridge",
+        "ipam": {
+            "type": "ipam-da-consul",
+            "consul_servers": servers,
+            "pools": [{"name": p} for p in pools],
+            "host": host,
+            **IPAM_TIMEOUTS,
+        },
+    }
+    if prev is not None:
+        conf["prevResult"] = prev
+    if valid is not None:
+        conf["cni.dev/valid-attachments"] = [{"containerID": c, "ifname": i} for c, i in valid]
+    return conf
+
+
+def result_addresses(result: dict[str, Any]) -> list[str]:
+    return [str(ipaddress.ip_interface(i["address"]).ip) for i in result.get("ips", [])]
+
+
+# -- KV ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    pool: str  # the pool's real name in KV
+    ip: str
+    value: Any  # decoded JSON, or {"__raw__": text} when not JSON
+
+    @property
+    def target(self) -> str | None:
+        return self.value.get("target") if isinstance(self.value, dict) else None
+
+    @property
+    def ifname(self) -> str | None:
+        return self.value.get("ifname") if isinstance(self.value, dict) else None
+
+    @property
+    def host(self) -> str | None:
+        return self.value.get("host") if isinstance(self.value, dict) else None
+
+    @property
+    def network(self) -> str | None:
+        return self.value.get("network") if isinstance(self.value, dict) else None
+
+    def __repr__(self) -> str:
+        return f"ipam/{self.pool}/{self.ip}={json.dumps(self.value, sort_keys=True)}"
+
+
+def allocation_keys(consul: ConsulAgent, pools: set[str], prefix: str = "ipam/") -> list[Key]:
+    """Every allocation key `<prefix><pool>/<ip>` of the given pools; anything else under the
+    prefix (pool keys, folder keys, fences under `.fences/`, other pools) is not an allocation."""
+    out = []
+    for k, v in consul.tree(prefix).items():
+        rest = k[len(prefix) :]
+        pool, sep, ip = rest.partition("/")
+        if not sep or not ip or pool not in pools or "/" in ip:
+            continue
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            continue  # not named after an address: not an allocation (a marker, a fence)
+        try:
+            value = json.loads(v)
+        except ValueError:
+            value = {"__raw__": v.decode(errors="replace")}
+        out.append(Key(pool, ip, value))
+    return sorted(out, key=lambda key: (key.pool, ipaddress.ip_address(key.ip)))
+
+
+# -- helpers (one per simulated host) --------------------------------------------------------
+
+
+class HostHelper:
+    """A simulated host's `ipam-da-consul-helper`: running, paused (SIGSTOP) or killed."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.helper: Helper | None = None
+        self.paused = False
+        self.start()
+
+    def start(self) -> None:
+        self.helper = Helper(self.directory)
+        self.paused = False
+
+    @property
+    def alive(self) -> bool:
+        return self.helper is not None and self.helper.proc.poll() is None
+
+    @property
+    def socket(self) -> str:
+        return str(self.directory / "run" / "helper.sock")
+
+    @property
+    def env(self) -> dict[str, str]:
+        # A killed helper leaves its socket file behind: calls find nobody listening there,
+        # exactly as on a host whose helper crashed.
+        return {"IPAM_DA_CONSUL_SOCKET": self.socket}
+
+    def pause(self) -> None:
+        assert self.helper is not None and self.alive
+        os.kill(self.helper.proc.pid, signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.helper is not None and self.paused and self.alive:
+            os.kill(self.helper.proc.pid, signal.SIGCONT)
+        self.paused = False
+
+    def kill(self) -> None:
+        assert self.helper is not None
+        self.resume()
+        self.helper.proc.kill()
+        self.helper.proc.wait()
+
+    def ensure_running(self) -> None:
+        self.resume()
+        if not self.alive:
+            self.start()
+
+    def close(self) -> None:
+        self.resume()
+        if self.helper is not None:
+            self.helper.close()
+
+
+# -- running calls ----------------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    """One call started in a thread (its own process); `wait()` gives its Done."""
+
+    call: Call
+    thread: threading.Thread
+    box: dict[str, Any] = field(default_factory=dict)
+
+    def wait(self, timeout: float | None = None) -> Done | None:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            return None
+        if "error" in self.box:
+            raise self.box["error"]
+        return self.box["done"]
+
+
+def start_call(call: Call, gate: threading.Event | None = None) -> Running:
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["done"] = run_one(call, gate)
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return Running(call, thread, box)
+
+
+def run_together(calls: list[Call]) -> list[Done]:
+    """Start every call at the same moment, one process each, released by one Event."""
+    gate = threading.Event()
+    running = [start_call(c, gate) for c in calls]
+    time.sleep(0.02)  # every thread is parked on the gate
+    gate.set()
+    done = []
+    for r in running:
+        d = r.wait(CALL_GUARD + 5)
+        assert d is not None, f"harness: {r.call.command} did not return"
+        done.append(d)
+    return done
+
+
+def brief(done: Done) -> str:
+    out = done.stdout.strip().replace("\n", " ")
+    if len(out) > 300:
+        out = out[:300] + "..."
+    return f"rc={done.rc} {done.elapsed:.2f}s {out}"
+
+
+def slow_listings(consul_url: str, delay: float = 0.4) -> LossyProxy:
+    """A relay in front of Consul that holds back the answer to every pool listing (a GET with
+    `recurse`, not a blocking query) by `delay`: a slow network or a busy server. Calls started
+    together then all read the pool before any of them writes, so their CAS writes collide, the
+    interleaving a runtime's parallel attachments hit now and then. Every answer is Consul's own.
+    """
+
+    def hold(method: str, path: str) -> bool:
+        listing = method == "GET" and path.startswith("/v1/kv/") and "recurse" in path
+        if listing and "index=" not in path:
+            time.sleep(delay)
+        return False  # never drop: only late
+
+    return LossyProxy(consul_url, hold)
