@@ -246,8 +246,8 @@ class Invocation:
     def classify(self, exc: Exception) -> CNIError:
         if isinstance(exc, CNIError):
             return exc
-        for kind, code in _ERROR_CODES:
-            if isinstance(exc, kind):
+        for exc_type, code in _ERROR_CODES:
+            if isinstance(exc, exc_type):
                 return CNIError(code, str(exc))
         if isinstance(exc, ConsulError):
             writing = self.command.writing(self.state)
