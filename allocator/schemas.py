@@ -168,8 +168,8 @@ def load_allocation(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError('expected a JSON object like {"target": "<container id>"}')
     # Pools are read whole, tens of thousands of values at a time: accept the well-formed case
-    # with the schema's own rules in plain Python (tests/unit/cni/test_schemas.py proves they agree) and
-    # let marshmallow judge, and word the error, only when something looks off.
+    # with the schema's own rules in plain Python (tests/unit/cni/test_schemas.py proves they
+    # agree) and let marshmallow judge, and word the error, only when something looks off.
     target = data.get("target")
     if type(target) is str and target:
         out: dict[str, Any] = {"target": target}

@@ -14,7 +14,8 @@ import time
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
-    from typing import Any
+
+    from .stores import Caches
 
 
 def main() -> None:
@@ -51,7 +52,7 @@ def run(verbose: bool) -> int:
 def execute(
     stdin: bytes,
     environ: Mapping[str, str],
-    caches: Any = None,
+    caches: Caches | None = None,
     started: float | None = None,
     abandoned: Callable[[], bool] | None = None,
 ) -> tuple[str, int]:

@@ -131,3 +131,21 @@ def test_bad_input_fires_fail_from_start(debug_log: list[str]) -> None:
     assert [line for line in debug_log if line.startswith("state ")] == [
         "state start -> failed (fail)"]
     assert inv.output is not None and inv.output["code"] == 6
+
+
+def test_every_cni_command_has_its_module_of_handlers() -> None:
+    from ipam_da_consul.cni.commands import KINDS
+    from ipam_da_consul.cni.env import COMMANDS
+
+    assert sorted(KINDS) == sorted(COMMANDS)
+    assert all(kind.name == name for name, kind in KINDS.items())
+
+
+def test_the_machine_imports_nothing_of_the_helper() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, ipam_da_consul.cni.machine; "
+            "print(sorted(m for m in sys.modules if m.startswith('ipam_da_consul.cni.helper')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

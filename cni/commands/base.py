@@ -1,0 +1,242 @@
+"""What the commands share: the call's validated inputs, its store and allocator, and the
+walk over its pools (parse, select a server, load each pool). A command module adds the
+handlers of the states only it goes through; cni/machine.py's table says which those are.
+
+Handlers return the trigger to fire next. A state reached only after another set something
+(the pool after `next_pool`, ADD's pick after `pick_ip`) reads it as a plain attribute: the
+table guarantees the order, so nothing here is Optional or asserted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from loguru import logger
+
+from ...allocator.allocate import Allocator, Attachment
+from ...allocator.errors import CallAbandoned
+from ...allocator.layout import Layout
+from ...allocator.pool import Pool
+from .. import config
+from ..env import Environment
+from ..errors import CNIError, Code
+from ..stores import Caches, PoolCache, Store, StoreFactory
+
+# Kept out of the work's share of `timeout` to undo this call's writes after a failure: the
+# whole call, rollback included, ends by `timeout`. At most a quarter of it.
+ROLLBACK_RESERVE = 3.0
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the runtime (or the helper) hands one call."""
+
+    stdin: bytes
+    environ: Mapping[str, str]
+    caches: Caches | None
+    # When the runtime started the call (time.monotonic, which is system-wide: the helper
+    # gets the thin client's), and whether it has stopped waiting for the answer.
+    started: float
+    abandoned: Callable[[], bool] | None
+    # Marks this call's writes: a rollback removes exactly them, never a sibling's.
+    call_id: str
+    store_factory: StoreFactory
+
+
+@dataclass(frozen=True)
+class Session:
+    """A parsed call of a pool command, with its store open (no request sent yet)."""
+
+    inputs: Inputs
+    env: Environment
+    conf: config.NetConf
+    cni_version: str
+    store: Store
+    allocator: Allocator
+    # started + `timeout`: the call, rollback included, is over by then.
+    hard_end: float
+    # Asked before every write (see `write_guard`).
+    still_wanted: Callable[[], None]
+
+
+def write_guard(store: Store, abandoned: Callable[[], bool] | None) -> Callable[[], None]:
+    """Before every write: a call nobody waits for, or past its budget, writes nothing."""
+
+    def still_wanted() -> None:
+        if abandoned is not None and abandoned():
+            raise CallAbandoned("the runtime stopped waiting for this call; nothing more written")
+        if store.deadline.expired():
+            raise CallAbandoned("the call's time budget (ipam.timeout) ran out before a write")
+
+    return still_wanted
+
+
+class Command:
+    """One CNI command's handlers. This base is also the call before its command is known:
+    every handler refuses, and the failure hooks do nothing."""
+
+    name: ClassVar[str] = ""
+    # VERSION may come with an empty stdin.
+    stdin_optional: ClassVar[bool] = False
+    output: dict[str, Any] | None = None
+
+    @classmethod
+    def build(
+        cls, inputs: Inputs, env: Environment, data: dict[str, Any], cni_version: str
+    ) -> Command:
+        """The command for a call whose environment and stdin JSON are read."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built")
+
+    @classmethod
+    def as_error(cls, error: CNIError) -> CNIError:
+        """The error this command reports for `error` (STATUS words its own)."""
+        return error
+
+    def at_parsed(self) -> str:
+        return self._none("parsed")
+
+    def at_connected(self) -> str:
+        return self._none("connected")
+
+    def at_fenced(self) -> str:
+        return self._none("fenced")
+
+    def at_pool_loaded(self) -> str:
+        return self._none("pool_loaded")
+
+    def at_ip_picked(self) -> str:
+        return self._none("ip_picked")
+
+    def at_pool_done(self) -> str:
+        return self._none("pool_done")
+
+    def writing(self, state: str) -> bool:
+        """Whether a Consul error in `state` hit a write (125) rather than a read (111)."""
+        return False
+
+    def failed(self, error: CNIError) -> None:
+        """The call failed with `error`: undo what must be undone."""
+
+    def close(self) -> None:
+        """The call is over, either way."""
+
+    def _none(self, state: str) -> str:
+        raise RuntimeError(f"{type(self).__name__} has no handler for state {state!r}")
+
+
+class PoolCommand(Command):
+    """A command that reads pools (all but VERSION): select a server, then each pool in turn."""
+
+    needs_1_1: ClassVar[bool] = False
+    # Set by `next_pool`, before any pool_loaded.
+    current: config.PoolRequest
+    pool: Pool
+
+    @classmethod
+    def build(
+        cls, inputs: Inputs, env: Environment, data: dict[str, Any], cni_version: str
+    ) -> Command:
+        conf = config.load(data, env.command, inputs.environ, env.args)
+        if cls.needs_1_1 and conf.cni_version != "1.1.0":
+            raise CNIError(
+                Code.INCOMPATIBLE_VERSION,
+                f"{env.command} needs cniVersion 1.1.0, got {conf.cni_version}",
+            )
+        return cls(cls.open(inputs, env, conf, cni_version))
+
+    @classmethod
+    def known_server(cls, caches: Caches, settings: config.ConsulSettings) -> str | None:
+        """A server the helper saw with a leader moments ago: it spares a leader check."""
+        return caches.recent_server(settings)
+
+    @classmethod
+    def pool_cache(
+        cls, caches: Caches, settings: config.ConsulSettings, layout: Layout
+    ) -> PoolCache | None:
+        """The helper's cached pools this command may read (only ADD does)."""
+        return None
+
+    @classmethod
+    def open(
+        cls, inputs: Inputs, env: Environment, conf: config.NetConf, cni_version: str
+    ) -> Session:
+        settings = conf.consul
+        layout = Layout(settings.kv_prefix)
+        caches, cache, known_good = inputs.caches, None, None
+        if caches is not None:
+            known_good = cls.known_server(caches, settings)
+            cache = cls.pool_cache(caches, settings, layout)
+        # `timeout` caps the whole call: the work gets what is left once the rollback's
+        # reserve is set aside, and the rollback gets the reserve.
+        hard_end = inputs.started + settings.timeout
+        reserve = min(ROLLBACK_RESERVE, settings.timeout / 4)
+        budget = max(0.0, hard_end - reserve - time.monotonic())
+        store = inputs.store_factory(settings, budget, known_good)
+        still_wanted = write_guard(store, inputs.abandoned)
+        allocator = Allocator(
+            store.kv,
+            layout,
+            conf.host or config.default_host(),
+            cache,
+            attachment=Attachment(conf.name, env.container_id, env.ifname or None),
+            call=inputs.call_id,
+            before_write=still_wanted,
+            runtime=conf.runtime,
+        )
+        return Session(inputs, env, conf, cni_version, store, allocator, hard_end, still_wanted)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.env = session.env
+        self.conf = session.conf
+        self.store = session.store
+        self.allocator = session.allocator
+        self.todo = list(session.conf.pools)
+
+    # -- the shared states --------------------------------------------------------------------
+    def at_parsed(self) -> str:
+        """Select a server with a leader (unless the helper just saw one)."""
+        if self.store.current is None:
+            self.store.select()
+        return "connect"
+
+    def at_connected(self) -> str:
+        return self.next_pool_or_emit()
+
+    def at_pool_done(self) -> str:
+        return self.next_pool_or_emit()
+
+    def next_pool_or_emit(self) -> str:
+        if not self.todo:
+            self.finish()
+            return "emit"
+        self.current = self.todo.pop(0)
+        self.load(self.current)
+        return "next_pool"
+
+    def load(self, request: config.PoolRequest) -> None:
+        """Read the pool this command works on next."""
+        self.pool = self.allocator.load(request.name)
+
+    def finish(self) -> None:
+        """Every pool is served: what remains to do before `emit`."""
+
+    def close(self) -> None:
+        store, caches = self.store, self.session.inputs.caches
+        logger.debug("{} Consul requests in this call", store.requests_sent)
+        if caches is not None and store.current:
+            caches.remember_server(self.conf.consul, store.current)
+        store.close()
+
+    # -- shared work --------------------------------------------------------------------------
+    def attachment(self) -> tuple[str, str | None]:
+        return self.env.container_id, self.env.ifname or None
+
+    def sweep_fences(self) -> None:
+        try:
+            self.allocator.sweep_fences(self.conf.name)
+        except Exception as exc:  # housekeeping: never fails the call
+            logger.warning("could not sweep expired fences: {}", exc)

@@ -1,0 +1,88 @@
+"""GC: release this network's allocations on this host whose attachment the runtime no longer
+has. Runtimes call GC once per network with that network's attachments, so a key of another
+network, another host, or with no network recorded is never touched.
+
+GC keeps going past a pool it cannot read or a key it cannot release, and reports them all.
+"""
+
+from __future__ import annotations
+
+import time
+
+from loguru import logger
+
+from ...allocator.allocate import Attachment
+from ...allocator.errors import AllocatorError, PoolMissing
+from ...allocator.pool import Held
+from ...consul import ConsulError, ConsulUnavailable
+from .. import config
+from ..errors import CNIError, Code
+from .base import PoolCommand, Session
+
+
+class Gc(PoolCommand):
+    name = "GC"
+    needs_1_1 = True
+    held: list[Held]  # this pool's readable allocations, set by next_pool
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session)
+        self.problems: list[str] = []
+
+    def load(self, request: config.PoolRequest) -> None:
+        self.held = self.scan(request.name)
+
+    def scan(self, name: str) -> list[Held]:
+        """The pool's readable allocations. A pool that is missing or cannot be read is a
+        problem to report at the end, not a reason to skip the other pools."""
+        try:
+            held = self.allocator.scan(name, self.problems.append)
+            # An empty listing cannot tell "no allocations" from "no such pool"; the pool key can.
+            if not held and self.allocator.kv.get(self.allocator.layout.pool_key(name)) is None:
+                raise PoolMissing(f"pool {name!r} does not exist")
+        except ConsulUnavailable:
+            raise  # no server left: the other pools cannot be read either
+        except (AllocatorError, ConsulError) as exc:
+            self.problems.append(str(exc))
+            return []
+        return held
+
+    def at_pool_loaded(self) -> str:
+        allocator, conf = self.allocator, self.conf
+        valid = set(conf.valid_attachments or [])
+        containers = {cid for cid, _ in valid}
+        now = time.time()
+        for held in self.held:
+            if held.host != allocator.host or not conf.name:
+                continue  # another host's, or written by a tool that records no host
+            if held.network != conf.name:
+                continue  # another network's (or an older version's, which records none)
+            if held.free_after is not None:
+                if held.reusable(now) and allocator.kv.delete(held.key, held.index):
+                    logger.debug("GC removed {}, released and cooled down", held.key)
+                continue
+            if (held.target, held.ifname) in valid or (
+                held.ifname is None and held.target in containers
+            ):
+                continue
+            try:
+                allocator.raise_fence("GC", Attachment(conf.name, held.target, held.ifname))
+                if allocator.release(held, reuse_after=conf.reuse_after):
+                    logger.debug("GC released {} (container {!r})", held.key, held.target)
+                else:
+                    self.problems.append(f"{held.key} kept changing; not released")
+            except ConsulUnavailable:
+                raise
+            except ConsulError as exc:
+                self.problems.append(f"{held.key}: {exc}")
+        return "collect"
+
+    def finish(self) -> None:
+        self.sweep_fences()
+        if self.problems:
+            raise CNIError(
+                Code.KV_WRITE_FAILED, "GC finished with problems: " + "; ".join(self.problems)
+            )
+
+    def writing(self, state: str) -> bool:
+        return state == "pool_loaded" and bool(self.held)

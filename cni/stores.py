@@ -1,0 +1,89 @@
+"""What one call needs from outside itself, as protocols: a store to reach (Consul, unless a
+test hands the machine another) and, in the long-lived helper, what it keeps between calls.
+
+A leaf module: cni.machine and cni/commands depend on these shapes, never on the helper or on
+Consul, so the helper can change (or move) without the machine importing any of it, and the
+unit tier can drive the machine over an in-memory KV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from ..allocator.allocate import CachedPools
+
+if TYPE_CHECKING:
+    from ..allocator.layout import Layout
+    from ..allocator.pool import Pool
+    from ..allocator.store import KV
+    from .config import ConsulSettings
+
+
+class Budget(Protocol):
+    """The call's time budget (consul.Deadline): `end` is moved to hand the rollback its
+    reserve."""
+
+    end: float
+
+    def expired(self) -> bool: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class Store(Protocol):
+    """Where one call reads and writes: a KV with compare-and-set, and the server it uses."""
+
+    @property
+    def kv(self) -> KV: ...
+
+    @property
+    def deadline(self) -> Budget: ...
+
+    @property
+    def current(self) -> str | None:
+        """The server in use (one with a leader); None until one is selected."""
+
+    @property
+    def requests_sent(self) -> int: ...
+
+    def select(self) -> object:
+        """Choose a server with a leader (ConsulUnavailable when none answers in time)."""
+
+    def close(self) -> None: ...
+
+
+class StoreFactory(Protocol):
+    """Opens the call's store: the settings, the seconds the work may take, and a server the
+    helper saw with a leader moments ago (None: choose one)."""
+
+    def __call__(
+        self, settings: ConsulSettings, budget: float, known_good: str | None, /
+    ) -> Store: ...
+
+
+class DelJournal(Protocol):
+    def record(self, stdin: bytes, env: Mapping[str, str]) -> bool:
+        """Keep a DEL that could not reach Consul, to redo it later; False when it cannot."""
+
+
+class PoolCache(CachedPools, Protocol):
+    """One Consul's pools as the helper keeps them (cni/helper/cache.py)."""
+
+    def peek(self, name: str) -> Pool | None:
+        """The kept copy of a pool, never loading one."""
+
+
+class Caches(Protocol):
+    """What the helper keeps warm between calls (cni/helper/caches.py PoolCaches)."""
+
+    @property
+    def journal(self) -> DelJournal | None: ...
+
+    def recent_server(self, settings: ConsulSettings) -> str | None: ...
+
+    def remember_server(self, settings: ConsulSettings, server: str) -> None: ...
+
+    def get(self, settings: ConsulSettings, layout: Layout) -> PoolCache: ...
+
+    def peek(self, settings: ConsulSettings) -> PoolCache | None: ...

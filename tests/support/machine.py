@@ -1,0 +1,209 @@
+"""Drive cni.machine.Invocation over tests/support/memkv.py's MemKV, through the store factory: no
+Consul, no network, a call in milliseconds. Each call's walk through the states is read from
+the machine's own `state a -> b (trigger)` debug lines, so a test pins the exact path."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ipam_da_consul.cni.config import ConsulSettings
+from ipam_da_consul.cni.machine import Invocation
+from ipam_da_consul.consul import Deadline
+from loguru import logger
+
+from tests.support.memkv import MemKV
+
+HOST = "host-a"
+RANGES: list[dict[str, str]] = [
+    {"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.10", "rangeEnd": "10.0.0.12"}
+]
+
+
+def netconf(
+    pools: list[dict[str, Any]] | None = None,
+    version: str = "1.1.0",
+    name: str = "net",
+    **ipam: Any,
+) -> dict[str, Any]:
+    return {
+        "cniVersion": version,
+        "name": name,
+        "ipam": {
+            "type": "ipam-da-consul",
+            "consul_servers": ["http://127.0.0.1:8500"],
+            "host": HOST,
+            "pools": [{"name": "p"}] if pools is None else pools,
+            **ipam,
+        },
+    }
+
+
+@dataclass
+class MemStore:
+    """The call's store over MemKV; `select` stands for the leader check."""
+
+    kv: Any
+    deadline: Deadline
+    current: str | None = None
+    requests_sent: int = 0
+    selects: int = 0
+    closed: bool = False
+
+    def select(self) -> str:
+        self.selects += 1
+        self.current = "mem://leader"
+        return self.current
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Faulty:
+    """A KV whose `method` raises `error` from its (after+1)-th call on, while `armed`."""
+
+    def __init__(self, kv: Any, method: str, error: Exception, after: int = 0) -> None:
+        self.kv, self.method, self.error, self.after = kv, method, error, after
+        self.calls = 0
+        self.armed = True
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self.kv, name)
+        if name != self.method:
+            return real
+
+        def call(*args: Any) -> Any:
+            self.calls += 1
+            if self.armed and self.calls > self.after:
+                raise self.error
+            return real(*args)
+
+        return call
+
+
+@dataclass
+class Journal:
+    records: list[tuple[bytes, dict[str, str]]] = field(default_factory=list)
+
+    def record(self, stdin: bytes, env: Mapping[str, str]) -> bool:
+        self.records.append((stdin, dict(env)))
+        return True
+
+
+class Caches:
+    """The helper's side as a DEL or STATUS sees it: a remembered server and the journal.
+    (ADD's pool cache needs a watchable KV: tests/test_cache.py covers it on Consul.)"""
+
+    def __init__(self, server: str | None = None) -> None:
+        self.server = server
+        self.remembered: list[str] = []
+        self.journal = Journal()
+
+    def recent_server(self, settings: ConsulSettings) -> str | None:
+        return self.server
+
+    def remember_server(self, settings: ConsulSettings, server: str) -> None:
+        self.remembered.append(server)
+
+    def get(self, settings: ConsulSettings, layout: Any) -> Any:
+        raise AssertionError("only ADD reads the pool cache")
+
+    def peek(self, settings: ConsulSettings) -> Any:
+        return None
+
+
+@dataclass
+class Run:
+    code: int
+    output: dict[str, Any] | None
+    walk: list[str]  # the states, from start
+    lines: list[str]  # every log message of the call
+    inv: Invocation
+    store: MemStore | None
+
+    def logged(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+
+class Mem:
+    """One in-memory KV and the calls made against it."""
+
+    def __init__(self) -> None:
+        self.kv = MemKV()
+        # Wraps the KV each call's store gets (a fault, a held-back write).
+        self.wrap: Callable[[Any], Any] = lambda kv: kv
+        self.stores: list[MemStore] = []
+
+    def pool(self, name: str = "p", ranges: list[dict[str, str]] | None = None) -> None:
+        self.kv.put(f"ipam/{name}", json.dumps(RANGES if ranges is None else ranges).encode())
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self.kv.put(key, json.dumps(value).encode())
+
+    def value(self, key: str) -> dict[str, Any] | None:
+        entry = self.kv.get(key)
+        return None if entry is None else json.loads(entry.value)
+
+    def index(self, key: str) -> int:
+        """The key's ModifyIndex; 0 when it does not exist."""
+        entry = self.kv.get(key)
+        return 0 if entry is None else entry.modify_index
+
+    def keys(self, prefix: str = "ipam/") -> list[str]:
+        return [e.key for e in self.kv.list(prefix)]
+
+    def factory(self, settings: ConsulSettings, budget: float, known_good: str | None) -> MemStore:
+        store = MemStore(self.wrap(self.kv), Deadline(budget), known_good)
+        self.stores.append(store)
+        return store
+
+    def call(
+        self,
+        command: str,
+        conf: dict[str, Any] | None = None,
+        container: str = "c1",
+        ifname: str = "eth0",
+        env: dict[str, str] | None = None,
+        stdin: bytes | None = None,
+        caches: Any = None,
+        abandoned: Callable[[], bool] | None = None,
+    ) -> Run:
+        environ = {
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container,
+            "CNI_IFNAME": ifname,
+            "CNI_NETNS": "/var/run/netns/x",
+            "CNI_PATH": "/opt/cni/bin",
+            **(env or {}),
+        }
+        raw = json.dumps(netconf() if conf is None else conf).encode() if stdin is None else stdin
+        lines: list[str] = []
+        sink = logger.add(lambda m: lines.append(str(m).rstrip("\n")), level="DEBUG",
+                          format="{message}")
+        stores = len(self.stores)
+        try:
+            inv = Invocation(raw, environ, caches, abandoned=abandoned,
+                             store_factory=self.factory)
+            code = inv.run()
+        finally:
+            logger.remove(sink)
+        walk = ["start"] + [ln.split(" -> ")[1].split(" ")[0] for ln in lines
+                            if ln.startswith("state ")]
+        store = self.stores[stores] if len(self.stores) > stores else None
+        return Run(code, inv.output, walk, lines, inv, store)
+
+
+def ours(run: Run, container: str = "c1", ifname: str = "eth0") -> dict[str, Any]:
+    """The allocation value `run` writes for its attachment (its `at` aside)."""
+    return {"target": container, "ifname": ifname, "host": HOST, "network": "net",
+            "call": run.inv.inputs.call_id}
+
+
+def without_at(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    assert isinstance(value.get("at"), float) and abs(value["at"] - time.time()) < 60
+    return {k: v for k, v in value.items() if k != "at"}

@@ -1,0 +1,220 @@
+"""CHECK, GC, STATUS and VERSION through the machine over the in-memory KV: each command's walk
+through the states, its result, and the KV after. On a real Consul: tests/test_check.py,
+test_cni11.py, test_version.py, test_cooldown.py."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ipam_da_consul.allocator.allocate import FENCE_TTL
+from ipam_da_consul.allocator.schemas import dump_fence
+from ipam_da_consul.cni.schemas import SUPPORTED_VERSIONS
+from ipam_da_consul.consul import ConsulError, ConsulUnavailable
+
+from tests.support.machine import HOST, Caches, Faulty, Mem, netconf
+
+ONE_POOL = ["start", "parsed", "connected", "pool_loaded", "pool_done", "done"]
+KEY10, KEY11, KEY12 = "ipam/p/10.0.0.10", "ipam/p/10.0.0.11", "ipam/p/10.0.0.12"
+
+
+def err(code: int, msg: str, version: str = "1.1.0") -> dict[str, Any]:
+    return {"cniVersion": version, "code": code, "msg": msg, "details": ""}
+
+
+# -- CHECK ---------------------------------------------------------------------------------------
+def checked(m: Mem, *addresses: str) -> dict[str, Any]:
+    conf = netconf()
+    conf["prevResult"] = {"cniVersion": "1.1.0", "ips": [{"address": a} for a in addresses]}
+    return conf
+
+
+def test_check_verifies_our_addresses_and_writes_nothing() -> None:
+    m = Mem()
+    m.pool()
+    assert m.call("ADD").code == 0
+    writes = m.kv.writes
+    run = m.call("CHECK", checked(m, "10.0.0.10/24", "192.168.1.5/24"))  # one not ours to judge
+    assert (run.code, run.output, run.walk) == (0, None, ONE_POOL)
+    assert m.kv.writes == writes
+
+
+def test_check_of_an_address_gone_or_taken_is_114() -> None:
+    m = Mem()
+    m.pool()
+    gone = m.call("CHECK", checked(m, "10.0.0.10/24"))
+    assert gone.output == err(114, "10.0.0.10 is no longer allocated in pool 'p'")
+    assert gone.walk == ["start", "parsed", "connected", "pool_loaded", "failed"]
+    m.put(KEY10, {"target": "other"})
+    taken = m.call("CHECK", checked(m, "10.0.0.10/24"))
+    assert taken.output == err(114, "10.0.0.10 in pool 'p' is now allocated to container 'other'")
+    none = m.call("CHECK", checked(m, "192.168.1.5/24"))
+    assert none.output == err(114, "prevResult holds no address from pool 'p'")
+
+
+def test_check_without_prev_result_is_7() -> None:
+    m = Mem()
+    m.pool()
+    run = m.call("CHECK")
+    assert run.output == err(7, "CHECK needs the prevResult of the ADD")
+
+
+def test_check_reads_only_the_ranges_and_our_keys() -> None:
+    m = Mem()
+    m.pool()
+    m.kv.put(KEY12, b"not json")  # a full listing would fail on it
+    m.put(KEY10, {"target": "c1", "ifname": "eth0"})
+    run = m.call("CHECK", checked(m, "10.0.0.10/24"))
+    assert run.code == 0
+
+
+# -- GC ------------------------------------------------------------------------------------------
+def gc_conf(*attachments: tuple[str, str], version: str = "1.1.0") -> dict[str, Any]:
+    conf = netconf(version=version)
+    conf["cni.dev/valid-attachments"] = [{"containerID": c, "ifname": i} for c, i in attachments]
+    return conf
+
+
+def mine(target: str, ifname: str | None = "eth0", **extra: Any) -> dict[str, Any]:
+    value = {"target": target, "host": HOST, "network": "net", **extra}
+    return value if ifname is None else value | {"ifname": ifname}
+
+
+def test_gc_releases_exactly_this_hosts_stale_attachments_of_this_network() -> None:
+    m = Mem()
+    m.pool()
+    m.pool("q", [{"subnet": "10.1.0.0/24"}])
+    m.put(KEY10, mine("live"))
+    m.put(KEY11, mine("dead"))
+    m.put(KEY12, mine("dead", ifname=None, host="host-b"))  # another host's
+    m.put("ipam/p/10.0.0.13", mine("dead", network="other-net"))
+    m.put("ipam/p/10.0.0.14", {"target": "dead"})  # written by a tool: no host, no network
+    m.put("ipam/p/10.0.0.15", mine("live", ifname=None))  # the whole container's
+    m.put("ipam/q/10.1.0.1", mine("dead", ifname="eth1"))
+    run = m.call("GC", gc_conf(("live", "eth0")) | {
+        "ipam": netconf()["ipam"] | {"pools": [{"name": "p"}, {"name": "q"}]}})
+    assert (run.code, run.output) == (0, None)
+    assert run.walk == [*ONE_POOL[:-1], "pool_loaded", "pool_done", "done"]
+    assert m.keys("ipam/p") == ["ipam/p", KEY10, KEY12, "ipam/p/10.0.0.13", "ipam/p/10.0.0.14",
+                                "ipam/p/10.0.0.15"]
+    assert m.keys("ipam/q") == ["ipam/q"]
+    # Each released attachment's fence went up first: a late write of it never applies.
+    fences = {k: (m.value(k) or {}).get("by") for k in m.keys("ipam/.fences/")}
+    assert fences == {"ipam/.fences/net/dead/eth0": "GC", "ipam/.fences/net/dead/eth1": "GC"}
+
+
+def test_gc_removes_releases_whose_cool_down_is_over() -> None:
+    m = Mem()
+    m.pool()
+    m.put(KEY10, mine("gone", free_after=time.time() - 1))
+    m.put(KEY11, mine("gone", free_after=time.time() + 600))
+    run = m.call("GC", gc_conf())
+    assert run.code == 0
+    assert run.logged(f"GC removed {KEY10}, released and cooled down")
+    assert m.keys("ipam/p") == ["ipam/p", KEY11]
+
+
+def test_gc_reports_every_problem_and_still_serves_the_other_pools() -> None:
+    m = Mem()
+    m.pool()
+    m.put(KEY10, mine("dead"))
+    m.kv.put(KEY11, b"not json")
+    conf = gc_conf()
+    conf["ipam"]["pools"] = [{"name": "gone"}, {"name": "p"}]
+    run = m.call("GC", conf)
+    assert run.code == 125
+    assert run.walk == [*ONE_POOL[:-1], "pool_loaded", "pool_done", "failed"]
+    assert run.output == err(125, "GC finished with problems: pool 'gone' does not exist; KV key "
+                             "'ipam/p/10.0.0.11' does not hold a valid Allocation: not valid JSON "
+                             "(Expecting value: line 1 column 1 (char 0))")
+    assert m.keys("ipam/p") == ["ipam/p", KEY11]
+
+
+def test_gc_sweeps_expired_fences_of_its_network() -> None:
+    m = Mem()
+    m.pool()
+    old, new = "ipam/.fences/net/gone/eth0", "ipam/.fences/net/recent/eth0"
+    m.kv.put(old, dump_fence(time.time() - FENCE_TTL - 10, HOST, "GC"))
+    m.kv.put(new, dump_fence(time.time(), HOST, "GC"))
+    assert m.call("GC", gc_conf()).code == 0
+    assert m.keys("ipam/.fences/") == [new]
+
+
+def test_gc_needs_cni_1_1_and_its_attachments() -> None:
+    m = Mem()
+    m.pool()
+    old = m.call("GC", gc_conf(version="1.0.0"))
+    assert old.output == err(1, "GC needs cniVersion 1.1.0, got 1.0.0", "1.0.0")
+    assert old.walk == ["start", "failed"] and m.stores == []  # no store was even opened
+    bare = m.call("GC")
+    assert bare.code == 7 and bare.output is not None
+    assert bare.output["msg"].startswith("GC needs cni.dev/valid-attachments")
+
+
+def test_gc_stops_when_consul_is_gone_and_a_failed_delete_is_125() -> None:
+    m = Mem()
+    m.pool()
+    m.put(KEY10, mine("gone", free_after=time.time() - 1))
+    m.wrap = lambda kv: Faulty(kv, "list", ConsulUnavailable("no Consul server answered"))
+    assert m.call("GC", gc_conf()).output == err(11, "no Consul server answered")
+    m.wrap = lambda kv: Faulty(kv, "delete", ConsulError("500 from the leader", status=500))
+    run = m.call("GC", gc_conf())
+    assert run.output == err(125, "500 from the leader")
+    assert run.walk == ["start", "parsed", "connected", "pool_loaded", "failed"]
+
+
+# -- STATUS --------------------------------------------------------------------------------------
+def test_status_reads_every_pool_fresh_through_a_leader_check() -> None:
+    m = Mem()
+    m.pool()
+    caches = Caches(server="mem://recent")
+    run = m.call("STATUS", caches=caches)
+    assert (run.code, run.output, run.walk) == (0, None, ONE_POOL)
+    assert run.store is not None and run.store.selects == 1  # the remembered one is not used
+    assert caches.remembered == ["mem://leader"]
+
+
+def test_status_of_a_full_pool_or_below_min_free_is_not_ready() -> None:
+    m = Mem()
+    m.pool()
+    m.put(KEY10, {"target": "a"})
+    m.put(KEY11, {"target": "b"})
+    low = m.call("STATUS", netconf(min_free=2))
+    assert low.output == err(50, "not ready to serve ADD: pool 'p' has 1 free address(es), "
+                             "fewer than ipam.min_free (2)")
+    assert m.call("STATUS", netconf(min_free=1)).code == 0
+    m.put(KEY12, {"target": "c"})
+    full = m.call("STATUS")
+    assert full.output == err(50, "not ready to serve ADD: pool 'p' is full: all 3 addresses "
+                              "are allocated")
+
+
+def test_status_without_consul_is_not_ready_but_a_wrong_call_keeps_its_code() -> None:
+    m = Mem()
+    m.pool()
+    m.wrap = lambda kv: Faulty(kv, "get", ConsulUnavailable("no Consul server answered"))
+    assert m.call("STATUS").output == err(50, "not ready to serve ADD: no Consul server answered")
+    assert m.call("STATUS", netconf(version="1.0.0")).output == err(
+        1, "STATUS needs cniVersion 1.1.0, got 1.0.0", "1.0.0")
+
+
+def test_status_without_pools_only_checks_for_a_leader() -> None:
+    m = Mem()
+    run = m.call("STATUS", netconf(pools=[]))
+    assert (run.code, run.walk) == (0, ["start", "parsed", "connected", "done"])
+    assert run.store is not None and run.store.selects == 1
+
+
+# -- VERSION -------------------------------------------------------------------------------------
+def test_version_answers_without_a_store() -> None:
+    m = Mem()
+    run = m.call("VERSION", stdin=b'{"cniVersion": "0.4.0"}', env={"CNI_CONTAINERID": ""})
+    assert run.output == {"cniVersion": "0.4.0", "supportedVersions": list(SUPPORTED_VERSIONS)}
+    assert (run.code, run.walk) == (0, ["start", "parsed", "done"])
+    assert m.stores == []
+
+
+def test_version_with_an_empty_stdin_names_the_newest_version() -> None:
+    run = Mem().call("VERSION", stdin=b"")
+    assert run.output == {"cniVersion": SUPPORTED_VERSIONS[-1],
+                          "supportedVersions": list(SUPPORTED_VERSIONS)}
