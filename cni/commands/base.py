@@ -232,6 +232,14 @@ class PoolCommand(Command):
         store.close()
 
     # -- shared work --------------------------------------------------------------------------
+    def cached_pool(self, name: str) -> Pool | None:
+        """The helper's watched copy of a pool, if it keeps one; never starts one."""
+        caches = self.session.inputs.caches
+        if caches is None:
+            return None
+        cache = caches.peek(self.conf.consul)
+        return cache.peek(name) if cache is not None else None
+
     def attachment(self) -> tuple[str, str | None]:
         return self.env.container_id, self.env.ifname or None
 

@@ -12,7 +12,7 @@ import random
 from loguru import logger
 
 from ...allocator.errors import WriteConflict
-from ...allocator.pool import Held, Pool
+from ...allocator.pool import Held
 from .. import config
 from ..env import REPLAY_BEFORE
 from ..errors import CNIError, Code
@@ -64,14 +64,6 @@ class Del(PoolCommand):
         if not self.held:
             logger.debug("pool {!r}: nothing of ours to release", self.current.name)
         return "release"
-
-    def cached_pool(self, name: str) -> Pool | None:
-        """The helper's cached copy of a pool, if it keeps one."""
-        caches = self.session.inputs.caches
-        if caches is None:
-            return None
-        cache = caches.peek(self.conf.consul)  # never creates one just for a DEL
-        return cache.peek(name) if cache is not None else None
 
     def finish(self) -> None:
         if random.random() < 1 / SWEEP_EVERY:

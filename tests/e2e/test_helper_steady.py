@@ -23,6 +23,8 @@ from ipam_da_consul.cni.helper.server import watch_kv
 from ipam_da_consul.consul import ConsulClient, ConsulKV, Deadline
 
 from tests.support.agent import module_consul
+from tests.support.plugin import netconf, run_plugin
+from tests.support.util_procs import Helper
 
 consul = module_consul("helper-steady")
 
@@ -42,8 +44,9 @@ class Seen:
 
 
 class RecordingRelay:
-    """An HTTP/1.1 relay (keep-alive both ways) that records each request with the connection it
-    came on; `rewrite` may change the headers of an answer before it goes back."""
+    """An HTTP/1.1 relay (keep-alive both ways) that records each request (GET, PUT, DELETE)
+    with the connection it came on; `rewrite` may change the headers of an answer before it
+    goes back."""
 
     def __init__(
         self, upstream: str, rewrite: Callable[[Seen, dict[str, str]], None] | None = None
@@ -60,6 +63,17 @@ class RecordingRelay:
                 pass
 
             def do_GET(self) -> None:
+                self.relay()
+
+            def do_PUT(self) -> None:
+                self.relay()
+
+            def do_DELETE(self) -> None:
+                self.relay()
+
+            def relay(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
                 parts = urlsplit(self.path)
                 seen = Seen(self.client_address[1], self.command, parts.path, parse_qs(parts.query))
                 with relay.lock:
@@ -68,8 +82,9 @@ class RecordingRelay:
                     upstream_session.s = requests.Session()
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
                 try:
-                    resp = upstream_session.s.get(
-                        upstream + self.path, headers=headers, timeout=60
+                    resp = upstream_session.s.request(
+                        self.command, upstream + self.path, headers=headers, data=body,
+                        timeout=60,
                     )
                 except requests.RequestException:
                     upstream_session.s = requests.Session()
@@ -262,3 +277,55 @@ def test_no_index_from_consul_makes_the_watcher_back_off(consul, make_pool, rela
     # At the refresh interval that would be some 60 listings; backing off from 0.05 s,
     # doubling: 0.05 + 0.1 + 0.2 + 0.4 + 0.8 + 1.6 > 3 s, so at most 7.
     assert 2 <= len(folder) <= 7, folder
+
+
+def test_status_through_the_helper_reads_one_key_per_pool(consul, make_pool, relay_for, tmp_path):
+    """Item 4: STATUS, which runtimes poll, costs one small read per watched pool while nothing
+    changed (no leader check, no listing); "no room" and changed ranges get a fresh listing."""
+    a = make_pool(RANGES)
+    b = make_pool([{"subnet": "10.6.1.0/24", "rangeStart": "10.6.1.10", "rangeEnd": "10.6.1.13"}])
+    relay = relay_for()
+    conf = netconf([relay.url], [{"name": a}, {"name": b}], "1.1.0")
+    helper = Helper(tmp_path)
+
+    def status(**ipam: object) -> tuple[object, list[Seen]]:
+        mark = len(relay.requests())
+        out = run_plugin(
+            "STATUS", {**conf, "ipam": {**conf["ipam"], **ipam}}, container=None, ifname=None,
+            env=helper.env,
+        )
+        seen = relay.requests()
+        # The pools' watchers read through the relay too, each on its own kept-alive connection
+        # that blocks: leave their requests out.
+        watchers = {x.peer for x in seen if x.blocking}
+        return out, [x for x in seen[mark:] if x.peer not in watchers]
+
+    def listed(seen: list[Seen]) -> set[str]:
+        return {s.path for s in seen if "recurse" in s.query or "keys" in s.query}
+
+    try:
+        add = run_plugin("ADD", conf, container="st-1", env=helper.env)  # loads both: watched
+        assert add.rc == 0, add
+        out, seen = status()
+        assert out.rc == 0 and out.stdout == "", out
+        assert sorted((s.method, s.path, sorted(s.query)) for s in seen) == [
+            ("GET", f"/v1/kv/ipam/{a}", []),
+            ("GET", f"/v1/kv/ipam/{b}", []),
+        ], seen
+        # Four addresses in b, one held by st-1: the watched copy says 3 < 4, and that is
+        # only said after a fresh listing of b.
+        out, seen = status(min_free=4)
+        assert out.rc == 50 and "3 free" in out.stdout, out
+        assert listed(seen) == {f"/v1/kv/ipam/{b}/"}, seen
+        # Wider ranges: the key's ModifyIndex no longer matches the watched copy's, so b is
+        # read afresh at once (its watcher would see the change only after its wait ends).
+        consul.put(
+            f"ipam/{b}",
+            [{"subnet": "10.6.1.0/24", "rangeStart": "10.6.1.10", "rangeEnd": "10.6.1.20"}],
+        )
+        out, seen = status(min_free=4)
+        assert out.rc == 0, out
+        assert listed(seen) == {f"/v1/kv/ipam/{b}/"}, seen
+        assert "/v1/status/leader" not in {s.path for s in seen}, seen
+    finally:
+        helper.close()

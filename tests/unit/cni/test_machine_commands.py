@@ -5,10 +5,14 @@ test_cni11.py, test_version.py, test_cooldown.py."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from typing import Any
 
 from ipam_da_consul.allocator.allocate import FENCE_TTL
+from ipam_da_consul.allocator.layout import Layout
+from ipam_da_consul.allocator.pool import Pool, parse_pool
 from ipam_da_consul.allocator.schemas import dump_fence
+from ipam_da_consul.cni.config import ConsulSettings
 from ipam_da_consul.cni.schemas import SUPPORTED_VERSIONS
 from ipam_da_consul.consul import ConsulError, ConsulUnavailable
 
@@ -164,14 +168,91 @@ def test_gc_stops_when_consul_is_gone_and_a_failed_delete_is_125() -> None:
 
 
 # -- STATUS --------------------------------------------------------------------------------------
-def test_status_reads_every_pool_fresh_through_a_leader_check() -> None:
+def test_status_without_a_watched_copy_reads_every_pool_fresh() -> None:
     m = Mem()
     m.pool()
+    m.wrap = Recording
     caches = Caches(server="mem://recent")
     run = m.call("STATUS", caches=caches)
     assert (run.code, run.output, run.walk) == (0, None, ONE_POOL)
-    assert run.store is not None and run.store.selects == 1  # the remembered one is not used
-    assert caches.remembered == ["mem://leader"]
+    # The remembered server is used: the pool read itself goes through the leader.
+    assert run.store is not None and run.store.selects == 0
+    assert run.store.kv.calls == [("get", "ipam/p"), ("list", "ipam/p/")], run.store.kv.calls
+    assert caches.remembered == ["mem://recent"]
+
+
+class Recording:
+    """The KV a call gets, noting each read and write it makes."""
+
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv
+        self.calls: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.kv, name)
+
+        def call(*args: Any) -> Any:
+            self.calls.append((name, str(args[0]) if args else ""))
+            return method(*args)
+
+        return call
+
+
+class Watched(Caches):
+    """A helper that keeps a watched copy of pool `p`, as it was when `watch` was called."""
+
+    def __init__(self, m: Mem) -> None:
+        super().__init__(server="mem://recent")
+        self.m = m
+        self.copies: dict[str, Pool] = {}
+
+    def watch(self, name: str = "p") -> None:
+        entries = [*self.m.kv.list(f"ipam/{name}/"), self.m.kv.get(f"ipam/{name}")]
+        self.copies[name] = parse_pool(Layout(), name, [e for e in entries if e]).cache_copy()
+
+    def peek(self, settings: ConsulSettings) -> Any:
+        return SimpleNamespace(peek=self.copies.get)
+
+
+def status_with(m: Mem, caches: Watched, **ipam: Any) -> tuple[int, Any, list[tuple[str, str]]]:
+    m.wrap = Recording
+    run = m.call("STATUS", netconf(**ipam), caches=caches)
+    assert run.store is not None
+    return run.code, run.output, run.store.kv.calls
+
+
+def test_status_with_a_watched_copy_reads_the_pool_key_alone() -> None:
+    m = Mem()
+    m.pool()
+    m.put(KEY10, {"target": "a"})
+    caches = Watched(m)
+    caches.watch()
+    code, output, calls = status_with(m, caches)
+    assert (code, output, calls) == (0, None, [("get", "ipam/p")])
+
+
+def test_status_reads_afresh_when_the_ranges_changed_or_the_copy_has_no_room() -> None:
+    m = Mem()
+    m.pool()
+    m.put(KEY10, {"target": "a"})
+    caches = Watched(m)
+    caches.watch()
+    # Three addresses, one held: below min_free 3 in the copy, so a fresh listing decides.
+    code, output, calls = status_with(m, caches, min_free=3)
+    assert code == 50 and output == err(
+        50, "not ready to serve ADD: pool 'p' has 2 free address(es), fewer than "
+        "ipam.min_free (3)")
+    assert calls == [("get", "ipam/p"), ("get", "ipam/p"), ("list", "ipam/p/")]
+    # The copy is behind a release: the fresh listing finds the room the copy lacks.
+    m.kv.delete(KEY10, m.index(KEY10))
+    code, output, calls = status_with(m, caches, min_free=3)
+    assert (code, output) == (0, None) and ("list", "ipam/p/") in calls
+    # New ranges: the key's ModifyIndex differs from the copy's, so the copy is not used.
+    m.pool(ranges=[{"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.10",
+                    "rangeEnd": "10.0.0.20"}])
+    code, output, calls = status_with(m, caches)
+    assert (code, output) == (0, None)
+    assert calls == [("get", "ipam/p"), ("get", "ipam/p"), ("list", "ipam/p/")]
 
 
 def test_status_of_a_full_pool_or_below_min_free_is_not_ready() -> None:
