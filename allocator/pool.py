@@ -14,7 +14,7 @@ from typing import TypeGuard
 
 from .errors import InvalidPool, PoolFull, PoolMissing
 from .layout import Layout
-from .ranges import IPAddress, IPRange, sorted_ints
+from .ranges import IPAddress, IPRange
 from .schemas import load_allocation, load_ranges
 from .store import KV, KVEntry, WatchableKV
 
@@ -95,15 +95,29 @@ class Pool:
     def ours(
         self, target: str, ifname: str | None = None, network: str | None = None
     ) -> list[Held]:
-        by_target = self.indexed()._by_target or {}
-        found = [h for h in by_target.get(target, ()) if h.owned_by(target, ifname, network)]
+        with self._lock:
+            if self._by_target is not None or self.cached:
+                mine = self.indexed()._by_target or {}
+                candidates: Iterable[Held] = mine.get(target, ())
+            else:
+                # A pool read for one call is asked once or twice: one pass over it costs a
+                # fraction of building the index of every container's addresses.
+                candidates = [h for h in self.held.values() if h.target == target]
+        found = [h for h in candidates if h.owned_by(target, ifname, network)]
         return sorted(found, key=lambda h: (h.ip.version, int(h.ip)))
 
     def taken(self, version: int) -> list[int]:
         if version not in self._taken:
             now = time.time()
-            live = (ip for ip, h in self.held.items() if not h.reusable(now))
-            self._taken[version] = sorted_ints(live, version)
+            kind = _IPv4 if version == 4 else _IPv6
+            # Held.reusable and sorted_ints inlined: this runs over every key of the pool.
+            # A set: the run search assumes unique values, whatever spellings the keys had.
+            live = {
+                int(ip)
+                for ip, h in self.held.items()
+                if type(ip) is kind and (h.free_after is None or not h.free_after <= now)
+            }
+            self._taken[version] = sorted(live)
         return self._taken[version]
 
     def reserve_next_free(
@@ -205,15 +219,15 @@ def parse_pool(
 ) -> Pool:
     """Build a Pool from a prefix listing; entries of other pools sharing the prefix are ignored.
     `known` holds allocations parsed before: one whose ModifyIndex is unchanged is reused."""
-    known = known or {}
     pool_key, folder = layout.pool_key(name), layout.folder(name)
     ranges_entry = None
     held: dict[IPAddress, Held] = {}
     for entry in entries:
-        if entry.key == pool_key:
+        key = entry.key
+        if key == pool_key:
             ranges_entry = entry
-        elif entry.key.startswith(folder) and entry.key != folder:
-            h = known.get(entry.key)
+        elif key.startswith(folder) and key != folder:
+            h = known.get(key) if known else None
             if h is None or h.index != entry.modify_index:
                 h = parse_held(entry, folder)
             held[h.ip] = h
@@ -226,47 +240,75 @@ def parse_pool(
     return Pool(name, ranges, held, ranges_index=ranges_entry.modify_index)
 
 
+_AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
+_inet_pton, _inet_ntop = socket.inet_pton, socket.inet_ntop
+_IPv4, _IPv6 = ipaddress.IPv4Address, ipaddress.IPv6Address
+
+
 def _ip_of_key(name: str) -> IPAddress | None:
-    """The address a key is named after, None when it is not a plain one. Dotted quads go
-    through inet_pton, which takes exactly what ipaddress takes for them (four decimal octets
-    up to 255, no leading zeros) at a tenth of the cost: a pool holds tens of thousands."""
-    if ":" not in name:
-        try:
-            return ipaddress.IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, name)))
-        except (OSError, UnicodeEncodeError, ValueError):
-            pass
+    """The address a key is named after, None when it is not a plain one.
+
+    A pool holds tens of thousands of keys, and ipaddress parses a name in Python. Dotted quads
+    go through inet_pton, which takes exactly what ipaddress takes for them (four decimal
+    octets up to 255, no leading zeros) at a tenth of the cost. An IPv6 name is taken from
+    inet_pton only when inet_ntop spells the result back exactly as the name: that canonical
+    form is one ipaddress reads as the same address. Any other spelling (a scope, leading
+    zeros, capitals, an embedded IPv4 part) is left to ipaddress, as before."""
+    try:
+        if ":" not in name:
+            return _IPv4(int.from_bytes(_inet_pton(_AF_INET, name)))
+        packed = _inet_pton(_AF_INET6, name)
+        if _inet_ntop(_AF_INET6, packed) == name:
+            return _IPv6(int.from_bytes(packed))
+    except (OSError, UnicodeEncodeError, ValueError):
+        pass
     try:
         return ipaddress.ip_address(name)
     except ValueError:
         return None
 
 
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+
+
 def parse_held(entry: KVEntry, folder: str) -> Held:
-    name = entry.key[len(folder) :]
+    key = entry.key
+    name = key[len(folder) :]
     ip = _ip_of_key(name)
     if ip is None or "%" in name:
         # A scoped name (fd00::10%x) would be a second key for one address.
         raise InvalidPool(
-            f"KV key {entry.key!r} in the pool folder is not named after a plain IP address"
+            f"KV key {key!r} in the pool folder is not named after a plain IP address"
         )
     try:
         alloc = load_allocation(entry.value)
     except ValueError as exc:
-        raise InvalidPool(f"KV key {entry.key!r} does not hold a valid Allocation: {exc}") from exc
-    return Held(
-        ip,
-        alloc["target"],
-        entry.key,
-        entry.modify_index,
-        ifname=alloc["ifname"],
-        host=alloc["host"],
-        value=entry.value,
-        network=alloc["network"],
-        call=alloc["call"],
-        runtime=alloc.get("runtime"),
-        free_after=alloc.get("free_after"),
-        at=alloc.get("at"),
+        raise InvalidPool(f"KV key {key!r} does not hold a valid Allocation: {exc}") from exc
+    # Held(...) of a frozen dataclass sets its twelve fields one object.__setattr__ at a time,
+    # the largest single cost of reading a 60,000-key pool; its whole __dict__ at once is a
+    # third of that and the same object (tests/unit/allocator/test_folder_validation.py
+    # compares them).
+    held = _new_object(Held)
+    _set_attribute(
+        held,
+        "__dict__",
+        {
+            "ip": ip,
+            "target": alloc["target"],
+            "key": key,
+            "index": entry.modify_index,
+            "ifname": alloc["ifname"],
+            "host": alloc["host"],
+            "value": entry.value,
+            "network": alloc["network"],
+            "call": alloc["call"],
+            "runtime": alloc.get("runtime"),
+            "free_after": alloc.get("free_after"),
+            "at": alloc.get("at"),
+        },
     )
+    return held
 
 
 def list_pool(kv: KV, layout: Layout, name: str) -> tuple[list[KVEntry], int]:

@@ -141,9 +141,6 @@ class AllocationSchema(Schema):
     at = fields.Float(load_default=None)
 
 
-_OPTIONAL = ("ifname", "host", "network", "call")
-
-
 _range = IPRangeSchema()
 _allocation = AllocationSchema()
 
@@ -168,35 +165,60 @@ def load_allocation(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError('expected a JSON object like {"target": "<container id>"}')
     # Pools are read whole, tens of thousands of values at a time: accept the well-formed case
-    # with the schema's own rules in plain Python (tests/unit/cni/test_schemas.py proves they
-    # agree) and let marshmallow judge, and word the error, only when something looks off.
-    target = data.get("target")
-    if type(target) is str and target:
-        out: dict[str, Any] = {"target": target}
-        for name in _OPTIONAL:
-            value = data.get(name)
-            if value is not None and type(value) is not str:
-                break
-            out[name] = value
-        else:
-            runtime = data.get("runtime")
-            free_after, at = data.get("free_after"), data.get("at")
-            if (
-                (
-                    runtime is None
-                    or (type(runtime) is dict and all(type(v) is str for v in runtime.values()))
-                )
-                and (free_after is None or type(free_after) in (int, float))
-                and (at is None or type(at) in (int, float))
-            ):
-                out["runtime"] = runtime
-                out["free_after"] = None if free_after is None else float(free_after)
-                out["at"] = None if at is None else float(at)
-                return out
+    # with the schema's own rules in plain Python (tests/unit/allocator/test_folder_validation.py
+    # proves they agree) and let marshmallow judge, and word the error, when anything looks off.
+    get = data.get
+    target, ifname, host, network, call = (
+        get("target"),
+        get("ifname"),
+        get("host"),
+        get("network"),
+        get("call"),
+    )
+    runtime, free_after, at = get("runtime"), get("free_after"), get("at")
+    if (
+        type(target) is str
+        and target
+        and (ifname is None or type(ifname) is str)
+        and (host is None or type(host) is str)
+        and (network is None or type(network) is str)
+        and (call is None or type(call) is str)
+        and (runtime is None or _text_dict(runtime))
+        and (free_after is None or _plain_number(free_after))
+        and (at is None or _plain_number(at))
+    ):
+        return {
+            "target": target,
+            "ifname": ifname,
+            "host": host,
+            "network": network,
+            "call": call,
+            "runtime": runtime,
+            "free_after": None if free_after is None else float(free_after),
+            "at": None if at is None else float(at),
+        }
     try:
         return _allocation.load(data)
     except ValidationError as exc:
         raise ValueError(describe(exc.messages)) from exc
+
+
+# Integers beyond this go to marshmallow: float() of a huge one overflows, and what the schema
+# makes of that is its business.
+_PLAIN_INT = 1 << 53
+
+
+def _plain_number(value: Any) -> bool:
+    """What fields.Float takes without a question: a finite float, or an int float() keeps
+    exact. Not a bool (the schema refuses them), not NaN or infinity (`allow_nan` is off)."""
+    kind = type(value)
+    if kind is float:
+        return bool(value - value == 0.0)  # False for NaN and both infinities
+    return kind is int and -_PLAIN_INT < value < _PLAIN_INT
+
+
+def _text_dict(value: Any) -> bool:
+    return type(value) is dict and all(type(v) is str for v in value.values())
 
 
 def dump_allocation(
