@@ -280,7 +280,7 @@ _field_names = ["target", "ifname", "host", "network", "call", "runtime", "free_
 _objects = st.dictionaries(st.sampled_from(_field_names), _values, max_size=8)
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(_objects | _values)
 def test_any_json_value_reads_as_the_schema_reads_it(data: Any) -> None:
     raw = json.dumps(data).encode()
@@ -317,9 +317,13 @@ def big() -> list[KVEntry]:
     + [(name, b'{"target": "a"}') for name in BAD_NAMES[::2]],
     ids=repr,
 )
-def test_one_bad_key_among_60000_fails_the_read(big: list[KVEntry], name: str, raw: bytes) -> None:
+def test_one_bad_key_among_thousands_fails_the_read(
+    big: list[KVEntry], name: str, raw: bytes
+) -> None:
+    # Among 3,000 rather than all 60,000: the same loop, and the unit tier stays in seconds
+    # (test_60000_read_as_before reads the whole folder once).
     bad = KVEntry(FOLDER + name, raw, 7)
-    entries = [*big[:30_000], bad, *big[30_000:]]
+    entries = [*big[:1_500], bad, *big[1_500:3_000]]
     expected = outcome(reference_held, bad)
     assert outcome(parse_pool, LAYOUT, "p", entries) == expected
 
