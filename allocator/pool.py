@@ -70,6 +70,11 @@ class Pool:
     def range_for(self, ip: IPAddress) -> IPRange | None:
         return next((r for r in self.ranges if r.contains(ip)), None)
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held to read a pool that calls may change meanwhile (the helper's copies)."""
+        return self._lock
+
     def snapshot(self) -> list[Held]:
         """The allocations, copied under the lock: calls may be adding to them meanwhile."""
         with self._lock:

@@ -227,7 +227,9 @@ class PoolCommand(Command):
     def close(self) -> None:
         store, caches = self.store, self.session.inputs.caches
         logger.debug("{} Consul requests in this call", store.requests_sent)
-        if caches is not None and store.current:
+        # Only a call that reached the server vouches for it: one that sent nothing (a STATUS of
+        # no pools) must not keep a server the helper once saw alive remembered for ever.
+        if caches is not None and store.current and store.requests_sent:
             caches.remember_server(self.conf.consul, store.current)
         store.close()
 

@@ -29,6 +29,13 @@ class Status(PoolCommand):
             return error
         return CNIError(Code.NOT_READY, f"not ready to serve ADD: {error.msg}")
 
+    def at_parsed(self) -> str:
+        if not self.todo:
+            # No pool to read (behind ipam-delegated): the leader check is the whole answer,
+            # so a server the helper remembers does not spare it.
+            self.store.select()
+        return super().at_parsed()
+
     def load(self, request: config.PoolRequest) -> None:
         self.pool = self.watched(request.name) or self.allocator.load(request.name)
 
@@ -55,11 +62,13 @@ class Status(PoolCommand):
         return "assess"
 
     def assess(self, pool: Pool) -> None:
-        pool.next_free()
-        if self.conf.min_free:
-            free = pool.free()
-            if free < self.conf.min_free:
-                raise PoolFull(
-                    f"pool {pool.name!r} has {free} free address(es), fewer than "
-                    f"ipam.min_free ({self.conf.min_free})"
-                )
+        # A watched copy is shared with the helper's concurrent ADDs and DELs, which change its
+        # index of taken addresses in place under this lock.
+        with pool.lock:
+            pool.next_free()
+            free = pool.free() if self.conf.min_free else 0
+        if self.conf.min_free and free < self.conf.min_free:
+            raise PoolFull(
+                f"pool {pool.name!r} has {free} free address(es), fewer than "
+                f"ipam.min_free ({self.conf.min_free})"
+            )

@@ -42,6 +42,25 @@ def netconf(
     }
 
 
+class _Counted:
+    """The store's KV: each call of a method is one request, as ConsulClient counts them."""
+
+    def __init__(self, kv: Any, store: MemStore) -> None:
+        self.inner = kv
+        self.store = store
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.store.requests_sent += 1
+            return attr(*args, **kwargs)
+
+        return call
+
+
 @dataclass
 class MemStore:
     """The call's store over MemKV; `select` stands for the leader check."""
@@ -53,8 +72,12 @@ class MemStore:
     selects: int = 0
     closed: bool = False
 
+    def __post_init__(self) -> None:
+        self.kv = _Counted(self.kv, self)
+
     def select(self) -> str:
         self.selects += 1
+        self.requests_sent += 1
         self.current = "mem://leader"
         return self.current
 

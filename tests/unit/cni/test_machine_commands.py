@@ -284,6 +284,12 @@ def test_status_without_pools_only_checks_for_a_leader() -> None:
     run = m.call("STATUS", netconf(pools=[]))
     assert (run.code, run.walk) == (0, ["start", "parsed", "connected", "done"])
     assert run.store is not None and run.store.selects == 1
+    # Through the helper too: a server it remembers does not spare the only check there is.
+    caches = Caches(server="mem://recent")
+    run = m.call("STATUS", netconf(pools=[]), caches=caches)
+    assert run.store is not None and run.store.selects == 1
+    assert caches.remembered == ["mem://leader"]
+
 
 
 # -- VERSION -------------------------------------------------------------------------------------
