@@ -31,6 +31,8 @@ from ...allocator.store import KVEntry, WatchableKV
 
 # How long each blocking query waits for a change (Consul adds up to 1/16 of jitter).
 _WAIT = 30.0
+# How long a watcher keeps one client (connection, chosen server) before making a new one.
+_RENEW_KV_AFTER = 300.0
 # Past this many new keys in one refresh, one full listing is cheaper than a read per key.
 _READ_ONE_BY_ONE = 200
 
@@ -160,15 +162,21 @@ class _Watched(threading.Thread):
         layout = self.cache.layout
         # The folder, not the prefix `<prefix><pool>`: churn in `blue-v6` must not wake `blue`.
         folder = layout.folder(self.pool_name)
-        # One KV for the watcher's life: one kept-alive connection, and the server found with a
-        # leader once, not one client (a TCP connect and a leader check) per round.
-        kv = self.cache.make_kv()
+        # One KV for many rounds: one kept-alive connection, and the server found with a leader
+        # once, not one client (a TCP connect and a leader check) per round. Renewed every few
+        # minutes, so a watcher that failed over goes back to the first-listed server (the
+        # local agent) once it is back, and the leader is checked again.
+        kv: WatchableKV | None = None
+        born = 0.0
         backoff = 0.0
         try:
             while not self.stopped.is_set():
                 if time.monotonic() - self.used > self.cache.idle_after:
                     return
                 try:
+                    if kv is None or time.monotonic() - born > _RENEW_KV_AFTER:
+                        _close(kv)
+                        kv, born = self.cache.make_kv(), time.monotonic()
                     keys, index = kv.keys_after(folder, self.index, _WAIT)
                     started = time.monotonic()
                     if 0 < index < self.index:
@@ -207,9 +215,13 @@ class _Watched(threading.Thread):
                 spent = time.monotonic() - started
                 self.stopped.wait(max(self.cache.refresh_interval, 4 * spent, backoff))
         finally:
-            close = getattr(kv, "close", None)
-            if callable(close):
-                close()
+            _close(kv)
+
+
+def _close(kv: WatchableKV | None) -> None:
+    close = getattr(kv, "close", None)
+    if callable(close):
+        close()
 
 
 def refreshed(

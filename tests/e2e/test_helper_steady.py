@@ -18,6 +18,7 @@ import requests
 from ipam_da_consul.allocator.layout import Layout
 from ipam_da_consul.allocator.pool import list_pool
 from ipam_da_consul.cni.config import ConsulSettings
+from ipam_da_consul.cni.helper import cache as cache_module
 from ipam_da_consul.cni.helper.cache import PoolCache
 from ipam_da_consul.cni.helper.server import watch_kv
 from ipam_da_consul.consul import ConsulClient, ConsulKV, Deadline
@@ -187,6 +188,30 @@ def test_a_watcher_keeps_one_connection_and_checks_the_leader_once(consul, make_
     assert 7 <= len(blocking) <= 14, blocking
     assert len({s.peer for s in seen}) == 1, sorted({s.peer for s in seen})
     assert [s.path for s in seen].count("/v1/status/leader") == 1, [s.path for s in seen]
+
+
+def test_a_watcher_renews_its_client_so_a_failover_is_not_for_ever(
+    consul, make_pool, relay_for, monkeypatch
+):
+    """The kept client is renewed every few minutes (here 1 s): a new connection and a new
+    leader check, so a watcher that failed over gets back to the first-listed server."""
+    monkeypatch.setattr(cache_module, "_RENEW_KV_AFTER", 1.0)
+    pool = make_pool(RANGES)
+    relay = relay_for()
+    cache = watched_cache(consul, relay, pool, interval=0.01)
+    try:
+        for i in range(2, 8):
+            consul.put(f"ipam/{pool}/10.5.0.{i}", {"target": f"t{i}"})
+            assert wait_for(lambda i=i: f"10.5.0.{i}" in held(cache, pool)), i
+            time.sleep(0.5)
+        seen = relay.requests()
+    finally:
+        cache.close()
+    leader_checks = [s for s in seen if s.path == "/v1/status/leader"]
+    # About 3 s of rounds with a renewal past each second: 2 to 4 clients, each on its own
+    # connection and each starting with its leader check.
+    assert 2 <= len(leader_checks) <= 5, [s.path for s in seen]
+    assert len({s.peer for s in seen}) == len(leader_checks), seen
 
 
 def test_a_pool_watcher_ignores_a_pool_that_shares_its_name_as_a_prefix(
