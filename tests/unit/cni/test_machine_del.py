@@ -159,7 +159,7 @@ def test_with_reuse_after_the_key_stays_as_a_release_cooling_down() -> None:
     tomb = m.value(KEY10)
     assert tomb is not None
     free_after = tomb.pop("free_after")
-    assert 25 < free_after - time.time() <= 30
+    assert 25 < free_after - time.time() <= 30.001  # stored to the millisecond, rounded
     # The holder's fields stay, for readers that know only `target`; not the call's nonce.
     assert tomb == {"target": "c1", "ifname": "eth0", "host": HOST, "network": "net"}
     assert add.code == 0
