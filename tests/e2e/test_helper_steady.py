@@ -5,6 +5,7 @@ its own agent: one test restores a snapshot, which rewinds the agent's whole KV.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -166,6 +167,18 @@ def held(cache: PoolCache, pool: str) -> set[str]:
     return {str(ip) for ip in current.held} if current is not None else set()
 
 
+def write_and_follow(consul, cache: PoolCache, pool: str, pause: float = 0.0) -> None:
+    """Six writes to the pool's folder, each seen by the watcher (one round each)."""
+    for ip in (f"10.5.0.{i}" for i in range(2, 8)):
+        consul.put(f"ipam/{pool}/{ip}", {"target": f"t-{ip}"})
+        assert wait_for(functools.partial(followed, cache, pool, ip)), ip
+        time.sleep(pause)
+
+
+def followed(cache: PoolCache, pool: str, ip: str) -> bool:
+    return ip in held(cache, pool)
+
+
 def test_a_watcher_keeps_one_connection_and_checks_the_leader_once(consul, make_pool, relay_for):
     """Steady state items 1 and 2: one blocking query per round, all on one kept-alive
     connection, and the leader check only when the watcher starts, not every round."""
@@ -173,9 +186,7 @@ def test_a_watcher_keeps_one_connection_and_checks_the_leader_once(consul, make_
     relay = relay_for()
     cache = watched_cache(consul, relay, pool, interval=0.01)
     try:
-        for i in range(2, 8):
-            consul.put(f"ipam/{pool}/10.5.0.{i}", {"target": f"t{i}"})
-            assert wait_for(lambda i=i: f"10.5.0.{i}" in held(cache, pool)), i
+        write_and_follow(consul, cache, pool)
         # The round after the last change is under way: its blocking query has gone out.
         assert wait_for(lambda: sum(s.blocking for s in relay.requests()) >= 7)
         seen = relay.requests()
@@ -200,10 +211,7 @@ def test_a_watcher_renews_its_client_so_a_failover_is_not_for_ever(
     relay = relay_for()
     cache = watched_cache(consul, relay, pool, interval=0.01)
     try:
-        for i in range(2, 8):
-            consul.put(f"ipam/{pool}/10.5.0.{i}", {"target": f"t{i}"})
-            assert wait_for(lambda i=i: f"10.5.0.{i}" in held(cache, pool)), i
-            time.sleep(0.5)
+        write_and_follow(consul, cache, pool, pause=0.5)
         seen = relay.requests()
     finally:
         cache.close()
