@@ -4,7 +4,6 @@ call, concurrency, multi-host bursts, memory and imports (the Bench class)."""
 from __future__ import annotations
 
 import argparse
-import base64
 import functools
 import ipaddress
 import json
@@ -13,11 +12,9 @@ import random
 import re
 import statistics
 import sys
-import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +39,6 @@ from bench.runner import (
 )
 from tests.support.agent import ConsulAgent
 
-TXN_OPS = 64  # Consul 1.8 refuses a /v1/txn with more operations
 FILL_SIZES = (0, 1_000, 10_000, 60_000)
 CONCURRENCY = 50
 SEQ_BUDGET_S = 150.0  # timed seconds for all sequential figures (--quick: 40%); see sequential()
@@ -64,39 +60,9 @@ IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)\s*$")
 
 # -- Consul fixtures -------------------------------------------------------------------------
 def fill_pool(agent: ConsulAgent, pool: str, first: ipaddress.IPv4Address, n: int) -> float:
-    """Write n allocation keys (the lowest n addresses from `first`) with 64-op transactions."""
-    ops = [
-        {
-            "KV": {
-                "Verb": "set",
-                "Key": f"ipam/{pool}/{first + i}",
-                "Value": base64.b64encode(json.dumps({"target": f"fill-{i}"}).encode()).decode(),
-            }
-        }
-        for i in range(n)
-    ]
-    chunks = [ops[i : i + TXN_OPS] for i in range(0, len(ops), TXN_OPS)]
-    local = threading.local()
-
-    def put(chunk: list[dict[str, Any]]) -> None:
-        import requests
-
-        if not hasattr(local, "s"):
-            local.s = requests.Session()
-            local.s.trust_env = False
-        resp = local.s.put(agent.url + "/v1/txn", json=chunk, timeout=30)
-        if resp.status_code != 200:
-            raise RuntimeError(f"txn fill of {pool} failed: HTTP {resp.status_code} {resp.text}")
-
+    """Seconds to write n allocation keys (the lowest n addresses from `first`)."""
     started = time.perf_counter()
-    with ThreadPoolExecutor(4) as ex:
-        list(ex.map(put, chunks))
-    keys = agent.http.get(
-        f"{agent.url}/v1/kv/ipam/{pool}/", params={"keys": "true"}, timeout=30
-    ).json()
-    held = [k for k in keys if k != f"ipam/{pool}/"]
-    if len(held) != n:
-        raise RuntimeError(f"pool {pool} holds {len(held)} allocations after filling {n}")
+    agent.fill_pool(pool, first, n)
     return time.perf_counter() - started
 
 

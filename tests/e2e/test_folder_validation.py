@@ -8,14 +8,11 @@ each kind of malformed key goes through the whole path: Consul's listing, base64
 
 from __future__ import annotations
 
-import base64
 import ipaddress
-import json
 from collections.abc import Iterator
 from urllib.parse import quote
 
 import pytest
-import requests
 from ipam_da_consul.allocator.store import KVEntry
 
 from tests.support.agent import ConsulAgent, module_consul
@@ -34,20 +31,7 @@ MIDDLE = str(FIRST + SIZE // 2)  # a fill key, rewritten by each case and put ba
 @pytest.fixture(scope="module")
 def big_pool(consul: ConsulAgent) -> str:
     consul.create_pool(POOL, [{"subnet": "10.40.0.0/16", "gateway": "10.40.0.1"}])
-    ops = [
-        {
-            "KV": {
-                "Verb": "set",
-                "Key": f"ipam/{POOL}/{FIRST + i}",
-                "Value": base64.b64encode(json.dumps({"target": f"fill-{i}"}).encode()).decode(),
-            }
-        }
-        for i in range(SIZE)
-    ]
-    with requests.Session() as s:
-        for i in range(0, SIZE, 64):
-            r = s.put(consul.url + "/v1/txn", json=ops[i : i + 64], timeout=30)
-            assert r.status_code == 200, r.text
+    consul.fill_pool(POOL, FIRST, SIZE)
     return POOL
 
 

@@ -4,6 +4,7 @@ on loopback. Nothing here mocks Consul."""
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import shutil
@@ -11,8 +12,10 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
 
@@ -222,6 +225,36 @@ class ConsulAgent:
         self.put(f"{prefix}{name}", ranges)
         self.put(f"{prefix}{name}/", "")
         return name
+
+    def fill_pool(self, pool: str, first: ipaddress.IPv4Address, n: int) -> None:
+        """Allocations `fill-<i>` of the n addresses from `first`, written with /v1/txn in
+        chunks of 64 operations (Consul 1.8 refuses more), four at a time, then counted."""
+        def value(i: int) -> str:
+            return base64.b64encode(json.dumps({"target": f"fill-{i}"}).encode()).decode()
+
+        ops = [
+            {"KV": {"Verb": "set", "Key": f"ipam/{pool}/{first + i}", "Value": value(i)}}
+            for i in range(n)
+        ]
+        local = threading.local()
+
+        def put(chunk: list[dict[str, Any]]) -> None:
+            if not hasattr(local, "s"):
+                local.s = requests.Session()
+                local.s.trust_env = False
+                local.s.headers.update(self.http.headers)
+            resp = local.s.put(self.url + "/v1/txn", json=chunk, timeout=30)
+            if resp.status_code != 200:
+                raise RuntimeError(f"filling {pool}: HTTP {resp.status_code} {resp.text}")
+
+        with ThreadPoolExecutor(4) as ex:
+            list(ex.map(put, [ops[i : i + 64] for i in range(0, n, 64)]))
+        keys = self.http.get(
+            f"{self.url}/v1/kv/ipam/{pool}/", params={"keys": "true"}, timeout=30
+        ).json()
+        held = [k for k in keys if k != f"ipam/{pool}/"]
+        if len(held) != n:
+            raise RuntimeError(f"pool {pool} holds {len(held)} allocations after filling {n}")
 
 
 class ConsulCluster:
