@@ -14,7 +14,7 @@ can then never apply, and a listing read after it sees every write that did.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,7 +68,7 @@ class Claim:
 class CachedPools(Protocol):
     """Pools kept between calls (the helper's PoolCache, cni/helper/cache.py)."""
 
-    def get(self, name: str, load: Callable[[], tuple[list[KVEntry], int]]) -> Pool:
+    def get(self, name: str, load: Callable[[], tuple[Sequence[KVEntry], int]]) -> Pool:
         """The kept copy of the pool; `load` lists it (entries and index) the first time."""
 
 
@@ -107,7 +107,7 @@ class Allocator:
         entries, _ = self._listing(name)
         return parse_pool(self.layout, name, entries)
 
-    def _listing(self, name: str) -> tuple[list[KVEntry], int]:
+    def _listing(self, name: str) -> tuple[Sequence[KVEntry], int]:
         return list_pool(self.kv, self.layout, name)
 
     def load_ranges(self, name: str) -> Pool:

@@ -5,18 +5,22 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import socket
+import sys
 import threading
 import time
+from array import array
 from bisect import bisect_left, insort
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeGuard
+from functools import partial
+from itertools import compress, repeat
+from typing import Any, TypeGuard
 
 from .errors import InvalidPool, PoolFull, PoolMissing
 from .layout import Layout
 from .ranges import IPAddress, IPRange
-from .schemas import load_allocation, load_ranges
-from .store import KV, KVEntry, WatchableKV
+from .schemas import load_allocation, load_ranges, parse_allocations, plain_allocation
+from .store import KV, KVEntry, Listing, WatchableKV
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,141 @@ class Held:
         return ifname is None or self.ifname is None or self.ifname == ifname
 
 
+class HeldMap(MutableMapping[IPAddress, Held]):
+    """A pool's allocations by address. The keys of a listing stay rows of its columns until
+    one is asked for: a call looks at a handful of a pool's 60,000 keys, and an object for
+    each would cost more than reading them all did."""
+
+    def __init__(self, made: dict[IPAddress, Held] | None = None, rows: _Rows | None = None):
+        self._made: dict[IPAddress, Held] = made if made is not None else {}
+        self._rows = rows if rows is not None and rows.where else None
+
+    def __getitem__(self, ip: IPAddress) -> Held:
+        held = self._made.get(ip)
+        if held is not None:
+            return held
+        rows = self._rows
+        if rows is not None and ip.version == rows.version:
+            i = rows.where.pop(int(ip), None)
+            if i is not None:
+                held = self._made[ip] = rows.make(i, ip)
+                if not rows.where:
+                    self._rows = None
+                return held
+        raise KeyError(ip)
+
+    def __contains__(self, ip: object) -> bool:
+        if ip in self._made:
+            return True
+        rows = self._rows
+        return rows is not None and type(ip) is rows.kind and int(ip) in rows.where
+
+    def __setitem__(self, ip: IPAddress, held: Held) -> None:
+        self._drop_row(ip)
+        self._made[ip] = held
+
+    def __delitem__(self, ip: IPAddress) -> None:
+        if not self._drop_row(ip):
+            del self._made[ip]
+        else:
+            self._made.pop(ip, None)
+
+    def _drop_row(self, ip: IPAddress) -> bool:
+        rows = self._rows
+        if rows is None or ip.version != rows.version or rows.where.pop(int(ip), None) is None:
+            return False
+        if not rows.where:
+            self._rows = None
+        return True
+
+    def __iter__(self) -> Iterator[IPAddress]:
+        yield from list(self._made)
+        rows = self._rows
+        if rows is not None:
+            yield from map(rows.kind, list(rows.where))
+
+    def __len__(self) -> int:
+        return len(self._made) + (len(self._rows.where) if self._rows is not None else 0)
+
+    def make_all(self) -> None:
+        """Turn every row into its Held (the helper keeps its pools whole)."""
+        rows = self._rows
+        if rows is not None:
+            kind, made = rows.kind, self._made
+            for value, i in list(rows.where.items()):
+                ip = kind(value)
+                made[ip] = rows.make(i, ip)
+            self._rows = None
+
+    def live_ints(self, version: int, now: float) -> set[int]:
+        """The addresses of one version held and not free again after a cool-down."""
+        live = {
+            int(ip)
+            for ip, h in self._made.items()
+            if ip.version == version and (h.free_after is None or not h.free_after <= now)
+        }
+        rows = self._rows
+        if rows is not None and rows.version == version:
+            from_rows = set(rows.where)
+            for i in rows.cooling:
+                # A row made or dropped since is no longer in `where`: discarding it is a no-op.
+                if rows.allocs[i]["free_after"] <= now:
+                    from_rows.discard(rows.ints[i])
+            live |= from_rows
+        return live
+
+    def of_target(self, target: str) -> list[Held]:
+        """Every allocation whose `target` is this container."""
+        found = [h for h in self._made.values() if h.target == target]
+        rows = self._rows
+        if rows is not None:
+            picked = [i for i, alloc in enumerate(rows.allocs) if alloc["target"] == target]
+            for i in picked:
+                value = rows.ints[i]
+                if rows.where.get(value) == i:
+                    found.append(self[rows.kind(value)])
+        return found
+
+
+class _Rows:
+    """A listing's allocation keys of one IP version, checked and kept as columns."""
+
+    __slots__ = (
+        "allocs",
+        "cooling",
+        "indexes",
+        "ints",
+        "keys",
+        "kind",
+        "values",
+        "version",
+        "where",
+    )
+
+    def __init__(
+        self,
+        version: int,
+        ints: list[int],
+        keys: list[str],
+        values: list[bytes],
+        indexes: list[int],
+        allocs: list[dict[str, Any]],
+    ) -> None:
+        self.version = version
+        self.kind: type[IPAddress] = _IPv4 if version == 4 else _IPv6
+        self.ints, self.keys, self.values, self.indexes = ints, keys, values, indexes
+        self.allocs = allocs
+        # Address -> row, for the rows not yet made into Held or dropped.
+        self.where = dict(zip(ints, range(len(ints)), strict=True))
+        # Released addresses cooling down (`free_after`), free again once it is past.
+        self.cooling = [i for i, alloc in enumerate(allocs) if alloc.get("free_after") is not None]
+
+    def make(self, i: int, ip: IPAddress) -> Held:
+        return _held(
+            ip, self.keys[i], self.indexes[i], self.values[i], plain_allocation(self.allocs[i])
+        )
+
+
 @dataclass
 class Pool:
     """Ranges plus held addresses, with indexes kept up to date as addresses come and go, so
@@ -57,7 +196,7 @@ class Pool:
 
     name: str
     ranges: list[IPRange]
-    held: dict[IPAddress, Held] = field(default_factory=dict)
+    held: MutableMapping[IPAddress, Held] = field(default_factory=dict)
     # Served from the helper's cache, so possibly behind KV (see cni/helper/cache.py).
     cached: bool = False
     # ModifyIndex of the pool key the ranges came from: the helper's watcher compares it.
@@ -66,6 +205,12 @@ class Pool:
     _by_target: dict[str, list[Held]] | None = field(default=None, init=False, repr=False)
     # The helper shares one Pool between concurrent calls; the indexes must stay consistent.
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
+    _map: HeldMap = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.held, HeldMap):
+            self.held = HeldMap(dict(self.held))
+        self._map = self.held
 
     def range_for(self, ip: IPAddress) -> IPRange | None:
         return next((r for r in self.ranges if r.contains(ip)), None)
@@ -89,6 +234,7 @@ class Pool:
         """Build the lookup indexes now (the helper does it off the calls' path)."""
         with self._lock:
             if self._by_target is None:
+                self._map.make_all()
                 index: dict[str, list[Held]] = {}
                 for h in self.held.values():
                     index.setdefault(h.target, []).append(h)
@@ -107,22 +253,14 @@ class Pool:
             else:
                 # A pool read for one call is asked once or twice: one pass over it costs a
                 # fraction of building the index of every container's addresses.
-                candidates = [h for h in self.held.values() if h.target == target]
+                candidates = self._map.of_target(target)
         found = [h for h in candidates if h.owned_by(target, ifname, network)]
         return sorted(found, key=lambda h: (h.ip.version, int(h.ip)))
 
     def taken(self, version: int) -> list[int]:
         if version not in self._taken:
-            now = time.time()
-            kind = _IPv4 if version == 4 else _IPv6
-            # Held.reusable and sorted_ints inlined: this runs over every key of the pool.
             # A set: the run search assumes unique values, whatever spellings the keys had.
-            live = {
-                int(ip)
-                for ip, h in self.held.items()
-                if type(ip) is kind and (h.free_after is None or not h.free_after <= now)
-            }
-            self._taken[version] = sorted(live)
+            self._taken[version] = sorted(self._map.live_ints(version, time.time()))
         return self._taken[version]
 
     def reserve_next_free(
@@ -219,34 +357,99 @@ def spread_key(host: str, network: str, target: str, ifname: str | None, pool: s
 def parse_pool(
     layout: Layout,
     name: str,
-    entries: Iterable[KVEntry],
+    entries: Sequence[KVEntry],
     known: Mapping[str, Held] | None = None,
 ) -> Pool:
     """Build a Pool from a prefix listing; entries of other pools sharing the prefix are ignored.
     `known` holds allocations parsed before: one whose ModifyIndex is unchanged is reused."""
     pool_key, folder = layout.pool_key(name), layout.folder(name)
-    ranges_entry = None
-    held: dict[IPAddress, Held] = {}
-    for entry in entries:
-        key = entry.key
-        if key == pool_key:
-            ranges_entry = entry
-        elif key.startswith(folder) and key != folder:
-            h = known.get(key) if known else None
-            if h is None or h.index != entry.modify_index:
-                h = parse_held(entry, folder)
-            held[h.ip] = h
-    if ranges_entry is None:
+    listing = Listing.of(entries)
+    keys = listing.keys
+    rows = list(compress(range(len(keys)), map(str.startswith, keys, repeat(folder))))
+    if folder in keys:
+        rows.remove(keys.index(folder))
+    held = None if known else _held_rows(listing, rows, len(folder))
+    if held is None:
+        held = HeldMap(_held_one_by_one(listing, rows, folder, known))
+    at = [i for i, key in enumerate(keys) if key == pool_key]
+    if not at:
         raise PoolMissing(f"pool {name!r} does not exist: KV key {pool_key!r} is missing")
     try:
-        ranges = load_ranges(ranges_entry.value)
+        ranges = load_ranges(listing.values[at[-1]])
     except ValueError as exc:
         raise InvalidPool(f"KV key {pool_key!r} does not hold valid IP Ranges: {exc}") from exc
-    return Pool(name, ranges, held, ranges_index=ranges_entry.modify_index)
+    return Pool(name, ranges, held, ranges_index=listing.indexes[at[-1]])
+
+
+def _held_one_by_one(
+    listing: Listing, rows: list[int], folder: str, known: Mapping[str, Held] | None
+) -> dict[IPAddress, Held]:
+    """Each key judged on its own: the first invalid one raises, in listing order."""
+    held: dict[IPAddress, Held] = {}
+    keys, values, indexes = listing.keys, listing.values, listing.indexes
+    for i in rows:
+        h = known.get(keys[i]) if known else None
+        if h is None or h.index != indexes[i]:
+            h = parse_held(KVEntry(keys[i], values[i], indexes[i]), folder)
+        held[h.ip] = h
+    return held
+
+
+def _held_rows(listing: Listing, rows: list[int], skip: int) -> HeldMap | None:
+    """The folder's keys checked all at once and kept as rows; None when some key needs
+    `parse_held` one by one, to be judged or worded there (a name in another spelling or of
+    the other IP version, a value `parse_allocations` does not take whole)."""
+    if rows and rows[-1] - rows[0] == len(rows) - 1:
+        # One run of keys, as a listing of the folder has them (after the pool key): slices.
+        part = slice(rows[0], rows[-1] + 1)
+        keys, values, indexes = listing.keys[part], listing.values[part], listing.indexes[part]
+    else:
+        keys = [listing.keys[i] for i in rows]
+        values = [listing.values[i] for i in rows]
+        indexes = [listing.indexes[i] for i in rows]
+    found = _address_ints([key[skip:] for key in keys])
+    if found is None:
+        return None
+    version, ints = found
+    allocs = parse_allocations(values)
+    if allocs is None:
+        return None
+    kept = _Rows(version, ints, keys, values, indexes, allocs)
+    if len(kept.where) != len(ints):  # two names for one address: cannot happen, see above
+        return None
+    return HeldMap(rows=kept)
+
+
+def _address_ints(names: list[str]) -> tuple[int, list[int]] | None:
+    """The addresses the names spell, as integers, when all are of one version and spelled as
+    `_ip_of_key` takes them without ipaddress: then no two names spell one address."""
+    if not names:
+        return 4, []
+    try:
+        if ":" not in names[0]:
+            packed = b"".join(map(_inet_pton4, names))
+            if len(packed) != 4 * len(names):
+                return None
+            # Four bytes each, big-endian: one array conversion instead of an int per name.
+            words = array("I")
+            if words.itemsize != 4:
+                return 4, [int.from_bytes(packed[i : i + 4]) for i in range(0, len(packed), 4)]
+            words.frombytes(packed)
+            if sys.byteorder == "little":
+                words.byteswap()
+            return 4, words.tolist()
+        packed6 = list(map(_inet_pton6, names))
+        if list(map(_inet_ntop6, packed6)) != names:
+            return None
+        return 6, list(map(int.from_bytes, packed6))
+    except (OSError, UnicodeEncodeError, ValueError):
+        return None
 
 
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
 _inet_pton, _inet_ntop = socket.inet_pton, socket.inet_ntop
+_inet_pton4, _inet_pton6 = partial(_inet_pton, _AF_INET), partial(_inet_pton, _AF_INET6)
+_inet_ntop6 = partial(_inet_ntop, _AF_INET6)
 _IPv4, _IPv6 = ipaddress.IPv4Address, ipaddress.IPv6Address
 
 
@@ -290,10 +493,13 @@ def parse_held(entry: KVEntry, folder: str) -> Held:
         alloc = load_allocation(entry.value)
     except ValueError as exc:
         raise InvalidPool(f"KV key {key!r} does not hold a valid Allocation: {exc}") from exc
-    # Held(...) of a frozen dataclass sets its twelve fields one object.__setattr__ at a time,
-    # the largest single cost of reading a 60,000-key pool; its whole __dict__ at once is a
-    # third of that and the same object (tests/unit/allocator/test_folder_validation.py
-    # compares them).
+    return _held(ip, key, entry.modify_index, entry.value, alloc)
+
+
+def _held(ip: IPAddress, key: str, index: int, value: bytes, alloc: dict[str, Any]) -> Held:
+    # Held(...) of a frozen dataclass sets its twelve fields one object.__setattr__ at a time;
+    # its whole __dict__ at once is a third of that and the same object
+    # (tests/unit/allocator/test_folder_validation.py compares them).
     held = _new_object(Held)
     _set_attribute(
         held,
@@ -302,10 +508,10 @@ def parse_held(entry: KVEntry, folder: str) -> Held:
             "ip": ip,
             "target": alloc["target"],
             "key": key,
-            "index": entry.modify_index,
+            "index": index,
             "ifname": alloc["ifname"],
             "host": alloc["host"],
-            "value": entry.value,
+            "value": value,
             "network": alloc["network"],
             "call": alloc["call"],
             "runtime": alloc.get("runtime"),
@@ -316,7 +522,7 @@ def parse_held(entry: KVEntry, folder: str) -> Held:
     return held
 
 
-def list_pool(kv: KV, layout: Layout, name: str) -> tuple[list[KVEntry], int]:
+def list_pool(kv: KV, layout: Layout, name: str) -> tuple[Listing, int]:
     """The pool key and its folder's keys, as `parse_pool` takes them, with the folder's
     X-Consul-Index (0 from a KV that has none). Two reads, the key `<prefix>blue` then the
     folder `<prefix>blue/`, because one listing of the prefix `<prefix>blue` would also bring
@@ -324,13 +530,13 @@ def list_pool(kv: KV, layout: Layout, name: str) -> tuple[list[KVEntry], int]:
     answers [] without listing; a key the token may not read raises (403) on the first read."""
     entry = kv.get(layout.pool_key(name))
     if entry is None:
-        return [], 0
+        return Listing([], [], []), 0
     folder = layout.folder(name)
     if _watchable(kv):
         entries, index = kv.list_after(folder)
     else:
         entries, index = kv.list(folder), 0
-    return [entry, *entries], index
+    return Listing.of([entry]) + entries, index
 
 
 def _watchable(kv: KV) -> TypeGuard[WatchableKV]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, overload
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,54 @@ class KVEntry:
     key: str
     value: bytes
     modify_index: int
+
+
+class Listing(Sequence[KVEntry]):
+    """A listing kept as three columns, entries made only when asked for one.
+
+    A pool folder lists tens of thousands of keys; an object per key is a large part of
+    reading it, and `parse_pool` needs the columns anyway."""
+
+    __slots__ = ("indexes", "keys", "values")
+
+    def __init__(self, keys: list[str], values: list[bytes], indexes: list[int]) -> None:
+        self.keys, self.values, self.indexes = keys, values, indexes
+
+    @classmethod
+    def of(cls, entries: Sequence[KVEntry]) -> Listing:
+        if isinstance(entries, Listing):
+            return entries
+        return cls(
+            [e.key for e in entries], [e.value for e in entries], [e.modify_index for e in entries]
+        )
+
+    def __add__(self, other: Sequence[KVEntry]) -> Listing:
+        more = Listing.of(other)
+        return Listing(
+            self.keys + more.keys, self.values + more.values, self.indexes + more.indexes
+        )
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @overload
+    def __getitem__(self, i: int) -> KVEntry: ...
+    @overload
+    def __getitem__(self, i: slice) -> Listing: ...
+    def __getitem__(self, i: int | slice) -> KVEntry | Listing:
+        if isinstance(i, slice):
+            return Listing(self.keys[i], self.values[i], self.indexes[i])
+        return KVEntry(self.keys[i], self.values[i], self.indexes[i])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Listing({list(self)!r})"
 
 
 # -- transaction operations: all of a transaction applies, or none of it ---------------------
@@ -69,7 +117,7 @@ class KV(Protocol):
     def get(self, key: str) -> KVEntry | None:
         """The entry, or None when the key does not exist."""
 
-    def list(self, prefix: str) -> list[KVEntry]:
+    def list(self, prefix: str) -> Sequence[KVEntry]:
         """Every entry whose key starts with `prefix` (empty when none)."""
 
     def create(self, key: str, value: bytes) -> bool:
@@ -91,7 +139,7 @@ class WatchableKV(KV, Protocol):
 
     def list_after(
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
-    ) -> tuple[list[KVEntry], int]:
+    ) -> tuple[Sequence[KVEntry], int]:
         """A listing that returns once the prefix changes after `index`, or after the wait."""
 
     def keys_after(

@@ -121,6 +121,7 @@ def build_report(b: Bench, started: float, load_at_start: float) -> dict[str, An
     return {
         "machine": mach,
         "settings": {
+            "consul": b.args.consul,
             "runs": b.args.runs,
             "quick": b.args.quick,
             "duration_s": round(time.perf_counter() - started, 1),
@@ -294,7 +295,8 @@ def render(rep: dict[str, Any]) -> list[str]:
     m = rep["machine"]
     lines.append(
         f"machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python "
-        f"{m['python']}, {m['consul']}, commit {m['commit']}, {m['date']}, load "
+        f"{m['python']}, {m['consul']} {rep['settings'].get('consul', 'dev')} agent, commit "
+        f"{m['commit']}, {m['date']}, load "
         f"average {m['loadavg_1m_at_start']} at start, {m['loadavg_1m_at_end']} at "
         f"end, {rep['settings']['duration_s']} s"
     )
@@ -305,7 +307,8 @@ def markdown(rep: dict[str, Any]) -> str:
     m = rep["machine"]
     out = [
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), Linux {m['kernel']}, "
-        f"Python {m['python']}, {m['consul']} dev agent on loopback, commit {m['commit']}, "
+        f"Python {m['python']}, {m['consul']} {rep['settings'].get('consul', 'dev')} agent on "
+        f"loopback, commit {m['commit']}, "
         f"load average {m['loadavg_1m_at_start']} at start and {m['loadavg_1m_at_end']} at "
         f"end; median and p95 over up to "
         f"{rep['settings']['runs']} runs{' (--quick)' if rep['settings']['quick'] else ''}, "

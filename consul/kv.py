@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from ..allocator.store import Cas, Check, DeleteCas, KVEntry, Op, Set, TxnResult
+from ..allocator.store import Cas, Check, DeleteCas, KVEntry, Listing, Op, Set, TxnResult
 from .client import ConsulClient, Response, check_status
 from .errors import ConsulError
 
@@ -44,20 +44,20 @@ class ConsulKV:
         entries = _entries(resp, key)
         return entries[0] if entries else None
 
-    def list(self, prefix: str) -> list[Entry]:
+    def list(self, prefix: str) -> Listing:
         resp = self.client.request("GET", _path(prefix), {"recurse": "true"})
         if resp.status == 404:
-            return []
+            return Listing([], [], [])
         check_status(resp, f"listing KV prefix {prefix!r}")
         return _entries(resp, prefix)
 
     def list_after(
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
-    ) -> tuple[builtins.list[Entry], int]:
+    ) -> tuple[Listing, int]:
         """A listing with its X-Consul-Index. With `index`, a blocking query: Consul answers when
         something under the prefix changes after it, or when the wait is over."""
         resp, new_index = self._blocking_get(prefix, {"recurse": "true"}, index, wait_seconds)
-        return ([] if resp.status == 404 else _entries(resp, prefix)), new_index
+        return (Listing([], [], []) if resp.status == 404 else _entries(resp, prefix)), new_index
 
     def keys_after(
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
@@ -152,22 +152,21 @@ def _path(key: str) -> str:
     return "/v1/kv/" + quote(key, safe="/:")
 
 
-def _entries(resp: Response, what: str) -> list[Entry]:
+def _entries(resp: Response, what: str) -> Listing:
     try:
-        return [
-            Entry(
-                e["Key"],
-                # binascii directly: base64.b64decode's wrapper is most of the cost of a
-                # 60,000-key listing's values.
-                a2b_base64(e["Value"]) if e.get("Value") else b"",
-                int(e["ModifyIndex"]),
-            )
-            for e in resp.json()
-        ]
-    except (ValueError, KeyError, TypeError) as exc:
+        data = resp.json()
+        keys = [e["Key"] for e in data]
+        indexes = [int(e["ModifyIndex"]) for e in data]
+        # binascii directly: base64.b64decode's wrapper is most of the cost of a 60,000-key
+        # listing's values.
+        values = [a2b_base64(v) if v else b"" for v in [e.get("Value") for e in data]]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConsulError(
             f"Consul sent a KV answer for {what!r} that could not be read: {exc}"
         ) from exc
+    if not all(type(k) is str for k in keys):
+        raise ConsulError(f"Consul sent a KV answer for {what!r} with a key that is not text")
+    return Listing(keys, values, indexes)
 
 
 def _txn_op(op: Op) -> dict[str, object]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from loguru import logger
 
@@ -60,7 +60,7 @@ class PoolCache:
         self.pools: OrderedDict[str, _Watched] = OrderedDict()
         self.closed = False
 
-    def get(self, name: str, load: Callable[[], tuple[list[KVEntry], int]]) -> Pool:
+    def get(self, name: str, load: Callable[[], tuple[Sequence[KVEntry], int]]) -> Pool:
         """The cached pool; the first call for a pool loads it with `load` and starts a watcher."""
         with self.lock:
             watched = self.pools.get(name)
@@ -237,8 +237,8 @@ def refreshed(
     if len(new) > _READ_ONE_BY_ONE:
         entries, _ = list_pool(kv, layout, old.name)
         return parse_pool(layout, old.name, entries, known=known).cache_copy()
-    entries = [e for e in map(kv.get, [layout.pool_key(old.name), *sorted(new)]) if e is not None]
-    pool = parse_pool(layout, old.name, entries)  # raises for missing or broken ranges / keys
+    found = [e for e in map(kv.get, [layout.pool_key(old.name), *sorted(new)]) if e is not None]
+    pool = parse_pool(layout, old.name, found)  # raises for missing or broken ranges / keys
     for held in known.values():
         pool.held.setdefault(held.ip, held)
     return pool.cache_copy()

@@ -153,7 +153,7 @@ class _CountingKV:
     def get(self, key: str) -> KVEntry | None:
         return self.kv.get(key)
 
-    def list(self, prefix: str) -> builtins.list[KVEntry]:
+    def list(self, prefix: str) -> Sequence[KVEntry]:
         return self.kv.list(prefix)
 
     def create(self, key: str, value: bytes) -> bool:
@@ -170,7 +170,7 @@ class _CountingKV:
 
     def list_after(
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
-    ) -> tuple[builtins.list[KVEntry], int]:
+    ) -> tuple[Sequence[KVEntry], int]:
         return self.kv.list_after(prefix, index, wait_seconds)
 
     def keys_after(

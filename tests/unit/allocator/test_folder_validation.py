@@ -22,8 +22,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ipam_da_consul.allocator.errors import InvalidPool
 from ipam_da_consul.allocator.layout import Layout
-from ipam_da_consul.allocator.pool import Held, Pool, _ip_of_key, parse_held, parse_pool
-from ipam_da_consul.allocator.schemas import AllocationSchema, describe, load_allocation
+from ipam_da_consul.allocator.pool import (
+    Held,
+    HeldMap,
+    Pool,
+    _ip_of_key,
+    parse_held,
+    parse_pool,
+)
+from ipam_da_consul.allocator.schemas import (
+    AllocationSchema,
+    _parse_flat,
+    describe,
+    load_allocation,
+    parse_allocations,
+)
 from ipam_da_consul.allocator.store import KVEntry
 from ipam_da_consul.consul.client import Response
 from ipam_da_consul.consul.errors import ConsulError
@@ -337,6 +350,7 @@ def test_60000_read_as_before(big: list[KVEntry]) -> None:
     ]
     pool = parse_pool(LAYOUT, "p", big + extra)
     want = {h.ip: h for h in map(reference_held, big[1:] + extra)}
+    assert pool.taken(4) == live(want, 4)  # from the rows, before any Held is made
     assert pool.held.keys() == want.keys()
     for ip, h in want.items():
         same_held(pool.held[ip], h)
@@ -395,3 +409,208 @@ def test_listing_values_decode_as_base64_does() -> None:
     ).encode()
     got = _entries(Response(200, body, {}), FOLDER)
     assert [e.value for e in got] == values
+
+
+# -- a whole folder at once (allocator/pool.py _held_rows, allocator/schemas.py parse_allocations)
+# Values that, joined for one json.loads, would run into each other, in the groups that do it:
+# each value is invalid alone, but a pair reads as one object (through an array or a string
+# across the join) while a third reads as two, so the count of objects still matches.
+RUN_ON_GROUPS: list[list[bytes]] = [
+    [b'{"target":"a","k":[1', b"2]}"],
+    [b'{"target":"a","k":{"x":1', b"2}}"],
+    [b'{"target":"a","k":"', b'"}'],
+    [b'{"target":"c"},{"target":"d"}'],
+    [b'{"target":"c"}\n,{"target":"d"}'],
+    [b'{"target":"a"}\n'],
+    [b'{"target":"a",\n"ifname":"eth0"}'],
+    [b'{"target":"a"},'],
+    [b',{"target":"a"}'],
+]
+RUN_ON_VALUES = [raw for group in RUN_ON_GROUPS for raw in group]
+_raw_values = st.one_of(
+    st.sampled_from(GOOD_VALUES + BAD_VALUES + RUN_ON_VALUES),
+    _objects.map(lambda o: json.dumps(o).encode()),
+    _objects.map(lambda o: json.dumps(o, separators=(",", ":")).encode()),
+    st.fixed_dictionaries(
+        {"target": st.text(min_size=1, max_size=8)},
+        optional={
+            "ifname": st.text(max_size=4),
+            "runtime": st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
+            "free_after": st.none() | st.floats(0, 2e9) | st.integers(0, 2 * 10**9),
+        },
+    ).map(lambda o: json.dumps(o).encode()),
+)
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.one_of(_raw_values.map(lambda raw: [raw]), st.sampled_from(RUN_ON_GROUPS)),
+        max_size=10,
+    ).map(lambda groups: [raw for group in groups for raw in group])
+)
+def test_values_read_at_once_are_each_value_read_alone(raws: list[bytes]) -> None:
+    got = parse_allocations(raws)
+    if got is None:
+        return
+    assert len(got) == len(raws)
+    for value, raw in zip(got, raws, strict=True):
+        assert _same_json(value, json.loads(raw)), (value, raw)
+        status, expected = outcome(reference_allocation, raw)
+        assert status == "ok", expected
+
+
+def test_plain_values_take_the_fast_paths() -> None:
+    flat = [
+        json.dumps({"target": f"t{i}", "ifname": "eth0", "at": 1.5}).encode() for i in range(50)
+    ]
+    nested = [
+        json.dumps({"target": f"t{i}", "runtime": {"K8S_POD_NAME": f"web-{i}"}}).encode()
+        for i in range(50)
+    ]
+    assert _parse_flat(flat) is not None
+    assert parse_allocations(flat) == [json.loads(v) for v in flat]
+    assert _parse_flat(nested) is None  # a nested object: one parse per value
+    assert parse_allocations(nested) == [json.loads(v) for v in nested]
+    assert parse_allocations([*flat, b'{"target": 7}']) is None
+
+
+def reference_pool(entries: list[KVEntry]) -> tuple[str, Any]:
+    """Key by key, the first bad one in listing order failing the read."""
+    held: dict[Any, Held] = {}
+    for entry in entries:
+        if entry.key.startswith(FOLDER) and entry.key != FOLDER:
+            status, h = outcome(reference_held, entry)
+            if status != "ok":
+                return status, h
+            held[h.ip] = h
+    return "ok", held
+
+
+def live(held: dict[Any, Held], version: int) -> list[int]:
+    now = time.time()
+    return sorted(
+        int(ip) for ip, h in held.items() if ip.version == version and not h.reusable(now)
+    )
+
+
+def same_pool(pool: Pool, held: dict[Any, Held]) -> None:
+    # The free space first: looking at every Held would make them all, rows no more.
+    for version in (4, 6):
+        assert pool.taken(version) == live(held, version)
+    assert set(pool.held) == set(held) and len(pool.held) == len(held)
+    for ip, h in held.items():
+        assert ip in pool.held
+        same_held(pool.held[ip], h)
+
+
+_names = st.one_of(
+    st.integers(0, 300).map(lambda i: str(ipaddress.IPv4Address("10.30.0.0") + i)),
+    st.integers(0, 300).map(lambda i: str(ipaddress.IPv6Address("fd00::") + i)),
+    # Not "": that key is the folder's own, and a listing names a key once.
+    st.sampled_from([n for n in GOOD_NAMES + BAD_NAMES if n]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.tuples(_names, _raw_values), max_size=10, unique_by=lambda kv: kv[0]),
+    st.sampled_from(["v4", "v6", "any"]),
+)
+def test_a_folder_reads_as_key_by_key(pairs: list[tuple[str, bytes]], kind: str) -> None:
+    if kind != "any":
+        pairs = [(n, v) for n, v in pairs if (":" in n) == (kind == "v6")]
+    entries = [KVEntry("ipam/p", RANGES, 5), KVEntry(FOLDER, b"", 6)] + [
+        KVEntry(FOLDER + name, raw, 10 + i) for i, (name, raw) in enumerate(pairs)
+    ]
+    expected = reference_pool(entries)
+    got = outcome(parse_pool, LAYOUT, "p", entries)
+    if expected[0] != "ok":
+        assert got == expected
+        return
+    assert got[0] == "ok", got
+    same_pool(got[1], expected[1])
+    for target in {h.target for h in expected[1].values()}:
+        want = sorted(
+            (h for h in expected[1].values() if h.owned_by(target, "eth0", "net")),
+            key=lambda h: (h.ip.version, int(h.ip)),
+        )
+        assert got[1].ours(target, "eth0", "net") == want
+
+
+@pytest.mark.parametrize("at", [0, 1, 2_999])
+def test_values_that_would_run_into_each_other_fail_as_key_by_key(
+    big: list[KVEntry], at: int
+) -> None:
+    # Read as one, these three would give three objects for three keys, two of them wrong.
+    three = [*RUN_ON_GROUPS[0], *RUN_ON_GROUPS[3]]
+    run_on = [KVEntry(f"{FOLDER}10.30.250.{i}", raw, 7) for i, raw in enumerate(three)]
+    entries = [*big[: 1 + at], *run_on, *big[1 + at : 3_000]]
+    expected = reference_pool(entries)
+    assert expected[0] == "InvalidPool"
+    assert outcome(parse_pool, LAYOUT, "p", entries) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["put", "discard", "get", "contains"]),
+            st.integers(0, 40),
+            st.sampled_from(["t2", "t7", "t9", "t20", "new"]),
+        ),
+        max_size=25,
+    )
+)
+def test_rows_change_as_a_dict_of_held_changes(ops: list[tuple[str, int, str]]) -> None:
+    entries = [KVEntry("ipam/p", RANGES, 5)] + [
+        KVEntry(
+            f"{FOLDER}10.30.0.{i}",
+            json.dumps(
+                {"target": f"t{i}", "ifname": "eth0"} | ({"free_after": 1} if i in (7, 9) else {})
+            ).encode(),
+            100 + i,
+        )
+        for i in range(2, 30)
+    ]
+    pool = parse_pool(LAYOUT, "p", entries)
+    model = dict(reference_pool(entries)[1])
+    for op, n, target in ops:
+        ip = ipaddress.IPv4Address("10.30.0.0") + n
+        if op == "put":
+            h = Held(ip, target, f"{FOLDER}{ip}", 900 + n, ifname="eth0")
+            pool.put(h)
+            model[ip] = h
+        elif op == "discard":
+            pool.discard(ip)
+            model.pop(ip, None)
+        elif op == "get":
+            assert pool.held.get(ip) == model.get(ip)
+        else:
+            assert (ip in pool.held) == (ip in model)
+        # Touching one address or one target at a time: the other rows stay rows.
+        assert isinstance(pool.held, HeldMap)
+        assert sorted(pool.held.live_ints(4, time.time())) == live(model, 4)
+        assert pool.taken(4) == live(model, 4)
+        assert len(pool.held) == len(model)
+        for t in {target, "t3"}:
+            want = sorted(
+                (h for h in model.values() if h.owned_by(t, "eth0")), key=lambda h: int(h.ip)
+            )
+            assert pool.ours(t, "eth0") == want
+    same_pool(pool, model)
+
+
+def test_a_whole_folder_of_60000_is_kept_as_rows(big: list[KVEntry]) -> None:
+    pool = parse_pool(LAYOUT, "p", big)
+    assert isinstance(pool.held, HeldMap) and pool.held._rows is not None
+    assert len(pool.held._made) == 0  # nothing made until asked for
+    pool.next_free()
+    pool.ours("fill-7", "eth0")
+    assert len(pool.held._made) == 1
+    pool.indexed()  # the helper's copy: everything made, the columns let go
+    assert pool.held._rows is None and len(pool.held) == 60_000
