@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMappin
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import compress, repeat
+from operator import itemgetter
 from typing import Any, TypeGuard
 
 from .errors import InvalidPool, PoolFull, PoolMissing
@@ -142,8 +143,13 @@ class HeldMap(MutableMapping[IPAddress, Held]):
         found = [h for h in self._made.values() if h.target == target]
         rows = self._rows
         if rows is not None:
-            picked = [i for i, alloc in enumerate(rows.allocs) if alloc["target"] == target]
-            for i in picked:
+            targets = rows.targets()
+            i = -1
+            while True:
+                try:
+                    i = targets.index(target, i + 1)
+                except ValueError:
+                    return found
                 value = rows.ints[i]
                 if rows.where.get(value) == i:
                     found.append(self[rows.kind(value)])
@@ -154,6 +160,7 @@ class _Rows:
     """A listing's allocation keys of one IP version, checked and kept as columns."""
 
     __slots__ = (
+        "_targets",
         "allocs",
         "cooling",
         "indexes",
@@ -182,6 +189,13 @@ class _Rows:
         self.where = dict(zip(ints, range(len(ints)), strict=True))
         # Released addresses cooling down (`free_after`), free again once it is past.
         self.cooling = [i for i, alloc in enumerate(allocs) if alloc.get("free_after") is not None]
+        self._targets: list[str] | None = None
+
+    def targets(self) -> list[str]:
+        """Each row's `target`, for list.index to find a container's rows at C speed."""
+        if self._targets is None:
+            self._targets = list(map(_target_of, self.allocs))
+        return self._targets
 
     def make(self, i: int, ip: IPAddress) -> Held:
         return _held(
@@ -371,14 +385,17 @@ def parse_pool(
     held = None if known else _held_rows(listing, rows, len(folder))
     if held is None:
         held = HeldMap(_held_one_by_one(listing, rows, folder, known))
-    at = [i for i, key in enumerate(keys) if key == pool_key]
-    if not at:
-        raise PoolMissing(f"pool {name!r} does not exist: KV key {pool_key!r} is missing")
     try:
-        ranges = load_ranges(listing.values[at[-1]])
+        at = keys.index(pool_key)  # a listing names a key once
+    except ValueError:
+        raise PoolMissing(
+            f"pool {name!r} does not exist: KV key {pool_key!r} is missing"
+        ) from None
+    try:
+        ranges = load_ranges(listing.values[at])
     except ValueError as exc:
         raise InvalidPool(f"KV key {pool_key!r} does not hold valid IP Ranges: {exc}") from exc
-    return Pool(name, ranges, held, ranges_index=listing.indexes[at[-1]])
+    return Pool(name, ranges, held, ranges_index=listing.indexes[at])
 
 
 def _held_one_by_one(
@@ -476,6 +493,7 @@ def _ip_of_key(name: str) -> IPAddress | None:
         return None
 
 
+_target_of = itemgetter("target")
 _new_object = object.__new__
 _set_attribute = object.__setattr__
 

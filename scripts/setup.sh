@@ -24,7 +24,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 # Editable: the tests and the executables always run the code in this tree, never a stale copy.
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,fast]"
 # setuptools' editable install adds an import finder that imports pathlib and more at every
 # interpreter start: ~25 ms on each plugin call, the helper's fast path included. The whole
 # package is under src/ (the layer folders are symlinked there), so a plain path entry imports

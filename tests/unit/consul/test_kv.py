@@ -1,0 +1,87 @@
+"""Reading Consul's KV answers (consul/kv.py): listings kept as columns, and a large listing
+parsed by orjson when installed, with the same result as json gives."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from ipam_da_consul.allocator.store import KVEntry, Listing
+from ipam_da_consul.consul import kv
+from ipam_da_consul.consul.client import Response
+from ipam_da_consul.consul.errors import ConsulError
+
+FOLDER = "ipam/p/"
+
+
+def listing_body(n: int, flags: str = "0") -> bytes:
+    """A compact listing as Consul sends it, `n` entries (6,500 pass the 1 MB mark)."""
+    rows = []
+    for i in range(n):
+        value = base64.b64encode(json.dumps({"target": f"c-{i}", "ifname": "eth0"}).encode())
+        rows.append(
+            f'{{"LockIndex":0,"Key":"{FOLDER}10.{i >> 16}.{(i >> 8) & 255}.{i & 255}",'
+            f'"Flags":{flags},"Value":"{value.decode()}","CreateIndex":{i},"ModifyIndex":{i + 7}}}'
+        )
+    return ("[" + ",".join(rows) + "]").encode()
+
+
+def read(body: bytes) -> Listing:
+    return kv._entries(Response(200, body, {}), FOLDER)
+
+
+def columns(listing: Listing) -> tuple[list[str], list[bytes], list[int]]:
+    return listing.keys, listing.values, listing.indexes
+
+
+@pytest.fixture
+def stdlib_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kv, "_orjson_loads", json.loads)
+
+
+def test_a_large_listing_reads_as_json_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = listing_body(7_000)
+    assert len(body) > kv._LARGE_LISTING
+    fast = read(body)
+    monkeypatch.setattr(kv, "_orjson_loads", json.loads)
+    assert columns(fast) == columns(read(body))
+    assert fast[3] == KVEntry(
+        f"{FOLDER}10.0.0.3", json.dumps({"target": "c-3", "ifname": "eth0"}).encode(), 10
+    )
+
+
+def test_orjson_parses_a_large_listing_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    orjson = pytest.importorskip("orjson")
+    monkeypatch.setattr(kv, "_orjson_loads", None)
+    read(listing_body(7_000))
+    assert kv._orjson_loads is orjson.loads
+
+
+def test_what_orjson_refuses_json_still_reads() -> None:
+    # NaN is not JSON by the RFC; Python's json takes it, orjson refuses it. Consul never
+    # sends it: whatever either parser would make of an odd answer, json has the last word.
+    body = listing_body(7_000, flags="NaN")
+    assert len(body) > kv._LARGE_LISTING
+    got = read(body)
+    assert len(got) == 7_000 and got.indexes[-1] == 7_006
+
+
+@pytest.mark.parametrize("size", [3, 7_000])
+@pytest.mark.usefixtures("stdlib_only")
+def test_a_key_that_is_not_text_is_a_consul_error(size: int) -> None:
+    data: list[dict[str, Any]] = json.loads(listing_body(size))
+    data[1]["Key"] = 17
+    with pytest.raises(ConsulError, match="not text"):
+        read(json.dumps(data).encode())
+
+
+def test_a_listing_is_a_sequence_of_entries() -> None:
+    got = read(listing_body(4))
+    assert len(got) == 4 and isinstance(got, Listing)
+    assert list(got) == [got[0], got[1], got[2], got[3]] and got[-1] == got[3]
+    assert got[1:3] == [got[1], got[2]] and isinstance(got[1:3], Listing)
+    both = Listing.of([KVEntry("ipam/p", b"[]", 1)]) + got
+    assert [e.key for e in both] == ["ipam/p", *got.keys]
+    assert Listing.of(list(got)) == got and Listing.of(got) is got
