@@ -56,104 +56,133 @@ class Held:
 
 
 class HeldMap(MutableMapping[IPAddress, Held]):
-    """A pool's allocations by address. The keys of a listing stay rows of its columns until
-    one is asked for: a call looks at a handful of a pool's 60,000 keys, and an object for
-    each would cost more than reading them all did."""
+    """A pool's allocations by address. The keys of a listing stay rows of its columns (one
+    set per IP version) until one is asked for: a call looks at a handful of a pool's 60,000
+    keys, and an object for each would cost more than reading them all did.
 
-    def __init__(self, made: dict[IPAddress, Held] | None = None, rows: _Rows | None = None):
+    Reading a row makes it a Held, which changes the map, so every look at the rows holds
+    `lock` (the pool's): calls in the helper may share a pool that still has rows."""
+
+    def __init__(self, made: dict[IPAddress, Held] | None = None, rows: Iterable[_Rows] = ()):
         self._made: dict[IPAddress, Held] = made if made is not None else {}
-        self._rows = rows if rows is not None and rows.where else None
+        self._rows: dict[type, _Rows] = {r.kind: r for r in rows if r.where}
+        self.lock = threading.RLock()
+
+    def _rows_of(self, ip: object) -> _Rows | None:
+        # The exact type: an interface, a string or a scoped IPv6 address (fd00::5%eth0, not
+        # equal to fd00::5) is no key here, as it would be none of a dict of addresses.
+        rows = self._rows.get(type(ip))
+        if rows is None or getattr(ip, "scope_id", None) is not None:
+            return None
+        return rows
 
     def __getitem__(self, ip: IPAddress) -> Held:
         held = self._made.get(ip)
         if held is not None:
             return held
-        rows = self._rows
-        if rows is not None and ip.version == rows.version:
-            i = rows.where.pop(int(ip), None)
-            if i is not None:
-                held = self._made[ip] = rows.make(i, ip)
-                if not rows.where:
-                    self._rows = None
+        with self.lock:
+            held = self._made.get(ip)  # made by another thread meanwhile
+            if held is not None:
                 return held
-        raise KeyError(ip)
+            rows = self._rows_of(ip)
+            i = rows.where.pop(int(ip), None) if rows is not None else None
+            if rows is None or i is None:
+                raise KeyError(ip)
+            held = self._made[ip] = rows.make(i, ip)
+            if not rows.where:
+                del self._rows[rows.kind]
+            return held
 
     def __contains__(self, ip: object) -> bool:
         if ip in self._made:
             return True
-        rows = self._rows
-        return rows is not None and type(ip) is rows.kind and int(ip) in rows.where
+        with self.lock:
+            if ip in self._made:
+                return True
+            rows = self._rows_of(ip)
+            return rows is not None and int(ip) in rows.where  # type: ignore[call-overload]
 
     def __setitem__(self, ip: IPAddress, held: Held) -> None:
-        self._drop_row(ip)
-        self._made[ip] = held
+        with self.lock:
+            self._drop_row(ip)
+            self._made[ip] = held
 
     def __delitem__(self, ip: IPAddress) -> None:
-        if not self._drop_row(ip):
-            del self._made[ip]
-        else:
-            self._made.pop(ip, None)
+        with self.lock:
+            if not self._drop_row(ip):
+                del self._made[ip]
 
     def _drop_row(self, ip: IPAddress) -> bool:
-        rows = self._rows
-        if rows is None or ip.version != rows.version or rows.where.pop(int(ip), None) is None:
+        rows = self._rows_of(ip)
+        if rows is None or rows.where.pop(int(ip), None) is None:
             return False
         if not rows.where:
-            self._rows = None
+            del self._rows[rows.kind]
         return True
 
     def __iter__(self) -> Iterator[IPAddress]:
-        yield from list(self._made)
-        rows = self._rows
-        if rows is not None:
-            yield from map(rows.kind, list(rows.where))
+        # Both taken at once: a row made while the caller iterates moves into `_made`.
+        with self.lock:
+            made = list(self._made)
+            rows = [(r.kind, list(r.where)) for r in self._rows.values()]
+        yield from made
+        for kind, values in rows:
+            yield from map(kind, values)
 
     def __len__(self) -> int:
-        return len(self._made) + (len(self._rows.where) if self._rows is not None else 0)
+        with self.lock:
+            return len(self._made) + sum(len(r.where) for r in self._rows.values())
+
+    def __repr__(self) -> str:
+        with self.lock:
+            rows = sum(len(r.where) for r in self._rows.values())
+            return f"HeldMap({self._made!r}, +{rows} not yet read)"
 
     def make_all(self) -> None:
         """Turn every row into its Held (the helper keeps its pools whole)."""
-        rows = self._rows
-        if rows is not None:
-            kind, made = rows.kind, self._made
-            for value, i in list(rows.where.items()):
-                ip = kind(value)
-                made[ip] = rows.make(i, ip)
-            self._rows = None
+        with self.lock:
+            made = self._made
+            for rows in self._rows.values():
+                kind = rows.kind
+                for value, i in rows.where.items():
+                    ip = kind(value)
+                    made[ip] = rows.make(i, ip)
+            self._rows = {}
 
     def live_ints(self, version: int, now: float) -> set[int]:
         """The addresses of one version held and not free again after a cool-down."""
-        live = {
-            int(ip)
-            for ip, h in self._made.items()
-            if ip.version == version and (h.free_after is None or not h.free_after <= now)
-        }
-        rows = self._rows
-        if rows is not None and rows.version == version:
-            from_rows = set(rows.where)
-            for i in rows.cooling:
-                # A row made or dropped since is no longer in `where`: discarding it is a no-op.
-                if rows.allocs[i]["free_after"] <= now:
-                    from_rows.discard(rows.ints[i])
-            live |= from_rows
-        return live
+        with self.lock:
+            live = {
+                int(ip)
+                for ip, h in self._made.items()
+                if ip.version == version and (h.free_after is None or not h.free_after <= now)
+            }
+            rows = self._rows.get(_IPv4 if version == 4 else _IPv6)
+            if rows is not None:
+                from_rows = set(rows.where)
+                for i in rows.cooling:
+                    # A row made or dropped since is not in `where`: discarding it is a no-op.
+                    if rows.allocs[i]["free_after"] <= now:
+                        from_rows.discard(rows.ints[i])
+                live |= from_rows
+            return live
 
     def of_target(self, target: str) -> list[Held]:
         """Every allocation whose `target` is this container."""
-        found = [h for h in self._made.values() if h.target == target]
-        rows = self._rows
-        if rows is not None:
-            targets = rows.targets()
-            i = -1
-            while True:
-                try:
-                    i = targets.index(target, i + 1)
-                except ValueError:
-                    return found
-                value = rows.ints[i]
-                if rows.where.get(value) == i:
-                    found.append(self[rows.kind(value)])
-        return found
+        with self.lock:
+            found = [h for h in self._made.values() if h.target == target]
+            for rows in list(self._rows.values()):
+                targets = rows.targets()
+                i = -1
+                while True:
+                    try:
+                        i = targets.index(target, i + 1)
+                    except ValueError:
+                        break
+                    value = rows.ints[i]
+                    if rows.where.get(value) == i:
+                        found.append(self[rows.kind(value)])
+            return found
 
 
 class _Rows:
@@ -225,6 +254,7 @@ class Pool:
         if not isinstance(self.held, HeldMap):
             self.held = HeldMap(dict(self.held))
         self._map = self.held
+        self._map.lock = self._lock
 
     def range_for(self, ip: IPAddress) -> IPRange | None:
         return next((r for r in self.ranges if r.contains(ip)), None)
@@ -327,6 +357,7 @@ class Pool:
         """Addresses ADD could still hand out (held keys outside the ranges cost none)."""
         now = time.time()
         with self._lock:
+            self._map.make_all()  # every key is looked at: made at once, not one read at a time
             held = [
                 ip
                 for ip, h in self.held.items()
@@ -380,17 +411,16 @@ def parse_pool(
     listing = Listing.of(entries)
     keys = listing.keys
     rows = list(compress(range(len(keys)), map(str.startswith, keys, repeat(folder))))
-    if folder in keys:
+    if keys.count(folder) == 1:
         rows.remove(keys.index(folder))
+    elif folder in keys:  # a hand-made listing (Consul names a key once)
+        rows = [i for i in rows if keys[i] != folder]
     held = None if known else _held_rows(listing, rows, len(folder))
     if held is None:
         held = HeldMap(_held_one_by_one(listing, rows, folder, known))
-    try:
-        at = keys.index(pool_key)  # a listing names a key once
-    except ValueError:
-        raise PoolMissing(
-            f"pool {name!r} does not exist: KV key {pool_key!r} is missing"
-        ) from None
+    if pool_key not in keys:
+        raise PoolMissing(f"pool {name!r} does not exist: KV key {pool_key!r} is missing")
+    at = len(keys) - 1 - keys[::-1].index(pool_key)  # the last, should a key come twice
     try:
         ranges = load_ranges(listing.values[at])
     except ValueError as exc:
@@ -414,8 +444,8 @@ def _held_one_by_one(
 
 def _held_rows(listing: Listing, rows: list[int], skip: int) -> HeldMap | None:
     """The folder's keys checked all at once and kept as rows; None when some key needs
-    `parse_held` one by one, to be judged or worded there (a name in another spelling or of
-    the other IP version, a value `parse_allocations` does not take whole)."""
+    `parse_held` one by one, to be judged or worded there (a name in another spelling, a
+    value `parse_allocations` does not take whole)."""
     if rows and rows[-1] - rows[0] == len(rows) - 1:
         # One run of keys, as a listing of the folder has them (after the pool key): slices.
         part = slice(rows[0], rows[-1] + 1)
@@ -424,41 +454,63 @@ def _held_rows(listing: Listing, rows: list[int], skip: int) -> HeldMap | None:
         keys = [listing.keys[i] for i in rows]
         values = [listing.values[i] for i in rows]
         indexes = [listing.indexes[i] for i in rows]
-    found = _address_ints([key[skip:] for key in keys])
-    if found is None:
-        return None
-    version, ints = found
+    names = [key[skip:] for key in keys]
     allocs = parse_allocations(values)
     if allocs is None:
         return None
-    kept = _Rows(version, ints, keys, values, indexes, allocs)
-    if len(kept.where) != len(ints):  # two names for one address: cannot happen, see above
-        return None
+    if ":" not in "".join(names):
+        groups = [(4, keys, names, values, indexes, allocs)]
+    else:
+        # IPv6 names, and IPv4 ones too in a dual-stack pool: one set of rows per version.
+        sixes = [":" in name for name in names]
+        groups = []
+        for version, wanted in ((4, False), (6, True)):
+            pick = [i for i, six in enumerate(sixes) if six is wanted]
+            if len(pick) == len(names):
+                groups.append((version, keys, names, values, indexes, allocs))
+            elif pick:
+                groups.append(
+                    (
+                        version,
+                        [keys[i] for i in pick],
+                        [names[i] for i in pick],
+                        [values[i] for i in pick],
+                        [indexes[i] for i in pick],
+                        [allocs[i] for i in pick],
+                    )
+                )
+    kept = []
+    for version, g_keys, g_names, g_values, g_indexes, g_allocs in groups:
+        ints = _address_ints(g_names, version)
+        if ints is None:
+            return None
+        rows_of = _Rows(version, ints, g_keys, g_values, g_indexes, g_allocs)
+        if len(rows_of.where) != len(ints):  # two names for one address: cannot happen
+            return None
+        kept.append(rows_of)
     return HeldMap(rows=kept)
 
 
-def _address_ints(names: list[str]) -> tuple[int, list[int]] | None:
-    """The addresses the names spell, as integers, when all are of one version and spelled as
-    `_ip_of_key` takes them without ipaddress: then no two names spell one address."""
-    if not names:
-        return 4, []
+def _address_ints(names: list[str], version: int) -> list[int] | None:
+    """The addresses the names spell, as integers, when every one is of `version` and spelled
+    as `_ip_of_key` takes it without ipaddress: then no two names spell one address."""
     try:
-        if ":" not in names[0]:
+        if version == 4:
             packed = b"".join(map(_inet_pton4, names))
             if len(packed) != 4 * len(names):
                 return None
             # Four bytes each, big-endian: one array conversion instead of an int per name.
             words = array("I")
             if words.itemsize != 4:
-                return 4, [int.from_bytes(packed[i : i + 4]) for i in range(0, len(packed), 4)]
+                return [int.from_bytes(packed[i : i + 4]) for i in range(0, len(packed), 4)]
             words.frombytes(packed)
             if sys.byteorder == "little":
                 words.byteswap()
-            return 4, words.tolist()
+            return words.tolist()
         packed6 = list(map(_inet_pton6, names))
         if list(map(_inet_ntop6, packed6)) != names:
             return None
-        return 6, list(map(int.from_bytes, packed6))
+        return list(map(int.from_bytes, packed6))
     except (OSError, UnicodeEncodeError, ValueError):
         return None
 

@@ -17,10 +17,12 @@ Three kinds of trouble get three kinds of patience:
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from loguru import logger
@@ -150,11 +152,11 @@ class ConsulClient:
         self.session.trust_env = (
             False  # a proxy from the environment must not sit between us and Consul
         )
-        # Answers come uncompressed. Consul gzips a 60,000-key pool listing (8 MB) in ~150 ms
-        # of its own CPU, twice what it takes to send it plain over loopback, and a call then
-        # spends ~30 ms more inflating it; every ADD in-process lists its pool. The agent is
-        # normally on the same host, so the bytes cost little and Consul's CPU much.
-        self.session.headers["Accept-Encoding"] = "identity"
+        # Servers on this host answer uncompressed. Consul gzips a 60,000-key pool listing
+        # (8 MB) in ~150 ms of its own CPU, twice what sending it plain over loopback takes,
+        # and the call spends ~30 ms more inflating it; every ADD in-process lists its pool.
+        # Across a network the bytes count more, and requests asks for gzip as before.
+        self._plain = {s: _on_this_host(s) for s in self.servers}
         if token:
             self.session.headers["X-Consul-Token"] = token
         tls = tls or TLSConfig()
@@ -415,7 +417,12 @@ class ConsulClient:
         self.requests_sent += 1
         try:
             r = self.session.request(
-                method, server + path, params=params, data=body, timeout=(connect, read)
+                method,
+                server + path,
+                params=params,
+                data=body,
+                timeout=(connect, read),
+                headers=_IDENTITY if self._plain.get(server) else None,
             )
         except requests.RequestException as exc:
             logger.debug(
@@ -436,6 +443,20 @@ class ConsulClient:
             (time.monotonic() - started) * 1000,
         )
         return Response(r.status_code, r.content, dict(r.headers))
+
+
+_IDENTITY = {"Accept-Encoding": "identity"}
+
+
+def _on_this_host(url: str) -> bool:
+    """A loopback address, or localhost, in a server URL."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 _TIMEOUTS = frozenset({"connect timed out", "no answer before the read timeout"})

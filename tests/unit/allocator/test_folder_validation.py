@@ -13,6 +13,7 @@ import base64
 import ipaddress
 import json
 import math
+import threading
 import time
 from dataclasses import fields
 from typing import Any
@@ -607,10 +608,86 @@ def test_rows_change_as_a_dict_of_held_changes(ops: list[tuple[str, int, str]]) 
 
 def test_a_whole_folder_of_60000_is_kept_as_rows(big: list[KVEntry]) -> None:
     pool = parse_pool(LAYOUT, "p", big)
-    assert isinstance(pool.held, HeldMap) and pool.held._rows is not None
+    assert isinstance(pool.held, HeldMap) and pool.held._rows
     assert len(pool.held._made) == 0  # nothing made until asked for
     pool.next_free()
     pool.ours("fill-7", "eth0")
     assert len(pool.held._made) == 1
     pool.indexed()  # the helper's copy: everything made, the columns let go
-    assert pool.held._rows is None and len(pool.held) == 60_000
+    assert pool.held._rows == {} and len(pool.held) == 60_000
+
+
+def dual_stack(n: int) -> list[KVEntry]:
+    v4, v6 = ipaddress.IPv4Address("10.30.0.2"), ipaddress.IPv6Address("fd00::2")
+    return [KVEntry("ipam/p", RANGES, 5)] + [
+        KVEntry(
+            f"{FOLDER}{v4 + i if i % 2 else v6 + i}",
+            json.dumps({"target": f"c{i}", "ifname": "eth0"}).encode(),
+            100 + i,
+        )
+        for i in range(n)
+    ]
+
+
+def test_a_dual_stack_folder_is_kept_as_rows_of_each_version() -> None:
+    entries = dual_stack(400)
+    pool = parse_pool(LAYOUT, "p", entries)
+    assert isinstance(pool.held, HeldMap) and len(pool.held._rows) == 2
+    want = reference_pool(entries)[1]
+    assert pool.taken(4) == live(want, 4) and pool.taken(6) == live(want, 6)
+    assert [h.key for h in pool.ours("c3", "eth0")] == [f"{FOLDER}10.30.0.5"]
+    assert [h.key for h in pool.ours("c4", "eth0")] == [f"{FOLDER}fd00::6"]
+    assert pool.free() == Pool("p", pool.ranges, dict(want)).free()
+    same_pool(pool, want)
+
+
+def test_only_plain_addresses_are_keys() -> None:
+    pool = parse_pool(LAYOUT, "p", dual_stack(10))
+    plain = ipaddress.IPv6Address("fd00::2")
+    for other in (
+        ipaddress.IPv6Address("fd00::2%eth0"),
+        ipaddress.IPv6Interface("fd00::2/64"),
+        "fd00::2",
+        int(plain),
+    ):
+        assert other not in pool.held and pool.held.get(other) is None  # type: ignore[call-overload]
+    assert pool.held[plain].ip == plain and type(pool.held[plain].ip) is ipaddress.IPv6Address
+
+
+def test_reading_while_iterating_yields_every_key() -> None:
+    pool = parse_pool(LAYOUT, "p", dual_stack(10))
+    seen = []
+    for ip in pool.held:
+        seen.append(ip)
+        pool.held.get(ipaddress.IPv4Address("10.30.0.9"))  # made while we iterate
+    assert sorted(map(str, seen)) == sorted(map(str, reference_pool(dual_stack(10))[1]))
+
+
+def test_threads_reading_one_pool_see_every_key(big: list[KVEntry]) -> None:
+    # The helper's calls may share a pool that still has rows: a read makes one, and another
+    # thread must never see it gone from the rows and not yet made.
+    pool = parse_pool(LAYOUT, "p", big[:20_001])
+    ips = [ipaddress.IPv4Address("10.30.0.2") + i for i in range(20_000)]
+    missed: list[object] = []
+
+    def read(part: int) -> None:
+        for ip in ips[part::2] + ips[(part + 1) % 2 :: 2]:
+            if pool.held.get(ip) is None or ip not in pool.held:
+                missed.append(ip)
+
+    threads = [threading.Thread(target=read, args=(n % 2,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert missed == []
+
+
+def test_keys_named_twice_read_as_key_by_key() -> None:
+    # Consul names a key once; a hand-made listing may not, and reads as the loop read it.
+    entries = sixty_thousand()[:50]
+    twice = [entries[0], KVEntry(FOLDER, b"", 6), *entries[1:], KVEntry(FOLDER, b"", 7)]
+    assert outcome(parse_pool, LAYOUT, "p", twice)[0] == "ok"
+    ranges2 = json.dumps([{"subnet": "10.30.0.0/24"}]).encode()
+    pool = parse_pool(LAYOUT, "p", [*entries, KVEntry("ipam/p", ranges2, 8)])
+    assert str(pool.ranges[0].subnet) == "10.30.0.0/24" and pool.ranges_index == 8

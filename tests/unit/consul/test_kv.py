@@ -4,13 +4,16 @@ parsed by orjson when installed, with the same result as json gives."""
 from __future__ import annotations
 
 import base64
+import http.server
 import json
+import threading
 from typing import Any
 
 import pytest
 from ipam_da_consul.allocator.store import KVEntry, Listing
+from ipam_da_consul.consul import client as client_module
 from ipam_da_consul.consul import kv
-from ipam_da_consul.consul.client import Response
+from ipam_da_consul.consul.client import ConsulClient, Response
 from ipam_da_consul.consul.errors import ConsulError
 
 FOLDER = "ipam/p/"
@@ -85,3 +88,45 @@ def test_a_listing_is_a_sequence_of_entries() -> None:
     both = Listing.of([KVEntry("ipam/p", b"[]", 1)]) + got
     assert [e.key for e in both] == ["ipam/p", *got.keys]
     assert Listing.of(list(got)) == got and Listing.of(got) is got
+
+
+def test_servers_on_this_host_answer_uncompressed() -> None:
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Accept-Encoding"))
+            body = b'"127.0.0.1:8300"' if self.path.startswith("/v1/status/leader") else b"[]"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = ConsulClient([f"http://127.0.0.1:{server.server_address[1]}"])
+        client.request("GET", "/v1/kv/ipam/p/", {"recurse": "true"})
+    finally:
+        server.shutdown()
+    assert seen and set(seen) == {"identity"}
+
+
+@pytest.mark.parametrize(
+    ("url", "plain"),
+    [
+        ("http://127.0.0.1:8500", True),
+        ("http://127.3.0.1:8500", True),
+        ("https://[::1]:8501", True),
+        ("http://localhost:8500", True),
+        ("http://10.0.0.5:8500", False),
+        ("https://[fd00::5]:8501", False),
+        ("http://consul.service.consul:8500", False),
+    ],
+)
+def test_only_servers_on_this_host_are_asked_for_plain_answers(url: str, plain: bool) -> None:
+    assert client_module._on_this_host(url) is plain
+    assert ConsulClient([url])._plain == {url: plain}
