@@ -644,13 +644,14 @@ def test_a_dual_stack_folder_is_kept_as_rows_of_each_version() -> None:
 def test_only_plain_addresses_are_keys() -> None:
     pool = parse_pool(LAYOUT, "p", dual_stack(10))
     plain = ipaddress.IPv6Address("fd00::2")
-    for other in (
+    others: list[Any] = [
         ipaddress.IPv6Address("fd00::2%eth0"),
         ipaddress.IPv6Interface("fd00::2/64"),
         "fd00::2",
         int(plain),
-    ):
-        assert other not in pool.held and pool.held.get(other) is None  # type: ignore[call-overload]
+    ]
+    for other in others:
+        assert other not in pool.held and pool.held.get(other) is None
     assert pool.held[plain].ip == plain and type(pool.held[plain].ip) is ipaddress.IPv6Address
 
 
