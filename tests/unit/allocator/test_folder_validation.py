@@ -33,6 +33,8 @@ from ipam_da_consul.allocator.pool import (
 )
 from ipam_da_consul.allocator.schemas import (
     AllocationSchema,
+    _all_plain,
+    _is_plain,
     _parse_flat,
     describe,
     load_allocation,
@@ -463,6 +465,51 @@ def test_values_read_at_once_are_each_value_read_alone(raws: list[bytes]) -> Non
         assert _same_json(value, json.loads(raw)), (value, raw)
         status, expected = outcome(reference_allocation, raw)
         assert status == "ok", expected
+
+
+_numbers = (
+    st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(-(2**60), 2**60)
+    | st.sampled_from([2**53, -(2**53), 2**53 - 1, 1 - 2**53, True])
+)
+# Allocations that are mostly well formed, each field sometimes not: a batch is then often
+# all plain but one, which is where a check that skips a rule would show.
+_near_plain = st.fixed_dictionaries(
+    {"target": st.text(max_size=3) | st.just("c0ffee")},
+    optional={
+        "ifname": st.none() | st.text(max_size=3) | st.integers(0, 3),
+        "host": st.none() | st.text(max_size=3),
+        "network": st.text(max_size=3) | st.booleans(),
+        "call": st.text(max_size=3) | st.none(),
+        "at": st.none() | _numbers,
+        "free_after": st.none() | _numbers,
+        "runtime": st.none()
+        | st.dictionaries(st.text(max_size=2), st.text(max_size=2) | st.integers(0, 2), max_size=2),
+        "x": _values,
+    },
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.lists(_objects | _values, max_size=6),
+    st.lists(_objects, max_size=4),
+    st.lists(_near_plain, min_size=1, max_size=6),
+)
+def test_all_plain_judges_as_is_plain_judges_each(
+    items: list[Any], more: list[Any], near: list[Any]
+) -> None:
+    for batch in (
+        items,
+        more,
+        near,
+        [{"target": "a"}, *more],
+        [*items, {"target": "a", "at": 1.5}],
+        [*near, {"target": "a"}],
+        *([item, {"target": "b", "at": 2.5}] for item in near),
+    ):
+        each = all(type(i) is dict and _is_plain(i) for i in batch)
+        assert _all_plain(batch) is each, batch
 
 
 def test_plain_values_take_the_fast_paths() -> None:
