@@ -11,6 +11,8 @@ import json
 from binascii import a2b_base64
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 from urllib.parse import quote
 
@@ -177,14 +179,22 @@ def _listing_json(body: bytes) -> Any:
     return json.loads(body)
 
 
+_KEY, _MODIFY_INDEX = itemgetter("Key"), itemgetter("ModifyIndex")
+
+
 def _entries(resp: Response, what: str) -> Listing:
     try:
         data = _listing_json(resp.body)
-        keys = [e["Key"] for e in data]
-        indexes = [int(e["ModifyIndex"]) for e in data]
-        # binascii directly: base64.b64decode's wrapper is most of the cost of a 60,000-key
-        # listing's values.
-        values = [a2b_base64(v) if v else b"" for v in [e.get("Value") for e in data]]
+        # Mapped, not looped: a pool folder lists tens of thousands of entries.
+        keys = list(map(_KEY, data))
+        indexes = list(map(_MODIFY_INDEX, data))
+        if not set(map(type, indexes)) <= {int}:
+            indexes = [int(i) for i in indexes]
+        raw: list[Any] = list(map(dict.get, data, repeat("Value")))
+        if None in raw:  # a folder's own key, or an empty value
+            raw = [v or "" for v in raw]
+        # binascii directly: base64.b64decode's wrapper is most of the cost of the values.
+        values = list(map(a2b_base64, raw))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConsulError(
             f"Consul sent a KV answer for {what!r} that could not be read: {exc}"
