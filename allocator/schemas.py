@@ -381,12 +381,15 @@ def _json(raw: bytes) -> Any:
         data, end = _scan(text, 0)
         if end == len(text):
             return data
-    except (UnicodeDecodeError, StopIteration, ValueError):
+    except (UnicodeDecodeError, StopIteration, ValueError, RecursionError):
         pass
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"not valid JSON ({exc})") from exc
+    except RecursionError:
+        # Thousands of nested arrays: JSON, but no value a pool key can hold.
+        raise ValueError("not valid JSON (nested too deeply)") from None
 
 
 def describe(messages: Any, path: str = "") -> str:

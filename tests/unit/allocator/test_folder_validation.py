@@ -512,6 +512,16 @@ def test_all_plain_judges_as_is_plain_judges_each(
         assert _all_plain(batch) is each, batch
 
 
+def test_a_value_nested_too_deeply_is_an_invalid_allocation() -> None:
+    deep = b'{"target": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    entries = [*sixty_thousand()[:20], KVEntry(FOLDER + "10.30.250.1", deep, 7)]
+    status, message = outcome(parse_pool, LAYOUT, "p", entries)
+    assert status == "InvalidPool" and "nested too deeply" in message, message
+    ranges = [KVEntry("ipam/p", b"[" * 100_000 + b"]" * 100_000, 5)]
+    status, message = outcome(parse_pool, LAYOUT, "p", ranges)
+    assert status == "InvalidPool" and "nested too deeply" in message, message
+
+
 def test_plain_values_take_the_fast_paths() -> None:
     flat = [
         json.dumps({"target": f"t{i}", "ifname": "eth0", "at": 1.5}).encode() for i in range(50)
