@@ -26,7 +26,15 @@ from urllib.parse import urlsplit
 
 import requests
 from loguru import logger
-from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    DecodeError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
+from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from .errors import ConsulError, ConsulUnavailable
 
@@ -423,7 +431,9 @@ class ConsulClient:
                 data=body,
                 timeout=(connect, read),
                 headers=_IDENTITY if self._plain.get(server) else None,
+                stream=True,
             )
+            body = _read_body(r)
         except requests.RequestException as exc:
             logger.debug(
                 "{} {}{} failed after {:.1f} ms: {}",
@@ -442,7 +452,28 @@ class ConsulClient:
             r.status_code,
             (time.monotonic() - started) * 1000,
         )
-        return Response(r.status_code, r.content, dict(r.headers))
+        return Response(r.status_code, body, dict(r.headers))
+
+
+def _read_body(r: requests.Response) -> bytes:
+    """The whole body in one read, failing as `Response.content` does. `.content` passes a
+    chunked body through three layers 10 kB at a time: a quarter of the time it takes to read
+    a 60,000-key listing (8 MB) from a server on this host. Once the body is read, urllib3
+    has given the connection back to the pool for the next request."""
+    try:
+        return r.raw.read(decode_content=True) or b""
+    except BaseException as exc:
+        r.close()  # a body read halfway leaves nothing to keep the connection for
+        # requests' own mapping (models.Response.iter_content).
+        if isinstance(exc, ProtocolError):
+            raise requests.exceptions.ChunkedEncodingError(exc) from exc
+        if isinstance(exc, DecodeError):
+            raise requests.exceptions.ContentDecodingError(exc) from exc
+        if isinstance(exc, ReadTimeoutError):
+            raise requests.ConnectionError(exc) from exc
+        if isinstance(exc, Urllib3SSLError):
+            raise requests.exceptions.SSLError(exc) from exc
+        raise
 
 
 _IDENTITY = {"Accept-Encoding": "identity"}

@@ -9,7 +9,7 @@ import base64
 import builtins
 import json
 from binascii import a2b_base64
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
@@ -160,47 +160,101 @@ def _path(key: str) -> str:
 # ~140). Imported only then, so small calls never pay for it.
 _LARGE_LISTING = 1 << 20
 _orjson_loads: Callable[[bytes], Any] | None = None
+# A large listing is parsed this much at a time (see _pieces).
+_PIECE = 1 << 16
 
 
-def _listing_json(body: bytes) -> Any:
-    global _orjson_loads
-    if len(body) >= _LARGE_LISTING:
-        if _orjson_loads is None:
-            try:
-                import orjson
-
-                _orjson_loads = orjson.loads
-            except ImportError:
-                _orjson_loads = json.loads
+def _listing_json(body: bytes, large: bool = False) -> Any:
+    if large or len(body) >= _LARGE_LISTING:
         try:
-            return _orjson_loads(body)
+            return _large_loads()(body)
         except ValueError:
             pass  # json has the last word on what is JSON (orjson refuses some of it)
     return json.loads(body)
+
+
+def _large_loads() -> Callable[[bytes], Any]:
+    global _orjson_loads
+    if _orjson_loads is None:
+        try:
+            import orjson
+
+            _orjson_loads = orjson.loads
+        except ImportError:
+            _orjson_loads = json.loads
+    return _orjson_loads
 
 
 _KEY, _MODIFY_INDEX = itemgetter("Key"), itemgetter("ModifyIndex")
 
 
 def _entries(resp: Response, what: str) -> Listing:
+    body = resp.body
+    listing = None
+    if len(body) >= _LARGE_LISTING:
+        try:
+            listing = _columns(map(_listing_json_large, _pieces(body)))
+        except Exception:  # the whole body, read below, has the last word
+            listing = None
     try:
-        data = _listing_json(resp.body)
-        # Mapped, not looped: a pool folder lists tens of thousands of entries.
-        keys = list(map(_KEY, data))
-        indexes = list(map(_MODIFY_INDEX, data))
-        if not set(map(type, indexes)) <= {int}:
-            indexes = [int(i) for i in indexes]
-        raw: list[Any] = list(map(dict.get, data, repeat("Value")))
-        if None in raw:  # a folder's own key, or an empty value
-            raw = [v or "" for v in raw]
-        # binascii directly: base64.b64decode's wrapper is most of the cost of the values.
-        values = list(map(a2b_base64, raw))
+        if listing is None:
+            listing = _columns([_listing_json(body)])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConsulError(
             f"Consul sent a KV answer for {what!r} that could not be read: {exc}"
         ) from exc
-    if not set(map(type, keys)) <= {str}:
+    if not set(map(type, listing.keys)) <= {str}:
         raise ConsulError(f"Consul sent a KV answer for {what!r} with a key that is not text")
+    return listing
+
+
+def _listing_json_large(piece: bytes) -> list[Any]:
+    data = _listing_json(piece, large=True)
+    if type(data) is not list:
+        raise ValueError("a piece of a listing is not an array")
+    return data
+
+
+def _pieces(body: bytes) -> Iterator[bytes]:
+    """The listing `[e1,e2,...]` as arrays of a few hundred entries each, cut where `},{`
+    follows `_PIECE` bytes. Parsed one after the other, the entries of a piece are dropped
+    before the next piece is parsed, so their memory is used again: parsed whole, 60,000
+    entries take 50 MB that the kernel must first map in (a fault per page, ~40 ms here).
+
+    Every piece parses as an array only if the body is one and the pieces' entries, in
+    order, are its entries. A piece is the body's bytes from just after one cut to the next
+    cut's `}`, in `[` and `]`: its entries are a run of the body's entries exactly when each
+    cut falls between two entries of the body's array, for an entry parses alone as it does
+    in the array. A cut anywhere else leaves the piece before it unparseable: inside a
+    string, the string is left open (no `"` follows the cut's `}` in that piece); inside an
+    entry, the entry is left open, or closed by the `]` added where it needed `}`. Cuts are
+    at ASCII bytes, so no UTF-8 sequence is split."""
+    start, head = 0, b""
+    while True:
+        cut = body.find(b"},{", start + _PIECE)
+        if cut < 0:
+            yield head + body[start:]
+            return
+        yield b"".join((head, memoryview(body)[start : cut + 1], b"]"))
+        start, head = cut + 2, b"["
+
+
+def _columns(parts: Iterable[list[Any]]) -> Listing:
+    """The keys, values and indexes of entries parsed from a listing, part by part."""
+    keys: list[Any] = []
+    values: list[bytes] = []
+    indexes: list[Any] = []
+    for data in parts:
+        # Mapped, not looped: a pool folder lists tens of thousands of entries.
+        keys += map(_KEY, data)
+        indexes += map(_MODIFY_INDEX, data)
+        raw: list[Any] = list(map(dict.get, data, repeat("Value")))
+        if None in raw:  # a folder's own key, or an empty value
+            raw = [v or "" for v in raw]
+        # binascii directly: base64.b64decode's wrapper is most of the cost of the values.
+        values += map(a2b_base64, raw)
+    if not set(map(type, indexes)) <= {int}:
+        indexes = [int(i) for i in indexes]
     return Listing(keys, values, indexes)
 
 

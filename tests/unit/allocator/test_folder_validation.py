@@ -27,6 +27,7 @@ from ipam_da_consul.allocator.pool import (
     Held,
     HeldMap,
     Pool,
+    _folder_rows,
     _ip_of_key,
     parse_held,
     parse_pool,
@@ -749,3 +750,28 @@ def test_keys_named_twice_read_as_key_by_key() -> None:
     ranges2 = json.dumps([{"subnet": "10.30.0.0/24"}]).encode()
     pool = parse_pool(LAYOUT, "p", [*entries, KVEntry("ipam/p", ranges2, 8)])
     assert str(pool.ranges[0].subnet) == "10.30.0.0/24" and pool.ranges_index == 8
+
+
+# Keys around the folder `ipam/p/` in code point order: other pools sharing its prefix sort
+# before and after it, and so do the pool key and the folder's own key.
+_NEAR = [
+    "ipam/p",
+    "ipam/p/",
+    "ipam/p/1",
+    "ipam/p/~",
+    "ipam/p/\u00e9",
+    "ipam/p//x",
+    "ipam/p-v6/1",
+    "ipam/p.0/1",
+    "ipam/p0/1",
+    "ipam/p\u00e9/1",
+    "ipam/o/1",
+    "ipam/q",
+    "ipam/",
+]
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.sampled_from(_NEAR) | st.text(max_size=9).map(FOLDER.__add__), max_size=9))
+def test_the_folder_rows_are_the_keys_that_start_with_the_folder(keys: list[str]) -> None:
+    assert _folder_rows(keys, FOLDER) == [i for i, k in enumerate(keys) if k.startswith(FOLDER)]

@@ -10,6 +10,8 @@ import threading
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ipam_da_consul.allocator.store import KVEntry, Listing
 from ipam_da_consul.consul import client as client_module
 from ipam_da_consul.consul import kv
@@ -130,3 +132,87 @@ def test_servers_on_this_host_answer_uncompressed() -> None:
 def test_only_servers_on_this_host_are_asked_for_plain_answers(url: str, plain: bool) -> None:
     assert client_module._on_this_host(url) is plain
     assert ConsulClient([url])._plain == {url: plain}
+
+
+# -- a large listing parsed a piece at a time ---------------------------------------------
+def whole(body: bytes) -> tuple[str, Any]:
+    """The reference reading: the body parsed at once by json, then its columns."""
+    try:
+        got = kv._columns([json.loads(body)])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ("error", None)
+    if not set(map(type, got.keys)) <= {str}:
+        return ("error", None)
+    return ("ok", columns(got))
+
+
+def in_pieces(body: bytes) -> tuple[str, Any]:
+    try:
+        return ("ok", columns(read(body)))
+    except ConsulError:
+        return ("error", None)
+
+
+def test_a_large_listing_is_read_in_pieces_as_a_whole_read_gives_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    body = listing_body(7_000)
+    pieces = list(kv._pieces(body))
+    assert len(pieces) == len(body) // kv._PIECE + 1 > 10
+    # Each cut drops a comma and adds `]` and `[`.
+    assert sum(map(len, pieces)) == len(body) + len(pieces) - 1
+    assert in_pieces(body) == whole(body)
+    parsed: list[int] = []
+    real = kv._listing_json_large
+
+    def counted(piece: bytes) -> list[Any]:
+        parsed.append(len(piece))
+        return real(piece)
+
+    monkeypatch.setattr(kv, "_listing_json_large", counted)
+    read(body)
+    assert len(parsed) == len(pieces)
+
+
+# Keys and values built to put `},{` where a cut would fall inside a string, or inside an
+# entry that is not flat: every such cut must send the body to the whole reading.
+_tricky = st.sampled_from(["},{", '"},{"', "}", "{", ",", "[", "]", "\\", '"', "a", "é", "\\u0041"])
+_texts = st.lists(_tricky, max_size=6).map("".join)
+_entry = st.fixed_dictionaries(
+    {"LockIndex": st.just(0), "Key": _texts, "Flags": st.just(0)},
+    optional={
+        "Value": st.one_of(
+            st.none(), st.binary(max_size=12).map(lambda b: base64.b64encode(b).decode())
+        ),
+        "CreateIndex": st.integers(0, 99),
+        "ModifyIndex": st.one_of(st.integers(0, 99), st.just("7")),
+        "Extra": st.recursive(
+            st.one_of(st.none(), st.integers(0, 9), _texts),
+            lambda inner: st.one_of(
+                st.lists(inner, max_size=3), st.dictionaries(_texts, inner, max_size=3)
+            ),
+            max_leaves=6,
+        ),
+    },
+)
+
+
+@st.composite
+def _bodies(draw: st.DrawFn) -> bytes:
+    entries = draw(st.lists(_entry, max_size=8))
+    body = json.dumps(entries, separators=(",", ":"), ensure_ascii=draw(st.booleans())).encode()
+    if draw(st.booleans()):
+        # Damage: a byte dropped, changed or added somewhere.
+        at = draw(st.integers(0, len(body)))
+        what = draw(st.sampled_from([b"", b"}", b"{", b",", b'"', b"]", b"},{"]))
+        body = body[:at] + what + body[at + draw(st.integers(0, 1)) :]
+    return body
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_bodies(), st.integers(0, 40))
+def test_any_listing_reads_in_pieces_as_it_reads_whole(body: bytes, piece: int) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kv, "_LARGE_LISTING", 0)
+        mp.setattr(kv, "_PIECE", piece)
+        assert in_pieces(body) == whole(body)
