@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -74,10 +75,18 @@ BAD_VALUES = [
     b'{"target": "a", "at": Infinity}',
     b'{"target": "a", "at": 1' + b"0" * 400 + b"}",
 ]
+# Deeper than json's recursion allows (the reading before rows failed on it with code 100).
+DEEP = b'{"target": "a", "runtime": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+
+
+def short(raw: bytes) -> str:
+    return repr(raw) if len(raw) < 60 else f"{raw[:40]!r}...({len(raw)} bytes)"
+
+
 BAD_NAMES = ["not-an-ip", "10.40.1.256", "010.40.1.7", "fd00::1%eth0", "fd00::g"]
 
 
-@pytest.mark.parametrize("raw", BAD_VALUES, ids=repr)
+@pytest.mark.parametrize("raw", BAD_VALUES, ids=short)
 def test_malformed_value_among_60000(consul: ConsulAgent, folder: str, raw: bytes) -> None:
     key = f"ipam/{folder}/{MIDDLE}"
     kv(consul, "PUT", key, raw)
@@ -88,6 +97,20 @@ def test_malformed_value_among_60000(consul: ConsulAgent, folder: str, raw: byte
     err = assert_cni_error(out, 117, "1.0.0", key)
     assert err["msg"] == expected[1]
     assert consul.kv_index() == index  # nothing written, not even a fence
+
+
+@pytest.mark.parametrize("plain_json", [False, True], ids=["orjson", "json"])
+def test_a_value_nested_too_deeply_among_60000(
+    consul: ConsulAgent, folder: str, plain_json: bool, tmp_path: Path
+) -> None:
+    key = f"ipam/{folder}/{MIDDLE}"
+    kv(consul, "PUT", key, DEEP)
+    index = consul.kv_index()
+    env = no_orjson(tmp_path) if plain_json else {}
+    out = run_plugin("ADD", conf(consul, folder), container="c-deep", env=env)
+    err = assert_cni_error(out, 117, "1.0.0", key)
+    assert "nested too deeply" in err["msg"], err
+    assert consul.kv_index() == index
 
 
 @pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
@@ -101,6 +124,42 @@ def test_malformed_key_name_among_60000(consul: ConsulAgent, folder: str, name: 
     err = assert_cni_error(out, 117, "1.0.0", key)
     assert err["msg"] == expected[1]
     assert consul.kv_index() == index
+
+
+def no_orjson(folder: Path) -> dict[str, str]:
+    """The plugin's environment with orjson missing, as in the single-file build: a module of
+    that name first on the path refuses to load, and leaves a file to say it was asked for."""
+    (folder / "orjson.py").write_text(
+        f"open({str(folder / 'asked')!r}, 'w').close()\nraise ImportError('no orjson here')\n"
+    )
+    return {"PYTHONPATH": str(folder)}
+
+
+def test_without_orjson_a_malformed_value_fails_alike(
+    consul: ConsulAgent, folder: str, tmp_path: Path
+) -> None:
+    key, raw = f"ipam/{folder}/{MIDDLE}", b'{"target": 7}'
+    kv(consul, "PUT", key, raw)
+    expected = outcome(reference_held, KVEntry(key, raw, 0), f"ipam/{folder}/")
+    index = consul.kv_index()
+    out = run_plugin("ADD", conf(consul, folder), container="c-bad", env=no_orjson(tmp_path))
+    assert assert_cni_error(out, 117, "1.0.0", key)["msg"] == expected[1]
+    assert consul.kv_index() == index
+    assert (tmp_path / "asked").exists()  # a listing large enough to want it, read by json
+
+
+def test_without_orjson_60000_still_allocate(
+    consul: ConsulAgent, folder: str, tmp_path: Path
+) -> None:
+    env = no_orjson(tmp_path)
+    out = run_plugin("ADD", conf(consul, folder), container="c-json", env=env)
+    assert out.rc == 0, out
+    assert (tmp_path / "asked").exists()
+    assert out.json["ips"][0]["address"] == f"{FIRST + SIZE}/16"  # the lowest free one
+    again = run_plugin("ADD", conf(consul, folder), container="c-json", env=env)
+    assert again.json["ips"] == out.json["ips"]
+    del_conf = netconf([consul.url], [{"name": folder}], ips=out.json["ips"])
+    assert run_plugin("DEL", del_conf, container="c-json", env=env).rc == 0
 
 
 def test_well_formed_60000_still_allocate(consul: ConsulAgent, folder: str) -> None:
