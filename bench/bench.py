@@ -96,6 +96,13 @@ def main() -> int:
         "interpreter, so a loaded machine may want fewer)",
     )
     ap.add_argument(
+        "--mh-repeats",
+        type=int,
+        default=3,
+        help="bursts per mode, pick and host count, the counts taking turns (default 3; the "
+        "table gives their medians)",
+    )
+    ap.add_argument(
         "--multihost-modes",
         default="helper,inproc",
         help="which ways of running the multi-host bursts use (default helper,inproc)",

@@ -145,19 +145,26 @@ def multihost_targets(rows: list[dict[str, Any]]) -> dict[str, str]:
 
     for mode in MODES:
         for pick in PICKS:
-            most = max((r["hosts"] for r in rows if r["mode"] == mode), default=0)
-            top, one = row(mode, pick, most), row(mode, pick, 1)
-            if top is None:
-                continue
-            out[f"multi-host {mode} pick={pick}: Raft entries per ADD <= 1.3 with {most} hosts"] = (
-                _verdict(top["raft_per_add"], 1.3)
-            )
-            if one is not None and one["allocations_per_s"] and top["allocations_per_s"]:
-                fast = top["allocations_per_s"] >= one["allocations_per_s"]
-                out[f"multi-host {mode} pick={pick}: allocations/s with {most} hosts >= 1 host"] = (
-                    f"{'met' if fast else 'MISSED'} ({top['allocations_per_s']} vs "
-                    f"{one['allocations_per_s']})"
+            counts = sorted({r["hosts"] for r in rows if r["mode"] == mode})
+            one = row(mode, pick, 1)
+            # The figure is 8 hosts; the most this run had is reported too.
+            for hosts in sorted({h for h in counts if h == 8 or h == counts[-1]} - {1}):
+                top = row(mode, pick, hosts)
+                if top is None:
+                    continue
+                name = f"multi-host {mode} pick={pick}"
+                out[f"{name}: Raft entries per ADD <= 1.3 with {hosts} hosts"] = _verdict(
+                    top["raft_per_add"], 1.3
                 )
+                if one is not None and one["allocations_per_s"] and top["allocations_per_s"]:
+                    # Medians of repeated bursts; as for v6 against v4, 5% is noise.
+                    fast = top["allocations_per_s"] >= 0.95 * one["allocations_per_s"]
+                    out[
+                        f"{name}: allocations/s with {hosts} hosts >= 1 host (5% noise allowance)"
+                    ] = (
+                        f"{'met' if fast else 'MISSED'} ({top['allocations_per_s']} vs "
+                        f"{one['allocations_per_s']})"
+                    )
             if mode == "inproc" and one is not None:
                 n = one["per_host"]
                 label = f"in-process pick={pick}: writes per ADD, {n} concurrent on one host <= 2"
@@ -175,9 +182,11 @@ def multihost_table(rep: dict[str, Any]) -> list[str]:
         "|---|---|---|---:|---:|---:|",
     ]
     for r in rows:
+        rates = [x for x in r.get("allocations_per_s_runs", []) if x is not None]
+        spread = f" ({min(rates)} to {max(rates)})" if len(rates) > 1 else ""
         out.append(
             f"| {MODES[r['mode']]} | {r['pick']} | {r['hosts']} x {r['per_host']} | "
-            f"{r['raft_per_add']} | {r['allocations_per_s']} | {r['failures']} |"
+            f"{r['raft_per_add']} | {r['allocations_per_s']}{spread} | {r['failures']} |"
         )
     return out
 
@@ -355,7 +364,9 @@ def markdown(rep: dict[str, Any]) -> str:
             f"Many hosts bursting into one IPv4 /24, {rep['multihost']['burst_total']} ADDs "
             f"per helper row and {rep['multihost'].get('burst_total_inproc')} per in-process "
             "row (one helper per simulated host, or in-process); Raft entries counted from "
-            "Consul's `/v1/agent/self` `last_log_index` before and after the burst:",
+            "Consul's `/v1/agent/self` `last_log_index` before and after the burst; each row "
+            f"the median of {rep['multihost'].get('repeats', 1)} bursts, the host counts taking "
+            "turns (the range of allocations/s in brackets):",
             "",
             *mh,
             "",
@@ -363,5 +374,3 @@ def markdown(rep: dict[str, Any]) -> str:
     out += [f"- target {k}: {v}" for k, v in rep["targets"].items()]
     out += [f"- note: {n}" for n in rep["notes"]]
     return "\n".join(out) + "\n"
-
-

@@ -263,5 +263,3 @@ def _r(value: float | None, digits: int = 1) -> float | None:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
-
-

@@ -591,17 +591,26 @@ class Bench:
             wanted = self.args.multihost_modes.split(",")
             modes = [m for m in self.modes if m in wanted]
             for mode in sorted(modes, key=lambda m: m != "helper"):  # the quick ones first
+                total = self.args.burst_inproc if mode == "inproc" else BURST_TOTAL
                 for pick in PICKS:
+                    # Each host count bursts `repeats` times, the counts taking turns, so a
+                    # slow spell of the machine falls on all of them alike.
+                    rounds: dict[int, list[dict[str, Any]]] = {h: [] for h in counts}
+                    for _ in range(self.args.mh_repeats):
+                        for hosts in counts:
+                            rounds[hosts].append(
+                                self.multihost_round(
+                                    mode, pick, hosts, max(1, total // hosts), helpers
+                                )
+                            )
                     for hosts in counts:
-                        total = self.args.burst_inproc if mode == "inproc" else BURST_TOTAL
-                        row = self.multihost_round(
-                            mode, pick, hosts, max(1, total // hosts), helpers
-                        )
+                        row = _merge_rounds(rounds[hosts])
                         rows.append(row)
                         self.log(
                             f"multi-host {MODES[mode]} pick={pick} {hosts} x {row['per_host']}: "
                             f"{row['raft_per_add']} Raft entries/ADD, "
-                            f"{row['allocations_per_s']} allocations/s, {row['failures']} failed"
+                            f"{row['allocations_per_s']} allocations/s "
+                            f"({row['allocations_per_s_runs']}), {row['failures']} failed"
                         )
                         if row["duplicate_ips"] or row["failures"] or row["left_after_del"]:
                             self.notes.append(
@@ -616,6 +625,7 @@ class Bench:
         self.result["multihost"] = {
             "burst_total": BURST_TOTAL,
             "burst_total_inproc": self.args.burst_inproc,
+            "repeats": self.args.mh_repeats,
             "pool": "IPv4 /24 (253 addresses), one per round",
             "rows": rows,
         }
@@ -793,6 +803,36 @@ class Bench:
             print(text, flush=True)
 
 
+def _merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for the repeated bursts of one mode, pick and host count: the medians of the
+    per-burst figures (each burst's own list kept), the counts summed, every problem kept."""
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in rounds if r[key] is not None]
+        return _r(statistics.median(values), 2) if values else None
+
+    first = rounds[0]
+    return {
+        "mode": first["mode"],
+        "pick": first["pick"],
+        "hosts": first["hosts"],
+        "per_host": first["per_host"],
+        "bursts": len(rounds),
+        "allocated": sum(r["allocated"] for r in rounds),
+        "failures": sum(r["failures"] for r in rounds),
+        "first_failures": [f for r in rounds for f in r["first_failures"]][:2],
+        "duplicate_ips": sorted({ip for r in rounds for ip in r["duplicate_ips"]}),
+        "raft_entries": sum(r["raft_entries"] for r in rounds),
+        "raft_per_add": median("raft_per_add"),
+        "raft_per_add_runs": [r["raft_per_add"] for r in rounds],
+        "wall_ms": median("wall_ms"),
+        "allocations_per_s": median("allocations_per_s"),
+        "allocations_per_s_runs": [r["allocations_per_s"] for r in rounds],
+        "del_failures": sum(r["del_failures"] for r in rounds),
+        "left_after_del": max(r["left_after_del"] for r in rounds),
+    }
+
+
 def _ips(r: Run) -> list[dict[str, Any]] | None:
     if not r.ok:
         return None
@@ -864,5 +904,3 @@ def parse_importtime(stderr: bytes) -> dict[str, Any]:
         "self_by_root": dict(self_by_root),
         "cumulative_root": cumulative_root,
     }
-
-
