@@ -463,7 +463,8 @@ def _read_body(r: requests.Response) -> bytes:
     try:
         return r.raw.read(decode_content=True) or b""
     except BaseException as exc:
-        r.close()  # a body read halfway leaves nothing to keep the connection for
+        # urllib3 drops a connection it failed on; this covers what it does not catch.
+        r.close()
         # requests' own mapping (models.Response.iter_content).
         if isinstance(exc, ProtocolError):
             raise requests.exceptions.ChunkedEncodingError(exc) from exc

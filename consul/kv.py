@@ -164,8 +164,8 @@ _orjson_loads: Callable[[bytes], Any] | None = None
 _PIECE = 1 << 16
 
 
-def _listing_json(body: bytes, large: bool = False) -> Any:
-    if large or len(body) >= _LARGE_LISTING:
+def _listing_json(body: bytes) -> Any:
+    if len(body) >= _LARGE_LISTING:
         try:
             return _large_loads()(body)
         except ValueError:
@@ -199,7 +199,7 @@ def _entries(resp: Response, what: str) -> Listing:
     try:
         if listing is None:
             listing = _columns([_listing_json(body)])
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise ConsulError(
             f"Consul sent a KV answer for {what!r} that could not be read: {exc}"
         ) from exc
@@ -209,7 +209,10 @@ def _entries(resp: Response, what: str) -> Listing:
 
 
 def _listing_json_large(piece: bytes) -> list[Any]:
-    data = _listing_json(piece, large=True)
+    # One parser for every piece: a piece it refuses sends the whole body to _listing_json,
+    # so no listing is read partly by orjson and partly by json (they differ on integers
+    # beyond 64 bits, for one).
+    data = _large_loads()(piece)
     if type(data) is not list:
         raise ValueError("a piece of a listing is not an array")
     return data
@@ -243,18 +246,19 @@ def _columns(parts: Iterable[list[Any]]) -> Listing:
     """The keys, values and indexes of entries parsed from a listing, part by part."""
     keys: list[Any] = []
     values: list[bytes] = []
-    indexes: list[Any] = []
+    indexes: list[int] = []
     for data in parts:
         # Mapped, not looped: a pool folder lists tens of thousands of entries.
         keys += map(_KEY, data)
-        indexes += map(_MODIFY_INDEX, data)
+        part = list(map(_MODIFY_INDEX, data))
+        if not set(map(type, part)) <= {int}:
+            part = [int(i) for i in part]
+        indexes += part
         raw: list[Any] = list(map(dict.get, data, repeat("Value")))
         if None in raw:  # a folder's own key, or an empty value
             raw = [v or "" for v in raw]
         # binascii directly: base64.b64decode's wrapper is most of the cost of the values.
         values += map(a2b_base64, raw)
-    if not set(map(type, indexes)) <= {int}:
-        indexes = [int(i) for i in indexes]
     return Listing(keys, values, indexes)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import http.server
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,13 +18,16 @@ from ipam_da_consul.consul.client import ConsulClient, Deadline
 from ipam_da_consul.consul.errors import ConsulUnavailable
 
 LEADER = b'"127.0.0.1:8300"'
+STALL = 3.0  # seconds a stalling server stays silent, past the client's read timeout
 BIG = b"[" + b",".join(b'{"Key":"ipam/p/%d","Value":"eyJ9"}' % i for i in range(60_000)) + b"]"
 
 
 class Server:
     """An HTTP/1.1 server whose answer to the KV path is set by the test: chunked (`mode`
-    "chunked"), gzip-compressed ("gzip"), or a chunked body whose connection is closed
-    halfway ("cut"). It notes the client port of every request (one per connection)."""
+    "chunked"), gzip-compressed ("gzip"), a chunked body whose connection is closed halfway
+    ("cut"), half a body and then silence on an open connection ("stall"), or bytes that
+    claim to be gzip and are not ("badgzip"). It notes the client port of every request
+    (one per connection)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -39,6 +43,16 @@ class Server:
                     self.answer(LEADER)
                 elif outer.mode == "gzip":
                     self.answer(gzip.compress(BIG), {"Content-Encoding": "gzip"})
+                elif outer.mode == "badgzip":
+                    self.answer(b"not gzip at all", {"Content-Encoding": "gzip"})
+                elif outer.mode == "stall":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(BIG)))
+                    self.end_headers()
+                    self.wfile.write(BIG[: len(BIG) // 2])
+                    self.wfile.flush()
+                    time.sleep(STALL)
+                    self.close_connection = True
                 else:
                     self.chunked(BIG, cut=outer.mode == "cut")
 
@@ -97,8 +111,31 @@ def test_a_body_cut_short_is_a_transport_error(server: Server) -> None:
     r = session.get(server.url + "/v1/kv/ipam/p/", stream=True, timeout=5)
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
         client_module._read_body(r)
-    # Nothing of the broken connection is used again.
-    assert session.get(server.url + "/v1/status/leader", timeout=5).content == LEADER
+
+
+@pytest.mark.parametrize("server", ["badgzip"], indirect=True)
+def test_a_body_that_does_not_decode_is_a_transport_error(server: Server) -> None:
+    r = requests.get(server.url + "/v1/kv/ipam/p/", stream=True, timeout=5)
+    with pytest.raises(requests.exceptions.ContentDecodingError):
+        client_module._read_body(r)
+
+
+@pytest.mark.parametrize("server", ["stall"], indirect=True)
+def test_a_server_silent_halfway_through_its_answer_is_failed_over(server: Server) -> None:
+    good = Server("chunked")
+    try:
+        client = ConsulClient([server.url, good.url], read_timeout=1.0, deadline=Deadline(10))
+        client.request("GET", "/v1/status/leader")
+        assert client.current == server.url
+        resp = client.request("GET", "/v1/kv/ipam/p/", {"recurse": "true"})
+        assert resp.body == BIG and client.current == good.url
+        # The half-read connection is never asked again: the next request to the stalled
+        # server comes on a new one.
+        client.current = server.url
+        client.request("GET", "/v1/status/leader")
+        assert len(set(server.ports)) == 2, server.ports
+    finally:
+        good.close()
 
 
 @pytest.mark.parametrize("server", ["cut"], indirect=True)
