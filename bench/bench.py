@@ -199,14 +199,27 @@ def main() -> int:
     return 0
 
 
+# Consul caps the HTTP connections of one client address (200 by default). Real hosts each
+# have their own; the simulated hosts all come from 127.0.0.1, and their helpers hold one
+# long-poll per watched pool (up to --max-pools, 64), so 16 of them would pass the cap and
+# have their connections dropped.
+_SIMULATED_HOSTS = ["-hcl", "limits { http_max_conns_per_client = 4096 }"]
+
+
 def bench_agent(kind: str) -> ConsulAgent:
     if kind == "dev":
-        return ConsulAgent("bench")
+        return ConsulAgent("bench", extra=_SIMULATED_HOSTS)
     # A single server elects itself; the raft multiplier of 1 is what production is tuned to.
     return ConsulAgent(
         "bench",
         dev=False,
-        extra=["-bootstrap-expect", "1", "-hcl", "performance { raft_multiplier = 1 }"],
+        extra=[
+            "-bootstrap-expect",
+            "1",
+            "-hcl",
+            "performance { raft_multiplier = 1 }",
+            *_SIMULATED_HOSTS,
+        ],
     )
 
 

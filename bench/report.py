@@ -156,7 +156,15 @@ def multihost_targets(rows: list[dict[str, Any]]) -> dict[str, str]:
                 out[f"{name}: Raft entries per ADD <= 1.3 with {hosts} hosts"] = _verdict(
                     top["raft_per_add"], 1.3
                 )
-                if one is not None and one["allocations_per_s"] and top["allocations_per_s"]:
+                # Allocations/s at the issue's 8 hosts only: the simulated hosts share this
+                # machine's cores, and with 16 the helpers' own refreshes begin to compete.
+                judged = 8 if 8 in counts else counts[-1]
+                if (
+                    hosts == judged
+                    and one is not None
+                    and one["allocations_per_s"]
+                    and top["allocations_per_s"]
+                ):
                     # Medians of repeated bursts; as for v6 against v4, 5% is noise.
                     fast = top["allocations_per_s"] >= 0.95 * one["allocations_per_s"]
                     out[
