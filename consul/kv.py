@@ -236,7 +236,7 @@ def _pieces(body: bytes) -> Iterator[bytes]:
     while True:
         cut = body.find(b"},{", start + _PIECE)
         if cut < 0:
-            yield head + body[start:]
+            yield head + body[start:] if start else body  # uncut: the body itself, no copy
             return
         yield b"".join((head, memoryview(body)[start : cut + 1], b"]"))
         start, head = cut + 2, b"["
