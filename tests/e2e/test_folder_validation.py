@@ -99,6 +99,19 @@ def test_malformed_value_among_60000(consul: ConsulAgent, folder: str, raw: byte
     assert consul.kv_index() == index  # nothing written, not even a fence
 
 
+@pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
+def test_malformed_key_name_among_60000(consul: ConsulAgent, folder: str, name: str) -> None:
+    key = f"ipam/{folder}/{name}"
+    kv(consul, "PUT", key, b'{"target": "a"}')
+    expected = outcome(reference_held, KVEntry(key, b'{"target": "a"}', 0), f"ipam/{folder}/")
+    assert expected[0] == "InvalidPool", expected
+    index = consul.kv_index()
+    out = run_plugin("ADD", conf(consul, folder), container="c-bad-name")
+    err = assert_cni_error(out, 117, "1.0.0", key)
+    assert err["msg"] == expected[1]
+    assert consul.kv_index() == index
+
+
 def test_a_value_nested_too_deeply_among_60000(consul: ConsulAgent, folder: str) -> None:
     key = f"ipam/{folder}/{MIDDLE}"
     kv(consul, "PUT", key, DEEP)

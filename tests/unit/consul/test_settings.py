@@ -27,14 +27,8 @@ TOKEN = "5ec2e7-70ce-4a11-b0d5-0000dead0001"
 # -- server URLs ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "url",
-    [
-        "http://127.0.0.1:8500",
-        "https://consul.example:8501",
-        "http://[fd00::1]:8500",
-        "http://h",
-        "http://h:8500/",
-        "http://h:8500/consul",
-    ],
+    ["http://127.0.0.1:8500", "https://consul.example:8501", "http://[fd00::1]:8500",
+     "http://h", "http://h:8500/", "http://h:8500/consul"],
 )
 def test_a_server_url_is_http_or_https_with_a_host(url: str) -> None:
     assert cs.check_server_url(url) == url
@@ -86,9 +80,8 @@ def test_a_consul_cli_address_gets_a_scheme_and_loses_its_slash(
     assert cs.server_address(raw, "--consul", ssl) == url
 
 
-@pytest.mark.parametrize(
-    "raw", ["unix:///tmp/consul.sock", "ftp://h", "http://", "h:99999", "http://h:8500/?dc=x"]
-)
+@pytest.mark.parametrize("raw", ["unix:///tmp/consul.sock", "ftp://h", "http://", "h:99999",
+                                 "http://h:8500/?dc=x"])
 def test_a_bad_consul_cli_address_names_its_source(raw: str) -> None:
     with pytest.raises(SettingsError) as info:
         cs.server_address(raw, "CONSUL_HTTP_ADDR")
@@ -106,19 +99,9 @@ def test_servers_come_from_the_option_then_the_environment_then_the_local_agent(
     assert cs.servers_from(None, "--consul", {"CONSUL_HTTP_ADDR": ""}) == [cs.DEFAULT_ADDR]
 
 
-@pytest.mark.parametrize(
-    ("value", "https"),
-    [
-        ("1", True),
-        ("true", True),
-        ("TRUE", True),
-        ("yes", True),
-        ("0", False),
-        ("", False),
-        ("false", False),
-        ("on", False),
-    ],
-)
+@pytest.mark.parametrize(("value", "https"), [("1", True), ("true", True), ("TRUE", True),
+                                               ("yes", True), ("0", False), ("", False),
+                                               ("false", False), ("on", False)])
 def test_consul_http_ssl_makes_a_bare_address_https(value: str, https: bool) -> None:
     env = {"CONSUL_HTTP_ADDR": "h:8501", "CONSUL_HTTP_SSL": value}
     assert cs.servers_from(None, "--consul", env) == [("https" if https else "http") + "://h:8501"]
@@ -164,7 +147,9 @@ def test_an_empty_token_file_is_an_error_or_the_anonymous_token(tmp_path: Path) 
         cs.resolve_token(None, str(empty), env, file_source="--token-file")
     assert str(info.value) == f"--token-file {str(empty)!r} is empty: put the ACL token in it"
     # The plugin's rule: anonymous, and the environment's token is not tried instead.
-    got = cs.resolve_token(None, str(empty), env, file_source="f", empty_file_is_anonymous=True)
+    got = cs.resolve_token(
+        None, str(empty), env, file_source="f", empty_file_is_anonymous=True
+    )
     assert got is None
     env_file = {"CONSUL_HTTP_TOKEN_FILE": str(empty)}
     with pytest.raises(SettingsError, match=r"^CONSUL_HTTP_TOKEN_FILE .* is empty"):
@@ -202,11 +187,8 @@ def test_a_token_is_in_no_repr() -> None:
 
 # -- TLS -----------------------------------------------------------------------------------------
 def test_tls_files_as_given_else_from_the_consul_variables() -> None:
-    env = {
-        "CONSUL_CACERT": "/env/ca",
-        "CONSUL_CLIENT_CERT": "/env/cert",
-        "CONSUL_CLIENT_KEY": "/env/key",
-    }
+    env = {"CONSUL_CACERT": "/env/ca", "CONSUL_CLIENT_CERT": "/env/cert",
+           "CONSUL_CLIENT_KEY": "/env/key"}
     assert cs.tls_config(None, None, None, {}) == TLSConfig(None, None, None)
     assert cs.tls_config(None, None, None, env) == TLSConfig("/env/ca", "/env/cert", "/env/key")
     assert cs.tls_config("/ca", "", None, env) == TLSConfig("/ca", "/env/cert", "/env/key")
@@ -243,16 +225,8 @@ def test_an_empty_datacenter_is_the_agents_own() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "prefix"),
-    [
-        ("ipam/", "ipam/"),
-        ("ipam", "ipam/"),
-        ("/ipam/", "ipam/"),
-        ("//a/b//", "a/b/"),
-        ("a//b", "a//b/"),
-        ("", ""),
-        ("/", ""),
-        ("custom/ipam/", "custom/ipam/"),
-    ],
+    [("ipam/", "ipam/"), ("ipam", "ipam/"), ("/ipam/", "ipam/"), ("//a/b//", "a/b/"),
+     ("a//b", "a//b/"), ("", ""), ("/", ""), ("custom/ipam/", "custom/ipam/")],
 )
 def test_kv_prefix_ends_in_one_slash_or_is_the_root(raw: str, prefix: str) -> None:
     assert cs.kv_prefix(raw) == prefix
@@ -281,20 +255,11 @@ LIMITS = {
 
 def test_the_time_limits_keep_their_values() -> None:
     assert [(lim.default, lim.low, lim.high) for lim in LIMITS.values()] == [
-        (2.0, 0.01, 60),
-        (5.0, 0.01, 300),
-        (2.0, 0, 600),
-        (2.0, 0.01, 300),
-        (15.0, 0.1, 600),
+        (2.0, 0.01, 60), (5.0, 0.01, 300), (2.0, 0, 600), (2.0, 0.01, 300), (15.0, 0.1, 600)
     ]
     defaults = ConsulSettings(["http://a:1"])
-    assert (
-        defaults.connect_timeout,
-        defaults.read_timeout,
-        defaults.unreachable_grace,
-        defaults.attempt_timeout,
-        defaults.timeout,
-    ) == (2.0, 5.0, 2.0, 2.0, 15.0)
+    assert (defaults.connect_timeout, defaults.read_timeout, defaults.unreachable_grace,
+            defaults.attempt_timeout, defaults.timeout) == (2.0, 5.0, 2.0, 2.0, 15.0)
     assert defaults.kv_prefix == "ipam/" and defaults.token is None
 
 
@@ -314,28 +279,15 @@ def test_the_plugin_schema_takes_its_defaults_and_bounds_from_the_limits(name: s
 # -- the one client builder ----------------------------------------------------------------------
 def test_build_client_carries_every_setting(tmp_path: Path) -> None:
     settings = ConsulSettings(
-        ["http://a:1/", "http://b:2"],
-        connect_timeout=0.5,
-        read_timeout=7.0,
-        timeout=9.0,
-        unreachable_grace=3.0,
-        attempt_timeout=1.5,
-        token=TOKEN,
-        ca_file="/ca",
-        cert_file="/c",
-        key_file="/k",
-        datacenter="dc2",
-        kv_prefix="x/",
+        ["http://a:1/", "http://b:2"], connect_timeout=0.5, read_timeout=7.0, timeout=9.0,
+        unreachable_grace=3.0, attempt_timeout=1.5, token=TOKEN, ca_file="/ca", cert_file="/c",
+        key_file="/k", datacenter="dc2", kv_prefix="x/",
     )
     client = build_client(settings)
     try:
         assert client.servers == ["http://a:1", "http://b:2"]
-        assert (
-            client.connect_timeout,
-            client.read_timeout,
-            client.unreachable_grace,
-            client.attempt_timeout,
-        ) == (0.5, 7.0, 3.0, 1.5)
+        assert (client.connect_timeout, client.read_timeout, client.unreachable_grace,
+                client.attempt_timeout) == (0.5, 7.0, 3.0, 1.5)
         assert 8.5 < client.deadline.remaining() <= 9.0
         assert client.session.headers["X-Consul-Token"] == TOKEN
         assert client.session.verify == "/ca"
@@ -374,14 +326,8 @@ def test_the_admin_cli_builds_through_the_same_builder() -> None:
     )
     # One budget for the whole command: connect within min(2, budget), reads may use it all.
     assert settings.consul() == ConsulSettings(
-        ["http://a:1"],
-        connect_timeout=1.5,
-        read_timeout=1.5,
-        timeout=1.5,
-        token=TOKEN,
-        ca_file="/ca",
-        datacenter="dc3",
-        kv_prefix="p/",
+        ["http://a:1"], connect_timeout=1.5, read_timeout=1.5, timeout=1.5, token=TOKEN,
+        ca_file="/ca", datacenter="dc3", kv_prefix="p/",
     )
     assert admin_settings.Settings(["http://a:1"], Layout(), 30.0).consul().connect_timeout == 2.0
     client, kv = admin_settings.connect(settings)
@@ -389,10 +335,7 @@ def test_the_admin_cli_builds_through_the_same_builder() -> None:
         assert kv.client is client
         assert client.session.headers["X-Consul-Token"] == TOKEN
         assert (client.read_timeout, client.unreachable_grace, client.attempt_timeout) == (
-            1.5,
-            2.0,
-            2.0,
-        )
+            1.5, 2.0, 2.0)
     finally:
         client.close()
 
@@ -429,28 +372,16 @@ def test_the_plugin_reports_a_bad_setting_as_invalid_config(tmp_path: Path) -> N
 
 
 def test_the_plugin_resolves_its_settings_by_the_shared_rules(token_file: Path) -> None:
-    env = {
-        "CONSUL_HTTP_TOKEN": "env-token",
-        "CONSUL_CACERT": "/env/ca",
-        "CONSUL_CLIENT_KEY": "/env/key",
-    }
+    env = {"CONSUL_HTTP_TOKEN": "env-token", "CONSUL_CACERT": "/env/ca",
+           "CONSUL_CLIENT_KEY": "/env/key"}
     conf = config.load(
-        netconf(
-            consul_token_file=str(token_file),
-            consul_cert_file="/cert",
-            kv_prefix="/x/y",
-            consul_datacenter="",
-        ),
-        "ADD",
-        env,
+        netconf(consul_token_file=str(token_file), consul_cert_file="/cert", kv_prefix="/x/y",
+                consul_datacenter=""),
+        "ADD", env,
     )
     assert conf.consul == ConsulSettings(
-        ["http://127.0.0.1:8500"],
-        token=TOKEN,
-        ca_file="/env/ca",
-        cert_file="/cert",
-        key_file="/env/key",
-        kv_prefix="x/y/",
+        ["http://127.0.0.1:8500"], token=TOKEN, ca_file="/env/ca", cert_file="/cert",
+        key_file="/env/key", kv_prefix="x/y/",
     )
     empty = token_file.parent / "empty"
     empty.write_text("")
@@ -478,20 +409,12 @@ def test_the_admin_cli_reports_a_bad_setting_as_a_usage_error(tmp_path: Path) ->
 
 
 def test_the_admin_cli_resolves_its_settings_by_the_shared_rules(token_file: Path) -> None:
-    env = {
-        "CONSUL_HTTP_ADDR": "h:8501",
-        "CONSUL_HTTP_SSL": "true",
-        "CONSUL_HTTP_TOKEN_FILE": str(token_file),
-        "CONSUL_CACERT": str(token_file),
-    }
+    env = {"CONSUL_HTTP_ADDR": "h:8501", "CONSUL_HTTP_SSL": "true",
+           "CONSUL_HTTP_TOKEN_FILE": str(token_file), "CONSUL_CACERT": str(token_file)}
     got = admin_settings.resolve(args(prefix="pools", datacenter=""), env)
     assert got == admin_settings.Settings(
-        ["https://h:8501"],
-        Layout("pools/"),
-        admin_settings.DEFAULT_TIMEOUT,
-        token=TOKEN,
-        tls=TLSConfig(str(token_file)),
-        datacenter=None,
+        ["https://h:8501"], Layout("pools/"), admin_settings.DEFAULT_TIMEOUT, token=TOKEN,
+        tls=TLSConfig(str(token_file)), datacenter=None,
     )
     assert admin_settings.resolve(args(), {}) == admin_settings.Settings(
         ["http://127.0.0.1:8500"], Layout("ipam/"), 10.0
