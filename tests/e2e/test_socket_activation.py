@@ -101,9 +101,14 @@ class Activator:
 
     def close(self) -> None:
         self.stopping = True
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-        self.thread.join(15)
+        # The supervisor may be starting one more run as we stop it: stop whichever is current
+        # until it is done, or that run would outlive the test, listening.
+        end = time.monotonic() + 15
+        while self.thread.is_alive() and time.monotonic() < end:
+            proc = self.proc
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+            self.thread.join(0.1)
         self.listener.close()
 
 
