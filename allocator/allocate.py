@@ -8,30 +8,36 @@ seconds after the call that sent it gave up, after the runtime's cleanup DEL fou
 So each attachment (network, container, ifname) has a fence key: every allocation write is a
 transaction that also checks the fence is where this call last saw it, and DEL, GC and a
 rollback of in-doubt writes raise the fence first. A write sent before the fence was raised
-can then never apply, and a listing read after it sees every write that did.
+can then never apply, and a read after it sees every write that did.
+
+A fence only needs to outlive the writes sent before it. It is tied to a Consul session with a
+TTL (`FenceSessions`): Consul's leader, not any host's clock, decides when it goes, and one
+session ending removes a period's fences of a host at once.
+
+Every write is a `Claim` in the attachment's ledger before it is sent (ledger.py); what a call
+leaves in doubt is voided by the call, or later from the ledger.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from loguru import logger
 
-from .errors import InvalidPool, NotInPool, WriteConflict
+from .errors import CallAbandoned, InvalidPool, NotInPool, WriteConflict
 from .layout import Layout
+from .ledger import Claim, Ledger, MemoryLedger, State
 from .pool import Held, Pool, list_pool, parse_held, parse_pool
 from .ranges import IPAddress, IPRange
-from .schemas import dump_allocation, dump_fence, dump_tombstone, fence_time
-from .store import KV, Cas, Check, DeleteCas, KVEntry, Op, Set, TxnResult
+from .schemas import dump_allocation, dump_fence, dump_tombstone
+from .store import KV, Cas, Check, Delete, KVEntry, Lock, Op, Set, StoreError, TxnResult
 
-# A fence must outlive any write sent before it. Consul applies a forwarded write within its
-# RPC hold time (7 s) plus a raft apply; an hour leaves a wide margin.
-FENCE_TTL = 3600.0
-# Consul refuses transactions of more than 64 operations.
-_TXN_MAX = 64
+# How long a fence lasts, at least: longer than any write sent before it can still be applied.
+# Consul applies a forwarded write within its RPC hold time (7 s) plus a raft apply; a request
+# left in a closed socket's send queue is retransmitted by the kernel for up to ~15 minutes.
+FENCE_LIFETIME = 3600.0
 
 
 @dataclass(frozen=True)
@@ -48,28 +54,21 @@ class Attachment:
         return self.network or None
 
 
-@dataclass(frozen=True)
-class Claim:
-    """A write this call sent: the exact bytes, and what the key held before (None: absent).
-
-    `won`: Consul said it applied. Otherwise the outcome is unknown (a lost reply, a resend
-    after failover): the write may still apply, so the call fences it before it returns.
-    """
-
-    key: str
-    ip: IPAddress
-    value: bytes
-    previous: bytes | None
-    won: bool = False
-    index: int = 0
-    doubtful: bool = False
-
-
 class CachedPools(Protocol):
     """Pools kept between calls (the helper's PoolCache, cni/helper/cache.py)."""
 
     def get(self, name: str, load: Callable[[], tuple[Sequence[KVEntry], int]]) -> Pool:
         """The kept copy of the pool; `load` lists it (entries and index) the first time."""
+
+
+class FenceSessions(Protocol):
+    """Where fences get their session: one per host and period, shared by its calls."""
+
+    def get(self, kv: KV) -> str | None:
+        """A live session to lock fences with; None when none can be had (fences then stay)."""
+
+    def failed(self, session: str) -> None:
+        """Consul refused `session` (it ended): never hand it out again."""
 
 
 class Allocator:
@@ -83,17 +82,22 @@ class Allocator:
         call: str | None = None,
         before_write: Callable[[], None] | None = None,
         runtime: dict[str, str] | None = None,
+        ledger: Ledger | None = None,
+        sessions: FenceSessions | None = None,
     ) -> None:
         self.kv = kv
         self.layout = layout or Layout()
         self.host = host
         self.cache = cache
         self.attachment = attachment
-        self.call = call
+        self.call = call or ""
         self.before_write = before_write or (lambda: None)
         self.runtime = runtime
-        # One value per call: a rollback compares bytes, so they must not change within it.
-        self.started_at = time.time()
+        self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
+        self.sessions = sessions
+        # What earlier calls of this attachment left: a claim still `sent` was cut short by its
+        # process's end, so its fate is as unknown as a lost reply's.
+        self.claims = [c.as_("doubt") if c.state == "sent" else c for c in self.ledger.claims()]
         # Where this call last saw the attachment's fence; 0: absent, the common case, so the
         # first write needs no read of it.
         self.fence_index = 0
@@ -116,8 +120,10 @@ class Allocator:
         return parse_pool(self.layout, name, [entry] if entry is not None else [])
 
     def recheck(self, pool: Pool, ip: IPAddress) -> None:
-        """Re-read one allocation key and fold it into `pool`."""
-        self._fold(pool, ip, self.kv.get(self.layout.allocation_key(pool.name, ip)))
+        """Re-read the key `pool` knows for `ip` (in whatever spelling) and fold it in."""
+        held = pool.held.get(ip)
+        key = held.key if held is not None else self.layout.allocation_key(pool.name, ip)
+        self._fold(pool, ip, self.kv.get(key))
 
     def _fold(self, pool: Pool, ip: IPAddress, entry: KVEntry | None) -> None:
         if entry is None:
@@ -147,16 +153,18 @@ class Allocator:
         entry = self.kv.get(self.layout.allocation_key(pool, ip))
         return None if entry is None else parse_held(entry, self.layout.folder(pool))
 
-    def lookup_key(self, held: Held) -> Held | None:
-        entry = self.kv.get(held.key)
+    def lookup_key(self, key: str, consistent: bool = False) -> Held | None:
+        entry = self.kv.get(key, consistent)
         if entry is None:
             return None
         return parse_held(entry, _folder_of(entry.key))
 
-    def scan(self, pool: str, on_invalid: Callable[[str], None]) -> list[Held]:
+    def scan(
+        self, pool: str, on_invalid: Callable[[str], None], consistent: bool = False
+    ) -> list[Held]:
         """Every valid allocation in the pool folder; unreadable keys go to `on_invalid`."""
         folder = self.layout.folder(pool)
-        entries = self.kv.list(folder)
+        entries = self.kv.list(folder, consistent)
         if not entries:
             self._probe(folder)
         out = []
@@ -183,15 +191,11 @@ class Allocator:
 
     # -- allocating -------------------------------------------------------------------------
     def value(self) -> bytes:
+        """This call's allocation value: the same bytes for each of its writes, so a rollback
+        and a void recognise exactly them (the call's nonce makes them unique)."""
         a = self._attachment()
         return dump_allocation(
-            a.target,
-            a.ifname,
-            self.host,
-            a.recorded_network,
-            self.call,
-            self.runtime,
-            self.started_at,
+            a.target, a.ifname, self.host, a.recorded_network, self.call or None, self.runtime
         )
 
     def ours_to_be(self, pool: Pool, ip: IPAddress) -> Held:
@@ -205,43 +209,94 @@ class Allocator:
 
     def claim(self, pool: Pool, ip: IPAddress, over: Held | None = None) -> Claim:
         """Create the allocation key if absent, or replace `over`, a release whose cool-down
-        is over (`won` False when someone else got there first)."""
+        is over. The returned claim's `won` says whether we hold it."""
         held = self.ours_to_be(pool, ip)
         if over is not None and over.free_after is not None:
-            return self._write(pool, ip, Cas(held.key, held.value, over.index), over.value)
+            return self._write(pool, ip, Cas(over.key, held.value, over.index), over.value)
         return self._write(pool, ip, Cas(held.key, held.value, 0), None)
 
     def take_over(self, pool: Pool, held: Held) -> Claim:
-        """Re-allocate a held address to us (static request), if it did not change meanwhile."""
-        return self._write(pool, held.ip, Cas(held.key, self.value(), held.index), held.value)
+        """Re-allocate a held address to us (a Pool's own requested IP), if it did not change
+        meanwhile. Undoing it gives the key back only while its holder was not deleted since."""
+        return self._write(pool, held.ip, Cas(held.key, self.value(), held.index), held.value, held)
 
-    def _write(self, pool: Pool, ip: IPAddress, op: Cas, previous: bytes | None) -> Claim:
-        result = self._fenced(op)
+    def adopt(self, held: Held) -> None:
+        """An ADD hands back a key the attachment already holds: record it as held (a write of
+        an earlier call left in doubt is then the attachment's address, not a leak to void)."""
+        mine = [c for c in self.claims if c.key == held.key]
+        if any(c.value == held.value for c in mine):
+            self._keep([c.as_("held") if c.value == held.value else c for c in self.claims])
+        elif not mine:
+            self._keep([*self.claims, Claim(held.key, held.value, None, held.call or "", "held")])
+
+    def _write(
+        self, pool: Pool, ip: IPAddress, op: Cas, previous: bytes | None, holder: Held | None = None
+    ) -> Claim:
+        """Send one fenced CAS write, recorded in the ledger first: Consul may apply it though
+        no answer comes back. The claim returned (and kept) says what became of it."""
+        self.before_write()
+        fence, fence_index = self._holder_fence(holder)
+        sent = Claim(op.key, op.value, previous, self.call, "sent", False, fence, fence_index)
+        self._keep([*self.claims, sent])
+        others = self.layout.other_spellings(pool.name, ip, op.key)
+        try:
+            result = self._fenced([*(Check(k, 0) for k in others), op])
+        except (CallAbandoned, StoreError) as exc:
+            # Refused before any send, or a failure that says nothing was applied: forgotten.
+            # Otherwise the outcome is unknown, and the claim waits to be voided.
+            doubt = isinstance(exc, StoreError) and exc.doubtful
+            self._settle(sent, "doubt" if doubt else "lost")
+            raise
         if result.ok:
             index = result.indexes.get(op.key, 0)
             pool.put(parse_held(KVEntry(op.key, op.value, index), self.layout.folder(pool.name)))
-            return Claim(op.key, ip, op.value, previous, won=True, index=index)
-        # Lost the compare. Read the key once: it may hold our own write, applied by an earlier
-        # send whose reply was lost; otherwise the pool learns who holds it.
-        entry = self.kv.get(op.key)
+            return self._settle(sent, "held", result.doubtful)
+        # Lost a compare: on the key, or one of its other spellings exists. Read that key: it may
+        # hold our own write, applied by an earlier send whose reply was lost; otherwise the
+        # pool learns who holds the address.
+        lost = op.key if result.failed is None or result.failed >= len(others) else None
+        key = lost or others[result.failed or 0]
+        entry = self.kv.get(key, consistent=True)
         self._fold(pool, ip, entry)
-        if entry is not None and entry.value == op.value:
-            return Claim(op.key, ip, op.value, previous, won=True, index=entry.modify_index)
-        return Claim(op.key, ip, op.value, previous, doubtful=result.doubtful)
+        if lost and entry is not None and entry.value == op.value:
+            return self._settle(sent, "held", True)
+        # A create (cas 0) sent more than once may still apply if the key is deleted later.
+        return self._settle(sent, "doubt" if result.doubtful and op.index == 0 else "lost")
 
-    def _fenced(self, op: Op) -> TxnResult:
-        """One write, applied only if the attachment's fence is where this call saw it."""
+    def _holder_fence(self, holder: Held | None) -> tuple[str | None, int]:
+        """The fence of the attachment a take-over takes the key from, and where it is now. A
+        holder written by a tool that records no network or interface has no fence to check."""
+        if holder is None or holder.network is None or holder.ifname is None:
+            return None, 0
+        fence = self.layout.fence_key(holder.network, holder.target, holder.ifname)
+        entry = self.kv.get(fence, consistent=True)
+        return fence, entry.modify_index if entry is not None else 0
+
+    def _fenced(self, ops: list[Op]) -> TxnResult:
+        """Apply `ops` only if the attachment's fence is where this call saw it. The result is
+        `doubtful` when any send of it may have applied unheard."""
         a = self._attachment()
         fence = self.layout.fence_key(a.network, a.target, a.ifname or "")
+        doubtful = False
         for _ in range(3):
             self.before_write()
-            result = self.kv.txn([Check(fence, self.fence_index), op])
+            try:
+                result = self.kv.txn([Check(fence, self.fence_index), *ops])
+            except StoreError as exc:
+                exc.doubtful = exc.doubtful or doubtful
+                raise
+            doubtful = doubtful or result.doubtful
             if result.failed != 0:
-                return result
+                return TxnResult(
+                    None if result.failed is None else result.failed - 1,
+                    result.indexes,
+                    doubtful,
+                    result.why,
+                )
             # The fence moved: this attachment was deleted (or rolled back) since we looked,
             # e.g. a restart that reuses the container ID. Writes sent before stay void;
             # this one is sent after, so it goes behind the fence as it is now.
-            entry = self.kv.get(fence)
+            entry = self.kv.get(fence, consistent=True)
             self.fence_index = entry.modify_index if entry is not None else 0
         raise WriteConflict(
             f"the fence of attachment {a.target}/{a.ifname} kept moving: another call is "
@@ -249,67 +304,120 @@ class Allocator:
         )
 
     def raise_fence(self, reason: str, attachment: Attachment | None = None) -> None:
-        """Void every write of the attachment sent before now."""
+        """Void every write of the attachment sent before now: the fence key is made anew (a
+        new ModifyIndex, which no earlier write checked for), locked with a session so that
+        Consul deletes it once every such write is long dead."""
         a = attachment or self._attachment()
         key = self.layout.fence_key(a.network, a.target, a.ifname or "")
-        result = self.kv.txn([Set(key, dump_fence(time.time(), self.host, reason))])
-        if attachment is None and result.ok:
+        value = dump_fence(self.host, reason)
+        session = self.sessions.get(self.kv) if self.sessions is not None else None
+        while True:
+            self.before_write()
+            made: Op = Lock(key, value, session) if session else Set(key, value)
+            result = self.kv.txn([Delete(key), made])
+            if result.ok or session is None:
+                break
+            # The session ended (or Consul lost it): a fence must never be tied to it.
+            logger.debug("fence session {} refused ({}); taking a new one", session, result.why)
+            assert self.sessions is not None
+            self.sessions.failed(session)
+            session = self.sessions.get(self.kv)
+        if not result.ok:
+            raise WriteConflict(f"could not raise the fence {key}: {result.why or 'refused'}")
+        if attachment is None:
             self.fence_index = result.indexes.get(key, 0)
 
-    # -- releasing --------------------------------------------------------------------------
-    def release(self, held: Held, attempts: int = 5, reuse_after: float = 0.0) -> bool:
-        """CAS-delete one key of the attachment that holds it (or, with `reuse_after`, turn it
-        into a release that cools down that long); True when it is gone or no longer that
-        attachment's."""
-        for _ in range(attempts):
-            if reuse_after > 0:
-                tombstone = dump_tombstone(held.value, time.time() + reuse_after)
-                done = self.kv.replace(held.key, tombstone, held.index)
+    # -- what a call leaves ------------------------------------------------------------------
+    def unsettled(self) -> list[Claim]:
+        """Claims that may still apply, or may be a second key: those to void."""
+        return [c for c in self.claims if c.state != "held"]
+
+    def mine(self) -> list[Claim]:
+        """This call's own claims."""
+        return [c for c in self.claims if c.call == self.call]
+
+    def void(self, claims: list[Claim], reason: str) -> None:
+        """Undo these writes, and only them: first the attachment's fence, if any of them may
+        still be on its way (the fence makes it fail on arrival), then each key goes, or gets
+        its previous holder back, only while it holds exactly the bytes written. Claims undone
+        leave the ledger; a failure leaves the rest there, to be voided later."""
+        if any(not c.settled for c in claims):
+            self.raise_fence(reason)
+        for claim in reversed(claims):
+            self._undo(claim)
+            self._keep([c for c in self.claims if c != claim])
+
+    def _undo(self, claim: Claim) -> None:
+        for _ in range(3):
+            entry = self.kv.get(claim.key, consistent=True)
+            if entry is None or entry.value != claim.value:
+                return  # never applied, or another writer's since
+            if claim.previous is None:
+                done = self.kv.delete(claim.key, entry.modify_index)
+            elif claim.holder_fence is None:
+                done = self.kv.replace(claim.key, claim.previous, entry.modify_index)
             else:
-                done = self.kv.delete(held.key, held.index)
+                back = self.kv.txn(
+                    [
+                        Check(claim.holder_fence, claim.holder_fence_index),
+                        Cas(claim.key, claim.previous, entry.modify_index),
+                    ]
+                )
+                if back.failed == 0:
+                    # The holder was deleted since we took its address: giving the key back
+                    # would hold the address for a container that is gone.
+                    done = self.kv.delete(claim.key, entry.modify_index)
+                else:
+                    done = back.ok
             if done:
-                return True
-            current = self.lookup_key(held)
-            if current is None or not current.owned_by(held.target, held.ifname, held.network):
-                return True
-            held = current
-        return False
+                logger.debug("rolled back {}", claim.key)
+                return
+        raise WriteConflict(f"could not roll back {claim.key}: it kept changing")
 
-    def undo(self, claim: Claim) -> bool:
-        """Roll back a write of this call, and only that: a key is deleted (or a take-over's
-        previous value restored) only while it holds exactly the bytes this call wrote.
-        True when the key held our write."""
-        entry = self.kv.get(claim.key)
-        if entry is None or entry.value != claim.value:
-            return False
-        if claim.previous is None:
-            done = self.kv.delete(claim.key, entry.modify_index)
+    def suspect(self, claims: list[Claim]) -> None:
+        """These could not be undone now: they stay, in doubt, for a later void."""
+        self._keep([c.as_("doubt") if c in claims else c for c in self.claims])
+
+    def forget(self, keys: set[str] | None = None) -> None:
+        """Drop claims from the ledger (all of them: the attachment was deleted)."""
+        self._keep([] if keys is None else [c for c in self.claims if c.key not in keys])
+
+    def _settle(self, sent: Claim, state: State, resent: bool = False) -> Claim:
+        settled = sent.as_(state, resent)
+        rest = [c for c in self.claims if c is not sent]
+        self._keep(rest if state == "lost" else [*rest, settled])
+        return settled
+
+    def _keep(self, claims: list[Claim]) -> None:
+        self.claims = claims
+        self.ledger.save(claims)
+
+    # -- releasing --------------------------------------------------------------------------
+    def release(self, held: Held, reuse_after: float = 0.0, now: float = 0.0) -> bool:
+        """CAS-delete the version `held` of a key (or, with `reuse_after`, turn it into a
+        release that cools down that long, from `now`). Only that version: a key rewritten
+        since by the same attachment was written after this call raised its fence, by a newer
+        call, and stays. True unless the key still holds exactly that version."""
+        if reuse_after > 0:
+            tombstone = dump_tombstone(held.value, now + reuse_after)
+            done = self.kv.replace(held.key, tombstone, held.index)
         else:
-            done = self.kv.replace(claim.key, claim.previous, entry.modify_index)
+            done = self.kv.delete(held.key, held.index)
         if done:
-            logger.debug("rolled back {}", claim.key)
-        return done
+            return True
+        current = self.kv.get(held.key, consistent=True)
+        if current is not None and current.modify_index == held.index:
+            return False
+        if current is not None and self._owned(current, held):
+            logger.warning("{} was written again for its attachment since: kept", held.key)
+        return True
 
-    def sweep_fences(self, network: str | None, now: float | None = None) -> int:
-        """Delete fences older than FENCE_TTL (one network's, or all); how many went."""
-        now = time.time() if now is None else now
-        folder = self.layout.fences(network)
-        stale: list[Op] = []
-        for entry in self.kv.list(folder):
-            at = fence_time(entry.value)
-            if at is not None and now - at > FENCE_TTL:
-                stale.append(DeleteCas(entry.key, entry.modify_index))
-        gone = 0
-        for i in range(0, len(stale), _TXN_MAX):
-            chunk = stale[i : i + _TXN_MAX]
-            if self.kv.txn(chunk).ok:
-                gone += len(chunk)
-                continue
-            # A fence raised again meanwhile stays; the others go one by one.
-            gone += sum(
-                self.kv.delete(op.key, op.index) for op in chunk if isinstance(op, DeleteCas)
-            )
-        return gone
+    def _owned(self, entry: KVEntry, held: Held) -> bool:
+        try:
+            now = parse_held(entry, _folder_of(entry.key))
+        except InvalidPool:
+            return False
+        return now.owned_by(held.target, held.ifname, held.network)
 
     def _attachment(self) -> Attachment:
         if self.attachment is None:

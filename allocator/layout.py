@@ -38,7 +38,13 @@ class Layout:
         return f"{self.prefix}{pool}/"
 
     def allocation_key(self, pool: str, ip: IPAddress) -> str:
-        return f"{self.prefix}{pool}/{ip}"
+        return f"{self.prefix}{pool}/{key_name(ip)}"
+
+    def other_spellings(self, pool: str, ip: IPAddress, key: str) -> list[str]:
+        """The keys of `ip` in other spellings than `key`, which a write of `key` checks are
+        absent: Consul's compare-and-set serialises writers of one key *name* only."""
+        folder = self.folder(pool)
+        return [folder + name for name in spellings(ip) if folder + name != key]
 
     def fences(self, network: str | None = None) -> str:
         """The folder of all fences, or of one network's."""
@@ -50,6 +56,34 @@ class Layout:
         """One attachment's fence: raising it voids every write of the attachment sent before.
         See allocator/allocate.py for why writes are fenced."""
         return f"{self.fences(network)}{container}/{_segment(ifname)}"
+
+
+def key_name(ip: IPAddress) -> str:
+    """The one spelling this plugin writes an address's key under, whatever Python runs it:
+    RFC 5952 text, which is also what upstream (Rust) writes. Python 3.11 and 3.12 spell an
+    IPv4-mapped IPv6 address `::ffff:a00:a`, 3.13 `::ffff:10.0.0.10`: a fleet mixing them would
+    otherwise hold one address under two keys."""
+    if ip.version == 6:
+        mapped = ip.ipv4_mapped
+        if mapped is not None:
+            return f"::ffff:{mapped}"
+    return str(ip)
+
+
+def spellings(ip: IPAddress) -> list[str]:
+    """Every spelling of `ip` a writer is known to produce, the canonical one first: Python
+    before 3.13 for IPv4-mapped addresses, upper case, and the uncompressed form (what other
+    tools and hand-written `consul kv put` commands write). Readers take any spelling as the
+    same address; a write checks that these are absent."""
+    canonical = key_name(ip)
+    names = [canonical]
+    if ip.version == 6:
+        full = ip.exploded
+        old = str(ip)
+        for name in (old, canonical.upper(), old.upper(), full, full.upper()):
+            if name not in names:
+                names.append(name)
+    return names
 
 
 def _segment(name: str) -> str:

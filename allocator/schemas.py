@@ -353,9 +353,10 @@ def dump_tombstone(held_value: bytes, free_after: float) -> bytes:
     return json.dumps(body | {"free_after": round(free_after, 3)}).encode()
 
 
-def dump_fence(at: float, host: str | None, reason: str) -> bytes:
-    """A fence's value: when it was raised (unix time) and by whom, for operators and sweeps."""
-    return json.dumps({"at": round(at, 3), "host": host, "by": reason}).encode()
+def dump_fence(host: str | None, reason: str) -> bytes:
+    """A fence's value: who raised it and why, for operators. No time: Consul ends the fence
+    with its session; older versions swept fences by an `at` time, and leave these alone."""
+    return json.dumps({"host": host, "by": reason}).encode()
 
 
 def fence_time(raw: bytes) -> float | None:

@@ -95,7 +95,23 @@ class DeleteCas:
     index: int
 
 
-Op = Check | Cas | Set | DeleteCas
+@dataclass(frozen=True)
+class Delete:
+    """Delete the key whatever it holds (and whichever session holds it)."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Lock:
+    """Write `value` and tie the key to `session`: Consul deletes it when the session ends."""
+
+    key: str
+    value: bytes
+    session: str
+
+
+Op = Check | Cas | Set | DeleteCas | Delete | Lock
 
 
 @dataclass(frozen=True)
@@ -104,21 +120,48 @@ class TxnResult:
     failed: int | None
     # ModifyIndex of each key the transaction wrote, when it applied.
     indexes: dict[str, int]
-    # An earlier send of this transaction may have been applied without us hearing the answer
-    # (lost reply, resend after failover): a failed compare may then be our own write.
+    # The transaction was sent more than once (a lost reply, a resend after failover): an
+    # earlier send may apply, or have applied, without us hearing of it. A failed compare may
+    # then be our own write, and a won one may be repeated later if its key is deleted first.
     doubtful: bool = False
+    # Why the failed op did not hold, as the store words it (e.g. an invalid session).
+    why: str = ""
 
     @property
     def ok(self) -> bool:
         return self.failed is None
 
 
+class StoreError(Exception):
+    """The store answered, but not with what was asked, or could not be asked.
+
+    `doubtful`: the request was a write and an attempt of it may have reached the store
+    without its answer arriving: it may have applied though this is raised (see ledger.py)."""
+
+    def __init__(self, message: str, status: int | None = None, *, doubtful: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.doubtful = doubtful
+
+
+class StoreUnavailable(StoreError):
+    """No server of the store could be asked in time: try again later."""
+
+
 class KV(Protocol):
-    def get(self, key: str) -> KVEntry | None:
+    """`consistent` reads are linearizable: what a read decides (which keys a DEL releases,
+    whether a rollback finds its write) must never come from a deposed leader that has not yet
+    noticed a newer leader's writes. Other reads only pick candidates for a compare-and-set."""
+
+    def get(self, key: str, consistent: bool = False) -> KVEntry | None:
         """The entry, or None when the key does not exist."""
 
-    def list(self, prefix: str) -> Sequence[KVEntry]:
+    def list(self, prefix: str, consistent: bool = False) -> Sequence[KVEntry]:
         """Every entry whose key starts with `prefix` (empty when none)."""
+
+    def create_session(self, name: str, ttl: float) -> str:
+        """A session that ends `ttl` seconds (at least) after its creation, measured by the
+        store, deleting every key locked with it; never renewed, tied to no health check."""
 
     def create(self, key: str, value: bytes) -> bool:
         """Write only if the key is absent; False when it already exists."""

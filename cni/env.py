@@ -8,9 +8,6 @@ from dataclasses import dataclass, field
 
 from .errors import CNIError, Code
 
-# Set on a DEL replayed from the helper's journal: the unix time of the original DEL. Keys
-# written after it belong to a later ADD of the same attachment and are spared.
-REPLAY_BEFORE = "IPAM_DA_CONSUL_REPLAY_BEFORE"
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 # Commands that act on one attachment and so need its container and interface.
 _PER_ATTACHMENT = ("ADD", "DEL", "CHECK")

@@ -29,19 +29,14 @@ from ..allocator.errors import (
     PoolMissing,
     WriteConflict,
 )
-from ..allocator.store import KV
-from ..consul import (
-    ConsulClient,
-    ConsulError,
-    ConsulKV,
-    ConsulUnavailable,
-    build_client,
-)
+from ..allocator.store import KV, StoreError, StoreUnavailable
+from ..consul import ConsulClient, ConsulKV, build_client
 from . import config
 from .commands import KINDS, Command, Inputs
 from .env import read_env
 from .errors import CNIError, Code
 from .schemas import SUPPORTED_VERSIONS
+from .state import Entry, StateDir
 from .stores import Budget, Caches, StoreFactory
 
 STATES = [
@@ -65,6 +60,8 @@ TRANSITIONS: list[list[Sequence[str]]] = [
     ["collect",   "pool_loaded",               "pool_done"],   # GC: stale keys of this host gone
     ["assess",    "pool_loaded",               "pool_done"],   # STATUS: pool parses, has room
     ["emit",      ["connected", "pool_done"],  "done"],        # every pool served
+    ["defer",     ["parsed", "connected", "fenced", "pool_loaded", "pool_done"], "done"],
+                                                               # DEL: no Consul; helper finishes it
     ["fail",      "*",                         "failed"],      # error; this call's writes undone
 ]
 # fmt: on
@@ -78,7 +75,7 @@ _ERROR_CODES: list[tuple[type[Exception], Code]] = [
     (AddressInUse, Code.ADDRESS_IN_USE),
     (WriteConflict, Code.KV_WRITE_FAILED),
     (CallAbandoned, Code.TRY_AGAIN_LATER),
-    (ConsulUnavailable, Code.TRY_AGAIN_LATER),
+    (StoreUnavailable, Code.TRY_AGAIN_LATER),
 ]
 
 
@@ -132,6 +129,8 @@ class Invocation:
         started: float | None = None,
         abandoned: Callable[[], bool] | None = None,
         store_factory: StoreFactory = consul_store,
+        state: StateDir | None = None,
+        entry: Entry | None = None,
     ) -> None:
         self.inputs = Inputs(
             stdin,
@@ -141,6 +140,9 @@ class Invocation:
             abandoned,
             os.urandom(6).hex(),
             store_factory,
+            state,
+            self.nested,
+            entry,
         )
         self.cni_version = SUPPORTED_VERSIONS[-1]
         # Known once the environment is read; until then the base, whose hooks do nothing.
@@ -165,7 +167,12 @@ class Invocation:
             try:
                 trigger = getattr(self, f"at_{self.state}")()
             except Exception as exc:  # every failure ends in the error state, never a traceback
-                self.trigger("fail", error=self.as_cni_error(exc))
+                error = self.as_cni_error(exc)
+                instead = self.command.recover(error)
+                if instead is not None:
+                    self.trigger(instead)
+                else:
+                    self.trigger("fail", error=error)
                 continue
             self.trigger(trigger)
         self.command.close()
@@ -173,6 +180,26 @@ class Invocation:
             self.output = self.command.output
             return 0
         return int(self.error.code)
+
+    def nested(self, stdin: bytes, environ: Mapping[str, str], entry: Entry) -> tuple[int, str]:
+        """Run another call of this attachment (a DEL its entry still owes) within this one,
+        under this call's lock on the entry and within its deadline."""
+        from .commands.delete import REPLAY_MARK
+
+        inputs = self.inputs
+        call = Invocation(
+            stdin,
+            {**environ, REPLAY_MARK: "1"},
+            inputs.caches,
+            started=inputs.started,
+            abandoned=inputs.abandoned,
+            store_factory=inputs.store_factory,
+            state=inputs.state,
+            entry=entry,
+        )
+        code = call.run()
+        msg = call.error.msg if call.error is not None else ""
+        return code, msg
 
     def log_transition(self, event: EventData) -> None:
         t = event.transition
@@ -244,7 +271,7 @@ class Invocation:
         for exc_type, code in _ERROR_CODES:
             if isinstance(exc, exc_type):
                 return CNIError(code, str(exc))
-        if isinstance(exc, ConsulError):
+        if isinstance(exc, StoreError):
             writing = self.command.writing(self.state)
             return CNIError(Code.KV_WRITE_FAILED if writing else Code.HTTP, str(exc))
         if isinstance(exc, AllocatorError):

@@ -8,7 +8,6 @@ unit tier can drive the machine over an in-memory KV.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from ..allocator.allocate import CachedPools
@@ -62,11 +61,6 @@ class StoreFactory(Protocol):
     ) -> Store: ...
 
 
-class DelJournal(Protocol):
-    def record(self, stdin: bytes, env: Mapping[str, str]) -> bool:
-        """Keep a DEL that could not reach Consul, to redo it later; False when it cannot."""
-
-
 class PoolCache(CachedPools, Protocol):
     """One Consul's pools as the helper keeps them (cni/helper/cache.py)."""
 
@@ -78,7 +72,8 @@ class Caches(Protocol):
     """What the helper keeps warm between calls (cni/helper/caches.py PoolCaches)."""
 
     @property
-    def journal(self) -> DelJournal | None: ...
+    def takes_over_dels(self) -> bool:
+        """Whether a DEL that cannot reach Consul is kept, to finish later, and answered done."""
 
     def recent_server(self, settings: ConsulSettings) -> str | None: ...
 

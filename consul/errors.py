@@ -1,7 +1,10 @@
-"""Errors of the Consul client."""
+"""Errors of the Consul client, in the store's vocabulary (allocator/store.py): callers above
+the store never need to know it is Consul."""
+
+from ..allocator.store import StoreError, StoreUnavailable
 
 
-class ConsulError(Exception):
+class ConsulError(StoreError):
     """Consul answered, but not with what the request needed (HTTP status, bad body).
 
     `doubtful` is True when the request was a write and an attempt of it may have reached
@@ -9,13 +12,8 @@ class ConsulError(Exception):
     other than "No cluster leader"): Consul may have applied it even though this is raised.
     """
 
-    def __init__(self, message: str, status: int | None = None, *, doubtful: bool = False) -> None:
-        super().__init__(message)
-        self.status = status
-        self.doubtful = doubtful
 
-
-class ConsulUnavailable(ConsulError):
+class ConsulUnavailable(ConsulError, StoreUnavailable):
     """No listed server answered with a leader before the time budget ran out, or none could
     even be connected to for the unreachable grace."""
 

@@ -16,7 +16,18 @@ from operator import itemgetter
 from typing import Any
 from urllib.parse import quote
 
-from ..allocator.store import Cas, Check, DeleteCas, KVEntry, Listing, Op, Set, TxnResult
+from ..allocator.store import (
+    Cas,
+    Check,
+    Delete,
+    DeleteCas,
+    KVEntry,
+    Listing,
+    Lock,
+    Op,
+    Set,
+    TxnResult,
+)
 from .client import ConsulClient, Response, check_status
 from .errors import ConsulError
 
@@ -39,20 +50,45 @@ class ConsulKV:
     def __init__(self, client: ConsulClient) -> None:
         self.client = client
 
-    def get(self, key: str) -> Entry | None:
-        resp = self.client.request("GET", _path(key))
+    def get(self, key: str, consistent: bool = False) -> Entry | None:
+        resp = self.client.request("GET", _path(key), _CONSISTENT if consistent else None)
         if resp.status == 404:
             return None
         check_status(resp, f"reading KV key {key!r}")
         entries = _entries(resp, key)
         return entries[0] if entries else None
 
-    def list(self, prefix: str) -> Listing:
-        resp = self.client.request("GET", _path(prefix), {"recurse": "true"})
+    def list(self, prefix: str, consistent: bool = False) -> Listing:
+        params = {"recurse": "true"} | (_CONSISTENT if consistent else {})
+        resp = self.client.request("GET", _path(prefix), params)
         if resp.status == 404:
             return Listing([], [], [])
         check_status(resp, f"listing KV prefix {prefix!r}")
         return _entries(resp, prefix)
+
+    def create_session(self, name: str, ttl: float) -> str:
+        body = {
+            "Name": name,
+            "TTL": f"{int(ttl)}s",
+            # Its keys go with it: that is what the session is for.
+            "Behavior": "delete",
+            # A key of an ended session may be locked again at once (the default waits 15 s).
+            "LockDelay": "0s",
+            # No health check: only the TTL, counted by Consul's leader, ends it. The default
+            # (the agent's serfHealth) would end it, and delete its keys, whenever the agent it
+            # was created through looks unhealthy.
+            "Checks": [],
+            "NodeChecks": [],
+        }
+        resp = self.client.request("PUT", "/v1/session/create", None, json.dumps(body).encode())
+        check_status(resp, "creating a Consul session")
+        try:
+            session = resp.json().get("ID")
+        except (ValueError, AttributeError):
+            session = None
+        if not isinstance(session, str) or not session:
+            raise ConsulError("Consul answered a session creation without a session ID")
+        return session
 
     def list_after(
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
@@ -133,7 +169,8 @@ class ConsulKV:
                 )
             failed = [e.get("OpIndex") for e in errors if isinstance(e, dict)]
             first = min((i for i in failed if isinstance(i, int)), default=0)
-            return TxnResult(first, {}, doubtful)
+            why = "; ".join(w for w in whats if w)[:300]
+            return TxnResult(first, {}, doubtful, why)
         check_status(resp, "a KV transaction")
         indexes = {}
         for result in _json_field(resp, "Results") or []:
@@ -149,6 +186,10 @@ class ConsulKV:
         if answer not in (b"true", b"false"):
             raise ConsulError(f"unexpected answer to a CAS write of {key!r}: {answer[:100]!r}")
         return answer == b"true"
+
+
+# A linearizable read: the leader confirms with a quorum that it still leads before answering.
+_CONSISTENT = {"consistent": "true"}
 
 
 def _path(key: str) -> str:
@@ -273,6 +314,10 @@ def _txn_op(op: Op) -> dict[str, object]:
         return {"Verb": "set", "Key": op.key, "Value": _b64(op.value)}
     if isinstance(op, DeleteCas):
         return {"Verb": "delete-cas", "Key": op.key, "Index": op.index}
+    if isinstance(op, Delete):
+        return {"Verb": "delete", "Key": op.key}
+    if isinstance(op, Lock):
+        return {"Verb": "lock", "Key": op.key, "Value": _b64(op.value), "Session": op.session}
     raise TypeError(f"not a KV transaction op: {op!r}")
 
 

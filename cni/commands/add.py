@@ -1,8 +1,10 @@
 """ADD: in each pool, pick an address for the attachment and claim it with a fenced CAS write.
 
 pool_loaded picks (a requested address, one we already hold, or the next free one), ip_picked
-writes; a lost compare-and-set goes back to pool_loaded to pick again. Every write is recorded
-before it is sent, so a failure (or a write whose outcome stayed unknown) is rolled back.
+writes; a lost compare-and-set goes back to pool_loaded to pick again. Every write is a claim in
+the attachment's ledger before it is sent (allocator/ledger.py), so a failure (or a write whose
+outcome stayed unknown) is undone, now or, when Consul cannot be reached, later from the
+ledger (cni/state.py).
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from ...allocator.allocate import Claim
-from ...allocator.errors import AddressInUse, CallAbandoned, NotInPool, PoolFull, WriteConflict
+from ...allocator.errors import AddressInUse, NotInPool, PoolFull, WriteConflict
 from ...allocator.layout import Layout
+from ...allocator.ledger import Claim
 from ...allocator.pool import Held, spread_key
 from ...allocator.ranges import IPAddress, IPRange
-from ...consul import ConsulError
 from .. import config, result
-from ..errors import CNIError
+from ..errors import CNIError, Code
 from ..stores import Caches, PoolCache
 from .base import PoolCommand, Session
 
@@ -39,6 +40,7 @@ class Pick:
 
 class Add(PoolCommand):
     name = "ADD"
+    keeps_ledger = True
     pick: Pick  # set by pool_loaded, read by ip_picked
 
     @classmethod
@@ -51,7 +53,31 @@ class Add(PoolCommand):
         super().__init__(session)
         self.conflicts = 0
         self.assigned: list[result.Assigned] = []
-        self.claims: list[Claim] = []  # writes of this call, undone on failure
+
+    def at_parsed(self) -> str:
+        entry, inputs = self.session.entry, self.session.inputs
+        if entry is not None:
+            if entry.deleting is not None:
+                self.finish_journaled_del()
+            # How to reach Consul again, should this call leave a write in doubt.
+            entry.remember(inputs.stdin, inputs.environ)
+        return super().at_parsed()
+
+    def finish_journaled_del(self) -> None:
+        """A DEL of this attachment was accepted while Consul was away (the runtime was told it
+        is done) and is not finished yet: it is, before the attachment is added again, so that
+        it can never release what this ADD writes."""
+        entry, inputs = self.session.entry, self.session.inputs
+        assert entry is not None and entry.deleting is not None and inputs.nested is not None
+        code, msg = inputs.nested(entry.deleting.stdin, entry.deleting.env, entry)
+        if code != 0:
+            raise CNIError(
+                Code.TRY_AGAIN_LATER,
+                "a DEL of this attachment, accepted while Consul could not be reached, is not "
+                f"finished yet (code {code}: {msg})",
+            )
+        # The DEL emptied the ledger; this ADD starts afresh.
+        self.allocator.claims = entry.claims()
 
     # -- pool_loaded: choose the address ------------------------------------------------------
     def at_pool_loaded(self) -> str:
@@ -117,14 +143,9 @@ class Add(PoolCommand):
             # Already ours: a repeated ADD, or our own write whose reply was lost.
             if not allocator.still_ours(pool, held):
                 return self.lost_race(ip)
-            if held.call != self.session.inputs.call_id and not self.write(
-                ip, held.value, lambda: allocator.take_over(pool, held)
-            ):
-                # Rewritten as this call's (nonce, start time), so a DEL of the attachment
-                # journaled before this ADD and redone after it spares the key.
-                return self.lost_race(ip)
+            allocator.adopt(pool.held.get(ip) or held)
         elif held is not None:
-            if not self.write(ip, held.value, lambda: allocator.take_over(pool, held)):
+            if not self.write(lambda: allocator.take_over(pool, held)):
                 return self.lost_race(ip)
             logger.warning(
                 "re-allocated requested IP {} in pool {!r} from container {!r} to {!r}",
@@ -133,35 +154,16 @@ class Add(PoolCommand):
                 held.target,
                 target,
             )
-        else:
-            previous = over.value if over is not None else None
-            if not self.write(ip, previous, lambda: allocator.claim(pool, ip, over)):
-                return self.lost_race(ip)
+        elif not self.write(lambda: allocator.claim(pool, ip, over)):
+            return self.lost_race(ip)
         self.assigned.append(result.Assigned(pool.name, ip, rng))
         logger.debug("pool {!r}: {} for container {!r}", pool.name, ip, target)
         return "write"
 
-    def write(self, ip: IPAddress, previous: bytes | None, attempt: Callable[[], Claim]) -> bool:
-        """Run one fenced CAS write; True when it holds. It is recorded before it is sent, as
-        a claim of unknown outcome, since Consul may apply it though the reply is lost."""
-        key = self.allocator.layout.allocation_key(self.pool.name, ip)
-        self.session.still_wanted()
-        self.claims.append(Claim(key, ip, self.allocator.value(), previous))
-        try:
-            claim = attempt()
-        except CallAbandoned:
-            self.claims.pop()  # stopped before sending, or after a send that was refused
-            raise
-        except ConsulError as exc:
-            if not exc.doubtful:
-                self.claims.pop()  # certainly not applied (refused, not sent, 4xx)
-            raise  # otherwise the record stays: the outcome is unknown
-        self.claims.pop()
-        if claim.won or claim.doubtful:
-            # A compare lost after an earlier send went unanswered may still be followed by
-            # that send applying: keep it to fence.
-            self.claims.append(claim)
-        return claim.won
+    def write(self, attempt: Callable[[], Claim]) -> bool:
+        """One fenced CAS write (the allocator records it in the ledger first); True when it
+        holds."""
+        return attempt().won
 
     def lost_race(self, ip: IPAddress) -> str:
         """Another writer changed the key first: re-read that key and pick again."""
@@ -186,11 +188,13 @@ class Add(PoolCommand):
 
     # -- emit, or fail ------------------------------------------------------------------------
     def finish(self) -> None:
-        unsure = [c for c in self.claims if not c.won]
+        unsure = self.allocator.unsettled()
         if unsure:
-            # Writes whose outcome stayed unknown, e.g. a reply lost before a failover:
-            # one may still apply and hand this attachment a second address.
-            self.roll_back(unsure, "in-doubt write")
+            # Writes whose outcome stayed unknown (a reply lost before a failover, or an earlier
+            # call's): one may still apply and hand this attachment a second address. Voided
+            # on the rollback's reserve; what cannot be voided now stays in the ledger.
+            self.store.deadline.end = self.session.hard_end
+            self.void(unsure, "in-doubt write", must=self.session.entry is None)
         served = {a.ip for a in self.assigned}
         unused = [str(ip) for ip in self.conf.requested_ips if ip not in served]
         if unused:
@@ -205,23 +209,27 @@ class Add(PoolCommand):
         return state == "ip_picked"
 
     def failed(self, error: CNIError) -> None:
-        if self.claims:
+        mine = self.allocator.mine()
+        if mine:
             self.store.deadline.end = self.session.hard_end  # the reserve is the rollback's
-            self.roll_back(self.claims, "rollback")
+            self.void(mine, "rollback", must=False)
 
-    def roll_back(self, claims: list[Claim], reason: str) -> None:
-        """Undo these writes of this call. One whose outcome is unknown may still apply, so the
-        attachment's fence goes up first (one write), then each key holding exactly our bytes
-        goes. If Consul cannot be reached, the runtime's DEL raises the fence and releases."""
+    def void(self, claims: list[Claim], reason: str, must: bool) -> None:
+        """Undo these writes now (allocator.void). What cannot be undone stays in the ledger as
+        in doubt: the helper, the attachment's next call or its DEL voids it once Consul
+        answers. Without a ledger that outlives this process, `must` makes that a failure."""
         try:
-            if any(not c.won for c in claims):
-                self.allocator.raise_fence(reason)
-            for claim in reversed(claims):
-                self.allocator.undo(claim)
+            self.allocator.void(claims, reason)
         except Exception as exc:
-            logger.error(
-                "could not roll back {}: {}; the runtime's DEL for this container will void "
-                "and release them",
-                ", ".join(c.key for c in claims),
-                exc,
+            left = [c for c in self.allocator.claims if c in claims]
+            self.allocator.suspect(left)
+            where = (
+                "kept in this host's state folder; voided once Consul answers"
+                if self.session.entry is not None
+                else "the runtime's DEL for this container voids and releases them"
             )
+            logger.error(
+                "could not undo {} ({}): {}; {}", ", ".join(c.key for c in left), reason, exc, where
+            )
+            if must:
+                raise

@@ -16,18 +16,23 @@ from typing import Any, ClassVar
 
 from loguru import logger
 
-from ...allocator.allocate import Allocator, Attachment
+from ...allocator.allocate import FENCE_LIFETIME, Allocator, Attachment, FenceSessions
 from ...allocator.errors import CallAbandoned
 from ...allocator.layout import Layout
+from ...allocator.ledger import Ledger, MemoryLedger
 from ...allocator.pool import Pool
 from .. import config
 from ..env import Environment
 from ..errors import CNIError, Code
+from ..state import SESSION_PERIOD, Entry, MemorySessions, StateDir, StateError
 from ..stores import Caches, PoolCache, Store, StoreFactory
 
 # Kept out of the work's share of `timeout` to undo this call's writes after a failure: the
 # whole call, rollback included, ends by `timeout`. At most a quarter of it.
 ROLLBACK_RESERVE = 3.0
+# Kept out of `timeout` for what follows the work: the answer crossing the helper's socket,
+# the process writing it and exiting. `timeout` is a cap on the call as the runtime sees it.
+EXIT_MARGIN = 0.3
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,13 @@ class Inputs:
     # Marks this call's writes: a rollback removes exactly them, never a sibling's.
     call_id: str
     store_factory: StoreFactory
+    # The host's state folder (cni/state.py): None when there is none to use.
+    state: StateDir | None = None
+    # Runs another call (a DEL this attachment's entry still owes) under this call's lock on
+    # the entry; its exit code and message. Set by the machine.
+    nested: Callable[[bytes, Mapping[str, str], Entry], tuple[int, str]] | None = None
+    # Given to a nested call: the entry its caller holds locked.
+    entry: Entry | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,8 @@ class Session:
     hard_end: float
     # Asked before every write (see `write_guard`).
     still_wanted: Callable[[], None]
+    # The attachment's entry in the state folder, locked for this call (ADD and DEL).
+    entry: Entry | None = None
 
 
 def write_guard(store: Store, abandoned: Callable[[], bool] | None) -> Callable[[], None]:
@@ -120,6 +134,11 @@ class Command:
     def failed(self, error: CNIError) -> None:
         """The call failed with `error`: undo what must be undone."""
 
+    def recover(self, error: CNIError) -> str | None:
+        """A trigger that ends the call some other way than failing (a DEL the helper takes
+        over), or None."""
+        return None
+
     def close(self) -> None:
         """The call is over, either way."""
 
@@ -131,6 +150,8 @@ class PoolCommand(Command):
     """A command that reads pools (all but VERSION): select a server, then each pool in turn."""
 
     needs_1_1: ClassVar[bool] = False
+    # ADD and DEL: the attachment's writes are kept in its state entry (cni/state.py).
+    keeps_ledger: ClassVar[bool] = False
     # Set by `next_pool`, before any pool_loaded.
     current: config.PoolRequest
     pool: Pool
@@ -169,24 +190,53 @@ class PoolCommand(Command):
         if caches is not None:
             known_good = cls.known_server(caches, settings)
             cache = cls.pool_cache(caches, settings, layout)
-        # `timeout` caps the whole call: the work gets what is left once the rollback's
-        # reserve is set aside, and the rollback gets the reserve.
-        hard_end = inputs.started + settings.timeout
+        # `timeout` caps the whole call as the runtime sees it: the work gets what is left
+        # once the rollback's reserve and the exit's margin are set aside.
+        hard_end = inputs.started + settings.timeout - EXIT_MARGIN
         reserve = min(ROLLBACK_RESERVE, settings.timeout / 4)
         budget = max(0.0, hard_end - reserve - time.monotonic())
+        host = conf.host or config.default_host()
+        entry = cls.open_entry(inputs, conf, env, hard_end)
+        ledger: Ledger = entry if entry is not None else MemoryLedger()
         store = inputs.store_factory(settings, budget, known_good)
         still_wanted = write_guard(store, inputs.abandoned)
         allocator = Allocator(
             store.kv,
             layout,
-            conf.host or config.default_host(),
+            host,
             cache,
             attachment=Attachment(conf.name, env.container_id, env.ifname or None),
             call=inputs.call_id,
             before_write=still_wanted,
             runtime=conf.runtime,
+            ledger=ledger,
+            sessions=fence_sessions(inputs.state, settings, host),
         )
-        return Session(inputs, env, conf, cni_version, store, allocator, hard_end, still_wanted)
+        return Session(
+            inputs, env, conf, cni_version, store, allocator, hard_end, still_wanted, entry
+        )
+
+    @classmethod
+    def open_entry(
+        cls, inputs: Inputs, conf: config.NetConf, env: Environment, until: float
+    ) -> Entry | None:
+        """The attachment's entry in the state folder, locked for the call: commands that
+        write for one attachment (ADD, DEL) keep their claims there."""
+        if not cls.keeps_ledger:
+            return None
+        if inputs.entry is not None:
+            return inputs.entry
+        if inputs.state is None:
+            return None
+        try:
+            entry = inputs.state.entry((conf.name, env.container_id, env.ifname), until)
+        except StateError as exc:
+            raise CNIError(Code.TRY_AGAIN_LATER, str(exc)) from None
+        if entry.unreadable:
+            logger.error("{}; this call keeps its claims in memory only", entry.unreadable)
+            entry.close()
+            return None
+        return entry
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -232,6 +282,9 @@ class PoolCommand(Command):
         if caches is not None and store.current and store.requests_sent:
             caches.remember_server(self.conf.consul, store.current)
         store.close()
+        entry = self.session.entry
+        if entry is not None and entry is not self.session.inputs.entry:
+            entry.close()  # a nested call's entry is its caller's to close
 
     # -- shared work --------------------------------------------------------------------------
     def cached_pool(self, name: str) -> Pool | None:
@@ -245,8 +298,16 @@ class PoolCommand(Command):
     def attachment(self) -> tuple[str, str | None]:
         return self.env.container_id, self.env.ifname or None
 
-    def sweep_fences(self) -> None:
-        try:
-            self.allocator.sweep_fences(self.conf.name)
-        except Exception as exc:  # housekeeping: never fails the call
-            logger.warning("could not sweep expired fences: {}", exc)
+
+
+def fence_sessions(
+    state: StateDir | None, settings: config.ConsulSettings, host: str
+) -> FenceSessions:
+    """Where this call's fences get their session: shared with this host's other calls that
+    reach Consul the same way (tokens never share one)."""
+    name = f"ipam-da-consul fences of {host}"
+    ttl = FENCE_LIFETIME + SESSION_PERIOD
+    if state is None:
+        return MemorySessions(name, ttl)
+    reach = "\0".join([*settings.servers, settings.datacenter or "", settings.token or ""])
+    return state.sessions(reach, name, ttl)

@@ -1,30 +1,37 @@
-"""DEL: raise the attachment's fence, then release every key of it in each pool.
+"""DEL: raise the attachment's fence, then release every key of it.
 
 The fence goes up first (connected -> fenced), so a write of this attachment still in flight
-(a failed ADD's, whose reply was lost) can no longer apply; the listings after it see any that
-did. A DEL that cannot reach Consul is journaled by the helper and redone later.
+(a failed ADD's, whose reply was lost) can no longer apply; the linearizable reads after it see
+any that did. The keys released: every key of the attachment in each pool's folder, and every
+key its ledger names (cni/state.py), whichever pool it is in. Each is deleted only in the exact
+version read: a version written after the fence belongs to a newer ADD.
+
+When no Consul server can be reached, the helper takes the DEL over: it records it in the
+attachment's entry (durably), answers success, and finishes it once Consul answers. Until then
+the keys stay, so nobody else can be given the addresses; the runtime, told the DEL is done,
+tears the interface down. The attachment's next call finishes the DEL before anything else.
 """
 
 from __future__ import annotations
 
-import random
+import time
 
 from loguru import logger
 
 from ...allocator.errors import WriteConflict
-from ...allocator.pool import Held
+from ...allocator.pool import Held, Pool
 from .. import config
-from ..env import REPLAY_BEFORE
 from ..errors import CNIError, Code
 from .base import PoolCommand
 
-# A DEL also sweeps its network's expired fences about once in this many calls, so hosts whose
-# runtime never calls GC (Podman) still keep the fence folder bounded.
-SWEEP_EVERY = 32
+# Set on the environment of a DEL the helper (or a later call) finishes from an entry: its own
+# failure must not be taken over again.
+REPLAY_MARK = "IPAM_DA_CONSUL_REPLAY"
 
 
 class Del(PoolCommand):
     name = "DEL"
+    keeps_ledger = True
     held: list[Held]  # this pool's keys of ours, set by next_pool
 
     def at_connected(self) -> str:
@@ -38,49 +45,70 @@ class Del(PoolCommand):
         self.held = self.our_keys(request.name)
 
     def our_keys(self, pool: str) -> list[Held]:
-        """Every key of this attachment in the pool, from one listing read after the fence
-        went up: prevResult's addresses, and any other (a leak, an older version's)."""
-        found = self.allocator.scan(pool, lambda why: logger.warning("DEL skips: {}", why))
-        ours = [h for h in found if self.allocator.owns(h)]
-        before = self.session.inputs.environ.get(REPLAY_BEFORE)
-        if before:
-            # A DEL the helper journaled during an outage, redone now: a key its attachment
-            # wrote after that DEL (a new ADD) is not the one the runtime deleted.
-            newer = [h for h in ours if h.at is not None and h.at > float(before)]
-            for h in newer:
-                logger.warning("journaled DEL spares {}: written after that DEL", h.key)
-            ours = [h for h in ours if h not in newer]
-        return ours
+        """Every key of this attachment in the pool, from one linearizable listing read after
+        the fence went up: prevResult's addresses, and any other (a leak, an older version's)."""
+        found = self.allocator.scan(
+            pool, lambda why: logger.warning("DEL skips: {}", why), consistent=True
+        )
+        return [h for h in found if self.allocator.owns(h)]
 
     def at_pool_loaded(self) -> str:
-        cached = self.cached_pool(self.current.name)
-        cooldown = self.conf.reuse_after
-        for held in self.held:
-            if not self.allocator.release(held, reuse_after=cooldown):
-                raise WriteConflict(f"could not release {held.key}: it kept changing under us")
-            if cached is not None and cached.held.get(held.ip) is not None and not cooldown:
-                cached.discard(held.ip)  # so this host's next ADD may have it at once
-            logger.debug("released {}", held.key)
+        self.release(self.held, self.cached_pool(self.current.name))
         if not self.held:
             logger.debug("pool {!r}: nothing of ours to release", self.current.name)
         return "release"
 
+    def release(self, held: list[Held], cached: Pool | None = None) -> None:
+        cooldown = self.conf.reuse_after
+        for h in held:
+            if not self.allocator.release(h, reuse_after=cooldown, now=time.time()):
+                raise WriteConflict(f"could not release {h.key}: it kept changing under us")
+            if cached is not None and cached.held.get(h.ip) is not None and not cooldown:
+                cached.discard(h.ip)  # so this host's next ADD may have it at once
+            logger.debug("released {}", h.key)
+
     def finish(self) -> None:
-        if random.random() < 1 / SWEEP_EVERY:
-            self.sweep_fences()
+        """Keys the ledger names outside this DEL's pools (a pool the config no longer lists),
+        then the ledger itself: the attachment is gone."""
+        layout = self.allocator.layout
+        folders = tuple(layout.folder(p.name) for p in self.conf.pools)
+        for claim in self.allocator.claims:
+            if claim.key.startswith(folders):
+                continue  # read with its pool
+            held = self.allocator.lookup_key(claim.key, consistent=True)
+            if held is not None and self.allocator.owns(held):
+                self.release([held])
+        self.allocator.forget()
+        entry = self.session.entry
+        if entry is not None:
+            entry.deleting = None
 
     def writing(self, state: str) -> bool:
         # The fence, and the releases once our keys are known.
         return state == "connected" or (state == "pool_loaded" and bool(self.held))
 
-    def failed(self, error: CNIError) -> None:
-        caches = self.session.inputs.caches
-        journal = caches.journal if caches is not None else None
-        inputs = self.session.inputs
+    def recover(self, error: CNIError) -> str | None:
+        """No Consul: in the helper, the DEL is kept in the attachment's entry, to finish
+        later, and the runtime is told it is done."""
+        inputs, entry = self.session.inputs, self.session.entry
+        caches = inputs.caches
         if (
-            journal is not None
-            and error.code == Code.TRY_AGAIN_LATER
-            and journal.record(inputs.stdin, inputs.environ)
+            error.code != Code.TRY_AGAIN_LATER
+            or caches is None
+            or not caches.takes_over_dels
+            or entry is None
+            or inputs.environ.get(REPLAY_MARK)
         ):
-            # Still 11: a runtime that retries is welcome to; the helper redoes it either way.
-            error.msg += "; the helper journaled this DEL and redoes it once Consul answers"
+            return None
+        try:
+            entry.journal_del(inputs.stdin, inputs.environ)
+        except OSError as exc:
+            logger.error("could not keep this DEL to finish later: {}", exc)
+            return None
+        logger.warning(
+            "Consul cannot be reached ({}); the helper finishes this DEL of {}/{}/{} once it "
+            "can, and keeps its addresses reserved until then",
+            error.msg,
+            *entry.attachment,
+        )
+        return "defer"

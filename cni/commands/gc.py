@@ -14,7 +14,7 @@ from loguru import logger
 from ...allocator.allocate import Attachment
 from ...allocator.errors import AllocatorError, PoolMissing
 from ...allocator.pool import Held
-from ...consul import ConsulError, ConsulUnavailable
+from ...allocator.store import StoreError, StoreUnavailable
 from .. import config
 from ..errors import CNIError, Code
 from .base import PoolCommand, Session
@@ -36,13 +36,13 @@ class Gc(PoolCommand):
         """The pool's readable allocations. A pool that is missing or cannot be read is a
         problem to report at the end, not a reason to skip the other pools."""
         try:
-            held = self.allocator.scan(name, self.problems.append)
+            held = self.allocator.scan(name, self.problems.append, consistent=True)
             # An empty listing cannot tell "no allocations" from "no such pool"; the pool key can.
             if not held and self.allocator.kv.get(self.allocator.layout.pool_key(name)) is None:
                 raise PoolMissing(f"pool {name!r} does not exist")
-        except ConsulUnavailable:
+        except StoreUnavailable:
             raise  # no server left: the other pools cannot be read either
-        except (AllocatorError, ConsulError) as exc:
+        except (AllocatorError, StoreError) as exc:
             self.problems.append(str(exc))
             return []
         return held
@@ -67,18 +67,17 @@ class Gc(PoolCommand):
                 continue
             try:
                 allocator.raise_fence("GC", Attachment(conf.name, held.target, held.ifname))
-                if allocator.release(held, reuse_after=conf.reuse_after):
+                if allocator.release(held, reuse_after=conf.reuse_after, now=now):
                     logger.debug("GC released {} (container {!r})", held.key, held.target)
                 else:
                     self.problems.append(f"{held.key} kept changing; not released")
-            except ConsulUnavailable:
+            except StoreUnavailable:
                 raise
-            except ConsulError as exc:
+            except StoreError as exc:
                 self.problems.append(f"{held.key}: {exc}")
         return "collect"
 
     def finish(self) -> None:
-        self.sweep_fences()
         if self.problems:
             raise CNIError(
                 Code.KV_WRITE_FAILED, "GC finished with problems: " + "; ".join(self.problems)

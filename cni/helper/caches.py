@@ -1,6 +1,7 @@
 """What the helper keeps between calls, per way of reaching Consul: a pool cache (cache.py),
-the server that last answered, and the DEL journal (journal.py). The state machine reads it
-through the calls it makes (recent_server, remember_server, get, peek, journal); nothing here
+the server that last answered, and the state folder with its replay thread (journal.py). The
+state machine reads it through the calls it makes (recent_server, remember_server, get, peek,
+takes_over_dels); nothing here
 imports the machine, which builds the KV a watcher reads with (server.watch_kv).
 """
 
@@ -16,8 +17,9 @@ if TYPE_CHECKING:
     from ...allocator.layout import Layout
     from ...allocator.store import WatchableKV
     from ..config import ConsulSettings
+    from ..state import StateDir
     from .cache import PoolCache
-    from .journal import Journal
+    from .journal import Replayer
 
 
 class PoolCaches:
@@ -49,9 +51,13 @@ class PoolCaches:
         # Least recently used first, both.
         self.caches: OrderedDict[Any, PoolCache] = OrderedDict()
         self.servers: OrderedDict[Any, tuple[str, float]] = OrderedDict()
-        # Where a DEL that cannot reach Consul is recorded for replay (see journal.py);
-        # None: such a DEL only returns 11, as in-process.
-        self.journal: Journal | None = None
+        # The host's state folder (cni/state.py), shared with in-process calls; None: calls
+        # keep their writes in memory only.
+        self.state: StateDir | None = None
+        # Whether a DEL that cannot reach Consul is kept in its entry and answered done.
+        self.takes_over_dels = False
+        # Finishes what entries still owe (journal.py).
+        self.replayer: Replayer | None = None
 
     def recent_server(self, settings: ConsulSettings) -> str | None:
         """The server a call used successfully within `server_memory` seconds, if any: it skips

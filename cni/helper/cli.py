@@ -1,8 +1,9 @@
 """ipam-da-consul-helper: a long-lived local process that serves plugin calls.
 
-The command line (the console script's entry point): it sets up the caches (caches.py), the DEL
-journal (journal.py), the socket (server.py) and the opt-in metrics listener (metrics.py), then
-serves until SIGTERM or an idle exit. Why a helper at all: see server.py.
+The command line (the console script's entry point): it sets up the caches (caches.py), the
+state folder and its replay thread (cni/state.py, journal.py), the socket (server.py) and the
+opt-in metrics listener (metrics.py), then serves until SIGTERM or an idle exit. Why a helper at
+all: see server.py.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ... import __version__
 from .. import logs
+from ..state import DEFAULT_STATE_DIR, STATE_DIR_ENV, StateError, open_state
 from .caches import PoolCaches
-from .journal import DEFAULT_STATE_DIR, Journal
-from .server import HelperServer, SetupError, activated_socket, preload, replay_journal, watch_kv
+from .journal import Replayer
+from .server import HelperServer, SetupError, activated_socket, preload, replay_forever, watch_kv
 from .wire import DEFAULT_SOCKET
 
 if TYPE_CHECKING:
@@ -83,16 +84,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--state-dir",
-        default=os.environ.get("IPAM_DA_CONSUL_STATE_DIR") or None,
+        default=os.environ.get(STATE_DIR_ENV) or None,
         metavar="DIR",
-        help=f"where DELs that could not reach Consul are journaled for replay (a 0700 "
-        f"'journal' folder inside; default {DEFAULT_STATE_DIR}, or a 'state' folder beside "
-        "a --socket other than the default, so helpers on private sockets never share one)",
+        help=f"the host's state folder, shared with the plugin's in-process calls (which read "
+        f"{STATE_DIR_ENV}): each attachment's writes and the DELs the helper finishes "
+        f"(default {DEFAULT_STATE_DIR}; it and every folder above it must be writable by "
+        "root or this user only)",
     )
     parser.add_argument(
         "--no-journal",
         action="store_true",
-        help="do not journal DELs that cannot reach Consul: they only return 11",
+        help="never take over a DEL that cannot reach Consul: it returns 11 instead",
     )
     args = parser.parse_args(argv)
     if args.max_settings < 1 or args.max_pools < 1:
@@ -127,25 +129,21 @@ def main(argv: list[str] | None = None) -> None:
         max_pools=args.max_pools,
         make_kv=make_kv,
     )
-    if not args.no_journal:
-        state_dir = args.state_dir or (
-            DEFAULT_STATE_DIR
-            if args.socket == DEFAULT_SOCKET
-            else str(Path(args.socket).parent / "state")
+    state_dir = args.state_dir or DEFAULT_STATE_DIR
+    try:
+        caches.state = open_state(state_dir)
+    except StateError as exc:
+        if args.state_dir:
+            sys.exit(f"ipam-da-consul-helper: cannot use the state folder: {exc}")
+        # The default place may be read-only (a unit with ProtectSystem=strict and no
+        # StateDirectory=): serving without it beats not serving at all.
+        sys.stderr.write(
+            f"ipam-da-consul-helper: WARNING: {exc}; calls keep their writes in memory only, "
+            "and a DEL that cannot reach Consul returns 11\n"
         )
-        try:
-            caches.journal = Journal(state_dir)
-        except OSError as exc:
-            if args.state_dir:
-                sys.exit(
-                    f"ipam-da-consul-helper: cannot keep the DEL journal in {state_dir}: {exc}"
-                )
-            # The default place may be read-only (a unit with ProtectSystem=strict and no
-            # StateDirectory=): serving without the journal beats not serving at all.
-            sys.stderr.write(
-                f"ipam-da-consul-helper: WARNING: no DEL journal ({state_dir}: {exc}); a DEL "
-                "that cannot reach Consul only returns 11\n"
-            )
+    caches.takes_over_dels = caches.state is not None and not args.no_journal
+    if caches.state is not None:
+        caches.replayer = Replayer(caches.state, lambda entry: 1)
     try:
         activated = activated_socket()
         server = HelperServer(args.socket, caches, activated, metrics)
@@ -165,10 +163,10 @@ def main(argv: list[str] | None = None) -> None:
         where += f"; metrics on {url}"
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     threading.Thread(target=preload, name="preload", daemon=True).start()
-    if caches.journal is not None:
-        # Also replays what a previous helper left: entries survive restarts by design.
+    if caches.replayer is not None:
+        # Also finishes what a previous helper or an in-process call left: entries outlive them.
         threading.Thread(
-            target=replay_journal, args=(caches.journal, caches), name="journal", daemon=True
+            target=replay_forever, args=(caches,), name="replay", daemon=True
         ).start()
     if args.idle_exit is not None:
         threading.Thread(
@@ -183,8 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         # Calls already accepted finish first; connections still queued stay in the socket
         # (systemd's copy of it, when activated) for the next helper.
-        if caches.journal is not None:
-            caches.journal.stop()
+        if caches.replayer is not None:
+            caches.replayer.stop()
         server.drain()
         server.server_close()
         if metrics is not None:

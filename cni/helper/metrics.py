@@ -150,11 +150,14 @@ class _CountingKV:
         self.kv = kv
         self.refreshes = refreshes
 
-    def get(self, key: str) -> KVEntry | None:
-        return self.kv.get(key)
+    def get(self, key: str, consistent: bool = False) -> KVEntry | None:
+        return self.kv.get(key, consistent)
 
-    def list(self, prefix: str) -> Sequence[KVEntry]:
-        return self.kv.list(prefix)
+    def list(self, prefix: str, consistent: bool = False) -> Sequence[KVEntry]:
+        return self.kv.list(prefix, consistent)
+
+    def create_session(self, name: str, ttl: float) -> str:
+        return self.kv.create_session(name, ttl)
 
     def create(self, key: str, value: bytes) -> bool:
         return self.kv.create(key, value)

@@ -33,7 +33,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +42,6 @@ from loguru import logger
 from .. import logs
 from ..main import execute
 from .caches import PoolCaches
-from .journal import Journal
 from .wire import TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
 
 # The heavy modules (requests, marshmallow, transitions: ~0.3 s, seconds on a loaded host) are
@@ -53,6 +51,7 @@ from .wire import TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
 if TYPE_CHECKING:
     from ...allocator.store import WatchableKV
     from ..config import ConsulSettings
+    from ..state import Entry
     from .metrics import Metrics
 
 # The time budget of each blocking query a watcher sends: its 30 s wait plus Consul's jitter.
@@ -230,41 +229,40 @@ class Handler(socketserver.StreamRequestHandler):
         command = call.env.get("CNI_COMMAND", "")
         began = time.monotonic()
         # `command` rides along for the metrics sink, which sees this call's debug lines.
-        journal = self.server.caches.journal
-        guard = journal.call(call.stdin, call.env) if journal else nullcontext(_ignore)
-        with (
-            logger.contextualize(
-                call=logs.CallLog(err, log_file if call.verbose else None), command=command
-            ),
-            guard as done,
+        caches = self.server.caches
+        with logger.contextualize(
+            call=logs.CallLog(err, log_file if call.verbose else None), command=command
         ):
             out, code = execute(
                 call.stdin,
                 call.env,
-                self.server.caches,
+                caches,
                 started=call.started,
                 abandoned=abandoned,
+                state=caches.state,
             )
-            done(code)  # a journaled DEL of this attachment is now superseded, or done
+        if caches.replayer is not None:
+            caches.replayer.poke(code)  # a call went through: Consul may be back
         if self.server.metrics is not None:
             self.server.metrics.observe_call(command, code, time.monotonic() - began)
         return {"stdout": out, "stderr": err.getvalue(), "code": code}
 
 
-def _ignore(code: int) -> None:
-    pass
-
-
-def replay_journal(journal: Journal, caches: PoolCaches) -> None:
-    """The replay thread: each journaled DEL is redone exactly as the plugin's DEL."""
+def replay_forever(caches: PoolCaches) -> None:
+    """The replay thread (journal.py): each entry's work done as the plugin's calls do it."""
     preload()
+    from .. import replay
 
-    def run(stdin: bytes, env: dict[str, str]) -> int:
-        # A fresh budget (`ipam.timeout`) per try; its log lines go to the helper's stderr.
-        with logger.contextualize(call=logs.CallLog(sys.stderr), command="DEL"):
-            return execute(stdin, env, caches, started=time.monotonic())[1]
+    state, replayer = caches.state, caches.replayer
+    assert state is not None and replayer is not None
 
-    journal.run_forever(run)
+    def finish(entry: Entry) -> int:
+        # Its log lines go to the helper's stderr, where an operator looks for them later.
+        with logger.contextualize(call=logs.CallLog(sys.stderr), command="replay"):
+            return replay.finish(entry, state, caches)
+
+    replayer.finish = finish
+    replayer.run_forever()
 
 
 def _too_late(call: Call) -> dict[str, Any]:

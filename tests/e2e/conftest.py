@@ -10,10 +10,19 @@ from typing import Any
 
 import pytest
 
+from tests.support import plugin
 from tests.support.agent import ConsulAgent
 from tests.support.plugin import netconf
 
 _counter = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def own_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each test's in-process calls get their own state folder (cni/state.py)."""
+    plugin.STATE_DIR = str(tmp_path_factory.mktemp("state") / "state")
+    yield
+    plugin.STATE_DIR = None
 
 
 @pytest.fixture(scope="session")

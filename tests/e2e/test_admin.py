@@ -410,8 +410,8 @@ def test_release_never_deletes_a_key_that_changed_after_it_was_read(consul, pool
     class RacingKV(ConsulKV):
         raced = False
 
-        def get(self, k: str) -> Any:
-            entry = super().get(k)
+        def get(self, k: str, consistent: bool = False) -> Any:
+            entry = super().get(k, consistent)
             if not self.raced:
                 self.raced = True
                 consul.put(k, {"target": "newcomer"})

@@ -1,27 +1,35 @@
-"""The helper's DEL journal (cni/helper/journal.py) against a real, persistent Consul server that is
-stopped and started again with its data, and real helper processes that are restarted and
-killed. Nothing is mocked: calls are the installed plugin run as a runtime runs it."""
+"""What the host's state folder finishes later (cni/state.py, cni/replay.py, the helper's replay
+thread), against a real, persistent Consul server that is stopped and started again with its
+data, real helper processes that are restarted and killed, and a relay that holds chosen
+requests back before they reach Consul (a follower holding a request, a packet in a queue).
+Nothing is mocked: calls are the installed plugin run as a runtime runs it.
+
+- A DEL that finds no Consul is taken over by the helper: answered done (the runtime tears the
+  interface down), kept durably, the addresses reserved until it is finished.
+- Every later call of the attachment finishes it first, in the helper or in-process: a replay
+  never runs beside a call of its attachment, so it can never delete what a re-ADD wrote.
+- A failed ADD's write left in doubt is voided without any DEL from the runtime.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from ipam_da_consul.allocator.allocate import Allocator, Attachment
-from ipam_da_consul.allocator.layout import Layout
-from ipam_da_consul.cni.helper import journal as jr
-from ipam_da_consul.consul import ConsulClient, ConsulKV
 
 from tests.support.agent import ConsulAgent
-from tests.support.plugin import netconf, run_plugin
-from tests.support.util_procs import Helper
-from tests.unit.cni.test_journal import NET, TOKEN
+from tests.support.plugin import Outcome, netconf, run_plugin
+from tests.support.util_procs import Helper, LossyProxy
+
+NET = "testnet"
+TOKEN = "journal-secret-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +51,12 @@ def up(consul: ConsulAgent) -> Iterator[ConsulAgent]:
         consul.start()
 
 
-def conf(consul: ConsulAgent, pool: str) -> dict[str, Any]:
-    # The token travels in stdin: the journal must keep it (0600) and never log it.
-    c = netconf([consul.url], [{"name": pool}], consul_token=TOKEN, consul_unreachable_grace=1.0)
+def conf(url: str, *pools: str, **ipam: Any) -> dict[str, Any]:
+    # The token travels in stdin: the state folder must keep it (0600) and never log it.
+    c = netconf(
+        [url], [{"name": p} for p in pools], consul_token=TOKEN, consul_unreachable_grace=1.0,
+        **ipam,
+    )
     c["name"] = NET
     return c
 
@@ -56,8 +67,8 @@ def make_pool(consul: ConsulAgent, name: str) -> str:
     )
 
 
-def entries(helper_dir: Path) -> list[Path]:
-    return sorted((helper_dir / "run" / "state" / "journal").glob("*.json"))
+def pending(helper: Helper) -> list[Path]:
+    return sorted((Path(helper.state_dir) / "pending").iterdir())
 
 
 def wait_for(what: str, cond: Callable[[], bool], timeout: float = 20.0) -> float:
@@ -71,144 +82,194 @@ def wait_for(what: str, cond: Callable[[], bool], timeout: float = 20.0) -> floa
 
 def served_by(helper: Helper) -> dict[str, str]:
     """The env that sends a call to `helper`; a loaded machine must not let the call slip to
-    in-process (past the default 1 s acknowledgement), which cannot journal a DEL."""
+    in-process (past the default 1 s acknowledgement), which cannot take a DEL over."""
     return {**helper.env, "IPAM_DA_CONSUL_HELPER_ACK_TIMEOUT": "30"}
 
 
-def journaled_del(
-    consul: ConsulAgent, helper: Helper, pool: str, container: str, tmp_path: Path
+def address(out: Outcome) -> str:
+    return str(out.json["ips"][0]["address"].split("/")[0])
+
+
+def taken_over_del(
+    consul: ConsulAgent, helper: Helper, pool: str, container: str, url: str | None = None
 ) -> str:
-    """ADD through the helper, stop Consul, DEL through the helper: 11 and one entry."""
-    add = run_plugin("ADD", conf(consul, pool), container=container, env=served_by(helper))
+    """ADD through the helper, stop Consul, DEL through the helper: done (0), one entry."""
+    c = conf(url or consul.url, pool)
+    add = run_plugin("ADD", c, container=container, env=served_by(helper))
     assert add.rc == 0, add
-    ip = add.json["ips"][0]["address"].split("/")[0]
     consul.stop()
-    gone = run_plugin("DEL", conf(consul, pool), container=container, env=served_by(helper))
-    assert gone.rc == 11, gone
-    assert "journaled" in gone.json["msg"], gone
-    [entry] = entries(tmp_path)
+    gone = run_plugin("DEL", c, container=container, env=served_by(helper))
+    assert (gone.rc, gone.stdout) == (0, ""), gone
+    assert "the helper finishes this DEL" in gone.stderr, gone
+    [mark] = pending(helper)
+    entry = Path(helper.state_dir) / "attachments" / f"{mark.name}.json"
     assert stat.S_IMODE(entry.stat().st_mode) == 0o600
     assert stat.S_IMODE(entry.parent.stat().st_mode) == 0o700
-    return ip
+    return address(add)
 
 
-def test_journaled_del_survives_helper_restart_and_is_replayed(
+def test_a_del_taken_over_survives_a_helper_restart_and_is_finished(
     up: ConsulAgent, tmp_path: Path
 ) -> None:
     pool = make_pool(up, f"jr-a-{os.getpid()}")
     log = tmp_path / "helper.log"
     helper = Helper(tmp_path, stderr=log)
     try:
-        ip = journaled_del(up, helper, pool, "ctr-a", tmp_path)
-        # A retried DEL while Consul is still away replaces the entry instead of adding one.
-        again = run_plugin("DEL", conf(up, pool), container="ctr-a", env=served_by(helper))
-        assert again.rc == 11 and len(entries(tmp_path)) == 1, again
-        data = json.loads(entries(tmp_path)[0].read_text())
-        assert TOKEN in data["stdin"] and data["env"]["CNI_CONTAINERID"] == "ctr-a"
+        ip = taken_over_del(up, helper, pool, "ctr-a")
+        # The runtime retries while Consul is still away: the same entry, still done.
+        again = run_plugin("DEL", conf(up.url, pool), container="ctr-a", env=served_by(helper))
+        assert again.rc == 0 and len(pending(helper)) == 1, again
+        [entry] = (Path(helper.state_dir) / "attachments").iterdir()
+        data = json.loads(entry.read_text())
+        assert TOKEN in data["deleting"]["stdin"] and data["deleting"]["env"]["CNI_CONTAINERID"]
     finally:
         helper.close()
     log2 = tmp_path / "helper2.log"
-    helper = Helper(tmp_path, stderr=log2)  # the same socket, so the same journal
+    helper = Helper(tmp_path, stderr=log2)  # the same state folder
     try:
         time.sleep(1.5)  # a pass or two at start-up, against a Consul that is still down
-        assert len(entries(tmp_path)) == 1
+        assert len(pending(helper)) == 1
         up.start()
-        took = wait_for("the journaled DEL replayed", lambda: not entries(tmp_path))
+        took = wait_for("the DEL finished", lambda: not pending(helper))
         assert ip not in up.allocations(pool)
         assert took < 10, took
-        helper.wait_stderr("journaled DEL of testnet/ctr-a/eth0 redone")
     finally:
         helper.close()
     for path in (log, log2):
         assert TOKEN not in path.read_text()
 
 
-def test_re_added_attachment_is_not_released(
-    up: ConsulAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_the_address_stays_reserved_until_the_taken_over_del_is_finished(
+    up: ConsulAgent, tmp_path: Path
 ) -> None:
-    pool = make_pool(up, f"jr-b-{os.getpid()}")
-    pause = tmp_path / "pause"
-    pause.touch()
-    monkeypatch.setenv(jr.PAUSE_ENV, str(pause))  # the helper inherits it
+    """The runtime was told the DEL is done; the address must not go to anyone before the
+    helper has actually released it. The replay's fence is held back at the relay: until it
+    gets through, another container gets another address."""
+    pool = make_pool(up, f"jr-r-{os.getpid()}")
+    relay = LossyProxy(up.url, lambda m, p: False, hold=lambda m, p: False)
     helper = Helper(tmp_path, stderr=tmp_path / "helper.log")
     try:
-        ip = journaled_del(up, helper, pool, "ctr-b", tmp_path)
+        ip = taken_over_del(up, helper, pool, "ctr-r", url=relay.url)
+        relay.hold = lambda m, p: m == "PUT" and p.startswith("/v1/txn")
         up.start()
-        # The runtime starts the attachment again before the replay got to it: an idempotent
-        # ADD hands back the address it still holds, and the entry goes unreplayed.
-        add = run_plugin("ADD", conf(up, pool), container="ctr-b", env=served_by(helper))
-        assert add.rc == 0, add
-        assert add.json["ips"][0]["address"].startswith(ip + "/")
-        assert not entries(tmp_path)
-        helper.wait_stderr("succeeded after its DEL was journaled")
-        pause.unlink()
-        time.sleep(3)  # several replay passes, had anything been left
-        assert up.allocations(pool).get(ip) == "ctr-b"
+        wait_for("the replay's fence held back", lambda: bool(relay.held))
+        other = run_plugin("ADD", conf(up.url, pool), container="ctr-other")
+        assert other.rc == 0 and address(other) != ip, other
+        assert up.allocations(pool).get(ip) == "ctr-r"
+        relay.let_go()
+        wait_for("the DEL finished", lambda: not pending(helper))
+        assert ip not in up.allocations(pool)
     finally:
         helper.close()
+        relay.close()
 
 
-def test_re_added_in_process_is_spared_by_the_replay(
-    up: ConsulAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("route", ["helper", "in-process"])
+def test_a_re_add_finishes_the_taken_over_del_first_and_keeps_its_address(
+    up: ConsulAgent, tmp_path: Path, route: str
 ) -> None:
-    """The ADD that re-adds the attachment runs in-process (the helper missed its ack), so the
-    helper never sees it and the entry stays: the replay must still spare the key, which the
-    ADD rewrote as its own (nonce and start time after the journaled DEL)."""
-    pool = make_pool(up, f"jr-d-{os.getpid()}")
-    pause = tmp_path / "pause"
-    pause.touch()
-    monkeypatch.setenv(jr.PAUSE_ENV, str(pause))
+    """The runtime starts the attachment again (a restart keeps the container ID) while the
+    helper is finishing the DEL: its release of the key is held back at the relay. The ADD
+    waits for the replay (they share the attachment's entry), and then holds the address: the
+    replay can never delete what the ADD wrote (it deleted a re-ADD's key before)."""
+    pool = make_pool(up, f"jr-b-{os.getpid()}-{route}")
+    relay = LossyProxy(up.url, lambda m, p: False, hold=lambda m, p: False)
     helper = Helper(tmp_path, stderr=tmp_path / "helper.log")
     try:
-        ip = journaled_del(up, helper, pool, "ctr-d", tmp_path)
+        ip = taken_over_del(up, helper, pool, "ctr-b", url=relay.url)
+        relay.hold = lambda m, p: m == "DELETE" and f"/{pool}/" in p
         up.start()
-        add = run_plugin("ADD", conf(up, pool), container="ctr-d")  # in-process
+        wait_for("the replay's release held back", lambda: bool(relay.held))
+        env = served_by(helper) if route == "helper" else helper.host_env
+        result: list[Outcome] = []
+        adder = threading.Thread(
+            target=lambda: result.append(
+                run_plugin("ADD", conf(relay.url, pool), container="ctr-b", env=env)
+            )
+        )
+        adder.start()
+        time.sleep(1.5)
+        assert not result  # waiting for the replay, not racing it
+        relay.let_go()
+        adder.join(30)
+        [add] = result
         assert add.rc == 0, add
-        assert add.json["ips"][0]["address"].startswith(ip + "/")
-        assert entries(tmp_path)  # the helper did not see that ADD
-        pause.unlink()
-        wait_for("the replay", lambda: not entries(tmp_path))
-        helper.wait_stderr("written after that DEL")
-        assert up.allocations(pool).get(ip) == "ctr-d"
+        wait_for("nothing pending", lambda: not pending(helper))
+        time.sleep(1.5)  # replay passes, had anything been left
+        held = up.allocations(pool)
+        assert held.get(address(add)) == "ctr-b"
+        assert list(held.values()).count("ctr-b") == 1
+        assert ip in held or address(add) != ip
     finally:
         helper.close()
+        relay.close()
 
 
-def test_interrupted_replay_is_redone_without_harm(
-    up: ConsulAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_interrupted_replay_is_redone_without_harm(up: ConsulAgent, tmp_path: Path) -> None:
     pool = make_pool(up, f"jr-c-{os.getpid()}")
-    pause = tmp_path / "pause"
-    pause.touch()
-    monkeypatch.setenv(jr.PAUSE_ENV, str(pause))
+    relay = LossyProxy(up.url, lambda m, p: False, hold=lambda m, p: False)
     helper = Helper(tmp_path, stderr=tmp_path / "helper.log")
     try:
         # A neighbour on another interface of the same container, which must stay.
         other = run_plugin(
-            "ADD", conf(up, pool), container="ctr-c", ifname="eth1", env=served_by(helper)
+            "ADD", conf(relay.url, pool), container="ctr-c", ifname="eth1", env=served_by(helper)
         )
         assert other.rc == 0, other
-        ip = journaled_del(up, helper, pool, "ctr-c", tmp_path)
+        ip = taken_over_del(up, helper, pool, "ctr-c", url=relay.url)
+        # The replay's listing is held back: its fence is up, its release not done. Then the
+        # helper dies without finishing.
+        relay.hold = lambda m, p: m == "GET" and "recurse" in p
         up.start()
-        # Where a replay killed midway stops: its first step, the fence, is done; the
-        # listing and the release are not. Then the helper dies without removing the entry.
-        kv = ConsulKV(ConsulClient([up.url]))
-        layout = Layout()
-        fence = layout.fence_key(NET, "ctr-c", "eth0")
-        Allocator(kv, layout).raise_fence("DEL", Attachment(NET, "ctr-c", "eth0"))
-        first_fence = up.modify_index(fence)
-        assert first_fence is not None
+        wait_for("the replay's listing held back", lambda: bool(relay.held))
         helper.proc.kill()
         helper.proc.wait()
     finally:
         helper.close()
-    monkeypatch.delenv(jr.PAUSE_ENV)
+    relay.let_go()
     helper = Helper(tmp_path, stderr=tmp_path / "helper2.log")
     try:
-        wait_for("the interrupted replay redone", lambda: not entries(tmp_path))
+        wait_for("the interrupted replay redone", lambda: not pending(helper))
         held = up.allocations(pool)
         assert ip not in held
-        assert held.get(other.json["ips"][0]["address"].split("/")[0]) == "ctr-c"
-        assert (up.modify_index(fence) or 0) > first_fence  # the redo raised the fence again
+        assert held.get(address(other)) == "ctr-c"
     finally:
         helper.close()
+        relay.close()
+
+
+@pytest.mark.parametrize("who", ["helper", "in-process"])
+def test_a_failed_adds_late_write_is_voided_without_any_del(
+    up: ConsulAgent, tmp_path: Path, who: str
+) -> None:
+    """An ADD's write is held back by a follower until long after the call failed, and its
+    rollback could not reach Consul either. No runtime DEL ever comes (dockershim, CRI-O after
+    a reboot). Once the write lands, the helper's replay (or, without a helper, the host's next
+    in-process call) voids it: the fence first, then that exact write."""
+    pool = make_pool(up, f"jr-v-{os.getpid()}-{who}")
+    relay = LossyProxy(
+        up.url, lambda m, p: False, hold=lambda m, p: m == "PUT" and p.startswith("/v1/txn")
+    )
+    helper = Helper(tmp_path, stderr=tmp_path / "helper.log")
+    try:
+        env = served_by(helper) if who == "helper" else helper.host_env
+        c = conf(relay.url, pool, timeout=4, consul_attempt_timeout=1)
+        if who == "in-process":
+            helper.close()  # no helper on this host
+        ctr = f"ctr-v-{who}"  # its own fence: the other case's stays up for an hour
+        add = run_plugin("ADD", c, container=ctr, env=env)
+        assert add.rc != 0, add
+        assert pending(helper)  # the write (and the rollback's fence) in doubt, kept
+        if who == "helper":
+            helper.close()  # a helper that dies does not lose it either
+            helper = Helper(tmp_path, stderr=tmp_path / "helper2.log")
+        relay.let_go()  # the held sends arrive late, in order: the write applies
+        wait_for("the late write applied", lambda: ctr in up.allocations(pool).values())
+        if who == "in-process":
+            # Another container's call on this host finishes what the failed ADD left.
+            other = run_plugin("ADD", conf(up.url, pool), container="ctr-w", env=env)
+            assert other.rc == 0, other
+        wait_for("the late write voided", lambda: ctr not in up.allocations(pool).values())
+        wait_for("nothing pending", lambda: not pending(helper))
+    finally:
+        helper.close()
+        relay.close()

@@ -195,7 +195,8 @@ class IpamModel(RuleBasedStateMachine):
         return netconf11(servers, net, pools, host, **kw)
 
     def route_env(self, route: str, host: str) -> dict[str, str]:
-        return self.helpers[host].env if route == "helper" else {}
+        helper = self.helpers[host]
+        return helper.env if route == "helper" else helper.host_env
 
     def servers(self, route: str) -> list[str] | None:
         # "slow": in-process, through the relay that answers pool listings late.

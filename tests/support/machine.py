@@ -5,13 +5,13 @@ the machine's own `state a -> b (trigger)` debug lines, so a test pins the exact
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ipam_da_consul.cni.config import ConsulSettings
 from ipam_da_consul.cni.machine import Invocation
+from ipam_da_consul.cni.state import StateDir
 from ipam_da_consul.consul import Deadline
 from loguru import logger
 
@@ -107,23 +107,15 @@ class Faulty:
         return call
 
 
-@dataclass
-class Journal:
-    records: list[tuple[bytes, dict[str, str]]] = field(default_factory=list)
-
-    def record(self, stdin: bytes, env: Mapping[str, str]) -> bool:
-        self.records.append((stdin, dict(env)))
-        return True
-
-
 class Caches:
-    """The helper's side as a DEL or STATUS sees it: a remembered server and the journal.
-    (ADD's pool cache needs a watchable KV: tests/test_cache.py covers it on Consul.)"""
+    """The helper's side as a DEL or STATUS sees it: a remembered server, and DELs taken over
+    when Consul cannot be reached. (ADD's pool cache needs a watchable KV: tests/test_cache.py
+    covers it on Consul.)"""
 
-    def __init__(self, server: str | None = None) -> None:
+    def __init__(self, server: str | None = None, takes_over_dels: bool = True) -> None:
         self.server = server
         self.remembered: list[str] = []
-        self.journal = Journal()
+        self.takes_over_dels = takes_over_dels
 
     def recent_server(self, settings: ConsulSettings) -> str | None:
         return self.server
@@ -152,9 +144,11 @@ class Run:
 
 
 class Mem:
-    """One in-memory KV and the calls made against it."""
+    """One in-memory KV and the calls made against it; with `state`, the host's state folder
+    (cni/state.py) its calls share."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: StateDir | None = None) -> None:
+        self.state = state
         self.kv = MemKV()
         # Wraps the KV each call's store gets (a fault, a held-back write).
         self.wrap: Callable[[Any], Any] = lambda kv: kv
@@ -209,7 +203,7 @@ class Mem:
         stores = len(self.stores)
         try:
             inv = Invocation(raw, environ, caches, abandoned=abandoned,
-                             store_factory=self.factory)
+                             store_factory=self.factory, state=self.state)
             code = inv.run()
         finally:
             logger.remove(sink)
@@ -220,13 +214,6 @@ class Mem:
 
 
 def ours(run: Run, container: str = "c1", ifname: str = "eth0") -> dict[str, Any]:
-    """The allocation value `run` writes for its attachment (its `at` aside)."""
+    """The allocation value `run` writes for its attachment."""
     return {"target": container, "ifname": ifname, "host": HOST, "network": "net",
             "call": run.inv.inputs.call_id}
-
-
-def without_at(value: dict[str, Any] | None) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    assert isinstance(value.get("at"), float) and abs(value["at"] - time.time()) < 60
-    return {k: v for k, v in value.items() if k != "at"}

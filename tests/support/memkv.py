@@ -7,14 +7,28 @@ the same behaviour (see tests/e2e/test_safety.py): it makes the allocator's logi
 
 from __future__ import annotations
 
+import builtins
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ipam_da_consul.allocator.store import Cas, Check, DeleteCas, KVEntry, Op, Set, TxnResult
+from ipam_da_consul.allocator.store import (
+    Cas,
+    Check,
+    Delete,
+    DeleteCas,
+    KVEntry,
+    Lock,
+    Op,
+    Set,
+    TxnResult,
+)
 
 
 class MemKV:
+    """Sessions are Consul's as this plugin uses them: `expire_session` stands for the TTL
+    running out, deleting the keys locked with it."""
+
     def __init__(self) -> None:
         self.data: dict[str, KVEntry] = {}
         self.index = 0
@@ -22,12 +36,36 @@ class MemKV:
         self.writes = 0  # every write attempt, applied or not (Consul spends a raft entry each)
         # Called before each write is applied, e.g. to make another writer win in between.
         self.before_write: Callable[[str], None] | None = None
+        self.sessions: dict[str, float] = {}  # id -> ttl
+        self.locked: dict[str, str] = {}  # key -> session
+        self.consistent_reads = 0
 
-    def get(self, key: str) -> KVEntry | None:
+    def get(self, key: str, consistent: bool = False) -> KVEntry | None:
+        self.consistent_reads += consistent
         return self.data.get(key)
 
-    def list(self, prefix: str) -> list[KVEntry]:
+    def list(self, prefix: str, consistent: bool = False) -> list[KVEntry]:
+        self.consistent_reads += consistent
         return [e for k, e in sorted(self.data.items()) if k.startswith(prefix)]
+
+    def create_session(self, name: str, ttl: float) -> str:
+        with self.lock:
+            self.writes += 1
+            self.index += 1
+            session = f"session-{self.index}"
+            self.sessions[session] = ttl
+            return session
+
+    def expire_session(self, session: str) -> builtins.list[str]:
+        """The session's TTL ran out: its keys are deleted. Returns them."""
+        with self.lock:
+            self.index += 1
+            self.sessions.pop(session, None)
+            gone = [k for k, s in self.locked.items() if s == session]
+            for key in gone:
+                del self.locked[key]
+                self.data.pop(key, None)
+            return gone
 
     def create(self, key: str, value: bytes) -> bool:
         return self.txn([Cas(key, value, 0)]).ok
@@ -55,13 +93,18 @@ class MemKV:
                     return TxnResult(i, {})
                 if isinstance(op, DeleteCas) and current is None:
                     return TxnResult(i, {})
+                if isinstance(op, Lock) and op.session not in self.sessions:
+                    return TxnResult(i, {}, why=f"invalid session {op.session!r}")
             indexes = {}
             for op in ops:
-                if isinstance(op, Cas | Set):
+                if isinstance(op, Cas | Set | Lock):
                     self.data[op.key] = KVEntry(op.key, op.value, self.index)
                     indexes[op.key] = self.index
-                elif isinstance(op, DeleteCas):
-                    del self.data[op.key]
+                    if isinstance(op, Lock):
+                        self.locked[op.key] = op.session
+                elif isinstance(op, DeleteCas | Delete):
+                    self.data.pop(op.key, None)
+                    self.locked.pop(op.key, None)
             return TxnResult(None, indexes)
 
 

@@ -188,7 +188,12 @@ class HostHelper:
     def env(self) -> dict[str, str]:
         # A killed helper leaves its socket file behind: calls find nobody listening there,
         # exactly as on a host whose helper crashed.
-        return {"IPAM_DA_CONSUL_SOCKET": self.socket}
+        return {"IPAM_DA_CONSUL_SOCKET": self.socket, **self.host_env}
+
+    @property
+    def host_env(self) -> dict[str, str]:
+        """An in-process call on this host: the host's state folder, shared with its helper."""
+        return {"IPAM_DA_CONSUL_STATE_DIR": str(self.directory / "state")}
 
     def pause(self) -> None:
         assert self.helper is not None and self.alive

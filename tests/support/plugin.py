@@ -14,6 +14,28 @@ from typing import Any
 
 BIN_DIR = Path(sys.executable).parent
 NO_HELPER = "/nonexistent/ipam-da-consul-tests/helper.sock"
+# The state folder (cni/state.py) of in-process calls that name none: one per test, set by the
+# e2e tier's conftest, so that no test ever sees another's entries (or the machine's own
+# /var/lib/ipam-da-consul).
+STATE_DIR: str | None = None
+
+
+def state_dir() -> str:
+    global STATE_DIR
+    if STATE_DIR is None:
+        import tempfile
+
+        STATE_DIR = tempfile.mkdtemp(prefix="ipam-da-consul-state-")
+    return STATE_DIR
+
+
+def base_env() -> dict[str, str]:
+    """The test process's environment without CNI, Consul or plugin settings: a call runs
+    in-process, with this test's state folder, unless it says otherwise."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "CONSUL_", "IPAM_DA_"))}
+    env["IPAM_DA_CONSUL_SOCKET"] = NO_HELPER
+    env["IPAM_DA_CONSUL_STATE_DIR"] = state_dir()
+    return env
 
 
 def executable(name: str) -> str:
@@ -52,11 +74,8 @@ def run_plugin(
     timeout: float = 60,
     name: str = "ipam-da-consul",
 ) -> Outcome:
-    full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "CONSUL_", "IPAM_DA_"))
-    }
     # In-process unless a test hands over a helper's socket: never a helper left on the machine.
-    full_env["IPAM_DA_CONSUL_SOCKET"] = NO_HELPER
+    full_env = base_env()
     full_env["CNI_COMMAND"] = command
     if container is not None:
         full_env["CNI_CONTAINERID"] = container

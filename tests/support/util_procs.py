@@ -26,7 +26,7 @@ from typing import Any
 
 import requests
 
-from tests.support.plugin import BIN_DIR, NO_HELPER, executable
+from tests.support.plugin import BIN_DIR, base_env, executable
 
 
 @dataclass
@@ -70,11 +70,8 @@ class Done:
 
 
 def environment(call: Call) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "CONSUL_", "IPAM_DA_"))
-    }
-    # In-process, as conftest.run_plugin does, unless the call names a helper's socket itself.
-    env["IPAM_DA_CONSUL_SOCKET"] = NO_HELPER
+    # In-process, as run_plugin does, unless the call names a helper's socket itself.
+    env = base_env()
     env.update(
         CNI_COMMAND=call.command,
         CNI_CONTAINERID=call.container,
@@ -200,11 +197,22 @@ class LossyProxy:
     Consul's own."""
 
     def __init__(
-        self, upstream: str, drop: Callable[[str, str], bool], hang: bool = False
+        self,
+        upstream: str,
+        drop: Callable[[str, str], bool],
+        hang: bool = False,
+        hold: Callable[[str, str], bool] | None = None,
     ) -> None:
+        """`hold` selects requests kept back *before* they reach Consul, until `let_go()`: a
+        request a follower holds while there is no leader, or a packet stuck in a queue."""
         self.upstream = upstream
         self.drop = drop
         self.hang = hang
+        self.hold = hold
+        self.gate = threading.Condition()
+        self.opened = False
+        self.forwarded = 0  # held requests forwarded so far: they go in the order they came
+        self.held: list[tuple[str, str]] = []
         self.released = threading.Event()
         self.seen: list[tuple[str, str]] = []
         self.dropped: list[tuple[str, str]] = []
@@ -220,10 +228,24 @@ class LossyProxy:
                 size = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(size) if size else None
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                resp = requests.request(
-                    self.command, relay.upstream + self.path, data=body, headers=headers,
-                    timeout=10,
-                )
+                turn = None
+                with relay.gate:
+                    if relay.hold is not None and relay.hold(self.command, self.path):
+                        turn = len(relay.held)
+                        relay.held.append((self.command, self.path))
+                        relay.gate.wait_for(
+                            lambda: relay.opened and relay.forwarded == turn, timeout=60
+                        )
+                try:
+                    resp = requests.request(
+                        self.command, relay.upstream + self.path, data=body, headers=headers,
+                        timeout=10,
+                    )
+                finally:
+                    if turn is not None:
+                        with relay.gate:
+                            relay.forwarded += 1
+                            relay.gate.notify_all()
                 relay.seen.append((self.command, self.path))
                 if relay.drop(self.command, self.path):
                     relay.dropped.append((self.command, self.path))
@@ -248,8 +270,17 @@ class LossyProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def let_go(self) -> None:
+        """Forward what `hold` kept back, one at a time in the order they came, and every
+        request from now on."""
+        with self.gate:
+            self.hold = None
+            self.opened = True
+            self.gate.notify_all()
+
     def close(self) -> None:
         self.released.set()
+        self.let_go()
         self.server.shutdown()
         self.server.server_close()
 
@@ -280,13 +311,16 @@ class Helper:
     ) -> None:
         """refresh_interval None: the helper's own default. env None: ours."""
         self.socket = str(directory / "run" / "helper.sock")
+        # The host's state folder, which its in-process calls share (`host_env`).
+        self.state_dir = str(directory / "state")
         # A file, not a pipe: a helper stopped mid-test must not block on a full pipe, and a
         # test can read what it said so far.
         self.stderr_path = stderr
         err = open(stderr, "wb") if stderr else subprocess.DEVNULL  # noqa: SIM115
         refresh = [] if refresh_interval is None else ["--refresh-interval", str(refresh_interval)]
         self.proc = subprocess.Popen(
-            [executable("ipam-da-consul-helper"), "--socket", self.socket, *refresh, *(args or [])],
+            [executable("ipam-da-consul-helper"), "--socket", self.socket,
+             "--state-dir", self.state_dir, *refresh, *(args or [])],
             stdout=subprocess.DEVNULL,
             stderr=err,
             env=env,
@@ -302,7 +336,13 @@ class Helper:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"IPAM_DA_CONSUL_SOCKET": self.socket}
+        """A call through this helper (its host's state folder, should it run in-process)."""
+        return {"IPAM_DA_CONSUL_SOCKET": self.socket, **self.host_env}
+
+    @property
+    def host_env(self) -> dict[str, str]:
+        """An in-process call on this helper's host."""
+        return {"IPAM_DA_CONSUL_STATE_DIR": self.state_dir}
 
     def stderr_text(self) -> str:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path else ""

@@ -42,7 +42,7 @@ class FakeKV(MemKV):
 
         return load
 
-    def get(self, key: str) -> KVEntry | None:
+    def get(self, key: str, consistent: bool = False) -> KVEntry | None:
         return KVEntry(key, RANGES, 1)
 
     def list_after(

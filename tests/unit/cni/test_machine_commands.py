@@ -8,10 +8,8 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-from ipam_da_consul.allocator.allocate import FENCE_TTL
 from ipam_da_consul.allocator.layout import Layout
 from ipam_da_consul.allocator.pool import Pool, parse_pool
-from ipam_da_consul.allocator.schemas import dump_fence
 from ipam_da_consul.cni.config import ConsulSettings
 from ipam_da_consul.cni.schemas import SUPPORTED_VERSIONS
 from ipam_da_consul.consul import ConsulError, ConsulUnavailable
@@ -132,16 +130,6 @@ def test_gc_reports_every_problem_and_still_serves_the_other_pools() -> None:
                              "'ipam/p/10.0.0.11' does not hold a valid Allocation: not valid JSON "
                              "(Expecting value: line 1 column 1 (char 0))")
     assert m.keys("ipam/p") == ["ipam/p", KEY11]
-
-
-def test_gc_sweeps_expired_fences_of_its_network() -> None:
-    m = Mem()
-    m.pool()
-    old, new = "ipam/.fences/net/gone/eth0", "ipam/.fences/net/recent/eth0"
-    m.kv.put(old, dump_fence(time.time() - FENCE_TTL - 10, HOST, "GC"))
-    m.kv.put(new, dump_fence(time.time(), HOST, "GC"))
-    assert m.call("GC", gc_conf()).code == 0
-    assert m.keys("ipam/.fences/") == [new]
 
 
 def test_gc_needs_cni_1_1_and_its_attachments() -> None:

@@ -1,18 +1,17 @@
 """DEL through the machine over the in-memory KV: the fence first (connected -> fenced), then
-each pool's keys of the attachment released; late writes voided, journaled replays, cool-downs,
-and the error codes of a DEL that cannot finish. On a real Consul: tests/test_del.py,
-test_safety.py, test_journal.py, test_cooldown.py."""
+each pool's keys of the attachment released, exactly the versions read; late writes voided, DELs
+the helper takes over while Consul is away (and finished before the attachment's next ADD),
+cool-downs, and the error codes of a DEL that cannot finish. On a real Consul:
+tests/e2e/test_del.py, test_safety.py, test_journal.py, test_cooldown.py."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
-from ipam_da_consul.allocator.allocate import FENCE_TTL
-from ipam_da_consul.allocator.schemas import dump_fence
-from ipam_da_consul.cni.commands import delete
-from ipam_da_consul.cni.env import REPLAY_BEFORE
+from ipam_da_consul.cni.state import StateDir, entry_name
 from ipam_da_consul.consul import ConsulError, ConsulUnavailable
 
 from tests.support.machine import HOST, Caches, Faulty, Mem, netconf
@@ -27,10 +26,9 @@ def err(code: int, msg: str) -> dict[str, Any]:
     return {"cniVersion": "1.1.0", "code": code, "msg": msg, "details": ""}
 
 
-@pytest.fixture(autouse=True)
-def no_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
-    """DEL sweeps fences in about one call of 32: never, unless a test says so."""
-    monkeypatch.setattr(delete.random, "random", lambda: 0.99)
+@pytest.fixture
+def state(tmp_path: Path) -> StateDir:
+    return StateDir(str(tmp_path / "state"))
 
 
 def test_del_raises_the_fence_then_releases_our_key() -> None:
@@ -104,7 +102,7 @@ def test_the_fence_voids_an_add_write_still_in_flight() -> None:
     m.wrap = unreachable
     add = m.call("ADD")
     assert add.code == 125
-    assert add.logged(f"could not roll back {KEY10}: no Consul server answered")
+    assert add.logged(f"could not undo {KEY10} (rollback): no Consul server answered")
     m.wrap = lambda kv: kv
     run = m.call("DEL")
     assert (run.code, run.walk) == (0, FENCED)
@@ -130,24 +128,24 @@ def test_a_key_rewritten_by_another_container_after_our_read_is_left_alone() -> 
     assert m.value(KEY10) == {"target": "thief"}
 
 
-def test_a_key_that_keeps_changing_under_us_is_125() -> None:
+def test_a_key_written_again_for_the_attachment_after_the_fence_is_kept() -> None:
+    """Only the version read after the fence is deleted: a version written since passed the
+    raised fence, so a call that started after this DEL wrote it (a re-ADD)."""
     m = Mem()
     m.pool()
     m.put(KEY10, {"target": "c1", "ifname": "eth0"})
     kv = m.kv
 
-    def churn(key: str) -> None:
-        if key == KEY10:  # our own attachment's key, rewritten before every delete
+    def rewrite(key: str) -> None:
+        if key == KEY10:  # our own attachment's key, rewritten just before the delete
             kv.before_write = None
-            m.put(KEY10, {"target": "c1", "ifname": "eth0"})
-            kv.before_write = churn
+            m.put(KEY10, {"target": "c1", "ifname": "eth0", "call": "newer"})
 
-    kv.before_write = churn
+    kv.before_write = rewrite
     run = m.call("DEL")
-    assert run.code == 125
-    assert run.walk == ["start", "parsed", "connected", "fenced", "pool_loaded", "failed"]
-    assert run.output == err(125, f"could not release {KEY10}: it kept changing under us")
-    assert m.value(KEY10) == {"target": "c1", "ifname": "eth0"}
+    assert run.code == 0
+    assert run.logged(f"{KEY10} was written again for its attachment since: kept")
+    assert m.value(KEY10) == {"target": "c1", "ifname": "eth0", "call": "newer"}
 
 
 def test_with_reuse_after_the_key_stays_as_a_release_cooling_down() -> None:
@@ -165,31 +163,50 @@ def test_with_reuse_after_the_key_stays_as_a_release_cooling_down() -> None:
     assert add.code == 0
 
 
-def test_a_journaled_del_redone_late_spares_keys_written_after_it() -> None:
-    m = Mem()
+def test_no_consul_the_helper_takes_the_del_over_and_answers_done(state: StateDir) -> None:
+    m = Mem(state)
     m.pool()
-    m.put(KEY10, {"target": "c1", "ifname": "eth0", "at": 1000.0})  # before the DEL
-    m.put(KEY11, {"target": "c1", "ifname": "eth0", "at": 3000.0})  # a new ADD since
-    run = m.call("DEL", env={REPLAY_BEFORE: "2000.0"})
-    assert run.code == 0
-    assert run.logged(f"journaled DEL spares {KEY11}: written after that DEL")
-    assert m.keys() == [FENCE, "ipam/p", KEY11]
-
-
-def test_no_consul_is_11_and_the_helper_journals_the_del() -> None:
-    m = Mem()
-    m.pool()
-    m.put(KEY10, {"target": "c1", "ifname": "eth0"})
+    m.put(KEY10, {"target": "c1", "ifname": "eth0", "network": "net"})
     m.wrap = lambda kv: Faulty(kv, "txn", ConsulUnavailable("no Consul server answered"))
-    caches = Caches()
-    run = m.call("DEL", caches=caches)
-    assert run.code == 11
-    assert run.walk == ["start", "parsed", "connected", "failed"]
-    assert run.output == err(11, "no Consul server answered; the helper journaled this DEL and "
-                                 "redoes it once Consul answers")
-    assert [(stdin, env["CNI_CONTAINERID"]) for stdin, env in caches.journal.records] == [
-        (run.inv.inputs.stdin, "c1")]
-    assert m.keys() == ["ipam/p", KEY10]
+    run = m.call("DEL", caches=Caches())
+    assert (run.code, run.output) == (0, None)
+    assert run.walk == ["start", "parsed", "connected", "done"]
+    assert run.logged("the helper finishes this DEL of net/c1/eth0 once it can")
+    assert m.keys() == ["ipam/p", KEY10]  # the address stays reserved meanwhile
+    assert state.pending() == [entry_name(("net", "c1", "eth0"))]
+    with state.entry(("net", "c1", "eth0"), time.monotonic() + 1) as entry:
+        assert entry.deleting is not None and entry.deleting.stdin == run.inv.inputs.stdin
+
+
+def test_the_next_add_of_the_attachment_finishes_the_taken_over_del_first(
+    state: StateDir,
+) -> None:
+    """The runtime was told the DEL is done and starts the attachment again: the DEL is
+    finished before the ADD writes, so it can never release the new address."""
+    m = Mem(state)
+    m.pool()
+    assert m.call("ADD").code == 0
+    m.wrap = lambda kv: Faulty(kv, "txn", ConsulUnavailable("no Consul server answered"))
+    assert m.call("DEL", caches=Caches()).code == 0
+    m.wrap = lambda kv: kv  # Consul is back
+    add = m.call("ADD", caches=None)
+    assert add.code == 0
+    assert add.output is not None and add.output["ips"][0]["address"] == "10.0.0.10/24"
+    assert m.value(KEY10) == {"target": "c1", "ifname": "eth0", "host": HOST,
+                              "network": "net", "call": add.inv.inputs.call_id}
+    assert state.pending() == []
+
+
+def test_an_add_while_the_taken_over_del_cannot_finish_is_11(state: StateDir) -> None:
+    m = Mem(state)
+    m.pool()
+    assert m.call("ADD").code == 0
+    m.wrap = lambda kv: Faulty(kv, "txn", ConsulUnavailable("no Consul server answered"))
+    assert m.call("DEL", caches=Caches()).code == 0
+    add = m.call("ADD")
+    assert add.code == 11
+    assert add.output is not None and "is not finished yet" in add.output["msg"]
+    assert state.pending()  # still owed
 
 
 def test_without_the_helper_a_del_without_consul_is_only_11() -> None:
@@ -200,14 +217,13 @@ def test_without_the_helper_a_del_without_consul_is_only_11() -> None:
     assert run.output == err(11, "no Consul server answered")
 
 
-def test_a_refused_fence_is_a_failed_write_125() -> None:
-    m = Mem()
+def test_a_refused_fence_is_a_failed_write_125(state: StateDir) -> None:
+    m = Mem(state)
     m.pool()
     m.wrap = lambda kv: Faulty(kv, "txn", ConsulError("403 permission denied", status=403))
-    caches = Caches()
-    run = m.call("DEL", caches=caches)
+    run = m.call("DEL", caches=Caches())
     assert run.output == err(125, "403 permission denied")
-    assert caches.journal.records == []  # only "try again later" is journaled
+    assert state.pending() == []  # only "try again later" is taken over
 
 
 def test_a_failed_listing_after_the_fence_is_a_read_error_111() -> None:
@@ -238,19 +254,3 @@ def test_a_server_the_helper_just_used_spares_the_leader_check_and_is_remembered
     assert run.code == 0 and run.store is not None
     assert run.store.selects == 0
     assert caches.remembered == ["mem://recent"]
-
-
-def test_now_and_then_a_del_sweeps_its_networks_expired_fences(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    m = Mem()
-    m.pool()
-    old = "ipam/.fences/net/gone/eth0"
-    other = "ipam/.fences/other-net/gone/eth0"
-    m.kv.put(old, dump_fence(time.time() - FENCE_TTL - 10, HOST, "DEL"))
-    m.kv.put(other, dump_fence(time.time() - FENCE_TTL - 10, HOST, "DEL"))
-    assert m.call("DEL").code == 0
-    assert m.kv.get(old) is not None  # not this time (random 0.99)
-    monkeypatch.setattr(delete.random, "random", lambda: 0.0)
-    assert m.call("DEL").code == 0
-    assert m.kv.get(old) is None and m.kv.get(other) is not None
