@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import os
+import stat
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -188,3 +190,96 @@ def test_admin_never_shows_a_url_password(proxy: AuthProxy, make_pool) -> None:
     out = admin("list", env={"CONSUL_HTTP_ADDR": f"{USER}:{PASSWORD}@{proxy.hostport}/x?y"})
     assert out.rc == 2, out
     assert_hidden(out.stderr)
+
+
+# -- the verbose log file -------------------------------------------------------------------------
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A folder other local users can reach (pytest's tmp_path is 0700): holding a root-owned
+    `victim` file, a sticky world-writable `pub` (as /tmp is) and a world-writable `open`
+    without the sticky bit."""
+    base = Path(tempfile.mkdtemp(prefix="ipdc-secrets-"))
+    base.chmod(0o755)
+    (base / "victim").write_text("precious\n")
+    (base / "victim").chmod(0o600)
+    for name, mode in (("pub", 0o1777), ("open", 0o777)):
+        (base / name).mkdir()
+        (base / name).chmod(mode)
+    yield base
+    subprocess.run(["rm", "-rf", str(base)], check=True)
+
+
+def as_nobody(*argv: str) -> None:
+    subprocess.run([*NOBODY, *argv], check=True, capture_output=True)
+
+
+def assert_not_logged(out: Outcome, path: Path, victim: Path) -> None:
+    """The call worked, said once why it does not log, and root wrote nothing it should not."""
+    assert out.rc == 0, out
+    assert out.json["ips"][0]["address"] == "10.0.21.100/23", out
+    assert victim.read_text() == "precious\n", "root appended to the file a user linked"
+    warnings = [line for line in out.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and str(path) in warnings[0], out
+
+
+def test_log_folder_and_file_are_created_private(
+    make_pool, conf_for, shared: Path
+) -> None:
+    log = shared / "new" / "deeper" / "ipam.log"
+    old = os.umask(0)  # whatever the runtime's umask: private
+    try:
+        out = run_plugin("ADD", conf_for(make_pool()), container="private", verbose=True,
+                         env={"IPAM_DA_CONSUL_LOG_FILE": str(log)})
+    finally:
+        os.umask(old)
+    assert out.rc == 0 and out.stderr == "", out
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (log.parent.parent, log.parent, log)}
+    assert modes == {"new": 0o700, "deeper": 0o700, "ipam.log": 0o600}, modes
+    assert "private" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [
+        "symlink in a folder the user owns",
+        "symlink in a world-writable folder without the sticky bit",
+        "symlink in a sticky world-writable folder",
+        "the user's own file in a sticky world-writable folder",
+    ],
+)
+def test_a_local_user_cannot_choose_what_root_appends_to(
+    make_pool, conf_for, shared: Path, plant: str
+) -> None:
+    victim = shared / "victim"
+    if plant.startswith("symlink in a folder the user owns"):
+        as_nobody("mkdir", "-m", "0755", str(shared / "pub" / "mine"))
+        log = shared / "pub" / "mine" / "ipam.log"
+    elif "without the sticky bit" in plant:
+        log = shared / "open" / "ipam.log"
+    else:
+        log = shared / "pub" / "ipam.log"
+    if plant.startswith("symlink"):
+        as_nobody("ln", "-s", str(victim), str(log))
+    else:
+        as_nobody("sh", "-c", f"umask 0; : > {log}")
+    out = run_plugin("ADD", conf_for(make_pool()), container="planted", verbose=True,
+                     env={"IPAM_DA_CONSUL_LOG_FILE": str(log)})
+    if not log.is_symlink():
+        assert log.read_text() == "", "root wrote the call's log into a file the user reads"
+    assert_not_logged(out, log, victim)
+
+
+def test_the_helper_refuses_a_planted_log_too(
+    make_pool, conf_for, shared: Path, tmp_path: Path
+) -> None:
+    victim = shared / "victim"
+    log = shared / "pub" / "ipam.log"
+    as_nobody("ln", "-s", str(victim), str(log))
+    helper = Helper(tmp_path)
+    try:
+        out = run_plugin("ADD", conf_for(make_pool()), container="planted-h", verbose=True,
+                         env={"IPAM_DA_CONSUL_LOG_FILE": str(log), **helper.env})
+        assert helper.stats()["served"] == 1  # the helper ran it, not the client
+    finally:
+        helper.close()
+    assert_not_logged(out, log, victim)
