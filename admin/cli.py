@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from loguru import logger
 
+from ..cni.hardening import harden
 from ..consul import ConsulError, ConsulUnavailable
 from . import commands
 from . import reconcile as rec
@@ -441,6 +442,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:
+    harden()  # the CLI holds an ACL token
     try:
         status = run()
         sys.stdout.flush()

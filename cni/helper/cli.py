@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from ... import __version__
 from .. import logs
+from ..hardening import harden
 from .caches import PoolCaches
 from .journal import DEFAULT_STATE_DIR, Journal
 from .server import HelperServer, SetupError, activated_socket, preload, replay_journal, watch_kv
@@ -43,6 +44,7 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    harden()  # the helper holds every caller's token for as long as it runs
     parser = argparse.ArgumentParser(
         prog="ipam-da-consul-helper", description=__doc__.split("\n")[0]
     )

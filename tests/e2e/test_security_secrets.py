@@ -12,12 +12,16 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
+import signal
+import socket
 import stat
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -26,9 +30,9 @@ import pytest
 import requests
 
 from tests.support.agent import ConsulAgent
-from tests.support.plugin import Outcome, executable, run_plugin
+from tests.support.plugin import NO_HELPER, Outcome, executable, run_plugin
 from tests.support.plugin_helpers import FAST, assert_cni_error
-from tests.support.util_procs import Helper
+from tests.support.util_procs import Helper, Unresponsive
 
 USER = "ipam-proxy-user"
 PASSWORD = "url-pw-7f3c9e"
@@ -283,3 +287,132 @@ def test_the_helper_refuses_a_planted_log_too(
     finally:
         helper.close()
     assert_not_logged(out, log, victim)
+
+
+# -- core dumps -----------------------------------------------------------------------------------
+def crashes_without_a_core(
+    argv: list[str], env: dict[str, str], stdin: bytes, busy: Callable[[], bool], cwd: Path
+) -> None:
+    """Start `argv` with a core limit of unlimited (as systemd gives services, or `ulimit -c
+    unlimited` a shell), wait until `busy()` says it is in the middle of its work, holding its
+    token, then crash it with SIGSEGV: it must have dropped its core limit to 0, and dump
+    nothing."""
+    proc = subprocess.Popen(
+        ["prlimit", "--core=unlimited", "--", *argv], stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd,
+    )
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+        end = time.monotonic() + 20
+        while not busy():
+            assert proc.poll() is None, f"{argv[0]} exited early"
+            assert time.monotonic() < end, f"{argv[0]} never got busy"
+            time.sleep(0.05)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        core = next(line for line in limits.splitlines() if line.startswith("Max core file"))
+        os.kill(proc.pid, signal.SIGSEGV)
+        _, status = os.waitpid(proc.pid, 0)
+        proc.returncode = -signal.SIGSEGV
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    dumped = [p.name for p in cwd.glob("core*")]
+    assert os.WIFSIGNALED(status) and not os.WCOREDUMP(status), f"it dumped core: {dumped}"
+    assert not dumped
+    assert core.split()[4:6] == ["0", "0"], core
+
+
+def plugin_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "CONSUL_", "IPAM_"))}
+    env.update(CNI_COMMAND="ADD", CNI_CONTAINERID="core", CNI_IFNAME="eth0",
+               CNI_NETNS="/var/run/netns/x", CNI_PATH="/nonexistent", **extra)
+    return env
+
+
+def silent_conf(url: str) -> bytes:
+    return json.dumps({
+        "cniVersion": "1.0.0", "name": "core", "type": "bridge",
+        "ipam": {"type": "ipam-da-consul", "consul_servers": [url],
+                 "consul_token": "core-dump-token", "consul_read_timeout": 60, "timeout": 60,
+                 "pools": [{"name": "p"}]},
+    }).encode()
+
+
+def test_no_core_dump_in_process(tmp_path: Path) -> None:
+    silent = Unresponsive()
+    try:
+        crashes_without_a_core(
+            [executable("ipam-da-consul")], plugin_env({"IPAM_DA_CONSUL_SOCKET": NO_HELPER}),
+            silent_conf(silent.url), lambda: bool(silent.held), tmp_path,
+        )
+    finally:
+        silent.close()
+
+
+def test_no_core_dump_in_the_thin_client(tmp_path: Path) -> None:
+    """The thin client holds stdin (the token) while it waits for the helper's answer; here a
+    socket that accepts and never answers stands in for a hung helper."""
+    path = tmp_path / "helper.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+    try:
+        crashes_without_a_core(
+            [executable("ipam-da-consul")],
+            plugin_env({"IPAM_DA_CONSUL_SOCKET": str(path),
+                        "IPAM_DA_CONSUL_HELPER_ACK_TIMEOUT": "60"}),
+            silent_conf("http://127.0.0.1:9"), lambda: bool(held), tmp_path,
+        )
+    finally:
+        for s in [*held, listener]:
+            s.close()
+
+
+def test_no_core_dump_in_the_helper(tmp_path: Path) -> None:
+    sock = tmp_path / "h.sock"
+    crashes_without_a_core(
+        [executable("ipam-da-consul-helper"), "--socket", str(sock), "--no-journal"],
+        plugin_env({}), b"", sock.exists, tmp_path,
+    )
+
+
+def test_no_core_dump_in_the_admin_cli(tmp_path: Path) -> None:
+    silent = Unresponsive()
+    try:
+        env = plugin_env({"CONSUL_HTTP_TOKEN": "core-dump-token"})
+        crashes_without_a_core(
+            [executable(ADMIN), "--consul", silent.url, "--timeout", "60", "list"],
+            env, b"", lambda: bool(silent.held), tmp_path,
+        )
+    finally:
+        silent.close()
+
+
+def test_the_admin_cli_run_by_a_user_is_not_dumpable() -> None:
+    """An operator who is not root: other processes of theirs (a browser, anything they ran)
+    cannot read the CLI's memory or environment, where the token is. The kernel shows this by
+    giving /proc/<pid> of a process that is not dumpable to root."""
+    silent = Unresponsive()
+    env = plugin_env({"CONSUL_HTTP_TOKEN": "core-dump-token"})
+    proc = subprocess.Popen(
+        [*NOBODY, executable(ADMIN), "--consul", silent.url, "--timeout", "60", "list"],
+        env=env, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        end = time.monotonic() + 20
+        while not silent.held:
+            assert proc.poll() is None and time.monotonic() < end, "the CLI never got busy"
+            time.sleep(0.05)
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        owner = os.stat(f"/proc/{proc.pid}/environ").st_uid
+    finally:
+        proc.kill()
+        proc.wait()
+        silent.close()
+    assert "Uid:\t65534" in status, status  # it does run as the user
+    assert owner == 0, f"/proc/<pid>/environ belongs to uid {owner}: the user's to read"
