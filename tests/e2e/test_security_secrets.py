@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.support.agent import ConsulAgent
+from tests.support.agent import ConsulAgent, SecureConsulAgent
 from tests.support.plugin import NO_HELPER, Outcome, executable, run_plugin
 from tests.support.plugin_helpers import FAST, assert_cni_error
 from tests.support.util_procs import Helper, Unresponsive
@@ -194,6 +194,67 @@ def test_admin_never_shows_a_url_password(proxy: AuthProxy, make_pool) -> None:
     out = admin("list", env={"CONSUL_HTTP_ADDR": f"{USER}:{PASSWORD}@{proxy.hostport}/x?y"})
     assert out.rc == 2, out
     assert_hidden(out.stderr)
+
+
+# -- the admin CLI's token ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureConsulAgent]:
+    """ACLs on, default deny: a request without the right token is refused (403)."""
+    agent = SecureConsulAgent(tmp_path_factory.mktemp("secrets-secure")).start()
+    try:
+        agent.create_pool("secret-blue", [{"subnet": "10.0.40.0/24"}])
+        yield agent
+    finally:
+        agent.close()
+
+
+def secure_args(agent: SecureConsulAgent) -> list[str]:
+    tls = agent.tls
+    return [
+        "--consul", agent.url, "--ca-file", tls.ca, "--cert-file", tls.client_cert,
+        "--key-file", tls.client_key,
+    ]
+
+
+def test_admin_reads_its_token_from_stdin(secure: SecureConsulAgent) -> None:
+    token = secure.create_token("stdin-read", 'key_prefix "ipam/" { policy = "read" }')
+    base = secure_args(secure)
+    denied = admin(*base, "--timeout", "5", "list")
+    assert denied.rc == 3 and "403" in denied.stderr, denied
+    out = admin(*base, "--token-file", "-", "list", stdin=f"{token}\n".encode())
+    assert out.rc == 0 and out.stderr == "" and "secret-blue" in out.stdout, out
+    assert token not in out.stdout
+    empty = admin(*base, "--token-file", "-", "list", stdin=b"\n")
+    assert empty.rc == 2 and "stdin" in empty.stderr and "empty" in empty.stderr, empty
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["reconcile", "--live-ids", "-"],
+        ["check", "--live-ids", "-"],
+        ["create", "p", "--ranges-json", "-"],
+    ],
+)
+def test_token_from_stdin_is_refused_when_stdin_is_taken(
+    secure: SecureConsulAgent, command: list[str]
+) -> None:
+    option = command[-2]
+    out = admin(*secure_args(secure), "--token-file", "-", *command, stdin=b"abc\n")
+    assert out.rc == 2 and out.stdout == "", out
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{ADMIN}: error: "), out
+    assert "--token-file -" in out.stderr and f"{option} -" in out.stderr, out
+
+
+def test_token_on_the_command_line_warns(secure: SecureConsulAgent) -> None:
+    token = secure.create_token("argv-read", 'key_prefix "ipam/" { policy = "read" }')
+    out = admin(*secure_args(secure), "--token", token, "list")
+    assert out.rc == 0 and "secret-blue" in out.stdout, out
+    warning = out.stderr.splitlines()
+    assert len(warning) == 1 and warning[0].startswith(f"{ADMIN}: warning: "), out
+    assert "process list" in out.stderr and "--token-file" in out.stderr, out
+    assert token not in out.stdout + out.stderr
 
 
 # -- the verbose log file -------------------------------------------------------------------------
