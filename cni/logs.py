@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -126,10 +127,12 @@ class CallLog:
             except OSError:
                 self.close()
 
-    def close(self) -> None:
+    def close(self, _close: Callable[[int], None] = os.close) -> None:
+        # `_close` bound at definition: at interpreter exit this module's `os` may be gone
+        # before the in-process CallLog is.
         fd, self.fd = self.fd, None
         if fd is not None:
-            os.close(fd)
+            _close(fd)
 
     def __del__(self) -> None:
         # The helper makes one per call and drops it when the call ends.
