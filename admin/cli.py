@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from loguru import logger
 
+from ..cni.hardening import harden
 from ..consul import ConsulError, ConsulUnavailable
 from . import commands
 from . import reconcile as rec
@@ -39,7 +40,8 @@ EPILOG = f"""\
 Consul connection (options may come before or after the subcommand):
   servers   --consul, else CONSUL_HTTP_ADDR (http:// added when it has no scheme, https://
             with CONSUL_HTTP_SSL=true), else {DEFAULT_ADDR}
-  token     --token, else --token-file, else CONSUL_HTTP_TOKEN_FILE, else CONSUL_HTTP_TOKEN
+  token     --token-file (FILE, or - for stdin), else CONSUL_HTTP_TOKEN_FILE, else
+            CONSUL_HTTP_TOKEN; --token TOKEN works but shows it in the process list
   TLS       --ca-file / --cert-file / --key-file, else CONSUL_CACERT / CONSUL_CLIENT_CERT /
             CONSUL_CLIENT_KEY
 
@@ -111,13 +113,14 @@ def _connection_options() -> argparse.ArgumentParser:
     g.add_argument(
         "--token",
         metavar="TOKEN",
-        help="Consul ACL token (default: CONSUL_HTTP_TOKEN); visible to other local users in "
-        "the process list, so prefer --token-file",
+        help="Consul ACL token; visible to other local users in the process list, so it warns: "
+        "prefer --token-file",
     )
     g.add_argument(
         "--token-file",
         metavar="FILE",
-        help="file holding the ACL token (default: CONSUL_HTTP_TOKEN_FILE)",
+        help="file holding the ACL token, or - to read it from stdin (default: "
+        "CONSUL_HTTP_TOKEN_FILE, else CONSUL_HTTP_TOKEN)",
     )
     g.add_argument("--ca-file", metavar="FILE", help="CA bundle for HTTPS (default: CONSUL_CACERT)")
     g.add_argument(
@@ -412,6 +415,13 @@ def fail(message: str, status: int) -> int:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "token", None):
+        # Not refused: scripts use it. Every local user can read a process's arguments.
+        sys.stderr.write(
+            f"{PROG}: warning: --token puts the ACL token in the process list, where every "
+            "local user can read it; use --token-file FILE, --token-file - (stdin), "
+            "CONSUL_HTTP_TOKEN_FILE or CONSUL_HTTP_TOKEN\n"
+        )
     logger.remove()
     if getattr(args, "verbose", False):
         # Requests are logged by path and status; the token travels in a header and is never
@@ -441,6 +451,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:
+    harden()  # the CLI holds an ACL token
     try:
         status = run()
         sys.stdout.flush()

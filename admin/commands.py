@@ -22,6 +22,7 @@ from ..allocator.schemas import load_allocation
 from ..allocator.store import KVEntry
 from ..allocator.usage import PoolUsage, pool_usage
 from ..consul import ConsulClient, ConsulKV
+from ..consul.urls import shown_url
 from . import rangespec
 from . import reconcile as rec
 from .audit import Report, audit_pool
@@ -213,7 +214,7 @@ def usage(ctx: Context, args: argparse.Namespace) -> int:
 def _usage_prometheus(settings: Settings, results: Sequence[tuple[str, PoolUsage, int]]) -> str:
     """The helper's pool gauges and labels (cni/helper/metrics.py), so one query covers both, plus
     free addresses. Counts are `usage`'s: keys named after an allocatable address."""
-    consul, prefix = ",".join(settings.servers), settings.layout.prefix
+    consul, prefix = ",".join(map(shown_url, settings.servers)), settings.layout.prefix
 
     def samples(value: str) -> list[tuple[dict[str, str], float]]:
         return [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from .errors import UsageError
 DEFAULT_ADDR = cs.DEFAULT_ADDR
 DEFAULT_PREFIX = cs.DEFAULT_PREFIX
 DEFAULT_TIMEOUT = 10.0
+STDIN = "-"
 
 
 @dataclass(frozen=True)
@@ -57,13 +59,14 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
             check_as=("--ca-file", "--cert-file", "--key-file"),
         )
         prefix = cs.kv_prefix(getattr(args, "prefix", None) or DEFAULT_PREFIX, "--prefix")
-        # --token, --token-file, then CONSUL_HTTP_TOKEN_FILE and CONSUL_HTTP_TOKEN.
-        token = cs.resolve_token(
-            getattr(args, "token", None),
-            getattr(args, "token_file", None),
-            env,
-            file_source="--token-file",
-        )
+        # --token, --token-file (- for stdin), then CONSUL_HTTP_TOKEN_FILE and CONSUL_HTTP_TOKEN.
+        token = getattr(args, "token", None)
+        if not token and getattr(args, "token_file", None) == STDIN:
+            token = token_from_stdin(args)
+        else:
+            token = cs.resolve_token(
+                token, getattr(args, "token_file", None), env, file_source="--token-file"
+            )
     except SettingsError as exc:
         # The message names the option or variable at fault; the CLI's exit status 2 says
         # nothing was sent.
@@ -76,6 +79,25 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
         tls=tls,
         datacenter=cs.datacenter(getattr(args, "datacenter", None)),
     )
+
+
+# Options whose value `-` also reads stdin: the token cannot come from there too.
+_STDIN_OPTIONS = (("live_ids", "--live-ids"), ("ranges_json", "--ranges-json"))
+
+
+def token_from_stdin(args: argparse.Namespace) -> str:
+    """`--token-file -`: the token is the first line of stdin, which nobody else sees (unlike
+    a command-line argument, in every user's process list)."""
+    for attr, option in _STDIN_OPTIONS:
+        if getattr(args, attr, None) == STDIN:
+            raise UsageError(
+                f"--token-file - and {option} - both read stdin: give the token in a file "
+                f"(--token-file FILE or CONSUL_HTTP_TOKEN_FILE) or {option} a file"
+            )
+    token = sys.stdin.readline().strip() if sys.stdin is not None else ""
+    if not token:
+        raise UsageError("--token-file -: stdin is empty: pipe the ACL token in")
+    return token
 
 
 def connect(settings: Settings) -> tuple[ConsulClient, ConsulKV]:

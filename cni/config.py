@@ -15,6 +15,7 @@ from ..allocator.schemas import describe
 from ..consul import settings as cs
 from ..consul.errors import SettingsError
 from ..consul.settings import ConsulSettings  # re-exported: the helper imports it from here
+from ..consul.urls import shown_url
 from .errors import CNIError, Code
 from .schemas import SUPPORTED_VERSIONS, NetworkConfigSchema
 
@@ -257,6 +258,8 @@ def redact(value: Any) -> Any:
         return {k: "<redacted>" if _is_secret(k) and v else redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return shown_url(value)  # a server URL's password (any URL's user-info)
     return value
 
 

@@ -8,10 +8,13 @@ never mix their lines and each caller gets its own warnings back.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import stat
 import sys
+from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any, TextIO
 
 from loguru import logger
@@ -20,24 +23,95 @@ DEFAULT_LOG_FILE = "/var/log/cni/ipam-da-consul.log"
 _WARNING = 30
 
 
+class LogRefused(Exception):
+    """The log file is not safe to append to as root; the message says why."""
+
+
+# O_NONBLOCK: a FIFO planted as the log would otherwise hold the call until someone reads it;
+# with it, opening one without a reader fails and one with a reader is refused as not a file.
+_OPEN_FLAGS = (
+    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+)
+
+
+def open_log(path: str) -> int:
+    """A descriptor appending to the log file `path`, which is created 0600 (its missing
+    folders 0700) and refused when another local user could have chosen what it is: its
+    folder owned by another user, or writable by group or others without the sticky bit (they
+    could swap the file for a link to any file root can write); the file a symbolic link, not
+    a regular file, or owned by another user (who could read what root writes). Root and this
+    process's user are trusted. Existing folders and files are never chmod'ed.
+
+    The checks are made on the folder and the file actually opened (descriptors, not paths),
+    so a swap after a check cannot take effect. Raises OSError or LogRefused."""
+    folder, name = os.path.split(os.path.abspath(path))
+    _make_folders(folder)
+    trusted = (0, os.geteuid())
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(dir_fd)
+        if st.st_uid not in trusted:
+            raise LogRefused(f"its folder {folder} belongs to another user (uid {st.st_uid})")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise LogRefused(
+                f"its folder {folder} is writable by other users (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}) and has no sticky bit"
+            )
+        try:
+            fd = os.open(name, _OPEN_FLAGS, 0o600, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise LogRefused("it is a symbolic link") from None
+            raise
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LogRefused("it is not a regular file")
+        if st.st_uid not in trusted:
+            raise LogRefused(f"it belongs to another user (uid {st.st_uid})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _make_folders(folder: str) -> None:
+    """Create `folder` and its missing parents, each 0700 (os.makedirs gives the parents the
+    umask's mode). Existing ones are left as they are."""
+    missing: list[str] = []
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    for path in reversed(missing):
+        # One made meanwhile by a concurrent call is fine: the folder is checked once opened.
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+
+
 class CallLog:
     def __init__(self, stderr: TextIO, log_file: str | None = None) -> None:
         self.stderr = stderr
-        self.log_file = self._usable(log_file) if log_file else None
+        # Opened and checked once (per call in the helper); then one os.write per line, which
+        # O_APPEND keeps whole when concurrent calls append to the same file.
+        self.fd: int | None = self._open(log_file) if log_file else None
 
-    def _usable(self, path: str) -> str | None:
+    def _open(self, path: str) -> int | None:
         # A log we cannot write must never cost an allocation: warn and carry on.
         try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8"):
-                pass
-            return path
+            return open_log(path)
+        except LogRefused as exc:
+            reason = str(exc)
         except OSError as exc:
-            self.stderr.write(
-                f"ipam-da-consul: WARNING: cannot open the log file {path}: "
-                f"{exc.strerror or exc}; debug logs are off\n"
-            )
-            return None
+            reason = f"cannot open it: {exc.strerror or exc}"
+        self.stderr.write(
+            f"ipam-da-consul: WARNING: not logging to {path}: {reason}; debug logs are off\n"
+        )
+        return None
 
     def emit(self, record: dict[str, Any]) -> None:
         text = record["message"]
@@ -45,14 +119,24 @@ class CallLog:
             text += f" ({type(record['exception'].value).__name__})"
         if record["level"].no >= _WARNING:
             self.stderr.write(f"ipam-da-consul: {record['level'].name}: {text}\n")
-        if self.log_file:
+        if self.fd is not None:
             stamp = datetime.now().astimezone().isoformat(timespec="milliseconds")
             line = f"{stamp} {os.getpid()} {record['level'].name:<7} {text}\n"
             try:
-                with open(self.log_file, "a", encoding="utf-8") as fh:
-                    fh.write(line)
+                os.write(self.fd, line.encode("utf-8", "replace"))
             except OSError:
-                self.log_file = None
+                self.close()
+
+    def close(self, _close: Callable[[int], None] = os.close) -> None:
+        # `_close` bound at definition: at interpreter exit this module's `os` may be gone
+        # before the in-process CallLog is.
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            _close(fd)
+
+    def __del__(self) -> None:
+        # The helper makes one per call and drops it when the call ends.
+        self.close()
 
 
 _default = CallLog(sys.stderr)
@@ -71,6 +155,7 @@ def verbose_log_file() -> str:
 def configure(verbose: bool) -> None:
     """In-process: this process's stderr, plus the debug file for the verbose flavour."""
     global _default
+    _default.close()
     _default = CallLog(sys.stderr, verbose_log_file() if verbose else None)
     logger.remove()
     logger.add(_route, level="DEBUG" if verbose else "WARNING", format="{message}", catch=True)

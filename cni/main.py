@@ -46,6 +46,9 @@ def run(verbose: bool) -> int:
     # cni/helper/client.py).
     started = process_started()
     try:
+        from .hardening import no_core_dumps
+
+        no_core_dumps()  # before stdin, which may hold the ACL token, is read
         stdin = sys.stdin.buffer.read() if sys.stdin is not None else b""
         from .helper.client import via_helper
 
@@ -58,6 +61,9 @@ def run(verbose: bool) -> int:
         import gc
 
         from . import logs
+        from .hardening import not_dumpable
+
+        not_dumpable()  # this path imports far more than ctypes costs
 
         # This process lives for one call. Reading a large pool makes hundreds of thousands of
         # objects, none of them in cycles, and the cyclic collector would walk them again and

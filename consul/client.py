@@ -37,6 +37,7 @@ from urllib3.exceptions import (
 from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from .errors import ConsulError, ConsulUnavailable
+from .urls import shown_url
 
 # 5xx from Consul means this server cannot serve now (no leader, rpc failure): try another.
 _RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
@@ -55,6 +56,9 @@ _NO_LEADER = b"No cluster leader"
 # other servers answer: each try costs a check timeout.
 _QUIET_RECHECK = 2.0
 _BACKOFF_CAP = 1.0
+# Problems that waiting does not heal (a wrong CA, a missing client certificate, a server that
+# answers with a redirect): once every server has one, the call gives up at once.
+_LASTING = ("TLS error", "answered with a redirect")
 
 
 class Deadline:
@@ -136,6 +140,8 @@ class ConsulClient:
         if not servers:
             raise ValueError("at least one Consul server URL is needed")
         self.servers = [s.rstrip("/") for s in servers]
+        # What logs and messages show of each server: never the user-info (see urls.py).
+        self.shown = {s: shown_url(s) for s in self.servers}
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         # How long every server may refuse connections before the call gives up: a Consul that
@@ -156,6 +162,9 @@ class ConsulClient:
         self.leaders: dict[str, str] = {}
         self._suspect: _Suspect | None = None
         self._quiet: dict[str, float] = {}
+        # Servers that answered a request with a redirect, and that problem: whatever answers
+        # so is not Consul (or not only Consul), so it gets no further request from this client.
+        self._redirecting: dict[str, str] = {}
         self.session = requests.Session()
         self.session.trust_env = (
             False  # a proxy from the environment must not sit between us and Consul
@@ -194,6 +203,9 @@ class ConsulClient:
             answered = reached = False
             naming_suspect: list[str] = []
             for server in order:
+                if server in self._redirecting:
+                    problems[server] = self._redirecting[server]
+                    continue
                 went_quiet = self._quiet.get(server)
                 if (
                     answered
@@ -213,7 +225,7 @@ class ConsulClient:
                 if check.suspected:
                     naming_suspect.append(server)
                 problems[server] = _telling(problems.get(server), check.problem)
-                logger.debug("skipping Consul server {}: {}", server, check.problem)
+                logger.debug("skipping Consul server {}: {}", self.shown[server], check.problem)
             if naming_suspect:
                 # Only after every server was asked: a new leader, when there is one, is
                 # cheaper to find than a probe of the old one is to time out.
@@ -224,13 +236,12 @@ class ConsulClient:
                 if problem is None:
                     return self._use(server)
                 problems[server] = problem
-                logger.debug("skipping Consul server {}: {}", server, problem)
+                logger.debug("skipping Consul server {}: {}", self.shown[server], problem)
             attempt += 1
             if not answered:
                 check_timeout = min(self.read_timeout, check_timeout * 2)
-            # A TLS failure (bad CA, missing client certificate) will not heal by waiting.
             if self.deadline.remaining() < 0.2 or all(
-                p.startswith("TLS error") for p in problems.values()
+                p.startswith(_LASTING) for p in problems.values()
             ):
                 break
             pause = min(_BACKOFF_CAP, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
@@ -242,7 +253,7 @@ class ConsulClient:
                     self.current = None
                     raise ConsulUnavailable(
                         f"no Consul server could be reached (none accepted a connection for "
-                        f"{self.unreachable_grace:g} s): " + _listing(problems)
+                        f"{self.unreachable_grace:g} s): " + self._listing(problems)
                     )
                 pause = min(pause, left)
             else:
@@ -252,11 +263,11 @@ class ConsulClient:
             # leader again, while one that is hung costs a check timeout each time.
             order = sorted(self.servers, key=lambda s: s in self._quiet)
         self.current = None
-        raise ConsulUnavailable("no Consul server could be reached: " + _listing(problems))
+        raise ConsulUnavailable("no Consul server could be reached: " + self._listing(problems))
 
     def _use(self, server: str) -> str:
         if server != self.current:
-            logger.debug("using Consul server {}", server)
+            logger.debug("using Consul server {}", self.shown[server])
         self.current = server
         return server
 
@@ -271,6 +282,8 @@ class ConsulClient:
                 reached=_connected(exc),
                 quiet=isinstance(exc, requests.ReadTimeout),
             )
+        if _is_redirect(resp.status):
+            return _Check(self._redirected(server, resp))
         if resp.status != 200:
             problem = f"HTTP {resp.status} {_snippet(resp.body)}"
             if self.datacenter and b"No path to datacenter" in resp.body:
@@ -288,7 +301,7 @@ class ConsulClient:
         if suspect is None:
             return _Check(None)
         if suspect.leader is not None and suspect.leader != leader:
-            logger.info("Consul server {} names a new leader {}", server, leader)
+            logger.info("Consul server {} names a new leader {}", self.shown[server], leader)
             self._suspect = None
             return _Check(None)
         return _Check(f"its leader {leader} did not serve a request in time", suspected=True)
@@ -302,6 +315,8 @@ class ConsulClient:
         except requests.RequestException as exc:
             problem = _describe_transport(exc)
         else:
+            if _is_redirect(answer.status):
+                return self._redirected(server, answer)
             if answer.status not in _RETRYABLE_STATUS:
                 logger.debug("Consul leader {} serves requests", leader)
                 self._suspect = None
@@ -311,6 +326,19 @@ class ConsulClient:
             # It is this leader that fails now, whichever was suspected before.
             self._suspect.leader = leader
         return f"its leader {leader} does not serve requests ({problem}); awaiting a new one"
+
+    def _redirected(self, server: str, resp: Response) -> str:
+        """The problem of a server that answered with a redirect, which is never followed:
+        the token and the body would go wherever the answer says, TLS or not. The server gets
+        no further request from this client."""
+        location = next((v for k, v in resp.headers.items() if k.lower() == "location"), None)
+        where = f"to {shown_url(location)[:200]!r}" if location else "without a Location"
+        problem = f"answered with a redirect (HTTP {resp.status} {where}), which is never followed"
+        self._redirecting[server] = problem
+        return problem
+
+    def _listing(self, problems: dict[str, str]) -> str:
+        return "; ".join(f"{self.shown[server]}: {problem}" for server, problem in problems.items())
 
     def _suspect_leader_of(self, server: str) -> None:
         leader = self.leaders.get(server)
@@ -380,17 +408,26 @@ class ConsulClient:
                     leader_trouble = True
                     try_timeout = min(self.read_timeout, try_timeout * 2)
             else:
-                if resp.status not in _RETRYABLE_STATUS:
+                if _is_redirect(resp.status):
+                    # Not doubtful: whatever redirects did not serve the request itself. The
+                    # server is skipped from now on, so this is no retry to the same place.
+                    problem = self._redirected(server, resp)
+                elif resp.status not in _RETRYABLE_STATUS:
                     resp.doubtful = doubtful
                     return resp
-                problem = f"HTTP {resp.status} {_snippet(resp.body)}"
-                if self.datacenter and b"No path to datacenter" in resp.body:
-                    raise self._no_path(problem, resp.status, doubtful)
-                doubtful = doubtful or (write and _NO_LEADER not in resp.body)
-                leader_trouble = answered = True
+                else:
+                    problem = f"HTTP {resp.status} {_snippet(resp.body)}"
+                    if self.datacenter and b"No path to datacenter" in resp.body:
+                        raise self._no_path(problem, resp.status, doubtful)
+                    doubtful = doubtful or (write and _NO_LEADER not in resp.body)
+                    leader_trouble = answered = True
             failures += 1
             logger.warning(
-                "Consul server {} failed {} {}: {}; failing over", server, method, path, problem
+                "Consul server {} failed {} {}: {}; failing over",
+                self.shown[server],
+                method,
+                path,
+                problem,
             )
             if self.deadline.expired():
                 raise ConsulUnavailable(
@@ -432,13 +469,15 @@ class ConsulClient:
                 timeout=(connect, read),
                 headers=_IDENTITY if self._plain.get(server) else None,
                 stream=True,
+                # Never: the token and the body would follow to wherever the answer points.
+                allow_redirects=False,
             )
             body = _read_body(r)
         except requests.RequestException as exc:
             logger.debug(
                 "{} {}{} failed after {:.1f} ms: {}",
                 method,
-                server,
+                self.shown[server],
                 path,
                 (time.monotonic() - started) * 1000,
                 _describe_transport(exc),
@@ -447,7 +486,7 @@ class ConsulClient:
         logger.debug(
             "{} {}{} -> {} in {:.1f} ms",
             method,
-            server,
+            self.shown[server],
             path,
             r.status_code,
             (time.monotonic() - started) * 1000,
@@ -502,8 +541,8 @@ def _telling(before: str | None, now: str) -> str:
     return now
 
 
-def _listing(problems: dict[str, str]) -> str:
-    return "; ".join(f"{server}: {problem}" for server, problem in problems.items())
+def _is_redirect(status: int) -> bool:
+    return 300 <= status < 400
 
 
 def _connected(exc: requests.RequestException) -> bool:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from .client import ConsulClient, Deadline, TLSConfig
 from .errors import SettingsError
+from .urls import shown_url
 
 # The variables the `consul` CLI reads; the plugin and the admin CLI honour the same ones.
 ENV_ADDR = "CONSUL_HTTP_ADDR"
@@ -105,9 +106,11 @@ def check_server_url(value: str) -> str:
     except ValueError:
         url = None
     if url is None or url.scheme not in ("http", "https") or not url.hostname:
-        raise SettingsError(f"not an http(s) URL of a Consul server: {value!r}")
+        raise SettingsError(f"not an http(s) URL of a Consul server: {shown_url(value)!r}")
     if any(c.isspace() for c in value) or url.query or url.fragment:
-        raise SettingsError(f"a Consul server URL has no spaces, query or fragment: {value!r}")
+        raise SettingsError(
+            f"a Consul server URL has no spaces, query or fragment: {shown_url(value)!r}"
+        )
     return value
 
 
@@ -121,7 +124,7 @@ def server_address(raw: str, source: str, ssl: bool = False) -> str:
         check_server_url(url)
     except SettingsError:
         raise SettingsError(
-            f"{source} {raw!r} is not a Consul HTTP address: give http(s)://HOST:PORT"
+            f"{source} {shown_url(raw)!r} is not a Consul HTTP address: give http(s)://HOST:PORT"
         ) from None
     return url.rstrip("/")
 

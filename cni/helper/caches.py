@@ -13,6 +13,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ...consul.urls import shown_url
+
 if TYPE_CHECKING:
     from ...allocator.layout import Layout
     from ...allocator.store import WatchableKV
@@ -126,11 +128,12 @@ class PoolCaches:
 
     def pool_sizes(self) -> Iterator[tuple[str, str, str, int, int]]:
         """(servers, KV prefix, pool, allocations, capacity) of each live cached pool, least
-        recently used cache first: what the metrics scrape shows. No token: never a label."""
+        recently used cache first: what the metrics scrape shows. No token and no URL's password:
+        never a label."""
         with self.lock:
             caches = list(self.caches.items())
         for key, cache in caches:
-            servers, prefix = ",".join(key[0]), key[6]
+            servers, prefix = ",".join(map(shown_url, key[0])), key[6]
             with cache.lock:
                 names = list(cache.pools)
             for name in names:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from ... import __version__
 from .. import logs
+from ..hardening import harden
 from ..state import DEFAULT_STATE_DIR, STATE_DIR_ENV, StateError, open_state
 from .caches import PoolCaches
 from .journal import Replayer
@@ -44,6 +45,7 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    harden()  # the helper holds every caller's token for as long as it runs
     parser = argparse.ArgumentParser(
         prog="ipam-da-consul-helper", description=__doc__.split("\n")[0]
     )

@@ -613,12 +613,14 @@ def test_tls_and_acl_tokens(secure, tmp_path):
 
     # No token: KV denies; the empty-looking listing is turned into the 403 it hides.
     assert_fails(run(*base, "list"), CONSUL, "403", "--token-file")
-    assert_fails(
-        run(*base, "--token", "0000", "create", pool, "--range", "10.0.0.0/24"), CONSUL, "403"
-    )
-    # A read-only token cannot create (-v logs requests, never the token).
+    out = admin(None, *base, "--token-file", "-", "create", pool, "--range", "10.0.0.0/24",
+                stdin=b"0000\n")
+    assert_fails(out, CONSUL, "403")
+    # A read-only token cannot create (-v logs requests, never the token); --token still
+    # works, with a warning that it shows the token in the process list.
     out = run(*base, "--token", read_token, "-v", "create", pool, "--range", "10.0.0.0/24")
     assert_fails_verbose(out, CONSUL, "403")
+    assert "warning: --token" in out.stderr.splitlines()[0], out
     # The write token from a file creates; from the environment it reads; TLS from env too.
     token_file = tmp_path / "token"
     token_file.write_text(write_token + "\n")
