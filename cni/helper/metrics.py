@@ -237,7 +237,10 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart on the same port
         sock.bind(sockaddr)
-        sock.listen(128)  # a flood waits in the kernel's queue, costing the helper nothing
+        # A burst waits in the kernel's queue, costing the helper nothing. A full queue would
+        # drop connections (retried by the client's kernel for seconds) or leave clients
+        # believing they are connected when the listener never saw them.
+        sock.listen(1024)
     except OSError:
         sock.close()
         raise
