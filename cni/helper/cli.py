@@ -9,8 +9,10 @@ all: see server.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import resource
 import signal
 import sys
 import threading
@@ -42,6 +44,18 @@ def parse_address(text: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{text!r} is not HOST:PORT")
     return host, int(port)
+
+
+def raise_open_files_limit() -> None:
+    """Descriptors are what a busy helper runs out of first: each call in flight holds its
+    client's connection and one to Consul, each watched pool a long-poll, the metrics listener
+    up to its cap. The soft limit is often 1024 under a much higher hard one (systemd's default
+    is 1024:524288) so that programs using select(), which breaks above 1023, keep working; the
+    helper never uses it (socketserver and urllib3 poll), so it takes the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # as is, then
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as exc:
             parser.error(f"--metrics-address: {exc}")
     logs.configure_helper()
+    raise_open_files_limit()
     metrics: Metrics | None = None
     make_kv: Callable[[ConsulSettings], WatchableKV] = watch_kv
     if metrics_at is not None:

@@ -14,12 +14,12 @@ A call is run by exactly one of the helper or this process, never both, never ne
    A helper that will not run the call (another wire version, a deadline already past) closes
    the connection or answers without "ack" instead.
 3. client -> helper: `{"go": True}`. From here on the client is committed to the helper.
-4. helper -> client: the answer `{"stdout", "stderr", "code"}`.
+4. helper -> client: the answer `{"stdout", "stderr", "code"}`, by the deadline.
 
 No acknowledgement within the ack timeout (a helper that is stopped, swapping or overloaded:
 the kernel queues connections and bytes for a stopped process): the client hangs up without
 "go" and does the call itself; the helper drops a request whose client hung up. Once "go" is
-sent, no answer by the deadline (plus a margin) is error 11, never a fallback, because the
+sent, no answer by the deadline is error 11, never a fallback, because the
 helper may still act; the helper's machine stops at the same deadline and before every write
 checks that the client is still there. A helper that dies after "go" (EOF) is safe to redo
 in-process: ADD, DEL and CHECK are idempotent.
@@ -41,9 +41,11 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 DEFAULT_ACK_TIMEOUT = 1.0
-# After "go": time for the helper's answer to cross the socket once its machine stopped at the
-# deadline, on a loaded host.
-ANSWER_MARGIN = 2.0
+# After "go" the client waits until the call's deadline less this, then answers 11 itself:
+# `ipam.timeout` caps the call as the runtime sees it, from the process's start to its exit.
+# The helper's machine stops 0.3 s before the deadline (cni/commands/base.py EXIT_MARGIN), which
+# leaves its answer 0.2 s to cross the socket.
+EXIT_MARGIN = 0.1
 _FORWARDED = ("CNI_", "CONSUL_", "IPAM_DA_CONSUL_")
 
 
@@ -101,11 +103,11 @@ def _call(
     deadline = float(ack["deadline"])
     version = str(ack.get("cniVersion") or "1.0.0")
     # A deadline already past raises here, before "go": the helper then drops the call.
-    _budget(sock, deadline + ANSWER_MARGIN)
+    _budget(sock, deadline - EXIT_MARGIN)
     sock.sendall(frame({"go": True}))
     # Committed: from here a timeout is an error, not a fallback.
     try:
-        answer = marshal.loads(read_frame(_recv_until(sock, deadline + ANSWER_MARGIN)))
+        answer = marshal.loads(read_frame(_recv_until(sock, deadline - EXIT_MARGIN)))
     except TimeoutError:
         return _no_answer(path, version)
     return str(answer["stdout"]), str(answer["stderr"]), int(answer["code"])
