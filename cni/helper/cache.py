@@ -3,8 +3,8 @@
 A pool of 60,000 allocations takes a second to list and parse; a helper that keeps it and
 refreshes it in the background makes an ADD cost the same at any pool size. The refresh is a
 blocking query on the key names (a tenth of the bytes of a full listing) and reads only the
-values of new keys, so a value rewritten in place (a take-over) is seen only when a call
-re-reads that key, which every reuse of an address does.
+values of new keys; when the folder changed but no key came or went, a value was rewritten in
+place (a take-over, a release cooling down), and the whole folder is read again.
 
 A stale copy can never cause a duplicate: every write is still a compare-and-set on the
 allocation key, a lost race re-reads that one key, and "pool full" is only said after a fresh
@@ -187,13 +187,13 @@ class _Watched(threading.Thread):
                         self.pool = refreshed(layout, self.pool, keys, kv, forget=True)
                     elif index != self.index or index == 0:
                         # (Without an index, only the key names can tell what changed.)
-                        self.pool = refreshed(layout, self.pool, keys, kv)
+                        self.pool = refreshed(layout, self.pool, keys, kv, moved=index != 0)
                     else:
                         # A quiet folder: the ranges alone may have changed (`admin create
                         # --force`); one small read per wait notices it.
                         entry = kv.get(layout.pool_key(self.pool_name))
                         if entry is None or entry.modify_index != self.pool.ranges_index:
-                            self.pool = refreshed(layout, self.pool, keys, kv)
+                            self.pool = refreshed(layout, self.pool, keys, kv, moved=False)
                     self.index = index
                 except Exception as exc:  # the next call reloads the pool itself, and says why
                     logger.warning("stopped watching pool {!r}: {}", self.pool_name, exc)
@@ -225,16 +225,21 @@ def _close(kv: WatchableKV | None) -> None:
 
 
 def refreshed(
-    layout: Layout, old: Pool, keys: list[str], kv: WatchableKV, forget: bool = False
+    layout: Layout, old: Pool, keys: list[str], kv: WatchableKV, forget: bool = False,
+    moved: bool = True,
 ) -> Pool:
     """A new Pool from the key names in the pool's folder: known allocations are kept (unless
     `forget`), new keys are read one by one (or all at once when there are many), the ranges
-    are re-read."""
+    are re-read. `moved`: the folder's index changed. When no key came or went, a value was
+    then rewritten in place (a take-over, a release cooling down, a key deleted and made again):
+    names cannot tell which, so every value is read again."""
     folder = layout.folder(old.name)
     names = {k for k in keys if k.startswith(folder) and k != folder}
-    known = {} if forget else {h.key: h for h in old.snapshot() if h.key in names}
+    held = old.snapshot()
+    known = {} if forget else {h.key: h for h in held if h.key in names}
     new = names - known.keys()
-    if len(new) > _READ_ONE_BY_ONE:
+    in_place = moved and not new and len(known) == len(held)
+    if len(new) > _READ_ONE_BY_ONE or in_place:
         entries, _ = list_pool(kv, layout, old.name)
         return parse_pool(layout, old.name, entries, known=known).cache_copy()
     found = [e for e in map(kv.get, [layout.pool_key(old.name), *sorted(new)]) if e is not None]

@@ -6,12 +6,19 @@ installed executables where a runtime would see the difference.
 - `timeout` caps the whole call, rollback included.
 - A scoped IPv6 address (zone ID) is refused everywhere, and a scoped key never breaks picking.
 - A restart that reuses the container ID is served behind the fence its DEL raised.
+- A write sent twice stays in doubt: its rollback raises the fence first.
+- Undoing a take-over gives the key back only while its previous holder was not deleted since.
+- The reads a DEL decides on are linearizable.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ipam_da_consul.allocator.allocate import Allocator, Attachment
@@ -22,7 +29,7 @@ from ipam_da_consul.consul import ConsulClient, ConsulKV, ConsulUnavailable
 from tests.support.memkv import HeldBack
 from tests.support.plugin import run_plugin
 from tests.support.plugin_helpers import assert_cni_error
-from tests.support.util_procs import LossyProxy, Unresponsive
+from tests.support.util_procs import Helper, LossyProxy, Unresponsive
 
 
 def stuck_add(consul, pool: str, container: str) -> HeldBack:
@@ -156,3 +163,128 @@ def test_a_token_file_that_is_not_text_is_a_config_error(consul, make_pool, conf
     out = run_plugin("ADD", conf_for(pool, consul_token_file=str(token)))
     assert_cni_error(out, 7, "1.0.0", str(token), "UTF-8")
     assert consul.kv_index() == before
+
+
+def test_a_resent_write_is_fenced_before_its_rollback(consul, make_pool, conf_for):
+    """The first send of pool a's write is held by a follower; the resend wins. Pool b is
+    missing, so the call rolls back: it must raise the fence before deleting the key, or the
+    first send, arriving late, re-creates it after the call failed (it did)."""
+    a = make_pool([{"subnet": "10.9.1.0/24"}])
+    txns = iter(range(100))
+    relay = LossyProxy(
+        consul.url, lambda m, p: False,
+        hold=lambda m, p: m == "PUT" and p.startswith("/v1/txn") and next(txns) == 0,
+    )
+    try:
+        conf = conf_for(a, f"missing-{a}", consul_attempt_timeout=1.0)
+        conf["ipam"]["consul_servers"] = [relay.url]
+        out = run_plugin("ADD", conf, container="resent")
+        assert out.rc == 114, out
+        assert relay.held == [("PUT", "/v1/txn")]
+        assert consul.allocations(a) == {}
+        relay.let_go()  # the first send arrives, late
+        time.sleep(1.0)
+    finally:
+        relay.close()
+    assert consul.allocations(a) == {}
+
+
+def test_undoing_a_take_over_never_resurrects_a_deleted_holder(consul, make_pool, conf_for):
+    """A Pool's own requested IP takes an address over from a container being stopped. That
+    container's DEL returns 0 (the key is no longer its own); the taking ADD then fails on a
+    later pool. Its rollback must not give the key back to a container that no longer exists
+    (it did: the address stayed held for nobody)."""
+    a = make_pool([{"subnet": "10.9.2.0/24"}])
+    held = run_plugin("ADD", conf_for(a), container="stopping")
+    assert held.rc == 0, held
+    ip = held.json["ips"][0]["address"].split("/")[0]
+    missing = f"missing-{a}"
+    relay = LossyProxy(
+        consul.url, lambda m, p: False, hold=lambda m, p: m == "GET" and p.endswith(f"/{missing}")
+    )
+    try:
+        conf = conf_for({"name": a, "requested_ip": ip}, missing)
+        conf["ipam"]["consul_servers"] = [relay.url]
+        taker: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: taker.append(run_plugin("ADD", conf, container="taker"))
+        )
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not relay.held and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert relay.held, "the taker never reached pool b"
+        assert consul.allocations(a) == {ip: "taker"}  # taken over
+        gone = run_plugin("DEL", conf_for(a), container="stopping")
+        assert (gone.rc, gone.stdout) == (0, ""), gone
+        relay.let_go()
+        thread.join(30)
+    finally:
+        relay.close()
+    assert taker[0].rc == 114, taker[0]
+    assert consul.allocations(a) == {}
+
+
+def test_a_take_over_undone_while_its_holder_lives_gives_the_address_back(
+    consul, make_pool, conf_for
+):
+    a = make_pool([{"subnet": "10.9.3.0/24"}])
+    held = run_plugin("ADD", conf_for(a), container="living")
+    ip = held.json["ips"][0]["address"].split("/")[0]
+    out = run_plugin("ADD", conf_for({"name": a, "requested_ip": ip}, f"missing-{a}"),
+                     container="taker-2")
+    assert out.rc == 114, out
+    assert consul.allocations(a) == {ip: "living"}
+
+
+@pytest.mark.parametrize("route", ["in-process", "helper"])
+def test_timeout_caps_the_call_from_process_start_to_exit(
+    consul, make_pool, conf_for, tmp_path, route
+):
+    """`timeout` is a hard cap on the call as the runtime sees it: from the process's start to
+    its exit, the interpreter's start and the thin client's waits included. Every write is
+    held back here, so the call spends its whole budget, its rollback's reserve too; the
+    plugin's interpreter takes a second to start, as on a loaded host (a sitecustomize that
+    sleeps)."""
+    relay = LossyProxy(
+        consul.url, lambda m, p: False, hold=lambda m, p: m == "PUT" and p.startswith("/v1/txn")
+    )
+    helper = Helper(tmp_path) if route == "helper" else None
+    slow = tmp_path / "slow-start"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(1.0)\n")
+    try:
+        conf = conf_for(make_pool(), timeout=3.0)
+        conf["ipam"]["consul_servers"] = [relay.url]
+        env = {**helper.env, "IPAM_DA_CONSUL_HELPER_ACK_TIMEOUT": "30"} if helper else {}
+        path = [str(slow), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env["PYTHONPATH"] = os.pathsep.join(path)
+        began = time.monotonic()
+        out = run_plugin("ADD", conf, container=f"capped-{route}", env=env)
+        took = time.monotonic() - began
+    finally:
+        relay.close()
+        if helper:
+            helper.close()
+    assert out.rc == 11, out
+    assert took <= 3.0 + 0.5, took
+
+
+def test_the_reads_a_del_decides_on_are_linearizable(consul, make_pool, conf_for):
+    """A deposed leader that has not noticed a newer leader yet may answer a default read from
+    its stale state: DEL's reads after its fence would then miss a key the new leader applied.
+    Every read DEL decides on asks for `consistent`."""
+    a = make_pool()
+    assert run_plugin("ADD", conf_for(a), container="lin").rc == 0
+    relay = LossyProxy(consul.url, lambda m, p: False)
+    try:
+        conf = conf_for(a)
+        conf["ipam"]["consul_servers"] = [relay.url]
+        out = run_plugin("DEL", conf, container="lin")
+    finally:
+        relay.close()
+    assert (out.rc, out.stdout) == (0, ""), out
+    fence = next(i for i, (m, p) in enumerate(relay.seen) if m == "PUT" and p == "/v1/txn")
+    reads = [p for m, p in relay.seen[fence + 1:] if m == "GET" and f"/{a}/" in p]
+    assert reads and all("consistent" in p for p in reads), relay.seen
+    assert consul.allocations(a) == {}
