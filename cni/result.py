@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from ..allocator.layout import key_name
 from ..allocator.ranges import IPAddress, IPRange
 from .schemas import VERSIONED_IPS, result_schema
 
@@ -20,8 +21,9 @@ class Assigned:
     ip: IPAddress
     range: IPRange
 
-    def interface(self) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
-        return ipaddress.ip_interface(f"{self.ip}/{self.range.prefixlen}")
+    def address(self) -> str:
+        """address/prefix, the address spelled as its key is, whichever Python runs this."""
+        return f"{key_name(self.ip)}/{self.range.prefixlen}"
 
 
 def build(
@@ -34,7 +36,7 @@ def build(
     for a in assigned:
         if a.ip in present:
             continue
-        entry: dict[str, Any] = {"address": str(a.interface())}
+        entry: dict[str, Any] = {"address": a.address()}
         if a.range.gateway is not None:
             entry["gateway"] = str(a.range.gateway)
         ips.append(entry)

@@ -40,6 +40,8 @@ class Call:
     # here, so requests per call can be counted.
     log_file: str | None = None
     timeout: float = 90.0
+    # Another build of the plugin (e.g. the single file for another Python) than the venv's.
+    exe: str | None = None
 
 
 @dataclass
@@ -86,7 +88,7 @@ def environment(call: Call) -> dict[str, str]:
 
 
 def run_one(call: Call, start: threading.Event | None = None) -> Done:
-    exe = executable("ipam-da-consul-verbose" if call.log_file else "ipam-da-consul")
+    exe = call.exe or executable("ipam-da-consul-verbose" if call.log_file else "ipam-da-consul")
     data = call.conf if isinstance(call.conf, bytes) else json.dumps(call.conf).encode()
     if start is not None:
         start.wait()
