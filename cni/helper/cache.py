@@ -235,10 +235,10 @@ def refreshed(
     names cannot tell which, so every value is read again."""
     folder = layout.folder(old.name)
     names = {k for k in keys if k.startswith(folder) and k != folder}
-    held = old.snapshot()
-    known = {} if forget else {h.key: h for h in held if h.key in names}
+    before = old.snapshot()
+    known = {} if forget else {h.key: h for h in before if h.key in names}
     new = names - known.keys()
-    in_place = moved and not new and len(known) == len(held)
+    in_place = moved and not new and len(known) == len(before)
     if len(new) > _READ_ONE_BY_ONE or in_place:
         entries, _ = list_pool(kv, layout, old.name)
         return parse_pool(layout, old.name, entries, known=known).cache_copy()
