@@ -17,6 +17,19 @@ from tests.support.plugin import netconf
 _counter = itertools.count()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def helpers_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Helpers a test starts without `--state-dir` read IPAM_DA_CONSUL_STATE_DIR: never the
+    machine's own /var/lib/ipam-da-consul."""
+    old = os.environ.get("IPAM_DA_CONSUL_STATE_DIR")
+    os.environ["IPAM_DA_CONSUL_STATE_DIR"] = str(tmp_path_factory.mktemp("helpers") / "state")
+    yield
+    if old is None:
+        os.environ.pop("IPAM_DA_CONSUL_STATE_DIR", None)
+    else:
+        os.environ["IPAM_DA_CONSUL_STATE_DIR"] = old
+
+
 @pytest.fixture(autouse=True)
 def own_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Each test's in-process calls get their own state folder (cni/state.py)."""

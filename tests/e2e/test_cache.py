@@ -67,3 +67,28 @@ def test_broken_key_stops_the_watcher_so_the_next_call_reports_it(consul, make_p
     while cache.peek(pool) is not None and time.monotonic() < end:
         time.sleep(0.05)
     assert cache.peek(pool) is None and pool not in cache.pools
+
+
+def test_a_value_rewritten_in_place_reaches_the_watched_copy(consul, make_pool, conf_for, tmp_path):
+    """A take-over rewrites a key under the same name: the helper's watcher, which follows key
+    names, must still see the new holder, or the new holder's next ADD through the helper finds
+    nothing of its own there and takes a second address."""
+    from tests.support.plugin import run_plugin
+    from tests.support.util_procs import Helper
+
+    pool = make_pool(RANGES)
+    helper = Helper(tmp_path)
+    try:
+        env = {**helper.env, "IPAM_DA_CONSUL_HELPER_ACK_TIMEOUT": "30"}
+        first = run_plugin("ADD", conf_for(pool), container="holder", env=env)
+        assert first.rc == 0, first
+        ip = first.json["ips"][0]["address"].split("/")[0]
+        taken = run_plugin("ADD", conf_for({"name": pool, "requested_ip": ip}), container="taker")
+        assert taken.rc == 0, taken  # in-process: the helper hears of it only from Consul
+        time.sleep(2.5)  # refreshes of the watched copy
+        again = run_plugin("ADD", conf_for(pool), container="taker", env=env)
+        assert again.rc == 0, again
+        assert again.json["ips"][0]["address"].split("/")[0] == ip
+        assert list(consul.allocations(pool).values()) == ["taker"]
+    finally:
+        helper.close()
