@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from ipam_da_consul.allocator.store import Op, TxnResult
+from ipam_da_consul.cni.state import StateDir
 from ipam_da_consul.consul import ConsulError, ConsulUnavailable
 
 from tests.support.machine import HOST, Faulty, Mem, netconf, ours
@@ -235,6 +237,68 @@ def test_a_compare_lost_in_doubt_is_fenced_before_the_result() -> None:
     assert fence is not None and fence["by"] == "in-doubt write"
     assert m.value(KEY10) == {"target": "other"}
     assert m.value(KEY11) == ours(run)
+
+
+def test_a_doubt_the_call_cannot_void_stays_in_the_state_folder_and_is_voided_later(
+    tmp_path: Path,
+) -> None:
+    """As above, but the fence cannot be raised now (Consul went away): the ADD still succeeds
+    with the address it holds, and the doubt stays in the attachment's entry, durably, for the
+    helper (or the host's next call) to void. It was swallowed before: rc 0 and a second key
+    possible for good."""
+    state = StateDir(str(tmp_path / "state"))
+    m = Mem(state)
+    m.pool()
+    txns = iter(range(100))
+
+    class DoubtThenGone:
+        def __init__(self, kv: Any) -> None:
+            self.kv = kv
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.kv, name)
+
+        def txn(self, ops: list[Op]) -> TxnResult:
+            n = next(txns)
+            if n == 2:
+                raise ConsulUnavailable("no Consul server answered")
+            got: TxnResult = self.kv.txn(ops)
+            return got if got.ok else replace(got, doubtful=True)
+
+    m.wrap = DoubtThenGone
+    m.put(KEY10, {"target": "other"})
+    m.kv.data.pop(KEY10)
+    run_kv = m.kv
+
+    def back(key: str) -> None:
+        if key == KEY10 and run_kv.get(KEY10) is None:
+            aside(m, KEY10, {"target": "other"})
+
+    m.kv.before_write = back
+    run = m.call("ADD")
+    assert (run.code, run.output) == (0, result("10.0.0.11/24"))
+    assert run.logged(f"could not undo {KEY10} (in-doubt write)")
+    [name] = state.pending()
+    m.kv.before_write = None
+    m.wrap = lambda kv: kv
+    with state.entry(("net", "c1", "eth0"), time.monotonic() + 1) as entry:
+        assert [(c.key, c.state) for c in entry.claims()] == [(KEY10, "doubt"), (KEY11, "held")]
+        assert void_later(m, entry, state) == 0
+    assert state.pending() == []
+    assert (m.value(FENCE) or {}).get("by") == "void"
+    assert m.value(KEY10) == {"target": "other"} and m.value(KEY11) == ours(run)
+
+
+def void_later(m: Mem, entry: Any, state: StateDir) -> int:
+    """cni/replay.py's void, through this test's in-memory store."""
+    from ipam_da_consul.cni import replay
+
+    real = replay.consul_store
+    replay.consul_store = m.factory  # type: ignore[assignment]
+    try:
+        return replay.void(entry, state)
+    finally:
+        replay.consul_store = real
 
 
 def test_a_conventional_static_ip_is_served_from_the_pool_that_holds_it() -> None:
