@@ -26,13 +26,14 @@ from typing import Protocol
 
 from loguru import logger
 
-from .errors import CallAbandoned, InvalidPool, NotInPool, WriteConflict
+from .errors import CallAbandoned, InvalidPool, NotInPool, PoolMissing, WriteConflict
 from .layout import Layout
 from .ledger import Claim, Ledger, MemoryLedger, State
-from .pool import Held, Pool, list_pool, parse_held, parse_pool
+from .pool import Held, Pool, list_pool, parse_held, parse_pool, sketch_pool
 from .ranges import IPAddress, IPRange
-from .schemas import dump_allocation, dump_fence, dump_tombstone
+from .schemas import dump_allocation, dump_fence, dump_tombstone, load_ranges
 from .store import KV, Cas, Check, Delete, KVEntry, Lock, Op, Set, StoreError, TxnResult
+from .stripes import Stripe, Stripes
 
 # How long a fence lasts, at least: longer than any write sent before it can still be applied.
 # Consul applies a forwarded write within its RPC hold time (7 s) plus a raft apply; a request
@@ -57,8 +58,17 @@ class Attachment:
 class CachedPools(Protocol):
     """Pools kept between calls (the helper's PoolCache, cni/helper/cache.py)."""
 
-    def get(self, name: str, load: Callable[[], tuple[Sequence[KVEntry], int]]) -> Pool:
-        """The kept copy of the pool; `load` lists it (entries and index) the first time."""
+    def get(
+        self,
+        name: str,
+        load: Callable[[], tuple[Sequence[KVEntry], int]],
+        view: Stripe | None = None,
+    ) -> Pool:
+        """The kept copy of the pool (of one stripe of it: `view`); `load` lists it (entries
+        and index) the first time."""
+
+    def ranges(self, name: str) -> list[IPRange] | None:
+        """The pool's ranges as a kept copy of it has them, if any."""
 
 
 class FenceSessions(Protocol):
@@ -103,16 +113,45 @@ class Allocator:
         self.fence_index = 0
 
     # -- reading ----------------------------------------------------------------------------
-    def load(self, name: str, fresh: bool = False) -> Pool:
-        """Ranges and allocations in one listing of the pool key's prefix (or the helper's
-        cached copy of it, unless `fresh`)."""
+    def load(
+        self,
+        name: str,
+        fresh: bool = False,
+        view: Stripe | None = None,
+        pool_key: KVEntry | None = None,
+    ) -> Pool:
+        """Ranges and allocations (of one stripe: `view`) in a listing of the pool's folder (or
+        the helper's cached copy of it, unless `fresh`). `pool_key`: already read."""
         if self.cache is not None and not fresh:
-            return self.cache.get(name, lambda: self._listing(name))
-        entries, _ = self._listing(name)
-        return parse_pool(self.layout, name, entries)
+            return self.cache.get(name, lambda: self._listing(name, view, pool_key), view)
+        entries, _ = self._listing(name, view, pool_key)
+        return parse_pool(self.layout, name, entries, view=view)
 
-    def _listing(self, name: str) -> tuple[Sequence[KVEntry], int]:
-        return list_pool(self.kv, self.layout, name)
+    def _listing(
+        self, name: str, view: Stripe | None = None, pool_key: KVEntry | None = None
+    ) -> tuple[Sequence[KVEntry], int]:
+        within = view.prefix if view is not None else ""
+        return list_pool(self.kv, self.layout, name, within, pool_key)
+
+    def stripes(self, name: str) -> tuple[Stripes, KVEntry | None]:
+        """The pool's stripes, from a kept copy's ranges, or one read of the pool key (then
+        returned too, so that the listing of a stripe need not read it again)."""
+        kept = self.cache.ranges(name) if self.cache is not None else None
+        if kept is not None:
+            return Stripes(kept), None
+        key = self.layout.pool_key(name)
+        entry = self.kv.get(key)
+        if entry is None:
+            raise PoolMissing(f"pool {name!r} does not exist: KV key {key!r} is missing")
+        try:
+            return Stripes(load_ranges(entry.value)), entry
+        except ValueError as exc:
+            raise InvalidPool(f"KV key {key!r} does not hold valid IP Ranges: {exc}") from exc
+
+    def sketch(self, pool: Pool) -> Pool:
+        """The whole pool from one listing of its key names: where there is room."""
+        folder = self.layout.folder(pool.name)
+        return sketch_pool(pool.name, pool.ranges, self.kv.keys(folder), folder)
 
     def load_ranges(self, name: str) -> Pool:
         """The pool's ranges alone (one small read), for calls that look up single keys."""
@@ -160,11 +199,16 @@ class Allocator:
         return parse_held(entry, _folder_of(entry.key))
 
     def scan(
-        self, pool: str, on_invalid: Callable[[str], None], consistent: bool = False
+        self,
+        pool: str,
+        on_invalid: Callable[[str], None],
+        consistent: bool = False,
+        within: str = "",
     ) -> list[Held]:
-        """Every valid allocation in the pool folder; unreadable keys go to `on_invalid`."""
+        """Every valid allocation in the pool folder (whose name starts with `within`: a
+        stripe's); unreadable keys go to `on_invalid`."""
         folder = self.layout.folder(pool)
-        entries = self.kv.list(folder, consistent)
+        entries = self.kv.list(folder + within, consistent)
         if not entries:
             self._probe(folder)
         out = []

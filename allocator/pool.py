@@ -21,6 +21,7 @@ from .layout import Layout
 from .ranges import IPAddress, IPRange
 from .schemas import load_allocation, load_ranges, parse_allocations, plain_allocation
 from .store import KV, KVEntry, Listing, WatchableKV
+from .stripes import Stripe
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,9 @@ class Pool:
     cached: bool = False
     # ModifyIndex of the pool key the ranges came from: the helper's watcher compares it.
     ranges_index: int = 0
+    # A pool read through one stripe (allocator/stripes.py): it holds that stripe's keys only,
+    # and picks only there. None: the whole folder.
+    view: Stripe | None = None
     _taken: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False)
     _by_target: dict[str, list[Held]] | None = field(default=None, init=False, repr=False)
     # The helper shares one Pool between concurrent calls; the indexes must stay consistent.
@@ -259,6 +263,15 @@ class Pool:
 
     def range_for(self, ip: IPAddress) -> IPRange | None:
         return next((r for r in self.ranges if r.contains(ip)), None)
+
+    @property
+    def picking(self) -> list[IPRange]:
+        """The ranges addresses are picked from: all of them, or their part in the view."""
+        return self.ranges if self.view is None else self.view.clip(self.ranges)
+
+    def seen(self, ip: IPAddress) -> bool:
+        """Whether this copy knows who holds `ip`: every address, or those of its view."""
+        return self.view is None or self.view.holds(ip)
 
     @property
     def lock(self) -> threading.RLock:
@@ -330,17 +343,18 @@ class Pool:
         addresses spread uniformly over its free space instead of all the lowest one, so few
         compare-and-set writes lose (each loss costs a Raft entry); any free address can
         still be picked, so a small pool fills completely."""
+        ranges = self.picking
         if spread is None:
-            for rng in self.ranges:
+            for rng in ranges:
                 ip = rng.lowest_free(self.taken(rng.version))
                 if ip is not None:
                     return ip, rng
         else:
-            counts = [rng.free_count(self.taken(rng.version)) for rng in self.ranges]
+            counts = [rng.free_count(self.taken(rng.version)) for rng in ranges]
             total = sum(counts)
             if total > 0:
                 n = spread % total
-                for rng, count in zip(self.ranges, counts, strict=True):
+                for rng, count in zip(ranges, counts, strict=True):
                     if n < count:
                         found = rng.nth_free(self.taken(rng.version), n)
                         if found is not None:
@@ -349,10 +363,12 @@ class Pool:
                     n -= count
                 # Overlapping ranges count an address twice; the lowest free one still serves.
                 return self.next_free()
+        if self.view is not None:
+            raise PoolFull(f"stripe {self.view.prefix}* of pool {self.name!r} is full")
         raise PoolFull(f"pool {self.name!r} is full: all {self.capacity()} addresses are allocated")
 
     def capacity(self) -> int:
-        return sum(r.size() for r in self.ranges)
+        return sum(r.size() for r in self.picking)
 
     def free(self) -> int:
         """Addresses ADD could still hand out (held keys outside the ranges cost none)."""
@@ -362,7 +378,7 @@ class Pool:
             held = [
                 ip
                 for ip, h in self.held.items()
-                if not h.reusable(now) and any(r.allocatable(ip) for r in self.ranges)
+                if not h.reusable(now) and any(r.allocatable(ip) for r in self.picking)
             ]
         return self.capacity() - len(held)
 
@@ -405,9 +421,11 @@ def parse_pool(
     name: str,
     entries: Sequence[KVEntry],
     known: Mapping[str, Held] | None = None,
+    view: Stripe | None = None,
 ) -> Pool:
     """Build a Pool from a prefix listing; entries of other pools sharing the prefix are ignored.
-    `known` holds allocations parsed before: one whose ModifyIndex is unchanged is reused."""
+    `known` holds allocations parsed before: one whose ModifyIndex is unchanged is reused.
+    `view`: the listing is of one stripe's keys (allocator/stripes.py)."""
     pool_key, folder = layout.pool_key(name), layout.folder(name)
     listing = Listing.of(entries)
     keys = listing.keys
@@ -426,7 +444,25 @@ def parse_pool(
         ranges = load_ranges(listing.values[at])
     except ValueError as exc:
         raise InvalidPool(f"KV key {pool_key!r} does not hold valid IP Ranges: {exc}") from exc
-    return Pool(name, ranges, held, ranges_index=listing.indexes[at])
+    return Pool(name, ranges, held, ranges_index=listing.indexes[at], view=view)
+
+
+def ip_of_key(name: str) -> IPAddress | None:
+    """The address a key of a pool folder is named after (any spelling), None if none."""
+    return _ip_of_key(name)
+
+
+def sketch_pool(name: str, ranges: list[IPRange], keys: Sequence[str], folder: str) -> Pool:
+    """The pool as its key names show it (one cheap listing instead of every value): each
+    address named is taken, whoever holds it, a release cooling down included. Enough to find
+    where there is room; the write is a compare-and-set anyway."""
+    held: dict[IPAddress, Held] = {}
+    for key in keys:
+        if key.startswith(folder) and key != folder:
+            ip = _ip_of_key(key[len(folder) :])
+            if ip is not None:
+                held[ip] = Held(ip, "?", key, 0)
+    return Pool(name, ranges, held)
 
 
 def _folder_rows(keys: list[str], folder: str) -> list[int]:
@@ -605,16 +641,19 @@ def _held(ip: IPAddress, key: str, index: int, value: bytes, alloc: dict[str, An
     return held
 
 
-def list_pool(kv: KV, layout: Layout, name: str) -> tuple[Listing, int]:
-    """The pool key and its folder's keys, as `parse_pool` takes them, with the folder's
-    X-Consul-Index (0 from a KV that has none). Two reads, the key `<prefix>blue` then the
-    folder `<prefix>blue/`, because one listing of the prefix `<prefix>blue` would also bring
-    every key of `blue-v6`, `blue2`, ... (60,000 of them, for all we know). A missing pool key
-    answers [] without listing; a key the token may not read raises (403) on the first read."""
-    entry = kv.get(layout.pool_key(name))
+def list_pool(
+    kv: KV, layout: Layout, name: str, within: str = "", pool_key: KVEntry | None = None
+) -> tuple[Listing, int]:
+    """The pool key and its folder's keys (those starting with `within`: a stripe's), as
+    `parse_pool` takes them, with the listing's X-Consul-Index (0 from a KV that has none). Two
+    reads, the key `<prefix>blue` then the folder `<prefix>blue/`, because one listing of the
+    prefix `<prefix>blue` would also bring every key of `blue-v6`, `blue2`, ... (60,000 of
+    them, for all we know). A missing pool key answers [] without listing; a key the token may
+    not read raises (403) on the first read. `pool_key`: the pool key, already read."""
+    entry = pool_key or kv.get(layout.pool_key(name))
     if entry is None:
         return Listing([], [], []), 0
-    folder = layout.folder(name)
+    folder = layout.folder(name) + within
     if _watchable(kv):
         entries, index = kv.list_after(folder)
     else:

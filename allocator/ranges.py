@@ -58,6 +58,15 @@ class IPRange:
     def version(self) -> int:
         return self.subnet.version
 
+    def clip(self, first: int, last: int) -> IPRange | None:
+        """This range within first..last (ints), None when they do not meet: the same subnet,
+        gateway and exclusions, so the same addresses are reserved."""
+        lo, hi = max(int(self.start), first), min(int(self.end), last)
+        if lo > hi:
+            return None
+        make = type(self.start)
+        return IPRange(self.subnet, make(lo), make(hi), self.gateway, self.excluded)
+
     @property
     def prefixlen(self) -> int:
         return self.subnet.prefixlen

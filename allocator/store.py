@@ -159,6 +159,9 @@ class KV(Protocol):
     def list(self, prefix: str, consistent: bool = False) -> Sequence[KVEntry]:
         """Every entry whose key starts with `prefix` (empty when none)."""
 
+    def keys(self, prefix: str) -> Sequence[str]:
+        """The names of the keys under `prefix`, without their values."""
+
     def create_session(self, name: str, ttl: float) -> str:
         """A session that ends `ttl` seconds (at least) after its creation, measured by the
         store, deleting every key locked with it; never renewed, tied to no health check."""

@@ -61,8 +61,8 @@ class NetConf:
     min_free: int = 0
     # Seconds a released address stays unusable (0: reusable at once).
     reuse_after: float = 0.0
-    # "lowest" or "spread": how ADD picks among free addresses (allocator/pool.py next_free).
-    pick: str = "lowest"
+    # "stripe", "lowest" or "spread": how ADD picks among free addresses (cni/commands/add.py).
+    pick: str = "stripe"
 
 
 def decode(raw: bytes) -> dict[str, Any]:

@@ -55,6 +55,7 @@ TRANSITIONS: list[list[Sequence[str]]] = [
     ["pick_ip",   "pool_loaded",               "ip_picked"],   # ADD: an address was chosen
     ["write",     "ip_picked",                 "pool_done"],   # ADD: the CAS write won
     ["conflict",  "ip_picked",                 "pool_loaded"], # ADD: the CAS write lost; re-read
+    ["widen",     "pool_loaded",               "pool_loaded"], # ADD: no room seen; a wider read
     ["release",   "pool_loaded",               "pool_done"],   # DEL: our keys here are gone
     ["verify",    "pool_loaded",               "pool_done"],   # CHECK: our addresses still ours
     ["collect",   "pool_loaded",               "pool_done"],   # GC: stale keys of this host gone

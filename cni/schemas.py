@@ -105,7 +105,11 @@ class IpamSchema(Schema):
     reuse_after = fields.Float(load_default=0.0, validate=validate.Range(0, 30 * 86400))
     # How ADD picks among free addresses: "lowest" (the seed's) or "spread" (see
     # allocator/pool.py: fewer lost compare-and-sets when many hosts allocate at once).
-    pick = fields.String(load_default="lowest", validate=validate.OneOf(("lowest", "spread")))
+    # "stripe" scales with the fleet (allocator/stripes.py); "lowest" is the seed's strict
+    # next-available packing; "spread" spreads over the whole pool.
+    pick = fields.String(
+        load_default="stripe", validate=validate.OneOf(("stripe", "lowest", "spread"))
+    )
 
 
 class IPConfigSchema(Schema):

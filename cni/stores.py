@@ -15,6 +15,7 @@ from ..allocator.allocate import CachedPools
 if TYPE_CHECKING:
     from ..allocator.layout import Layout
     from ..allocator.pool import Pool
+    from ..allocator.ranges import IPAddress
     from ..allocator.store import KV
     from .config import ConsulSettings
 
@@ -64,8 +65,9 @@ class StoreFactory(Protocol):
 class PoolCache(CachedPools, Protocol):
     """One Consul's pools as the helper keeps them (cni/helper/cache.py)."""
 
-    def peek(self, name: str) -> Pool | None:
-        """The kept copy of a pool, never loading one."""
+    def peek(self, name: str, ip: IPAddress | None = None) -> Pool | None:
+        """The kept copy of a pool (with `ip`: the copy, of the pool or of a stripe, that knows
+        who holds it), never loading one."""
 
 
 class Caches(Protocol):

@@ -66,6 +66,9 @@ class ConsulKV:
         check_status(resp, f"listing KV prefix {prefix!r}")
         return _entries(resp, prefix)
 
+    def keys(self, prefix: str) -> builtins.list[str]:
+        return self.names(prefix).keys
+
     def create_session(self, name: str, ttl: float) -> str:
         body = {
             "Name": name,

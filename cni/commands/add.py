@@ -19,8 +19,9 @@ from loguru import logger
 from ...allocator.errors import AddressInUse, NotInPool, PoolFull, WriteConflict
 from ...allocator.layout import Layout
 from ...allocator.ledger import Claim
-from ...allocator.pool import Held, spread_key
+from ...allocator.pool import Held, Pool, ip_of_key, spread_key
 from ...allocator.ranges import IPAddress, IPRange
+from ...allocator.stripes import Stripe, stripe_of
 from .. import config, result
 from ..errors import CNIError, Code
 from ..stores import Caches, PoolCache
@@ -79,15 +80,30 @@ class Add(PoolCommand):
         # The DEL emptied the ledger; this ADD starts afresh.
         self.allocator.claims = entry.claims()
 
+    # -- next_pool: the view to pick from -------------------------------------------------------
+    def load(self, request: config.PoolRequest) -> None:
+        """The whole pool (`pick` lowest or spread), or this host's first stripe of it (`pick`
+        stripe, allocator/stripes.py): the stripes after it are read only if it has no room."""
+        allocator = self.allocator
+        self.widened = ""
+        self.walk: list[Stripe] = []
+        if self.conf.pick != "stripe":
+            self.pool = allocator.load(request.name)
+            return
+        stripes, pool_key = allocator.stripes(request.name)
+        self.walk = stripes.walk(allocator.host or "", request.name)
+        self.pool = allocator.load(request.name, view=self.walk.pop(0), pool_key=pool_key)
+
     # -- pool_loaded: choose the address ------------------------------------------------------
     def at_pool_loaded(self) -> str:
         pool, allocator = self.pool, self.allocator
         wanted, may_take = self.requested()
         if wanted is not None:
             rng = allocator.requested_range(pool, wanted)
-            if pool.cached and wanted in pool.held:
-                # The helper's copy can be behind a release (a DEL elsewhere, a restart with a
-                # fixed address): only a fresh read of the key may say it is taken.
+            if not pool.seen(wanted) or (pool.cached and wanted in pool.held):
+                # Outside this call's stripe, or the helper's copy can be behind a release (a
+                # DEL elsewhere, a restart with a fixed address): only a fresh read of the key
+                # may say it is taken.
                 allocator.recheck(pool, wanted)
             held, over = pool.held.get(wanted), None
             if held is not None and held.reusable(time.time()):
@@ -101,29 +117,77 @@ class Add(PoolCommand):
                 )
             self.pick = Pick(wanted, rng, held, over)
             return "pick_ip"
-        for held in pool.ours(*self.attachment(), self.conf.name or None):
-            in_range = pool.range_for(held.ip)
-            if in_range is not None:
-                self.pick = Pick(held.ip, in_range, held)  # idempotent ADD: what we hold
-                return "pick_ip"
-        spread = None
-        if self.conf.pick == "spread":
-            target, ifname = self.attachment()
-            spread = spread_key(allocator.host or "", self.conf.name, target, ifname, pool.name)
+        mine = self.held_already(pool)
+        if mine is not None:
+            in_range = pool.range_for(mine.ip)
+            assert in_range is not None
+            self.pick = Pick(mine.ip, in_range, mine)  # idempotent ADD: what we hold
+            return "pick_ip"
         try:
             ip, rng, over = pool.reserve_next_free(
-                lambda ip: allocator.ours_to_be(pool, ip), spread
+                lambda ip: allocator.ours_to_be(pool, ip), self.spread(pool)
             )
         except PoolFull:
-            if not pool.cached:
-                raise
-            # The helper's cached pool lags behind releases made elsewhere (another host, a call
-            # done in-process) by up to its refresh interval: only a fresh listing may say
-            # "full". It also shows an address of ours the cache missed.
-            self.pool = allocator.load(pool.name, fresh=True)
-            return self.at_pool_loaded()
+            return self.widen(pool)
         self.pick = Pick(ip, rng, None, over)
         return "pick_ip"
+
+    def held_already(self, pool: Pool) -> Held | None:
+        """A key this attachment holds in the pool: in the view read, or one its ledger names
+        outside it (a stripe this host overflowed into, a key left by an earlier ADD)."""
+        allocator = self.allocator
+        for held in pool.ours(*self.attachment(), self.conf.name or None):
+            if pool.range_for(held.ip) is not None:
+                return held
+        if pool.view is None:
+            return None
+        folder = allocator.layout.folder(pool.name)
+        for claim in list(allocator.claims):
+            ip = ip_of_key(claim.key[len(folder) :]) if claim.key.startswith(folder) else None
+            if claim.state != "held" or ip is None or pool.seen(ip):
+                continue
+            found = allocator.lookup_key(claim.key)
+            if found is not None and allocator.owns(found) and pool.range_for(found.ip):
+                pool.put(found)
+                return found
+        return None
+
+    def spread(self, pool: Pool) -> int | None:
+        """The number `spread` and `stripe` pick by (allocator/pool.py next_free)."""
+        if self.conf.pick == "lowest":
+            return None
+        target, ifname = self.attachment()
+        return spread_key(self.allocator.host or "", self.conf.name, target, ifname, pool.name)
+
+    def widen(self, pool: Pool) -> str:
+        """No free address where this call looked: look wider, and say "full" only after a fresh
+        read of the whole pool. A copy the helper keeps lags releases made elsewhere by up to
+        its refresh: read afresh. Then this host's next stripes; then the pool's key names
+        alone (one listing) show a stripe with room; then every value of the pool."""
+        allocator, name = self.allocator, pool.name
+        if pool.cached:
+            self.pool = allocator.load(name, fresh=True, view=pool.view)
+        elif self.walk:
+            self.pool = allocator.load(name, view=self.walk.pop(0))
+        elif pool.view is not None and not self.widened:
+            self.widened = "sketch"
+            try:
+                ip, _ = allocator.sketch(pool).next_free(self.spread(pool))
+            except PoolFull:
+                self.widened = "whole"
+                self.pool = allocator.load(name, fresh=True)
+            else:
+                self.pool = allocator.load(name, fresh=True, view=stripe_of(ip))
+        elif self.widened != "whole" and pool.view is not None:
+            self.widened = "whole"
+            self.pool = allocator.load(name, fresh=True)
+        else:
+            # Every key of the pool, just read: it really is full.
+            pool.view = None
+            pool.next_free()  # raises PoolFull, worded for the whole pool
+            raise AssertionError("unreachable: the pool had no room a moment ago")
+        logger.debug("pool {!r}: no room there; reading {}", name, _describe(self.pool))
+        return "widen"
 
     def requested(self) -> tuple[IPAddress | None, bool]:
         """This pool's static address, and whether it may be taken from another container:
@@ -233,3 +297,7 @@ class Add(PoolCommand):
             )
             if must:
                 raise
+
+
+def _describe(pool: Pool) -> str:
+    return "the whole pool" if pool.view is None else f"stripe {pool.view.prefix}*"

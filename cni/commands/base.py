@@ -21,6 +21,7 @@ from ...allocator.errors import CallAbandoned
 from ...allocator.layout import Layout
 from ...allocator.ledger import Ledger, MemoryLedger
 from ...allocator.pool import Pool
+from ...allocator.ranges import IPAddress
 from .. import config
 from ..env import Environment
 from ..errors import CNIError, Code
@@ -287,13 +288,14 @@ class PoolCommand(Command):
             entry.close()  # a nested call's entry is its caller's to close
 
     # -- shared work --------------------------------------------------------------------------
-    def cached_pool(self, name: str) -> Pool | None:
-        """The helper's watched copy of a pool, if it keeps one; never starts one."""
+    def cached_pool(self, name: str, ip: IPAddress | None = None) -> Pool | None:
+        """The helper's watched copy of a pool (with `ip`: the copy that sees it, the pool's
+        or a stripe's), if it keeps one; never starts one."""
         caches = self.session.inputs.caches
         if caches is None:
             return None
         cache = caches.peek(self.conf.consul)
-        return cache.peek(name) if cache is not None else None
+        return cache.peek(name, ip) if cache is not None else None
 
     def attachment(self) -> tuple[str, str | None]:
         return self.env.container_id, self.env.ifname or None

@@ -18,8 +18,8 @@ import time
 
 from loguru import logger
 
-from ...allocator.errors import WriteConflict
-from ...allocator.pool import Held, Pool
+from ...allocator.errors import InvalidPool, PoolMissing, WriteConflict
+from ...allocator.pool import Held
 from .. import config
 from ..errors import CNIError, Code
 from .base import PoolCommand
@@ -45,24 +45,53 @@ class Del(PoolCommand):
         self.held = self.our_keys(request.name)
 
     def our_keys(self, pool: str) -> list[Held]:
-        """Every key of this attachment in the pool, from one linearizable listing read after
-        the fence went up: prevResult's addresses, and any other (a leak, an older version's)."""
-        found = self.allocator.scan(
-            pool, lambda why: logger.warning("DEL skips: {}", why), consistent=True
-        )
-        return [h for h in found if self.allocator.owns(h)]
+        """Every key of this attachment in the pool, from linearizable reads after the fence
+        went up. With `pick` stripe: the keys its ledger and prevResult name, read one by one
+        (a DEL never lists a pool's 60,000 keys), or without either (an older version's ADD, no
+        state folder) this host's home stripe. Otherwise one listing of the whole folder: the
+        keys prevResult names, and any other (a leak, an older version's)."""
+        allocator = self.allocator
+        within = ""
+        if self.conf.pick == "stripe":
+            layout = allocator.layout
+            folder = layout.folder(pool)
+            keys = {c.key for c in allocator.claims if c.key.startswith(folder)}
+            keys |= {layout.allocation_key(pool, i.ip) for i in self.conf.prev_ips}
+            if keys:
+                return [h for h in map(self.read, sorted(keys)) if h is not None]
+            try:
+                stripes, _ = allocator.stripes(pool)
+            except PoolMissing:
+                return []
+            within = stripes.at(stripes.home(allocator.host or "", pool)).prefix
+        found = allocator.scan(pool, self.skip, consistent=True, within=within)
+        return [h for h in found if allocator.owns(h)]
+
+    def read(self, key: str) -> Held | None:
+        """The key, if it is this attachment's."""
+        try:
+            held = self.allocator.lookup_key(key, consistent=True)
+        except InvalidPool as exc:
+            self.skip(str(exc))
+            return None
+        return held if held is not None and self.allocator.owns(held) else None
+
+    @staticmethod
+    def skip(why: str) -> None:
+        logger.warning("DEL skips: {}", why)
 
     def at_pool_loaded(self) -> str:
-        self.release(self.held, self.cached_pool(self.current.name))
+        self.release(self.held)
         if not self.held:
             logger.debug("pool {!r}: nothing of ours to release", self.current.name)
         return "release"
 
-    def release(self, held: list[Held], cached: Pool | None = None) -> None:
+    def release(self, held: list[Held]) -> None:
         cooldown = self.conf.reuse_after
         for h in held:
             if not self.allocator.release(h, reuse_after=cooldown, now=time.time()):
                 raise WriteConflict(f"could not release {h.key}: it kept changing under us")
+            cached = self.cached_pool(_pool_of(h.key, self.allocator.layout.prefix), h.ip)
             if cached is not None and cached.held.get(h.ip) is not None and not cooldown:
                 cached.discard(h.ip)  # so this host's next ADD may have it at once
             logger.debug("released {}", h.key)
@@ -112,3 +141,8 @@ class Del(PoolCommand):
             *entry.attachment,
         )
         return "defer"
+
+
+def _pool_of(key: str, prefix: str) -> str:
+    """The pool a key `<prefix><pool>/<ip>` is in."""
+    return key[len(prefix) :].partition("/")[0]

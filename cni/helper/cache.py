@@ -27,7 +27,12 @@ from loguru import logger
 
 from ...allocator.layout import Layout
 from ...allocator.pool import Pool, list_pool, parse_pool
+from ...allocator.ranges import IPAddress, IPRange
 from ...allocator.store import KVEntry, WatchableKV
+from ...allocator.stripes import Stripe
+
+# A kept copy: a pool, or one stripe of it (its key-name prefix inside the folder).
+Key = tuple[str, str]
 
 # How long each blocking query waits for a change (Consul adds up to 1/16 of jitter).
 _WAIT = 30.0
@@ -57,31 +62,39 @@ class PoolCache:
         self.on_load = on_load
         self.lock = threading.Lock()
         # Least recently used first.
-        self.pools: OrderedDict[str, _Watched] = OrderedDict()
+        self.pools: OrderedDict[Key, _Watched] = OrderedDict()
         self.closed = False
 
-    def get(self, name: str, load: Callable[[], tuple[Sequence[KVEntry], int]]) -> Pool:
-        """The cached pool; the first call for a pool loads it with `load` and starts a watcher."""
+    def get(
+        self,
+        name: str,
+        load: Callable[[], tuple[Sequence[KVEntry], int]],
+        view: Stripe | None = None,
+    ) -> Pool:
+        """The cached pool (or stripe of it: `view`); the first call for it loads it with
+        `load` and starts a watcher."""
+        key = (name, view.prefix if view is not None else "")
         with self.lock:
-            watched = self.pools.get(name)
+            watched = self.pools.get(key)
             if watched is not None and watched.alive():
                 watched.used = time.monotonic()
-                self.pools.move_to_end(name)
+                self.pools.move_to_end(key)
                 return watched.pool
         entries, index = load()
-        pool = parse_pool(self.layout, name, entries).cache_copy()  # raises if missing or broken
+        # Raises if missing or broken.
+        pool = parse_pool(self.layout, name, entries, view=view).cache_copy()
         evicted: list[_Watched] = []
         with self.lock:
             if self.closed:
                 # Evicted while this call was loading: serve it, but start nothing nobody
                 # would ever stop or count.
                 return pool
-            watched = self.pools.get(name)
+            watched = self.pools.get(key)
             added = watched is None or not watched.alive()
             if added:
-                watched = _Watched(self, name, pool, index)
-                self.pools[name] = watched
-                self.pools.move_to_end(name)
+                watched = _Watched(self, key, pool, index)
+                self.pools[key] = watched
+                self.pools.move_to_end(key)
                 watched.start()
                 while len(self.pools) > self.max_pools:
                     evicted.append(self.pools.popitem(last=False)[1])
@@ -92,18 +105,24 @@ class PoolCache:
             self.on_load()
         return watched.pool
 
-    def peek(self, name: str) -> Pool | None:
-        """The cached pool if it is watched and alive, else None; never loads, and does not
+    def peek(self, name: str, ip: IPAddress | None = None) -> Pool | None:
+        """The cached copy of the whole pool, or (with `ip`) the copy that knows who holds
+        `ip` (the pool's, or its stripe's), if watched and alive; never loads, and does not
         count as a use."""
         with self.lock:
-            watched = self.pools.get(name)
-        return watched.pool if watched is not None and watched.alive() else None
+            found = [w for (n, _), w in self.pools.items() if n == name and w.alive()]
+        for watched in found:
+            if (ip is None and watched.pool.view is None) or (
+                ip is not None and watched.pool.seen(ip)
+            ):
+                return watched.pool
+        return None
 
-    def forget(self, name: str) -> None:
+    def ranges(self, name: str) -> list[IPRange] | None:
+        """The pool's ranges as a watched copy has them (each watcher follows the pool key)."""
         with self.lock:
-            watched = self.pools.pop(name, None)
-        if watched is not None:
-            watched.stopped.set()
+            found = [w for (n, _), w in self.pools.items() if n == name and w.alive()]
+        return found[0].pool.ranges if found else None
 
     def close(self) -> None:
         """Stop every watcher and hold nothing more: this cache was evicted."""
@@ -131,17 +150,18 @@ class PoolCache:
         return len(self.pools)
 
     def _ended(self, watched: _Watched) -> None:
-        # Only this watcher's own entry: a newer watcher may already serve the name.
+        # Only this watcher's own entry: a newer watcher may already serve the key.
         with self.lock:
-            if self.pools.get(watched.pool_name) is watched:
-                del self.pools[watched.pool_name]
+            if self.pools.get(watched.key) is watched:
+                del self.pools[watched.key]
 
 
 class _Watched(threading.Thread):
-    def __init__(self, cache: PoolCache, name: str, pool: Pool, index: int) -> None:
-        super().__init__(name=f"watch-{name}", daemon=True)
+    def __init__(self, cache: PoolCache, key: Key, pool: Pool, index: int) -> None:
+        super().__init__(name=f"watch-{key[0]}{'/' + key[1] if key[1] else ''}", daemon=True)
         self.cache = cache
-        self.pool_name = name
+        self.key = key
+        self.pool_name, self.within = key
         self.pool = pool
         self.index = index
         self.used = time.monotonic()
@@ -160,8 +180,9 @@ class _Watched(threading.Thread):
 
     def watch(self) -> None:
         layout = self.cache.layout
-        # The folder, not the prefix `<prefix><pool>`: churn in `blue-v6` must not wake `blue`.
-        folder = layout.folder(self.pool_name)
+        # The folder, not the prefix `<prefix><pool>`: churn in `blue-v6` must not wake `blue`;
+        # and of a stripe, only its keys: writes elsewhere in the pool wake nobody here.
+        folder = layout.folder(self.pool_name) + self.within
         # One KV for many rounds: one kept-alive connection, and the server found with a leader
         # once, not one client (a TCP connect and a leader check) per round. Renewed every few
         # minutes, so a watcher that failed over goes back to the first-listed server (the
@@ -233,17 +254,19 @@ def refreshed(
     are re-read. `moved`: the folder's index changed. When no key came or went, a value was
     then rewritten in place (a take-over, a release cooling down, a key deleted and made again):
     names cannot tell which, so every value is read again."""
+    within = old.view.prefix if old.view is not None else ""
     folder = layout.folder(old.name)
-    names = {k for k in keys if k.startswith(folder) and k != folder}
+    names = {k for k in keys if k.startswith(folder + within) and k != folder}
     before = old.snapshot()
     known = {} if forget else {h.key: h for h in before if h.key in names}
     new = names - known.keys()
     in_place = moved and not new and len(known) == len(before)
     if len(new) > _READ_ONE_BY_ONE or in_place:
-        entries, _ = list_pool(kv, layout, old.name)
-        return parse_pool(layout, old.name, entries, known=known).cache_copy()
+        entries, _ = list_pool(kv, layout, old.name, within)
+        return parse_pool(layout, old.name, entries, known=known, view=old.view).cache_copy()
     found = [e for e in map(kv.get, [layout.pool_key(old.name), *sorted(new)]) if e is not None]
-    pool = parse_pool(layout, old.name, found)  # raises for missing or broken ranges / keys
+    # Raises for missing or broken ranges or keys.
+    pool = parse_pool(layout, old.name, found, view=old.view)
     for held in known.values():
         pool.held.setdefault(held.ip, held)
     return pool.cache_copy()

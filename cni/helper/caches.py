@@ -135,7 +135,9 @@ class PoolCaches:
         for key, cache in caches:
             servers, prefix = ",".join(map(shown_url, key[0])), key[6]
             with cache.lock:
-                names = list(cache.pools)
+                # Whole pools only: a stripe's copy (pick: stripe) knows a part of its pool,
+                # whose totals `ipam-da-consul-admin usage --prometheus` gives.
+                names = [name for name, within in cache.pools if not within]
             for name in names:
                 pool = cache.peek(name)
                 if pool is not None:

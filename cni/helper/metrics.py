@@ -465,6 +465,9 @@ class _CountingKV:
     def create_session(self, name: str, ttl: float) -> str:
         return self.kv.create_session(name, ttl)
 
+    def keys(self, prefix: str) -> Sequence[str]:
+        return self.kv.keys(prefix)
+
     def create(self, key: str, value: bytes) -> bool:
         return self.kv.create(key, value)
 

@@ -39,7 +39,7 @@ def test_a_pool_never_lists_another_that_shares_its_name_as_a_prefix(consul, mak
     cache = PoolCache(lambda: consul_kv(consul), layout, refresh_interval=0.05)
     try:
         pool = cache.get(blue, lambda: list_pool(consul_kv(consul), layout, blue))
-        watched = cache.pools[blue]
+        watched = cache.pools[(blue, "")]
         before = watched.index
         for i in range(42, 52):
             consul.put(f"ipam/{other}/10.8.0.{i}", {"target": f"o{i}"})

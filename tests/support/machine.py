@@ -29,6 +29,8 @@ def netconf(
     name: str = "net",
     **ipam: Any,
 ) -> dict[str, Any]:
+    """Strict lowest-first picking unless a test says otherwise, so walks and keys are exact;
+    tests/unit/cni/test_machine_stripe.py drives the default (`stripe`)."""
     return {
         "cniVersion": version,
         "name": name,
@@ -37,6 +39,7 @@ def netconf(
             "consul_servers": ["http://127.0.0.1:8500"],
             "host": HOST,
             "pools": [{"name": "p"}] if pools is None else pools,
+            "pick": "lowest",
             **ipam,
         },
     }

@@ -48,6 +48,9 @@ class MemKV:
         self.consistent_reads += consistent
         return [e for k, e in sorted(self.data.items()) if k.startswith(prefix)]
 
+    def keys(self, prefix: str) -> builtins.list[str]:
+        return [k for k in sorted(self.data) if k.startswith(prefix)]
+
     def create_session(self, name: str, ttl: float) -> str:
         with self.lock:
             self.writes += 1

@@ -101,6 +101,11 @@ def netconf(
     ips: list[dict[str, Any]] | None = None,
     **ipam: Any,
 ) -> dict[str, Any]:
+    # Strict lowest-first picking unless a test says otherwise (`pick=None`: the default,
+    # `stripe`), so tests can name the address a call gets.
+    ipam.setdefault("pick", "lowest")
+    if ipam["pick"] is None:
+        del ipam["pick"]
     conf: dict[str, Any] = {
         "cniVersion": version,
         "name": "testnet",

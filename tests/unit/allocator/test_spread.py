@@ -201,7 +201,7 @@ def test_watcher_starts_over_when_consuls_index_goes_backwards():
     layout = Layout()
     cache = PoolCache(lambda: kv, layout, refresh_interval=0.01)
     cache.get("p", lambda: (list_pool(kv, layout, "p")[0], 100))
-    watched = cache.pools["p"]
+    watched = cache.pools[("p", "")]
     kv.on_call = lambda: len(kv.calls) >= 3 and watched.stopped.set()
     watched.join(10)
     # Blocking on the folder from 100; the answer 5 is lower: a fresh read from 0, then

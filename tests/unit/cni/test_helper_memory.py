@@ -64,9 +64,9 @@ def settings(token: str) -> ConsulSettings:
 
 def gone(cache: PoolCache, name: str, within: float = 5.0) -> bool:
     end = time.monotonic() + within
-    while name in cache.pools and time.monotonic() < end:
+    while (name, "") in cache.pools and time.monotonic() < end:
         time.sleep(0.01)
-    return name not in cache.pools
+    return (name, "") not in cache.pools
 
 
 def test_peek_never_loads_and_sees_only_live_pools():
@@ -75,7 +75,7 @@ def test_peek_never_loads_and_sees_only_live_pools():
     assert cache.peek("a") is None and kv.loads == []
     pool = cache.get("a", kv.load("a"))
     assert cache.peek("a") is pool
-    cache.forget("a")
+    cache.pools[("a", "")].stopped.set()  # its watcher ends (idle, or an error)
     assert cache.peek("a") is None and kv.loads == ["a"]
 
 
@@ -104,9 +104,9 @@ def test_one_cache_keeps_its_most_recently_used_pools():
     cache = PoolCache(lambda: kv, Layout(), refresh_interval=0.01, max_pools=3)
     kept = {n: cache.get(n, kv.load(n)) for n in "abc"}
     cache.get("a", kv.load("a"))  # a hit: "b" is now the least recently used
-    watcher_b = cache.pools["b"]
+    watcher_b = cache.pools[("b", "")]
     cache.get("d", kv.load("d"))
-    assert list(cache.pools) == ["c", "a", "d"]
+    assert [name for name, _ in cache.pools] == ["c", "a", "d"]
     assert watcher_b.stopped.wait(5) and not watcher_b.alive()
     assert cache.peek("a") is kept["a"]
     cache.close()
