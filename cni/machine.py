@@ -35,6 +35,7 @@ from ..consul import (
     ConsulError,
     ConsulKV,
     ConsulUnavailable,
+    UnsafeKey,
     build_client,
 )
 from . import config
@@ -73,6 +74,8 @@ _ERROR_CODES: list[tuple[type[Exception], Code]] = [
     (PoolMissing, Code.MISSING_RESOURCE),
     (AllocationMissing, Code.MISSING_RESOURCE),
     (InvalidPool, Code.INVALID_RESOURCE),
+    # A key no request may be built from (consul/kv.py _path) came from KV: an invalid resource.
+    (UnsafeKey, Code.INVALID_RESOURCE),
     (PoolFull, Code.POOL_FULL),
     (NotInPool, Code.NOT_IN_POOL),
     (AddressInUse, Code.ADDRESS_IN_USE),
