@@ -412,3 +412,58 @@ def test_error_codes_match_the_spec_and_upstream() -> None:
 def test_version_object() -> None:
     assert VersionSchema().dump({"cniVersion": "1.0.0", "supportedVersions": ["0.4.0"]}) == {
         "cniVersion": "1.0.0", "supportedVersions": ["0.4.0"]}
+
+
+# -- names that become part of a KV path (issue 25, finding 1) -----------------------------------
+@pytest.mark.parametrize(
+    "name",
+    ["..", ".", "a/b", "", "-net", ".net", "_net", "net work", "a%2Fb", "net?x", "../x",
+     "net\n", "n\u00e9t", "net/", "a\\b"],
+    ids=repr,
+)
+@pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK", "GC", "STATUS"])
+def test_a_network_name_outside_the_cni_rule_is_an_invalid_config(
+    name: str, command: str
+) -> None:
+    conf = netconf(name=name, **{"cni.dev/valid-attachments": []})
+    with pytest.raises(CNIError) as info:
+        config.load(conf, command, {})
+    assert info.value.code == Code.INVALID_CONFIG
+    assert info.value.msg == (
+        f"invalid network config: name: network name {name!r} is not valid: the CNI spec asks "
+        "for a letter or digit, then letters, digits, '_', '.' or '-'"
+    )
+
+
+@pytest.mark.parametrize("name", ["net", "n", "0", "Net.v1_a-b", "a..b", "a.", "x" * 300])
+def test_network_names_the_cni_rule_allows(name: str) -> None:
+    assert config.load(netconf(name=name), "ADD", {}).name == name
+
+
+def test_a_network_config_without_a_name_is_invalid() -> None:
+    conf = netconf()
+    del conf["name"]
+    err = load_error(conf)
+    assert err.code == Code.INVALID_CONFIG
+    assert err.msg == (
+        "invalid network config: name: the network config has no name (the CNI spec requires one)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("ifname", "valid"),
+    [("eth0", True), ("e" * 15, True), ("e" * 16, False), ("\u00e9" * 7, True),
+     ("\u00e9" * 8, False), ("%x", True), ("a?b#", True), (".", False), ("..", False),
+     ("...", True), ("a/b", False), ("a:b", False), ("a b", False), ("", False)],
+)
+def test_interface_names_follow_the_kernels_rule(ifname: str, valid: bool) -> None:
+    from ipam_da_consul.cni.env import read_env
+
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": ifname}
+    if valid:
+        assert read_env(env).ifname == ifname
+        return
+    with pytest.raises(CNIError) as info:
+        read_env(env)
+    assert info.value.code == Code.INVALID_ENV
+    assert info.value.msg.startswith(f"CNI_IFNAME {ifname!r} is not a valid interface name")
