@@ -25,7 +25,7 @@ from .layout import Layout
 from .pool import Held, Pool, list_pool, parse_held, parse_pool
 from .ranges import IPAddress, IPRange
 from .schemas import dump_allocation, dump_fence, dump_tombstone, fence_time
-from .store import KV, Cas, Check, DeleteCas, KVEntry, Op, Set, TxnResult
+from .store import KV, Cas, Check, DeleteCas, KVEntry, Op, Set, TxnResult, key_problem
 
 # A fence must outlive any write sent before it. Consul applies a forwarded write within its
 # RPC hold time (7 s) plus a raft apply; an hour leaves a wide margin.
@@ -296,6 +296,8 @@ class Allocator:
         folder = self.layout.fences(network)
         stale: list[Op] = []
         for entry in self.kv.list(folder):
+            if key_problem(entry.key) is not None:
+                continue  # no fence of ours (see Layout.fence_key), and no key to delete by URL
             at = fence_time(entry.value)
             if at is not None and now - at > FENCE_TTL:
                 stale.append(DeleteCas(entry.key, entry.modify_index))

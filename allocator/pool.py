@@ -563,8 +563,11 @@ _new_object = object.__new__
 _set_attribute = object.__setattr__
 
 
-def parse_held(entry: KVEntry, folder: str) -> Held:
-    key = entry.key
+def key_ip(key: str, folder: str) -> IPAddress:
+    """The address a key of the pool folder is named after; InvalidPool naming the key when it
+    is not one plain address. A name holding '/' (a key in a sub-folder, or one that climbs
+    out with `..`), '%' (a scope, an encoded slash) or anything else is no address: it is
+    judged here, before anything is read by its name."""
     name = key[len(folder) :]
     ip = _ip_of_key(name)
     if ip is None or "%" in name:
@@ -572,6 +575,12 @@ def parse_held(entry: KVEntry, folder: str) -> Held:
         raise InvalidPool(
             f"KV key {key!r} in the pool folder is not named after a plain IP address"
         )
+    return ip
+
+
+def parse_held(entry: KVEntry, folder: str) -> Held:
+    key = entry.key
+    ip = key_ip(key, folder)
     try:
         alloc = load_allocation(entry.value)
     except ValueError as exc:

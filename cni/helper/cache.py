@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from loguru import logger
 
 from ...allocator.layout import Layout
-from ...allocator.pool import Pool, list_pool, parse_pool
+from ...allocator.pool import Pool, key_ip, list_pool, parse_pool
 from ...allocator.store import KVEntry, WatchableKV
 
 # How long each blocking query waits for a change (Consul adds up to 1/16 of jitter).
@@ -233,11 +233,16 @@ def refreshed(
     folder = layout.folder(old.name)
     names = {k for k in keys if k.startswith(folder) and k != folder}
     known = {} if forget else {h.key: h for h in old.snapshot() if h.key in names}
-    new = names - known.keys()
+    new = sorted(names - known.keys())
+    # A name is judged before it is read by: `<pool>/../../secret/x` is a GET of `secret/x`
+    # once the URL is cleaned. Such a key fails the pool (InvalidPool, as a listing of it does
+    # in-process): the watcher stops, and the next call reloads the pool and says why.
+    for key in new:
+        key_ip(key, folder)
     if len(new) > _READ_ONE_BY_ONE:
         entries, _ = list_pool(kv, layout, old.name)
         return parse_pool(layout, old.name, entries, known=known).cache_copy()
-    found = [e for e in map(kv.get, [layout.pool_key(old.name), *sorted(new)]) if e is not None]
+    found = [e for e in map(kv.get, [layout.pool_key(old.name), *new]) if e is not None]
     pool = parse_pool(layout, old.name, found)  # raises for missing or broken ranges / keys
     for held in known.values():
         pool.held.setdefault(held.ip, held)
