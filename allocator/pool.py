@@ -246,6 +246,9 @@ class Pool:
     # ModifyIndex of the pool key the ranges came from: the helper's watcher compares it.
     ranges_index: int = 0
     _taken: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False)
+    # Per range (by position): the taken addresses it blocks (IPRange.blocked_taken), kept up
+    # to date with `_taken`, so a `spread` pick never walks a range's exclusions.
+    _blocked: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False)
     _by_target: dict[str, list[Held]] | None = field(default=None, init=False, repr=False)
     # The helper shares one Pool between concurrent calls; the indexes must stay consistent.
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
@@ -286,6 +289,8 @@ class Pool:
                 self._by_target = index
             for version in (4, 6):
                 self.taken(version)
+            for i in range(len(self.ranges)):
+                self.blocked_taken(i)
         return self
 
     def ours(
@@ -307,6 +312,15 @@ class Pool:
             # A set: the run search assumes unique values, whatever spellings the keys had.
             self._taken[version] = sorted(self._map.live_ints(version, time.time()))
         return self._taken[version]
+
+    def blocked_taken(self, i: int) -> list[int]:
+        """The taken addresses range `i` blocks (see `_blocked`)."""
+        with self._lock:
+            found = self._blocked.get(i)
+            if found is None:
+                rng = self.ranges[i]
+                found = self._blocked[i] = rng.blocked_taken(self.taken(rng.version))
+            return found
 
     def reserve_next_free(
         self, placeholder: Callable[[IPAddress], Held], spread: int | None = None
@@ -336,13 +350,16 @@ class Pool:
                 if ip is not None:
                     return ip, rng
         else:
-            counts = [rng.free_count(self.taken(rng.version)) for rng in self.ranges]
+            counts = [
+                rng.free_count(self.taken(rng.version), self.blocked_taken(i))
+                for i, rng in enumerate(self.ranges)
+            ]
             total = sum(counts)
             if total > 0:
                 n = spread % total
-                for rng, count in zip(self.ranges, counts, strict=True):
+                for i, (rng, count) in enumerate(zip(self.ranges, counts, strict=True)):
                     if n < count:
-                        found = rng.nth_free(self.taken(rng.version), n)
+                        found = rng.nth_free(self.taken(rng.version), n, self.blocked_taken(i))
                         if found is not None:
                             return found, rng
                         break  # cannot happen: counts and search agree
@@ -373,6 +390,11 @@ class Pool:
             self.held[held.ip] = held
             if held.ip.version in self._taken:
                 insort(self._taken[held.ip.version], int(held.ip))
+                for i, blocked in self._blocked.items():
+                    if self.ranges[i].version == held.ip.version and self.ranges[i].blocks(
+                        int(held.ip)
+                    ):
+                        insort(blocked, int(held.ip))
             if self._by_target is not None:
                 self._by_target.setdefault(held.target, []).append(held)
 
@@ -386,6 +408,10 @@ class Pool:
                 i = bisect_left(taken, int(ip))
                 if i < len(taken) and taken[i] == int(ip):
                     del taken[i]
+                    for blocked in self._blocked.values():
+                        j = bisect_left(blocked, int(ip))
+                        if j < len(blocked) and blocked[j] == int(ip):
+                            del blocked[j]
             if self._by_target is not None and old in self._by_target.get(old.target, []):
                 self._by_target[old.target].remove(old)
 
