@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from loguru import logger
 
 from ...allocator.layout import Layout
-from ...allocator.pool import Pool, key_ip, list_pool, parse_pool
+from ...allocator.pool import Pool, key_ip, list_pool, parse_held, parse_pool
 from ...allocator.store import KVEntry, WatchableKV
 
 # How long each blocking query waits for a change (Consul adds up to 1/16 of jitter).
@@ -242,8 +242,14 @@ def refreshed(
     if len(new) > _READ_ONE_BY_ONE:
         entries, _ = list_pool(kv, layout, old.name)
         return parse_pool(layout, old.name, entries, known=known).cache_copy()
-    found = [e for e in map(kv.get, [layout.pool_key(old.name), *new]) if e is not None]
-    pool = parse_pool(layout, old.name, found)  # raises for missing or broken ranges / keys
+    ranges = kv.get(layout.pool_key(old.name))
+    pool = parse_pool(layout, old.name, [ranges] if ranges else [])  # raises: missing, broken
+    for key in new:
+        entry = kv.get(key)
+        if entry is not None:
+            # Judged as soon as it is read, so no more than one value too large to keep is
+            # ever held (allocator/schemas.py MAX_ALLOCATION_BYTES).
+            pool.put(parse_held(entry, folder))
     for held in known.values():
         pool.held.setdefault(held.ip, held)
     return pool.cache_copy()
