@@ -469,6 +469,26 @@ def test_interface_names_follow_the_kernels_rule(ifname: str, valid: bool) -> No
     assert info.value.msg.startswith(f"CNI_IFNAME {ifname!r} is not a valid interface name")
 
 
+@pytest.mark.parametrize(
+    ("cid", "valid"),
+    [("c1", True), ("a..b", True), ("a.", True), ("0_x-y.z", True), ("..", False),
+     (".", False), (".x", False), ("-x", False), ("a/b", False), ("a%2Fb", False),
+     ("a b", False), ("", False), ("x\n", False)],
+)
+def test_container_ids_follow_the_cni_rule(cid: str, valid: bool) -> None:
+    # The ID is a segment of fence keys, taken as it is: none may be '.' or '..'.
+    from ipam_da_consul.cni.env import read_env
+
+    env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": cid, "CNI_IFNAME": "eth0"}
+    if valid:
+        assert read_env(env).container_id == cid
+        return
+    with pytest.raises(CNIError) as info:
+        read_env(env)
+    assert info.value.code == Code.INVALID_ENV
+    assert info.value.msg.startswith(f"CNI_CONTAINERID {cid!r} is not valid")
+
+
 # -- what a pool's keys may hold (issue 25, finding 5) -------------------------------------------
 def test_an_add_leaves_out_runtime_names_that_would_make_its_allocation_too_large() -> None:
     from ipam_da_consul.allocator.schemas import MAX_ALLOCATION_BYTES
