@@ -492,6 +492,11 @@ def check(ctx: Context, args: argparse.Namespace) -> int:
         # Folders without a pool key hold orphaned allocations: check those too.
         names = sorted(set(listing.keys) | set(listing.folders))
     reports: list[Report] = []
+    if not args.pools:
+        for key, problem in listing.odd:
+            odd = Report(key.removeprefix(layout.prefix))
+            odd.add("invalid-key", [key], f"{key!r} is not a pool: {problem}; delete it")
+            reports.append(odd)
     for name in names:
         read = ctx.reader.pool(name)
         entries = ctx.reader.folder(name)

@@ -3,9 +3,9 @@ ranges, its folder. Writes go straight through `ConsulKV`'s CAS calls in the com
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..allocator.layout import FENCES, Layout
+from ..allocator.layout import FENCES, Layout, check_pool_name
 from ..allocator.ranges import IPRange
 from ..allocator.schemas import load_ranges
 from ..allocator.store import KVEntry
@@ -23,6 +23,10 @@ class Listing:
     # Consul's index of the prefix when listed: every key under it written before the listing
     # has a ModifyIndex at most this, every key written after a higher one.
     index: int = 0
+    # Keys and folders under the prefix whose name no pool may have (`..`, `a%2Fb`, an empty
+    # segment), with why: never read by their names (consul/kv.py refuses to), `check` reports
+    # them.
+    odd: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -56,10 +60,16 @@ class Reader:
         names = [k[len(prefix) :] for k in found if k.startswith(prefix) and k != prefix]
         # The attachment fences live beside the pools; they are no pool's folder.
         names = [n for n in names if n not in (FENCES, f"{FENCES}/")]
+        keys = sorted(n for n in names if n and not n.endswith("/"))
+        folders = sorted(n[:-1] for n in names if n.endswith("/") and "/" not in n[:-1])
+        odd = [(f"{prefix}{n}", p) for n in names if (p := check_pool_name(n.removesuffix("/")))]
+        for key, problem in odd:
+            note(f"skipping {key!r}: not a pool ({problem})")
         return Listing(
-            sorted(n for n in names if n and not n.endswith("/")),
-            sorted(n[:-1] for n in names if n.endswith("/") and "/" not in n[:-1]),
+            [n for n in keys if not check_pool_name(n)],
+            [n for n in folders if not check_pool_name(n)],
             listed.index,
+            sorted(odd),
         )
 
     def pool(self, name: str) -> PoolRead:

@@ -101,4 +101,9 @@ def encode(wire: list[Any]) -> tuple[bytes, list[IPRange]]:
             f"ranges {i + 1} ({ranges[i].start}-{ranges[i].end}) and {j + 1} "
             f"({ranges[j].start}-{ranges[j].end}) overlap: give each address to one range only"
         )
-    return json.dumps([r.to_wire() for r in ranges]).encode(), ranges
+    value = json.dumps([r.to_wire() for r in ranges]).encode()
+    try:
+        load_ranges(value)  # spelled out (rangeStart, rangeEnd) it may pass a pool key's limit
+    except ValueError as exc:
+        raise UsageError(f"invalid ranges: {exc}") from None
+    return value, ranges

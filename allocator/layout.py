@@ -10,6 +10,9 @@ from .ranges import IPAddress
 
 # One safe path segment: Consul keys go into URLs, so no separators, escapes or spaces.
 _POOL_NAME = re.compile(r"^[^/?#%\s]+$")
+# The CNI spec's rule for network names (libcni checks it too): one KV path segment, never
+# `.` or `..`, nothing a URL would encode.
+_NETWORK_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
 # Attachment fences live beside the pools under this name, which no pool may take.
 FENCES = ".fences"
 
@@ -23,6 +26,17 @@ def check_pool_name(name: str) -> str | None:
     if name in (".", "..") or not _POOL_NAME.fullmatch(name):
         return (
             f"pool name {name!r} must be one KV path segment (no '/', '..', '?', '#', '%', spaces)"
+        )
+    return None
+
+
+def check_network_name(name: str) -> str | None:
+    """Why `name` cannot be a CNI network name, or None when it can. The name is a segment
+    of fence keys (`<prefix>.fences/<network>/...`) and is recorded in allocations."""
+    if not _NETWORK_NAME.fullmatch(name):
+        return (
+            f"network name {name!r} is not valid: the CNI spec asks for a letter or digit, "
+            "then letters, digits, '_', '.' or '-'"
         )
     return None
 
@@ -87,5 +101,8 @@ def spellings(ip: IPAddress) -> list[str]:
 
 
 def _segment(name: str) -> str:
-    # Network names are free text in a config; a key segment must not split on '/'.
+    # Interface names may hold '%', '?', '#' or any other byte but '/', ':' and whitespace (as
+    # the kernel allows), and the key of every fence written so far was made this way. Network
+    # names are checked by the CNI rule (check_network_name), whose characters quote leaves as
+    # they are, so their fence keys are the same as before.
     return quote(name, safe="") or "-"

@@ -250,10 +250,14 @@ class Pool:
     # and picks only there. None: the whole folder.
     view: Stripe | None = None
     _taken: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False)
+    # Per range (by position): the taken addresses it blocks (IPRange.blocked_taken), kept up
+    # to date with `_taken`, so a `spread` pick never walks a range's exclusions.
+    _blocked: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False)
     _by_target: dict[str, list[Held]] | None = field(default=None, init=False, repr=False)
     # The helper shares one Pool between concurrent calls; the indexes must stay consistent.
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
     _map: HeldMap = field(init=False, repr=False)
+    _picking: list[IPRange] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.held, HeldMap):
@@ -267,7 +271,9 @@ class Pool:
     @property
     def picking(self) -> list[IPRange]:
         """The ranges addresses are picked from: all of them, or their part in the view."""
-        return self.ranges if self.view is None else self.view.clip(self.ranges)
+        if self._picking is None:
+            self._picking = self.ranges if self.view is None else self.view.clip(self.ranges)
+        return self._picking
 
     def seen(self, ip: IPAddress) -> bool:
         """Whether this copy knows who holds `ip`: every address, or those of its view."""
@@ -299,6 +305,8 @@ class Pool:
                 self._by_target = index
             for version in (4, 6):
                 self.taken(version)
+            for i in range(len(self.picking)):
+                self.blocked_taken(i)
         return self
 
     def ours(
@@ -320,6 +328,15 @@ class Pool:
             # A set: the run search assumes unique values, whatever spellings the keys had.
             self._taken[version] = sorted(self._map.live_ints(version, time.time()))
         return self._taken[version]
+
+    def blocked_taken(self, i: int) -> list[int]:
+        """The taken addresses range `i` blocks (see `_blocked`)."""
+        with self._lock:
+            found = self._blocked.get(i)
+            if found is None:
+                rng = self.picking[i]
+                found = self._blocked[i] = rng.blocked_taken(self.taken(rng.version))
+            return found
 
     def reserve_next_free(
         self, placeholder: Callable[[IPAddress], Held], spread: int | None = None
@@ -350,13 +367,16 @@ class Pool:
                 if ip is not None:
                     return ip, rng
         else:
-            counts = [rng.free_count(self.taken(rng.version)) for rng in ranges]
+            counts = [
+                rng.free_count(self.taken(rng.version), self.blocked_taken(i))
+                for i, rng in enumerate(ranges)
+            ]
             total = sum(counts)
             if total > 0:
                 n = spread % total
-                for rng, count in zip(ranges, counts, strict=True):
+                for i, (rng, count) in enumerate(zip(ranges, counts, strict=True)):
                     if n < count:
-                        found = rng.nth_free(self.taken(rng.version), n)
+                        found = rng.nth_free(self.taken(rng.version), n, self.blocked_taken(i))
                         if found is not None:
                             return found, rng
                         break  # cannot happen: counts and search agree
@@ -389,6 +409,10 @@ class Pool:
             self.held[held.ip] = held
             if held.ip.version in self._taken:
                 insort(self._taken[held.ip.version], int(held.ip))
+                for i, blocked in self._blocked.items():
+                    rng = self.picking[i]
+                    if rng.version == held.ip.version and rng.blocks(int(held.ip)):
+                        insort(blocked, int(held.ip))
             if self._by_target is not None:
                 self._by_target.setdefault(held.target, []).append(held)
 
@@ -402,6 +426,10 @@ class Pool:
                 i = bisect_left(taken, int(ip))
                 if i < len(taken) and taken[i] == int(ip):
                     del taken[i]
+                    for blocked in self._blocked.values():
+                        j = bisect_left(blocked, int(ip))
+                        if j < len(blocked) and blocked[j] == int(ip):
+                            del blocked[j]
             if self._by_target is not None and old in self._by_target.get(old.target, []):
                 self._by_target[old.target].remove(old)
 
@@ -599,8 +627,11 @@ _new_object = object.__new__
 _set_attribute = object.__setattr__
 
 
-def parse_held(entry: KVEntry, folder: str) -> Held:
-    key = entry.key
+def key_ip(key: str, folder: str) -> IPAddress:
+    """The address a key of the pool folder is named after; InvalidPool naming the key when it
+    is not one plain address. A name holding '/' (a key in a sub-folder, or one that climbs
+    out with `..`), '%' (a scope, an encoded slash) or anything else is no address: it is
+    judged here, before anything is read by its name."""
     name = key[len(folder) :]
     ip = _ip_of_key(name)
     if ip is None or "%" in name:
@@ -608,6 +639,12 @@ def parse_held(entry: KVEntry, folder: str) -> Held:
         raise InvalidPool(
             f"KV key {key!r} in the pool folder is not named after a plain IP address"
         )
+    return ip
+
+
+def parse_held(entry: KVEntry, folder: str) -> Held:
+    key = entry.key
+    ip = key_ip(key, folder)
     try:
         alloc = load_allocation(entry.value)
     except ValueError as exc:

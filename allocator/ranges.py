@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import accumulate
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -22,6 +23,30 @@ class IPRange:
     # Operator reservations inside the range (`exclude`): sorted, merged, inclusive int spans,
     # so a /64's worth of exclusions costs what one address does.
     excluded: tuple[tuple[int, int], ...] = ()
+    # Everything in start..end never handed out (exclusions and reserved addresses) as sorted,
+    # disjoint spans: their first and last addresses, and how many blocked addresses come
+    # before each. Counting the blocked addresses up to any address is then one binary search,
+    # which keeps the `spread` pick O(log n) however many exclusions a range has.
+    _lows: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _highs: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _before: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        lo, hi = int(self.start), int(self.end)
+        spans = [(max(a, lo), min(b, hi)) for a, b in self.excluded if a <= hi and b >= lo]
+        spans += [(r, r) for r in self.reserved() if lo <= r <= hi]
+        merged: list[list[int]] = []
+        for a, b in sorted(spans):
+            if merged and a <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        lows = tuple(a for a, _ in merged)
+        highs = tuple(b for _, b in merged)
+        before = tuple(accumulate((b - a + 1 for a, b in merged), initial=0))
+        object.__setattr__(self, "_lows", lows)
+        object.__setattr__(self, "_highs", highs)
+        object.__setattr__(self, "_before", before)
 
     @classmethod
     def build(
@@ -95,12 +120,32 @@ class IPRange:
 
     def size(self) -> int:
         """How many addresses this range can hand out."""
-        lo, hi = int(self.start), int(self.end)
-        count = hi - lo + 1
-        for a, b in self.excluded:
-            count -= max(0, min(b, hi) - max(a, lo) + 1)
-        reserved = (r for r in self.reserved() if lo <= r <= hi)
-        return count - sum(1 for r in reserved if _span_of(self.excluded, r) is None)
+        return int(self.end) - int(self.start) + 1 - self._before[-1]
+
+    def blocks(self, value: int) -> bool:
+        """`value` is in start..end but never handed out (excluded or reserved)."""
+        i = bisect_right(self._lows, value) - 1
+        return i >= 0 and value <= self._highs[i]
+
+    def blocked_taken(self, taken: Sequence[int]) -> list[int]:
+        """The values of `taken` (sorted, unique) this range blocks, sorted: keys on excluded or
+        reserved addresses (written by hand, or before an `exclude`). `free_count` and
+        `nth_free` take them, so they count no capacity twice; a pool keeps them up to date as
+        keys come and go (allocator/pool.py), one binary search per key."""
+        lows, highs = self._lows, self._highs
+        if len(taken) < len(lows):
+            return [t for t in taken if self.blocks(t)]
+        out: list[int] = []
+        for a, b in zip(lows, highs, strict=True):
+            out += taken[bisect_left(taken, a) : bisect_right(taken, b)]
+        return out
+
+    def _blocked_upto(self, x: int) -> int:
+        """Blocked addresses in start..x."""
+        i = bisect_right(self._lows, x)
+        if i == 0:
+            return 0
+        return self._before[i - 1] + min(self._highs[i - 1], x) - self._lows[i - 1] + 1
 
     def lowest_free(self, taken: Sequence[int]) -> IPAddress | None:
         """Lowest allocatable address not in `taken` (sorted, unique ints).
@@ -122,59 +167,55 @@ class IPRange:
                 return type(self.start)(candidate) if candidate <= hi else None
         return None
 
-    def free_count(self, taken: Sequence[int]) -> int:
-        """How many addresses of this range are neither taken nor reserved (O(E log n) for E
-        exclusions): what `nth_free` numbers."""
-        return self.size() - self._taken_upto(taken, int(self.end))
+    def free_count(self, taken: Sequence[int], blocked: Sequence[int] | None = None) -> int:
+        """How many addresses of this range are neither taken nor blocked: what `nth_free`
+        numbers. `taken` is sorted and unique; `blocked` is `blocked_taken(taken)`, worked out
+        here when not given. O(log n) given `blocked`."""
+        return self.size() - self._taken_upto(taken, int(self.end), blocked)
 
-    def nth_free(self, taken: Sequence[int], n: int) -> IPAddress | None:
+    def nth_free(
+        self, taken: Sequence[int], n: int, blocked: Sequence[int] | None = None
+    ) -> IPAddress | None:
         """The free address numbered `n` (0 is the lowest) in address order, None past the last.
 
-        A binary search over the range for the smallest address with n + 1 free ones up to it:
-        O(log(size) * E log n), so a /64 costs about what a /24 does.
+        A binary search over the range for the smallest address with n + 1 free ones up to it,
+        each count a few binary searches: O(log(size) * log n), so a /64 costs about what a
+        /24 does, and a thousand exclusions what one does.
         """
         lo, hi = int(self.start), int(self.end)
         if n < 0 or lo > hi:
             return None
-        if self._free_upto(taken, hi) <= n:
+        if blocked is None:
+            blocked = self.blocked_taken(taken)
+        if self._free_upto(taken, hi, blocked) <= n:
             return None
         while lo < hi:
             mid = (lo + hi) // 2
-            if self._free_upto(taken, mid) > n:
+            if self._free_upto(taken, mid, blocked) > n:
                 hi = mid
             else:
                 lo = mid + 1
         return type(self.start)(lo)
 
-    def _free_upto(self, taken: Sequence[int], x: int) -> int:
+    def _free_upto(self, taken: Sequence[int], x: int, blocked: Sequence[int]) -> int:
         """Free addresses in start..x."""
         start = int(self.start)
         if x < start:
             return 0
-        count = x - start + 1
-        for a, b in self.excluded:
-            count -= max(0, min(b, x) - max(a, start) + 1)
-        reserved = (r for r in self.reserved() if start <= r <= x)
-        count -= sum(1 for r in reserved if _span_of(self.excluded, r) is None)
-        return count - self._taken_upto(taken, x)
+        x = min(x, int(self.end))
+        return x - start + 1 - self._blocked_upto(x) - self._taken_upto(taken, x, blocked)
 
-    def _taken_upto(self, taken: Sequence[int], x: int) -> int:
-        """Allocatable addresses in start..x that `taken` holds: keys on reserved or excluded
-        addresses (written by hand, or before an `exclude`) cost no capacity twice."""
+    def _taken_upto(self, taken: Sequence[int], x: int, blocked: Sequence[int] | None) -> int:
+        """Allocatable addresses in start..x that `taken` holds: keys on blocked addresses
+        cost no capacity twice."""
         start = int(self.start)
         x = min(x, int(self.end))
         if x < start:
             return 0
-        count = bisect_right(taken, x) - bisect_left(taken, start)
-        for a, b in self.excluded:
-            a, b = max(a, start), min(b, x)
-            if a <= b:
-                count -= bisect_right(taken, b) - bisect_left(taken, a)
-        for r in self.reserved():
-            if start <= r <= x and _span_of(self.excluded, r) is None:
-                i = bisect_left(taken, r)
-                count -= i < len(taken) and taken[i] == r
-        return count
+        if blocked is None:
+            blocked = self.blocked_taken(taken)
+        # `blocked` holds only addresses in start..end.
+        return bisect_right(taken, x) - bisect_left(taken, start) - bisect_right(blocked, x)
 
     def to_wire(self) -> dict[str, object]:
         out: dict[str, object] = {

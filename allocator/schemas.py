@@ -146,15 +146,50 @@ class AllocationSchema(Schema):
 _range = IPRangeSchema()
 _allocation = AllocationSchema()
 
+# What a pool's keys may hold. Anyone who may write a pool (a tenant with KV write on it) could
+# otherwise make every call that reads it hold or compute as much as they like; each limit is
+# checked before the value is parsed, and a key over it is an invalid pool (error 117).
+#
+# An allocation this plugin writes is 200-400 bytes. With every field at its longest legitimate
+# size (a 64-character container ID, a 15-character interface, a 253-character host and network
+# name, the call's nonce and time, and the runtime's names at their limits: Kubernetes
+# namespace 63, pod name 253, sandbox ID 64, UID 36; Nomad's region, namespace, job and group
+# names and allocation ID, 253 characters for those without a documented limit) it is 2,370
+# bytes. cni/config.py refuses an ADD whose allocation would not fit (after leaving out the
+# runtime's names, which are for operators), so the plugin never writes what it would refuse.
+MAX_ALLOCATION_BYTES = 4096
+# A pool lists a handful of ranges (host-local's range sets do too); 64 is far past any real
+# pool and keeps the range-by-range loops of a pick short.
+MAX_RANGES = 64
+# Exclusions are kept by hand: gateways, routers, virtual IPs, reserved blocks (a block is one
+# CIDR, one entry). 1,024 entries is far past any such list, and parses in ~20 ms; 30,000 took
+# 0.6 s on every read of the pool.
+MAX_EXCLUSIONS = 1024
+# 64 ranges without exclusions are ~13 KiB (IPv6); one range at the exclusion limit, IPv6 /128s
+# spelled in full, ~48 KiB.
+MAX_RANGES_BYTES = 128 * 1024
+
 
 def load_ranges(raw: bytes) -> list[IPRange]:
     """Parse a pool key's value; ValueError with a readable message when it is unusable."""
+    if len(raw) > MAX_RANGES_BYTES:
+        raise ValueError(
+            f"the value is {len(raw)} bytes, more than the {MAX_RANGES_BYTES} a pool key may hold"
+        )
     data = _json(raw)
     if not isinstance(data, list) or not data:
         raise ValueError("expected a non-empty JSON array of IP Range objects")
+    if len(data) > MAX_RANGES:
+        raise ValueError(f"{len(data)} ranges, more than the {MAX_RANGES} a pool may have")
     out = []
     # One range at a time: marshmallow drops the index of errors raised in post_load.
     for i, item in enumerate(data):
+        exclude = item.get("exclude") if isinstance(item, dict) else None
+        if isinstance(exclude, list) and len(exclude) > MAX_EXCLUSIONS:
+            raise ValueError(
+                f"[{i}].exclude: {len(exclude)} exclusions, more than the {MAX_EXCLUSIONS} a "
+                "range may have (exclude a block as one CIDR)"
+            )
         try:
             out.append(_range.load(item))
         except ValidationError as exc:
@@ -163,6 +198,8 @@ def load_ranges(raw: bytes) -> list[IPRange]:
 
 
 def load_allocation(raw: bytes) -> dict[str, Any]:
+    if len(raw) > MAX_ALLOCATION_BYTES:
+        raise ValueError(_too_large(raw))
     data = _json(raw)
     if not isinstance(data, dict):
         raise ValueError('expected a JSON object like {"target": "<container id>"}')
@@ -221,6 +258,8 @@ def parse_allocations(raws: list[bytes]) -> list[dict[str, Any]] | None:
     n = len(raws)
     if not n:
         return []
+    if max(map(len, raws)) > MAX_ALLOCATION_BYTES:
+        return None  # `load_allocation` names the first such value, in listing order
     data = _parse_flat(raws) or _parse_each(raws)
     return data if data is not None and _all_plain(data) else None
 
@@ -320,6 +359,13 @@ def _plain_number(value: Any) -> bool:
     return kind is int and -_PLAIN_INT < value < _PLAIN_INT
 
 
+def _too_large(raw: bytes) -> str:
+    return (
+        f"the value is {len(raw)} bytes, more than the {MAX_ALLOCATION_BYTES} an allocation "
+        "may hold"
+    )
+
+
 def _text_dict(value: Any) -> bool:
     return type(value) is dict and all(type(v) is str for v in value.values())
 
@@ -350,7 +396,14 @@ def dump_tombstone(held_value: bytes, free_after: float) -> bytes:
     body = json.loads(held_value)
     body.pop("call", None)
     body.pop("at", None)
-    return json.dumps(body | {"free_after": round(free_after, 3)}).encode()
+    mark = {"free_after": round(free_after, 3)}
+    out = json.dumps(body | mark).encode()
+    if len(out) > MAX_ALLOCATION_BYTES:
+        # Another tool's value near the limit (ours lose more with `call` and `at` than the
+        # mark adds): a release needs only who held it, and must stay readable.
+        who = {k: body[k] for k in ("target", "ifname", "host", "network") if k in body}
+        out = json.dumps(who | mark).encode()
+    return out
 
 
 def dump_fence(host: str | None, reason: str) -> bytes:
@@ -361,6 +414,8 @@ def dump_fence(host: str | None, reason: str) -> bytes:
 
 def fence_time(raw: bytes) -> float | None:
     """When a fence was raised; None when its value is unreadable (then it is never swept)."""
+    if len(raw) > MAX_ALLOCATION_BYTES:
+        return None  # a fence holds ~60 bytes: this one is no fence of ours, and not parsed
     try:
         at = json.loads(raw).get("at")
     except (ValueError, UnicodeDecodeError, AttributeError):

@@ -10,6 +10,26 @@ from dataclasses import dataclass
 from typing import Protocol, overload
 
 
+def key_problem(key: str) -> str | None:
+    """Why `key` cannot be sent to the store as the key it is, or None when it can.
+
+    Keys travel in URL paths, and what sits between the plugin and Consul cleans paths:
+    urllib3 drops `.` and `..` segments, proxies and routers merge `//` or decode `%2F`. Such a
+    key is a request for another key (`ipam/.fences/../` lists all of `ipam/`). The KV root ""
+    and a folder's trailing `/` are fine."""
+    if not key:
+        return None
+    path = key[:-1] if key.endswith("/") else key
+    if any(segment in _DOT_OR_EMPTY for segment in path.split("/")):
+        return "it has an empty, '.' or '..' path segment"
+    if "%2f" in key.lower():
+        return "it holds an encoded slash ('%2F')"
+    return None
+
+
+_DOT_OR_EMPTY = frozenset(("", ".", ".."))
+
+
 @dataclass(frozen=True)
 class KVEntry:
     key: str

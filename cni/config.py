@@ -8,10 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from loguru import logger
 from marshmallow import ValidationError
 
 from ..allocator.ranges import IPAddress
-from ..allocator.schemas import describe
+from ..allocator.schemas import MAX_ALLOCATION_BYTES, describe, dump_allocation
 from ..consul import settings as cs
 from ..consul.errors import SettingsError
 from ..consul.settings import ConsulSettings  # re-exported: the helper imports it from here
@@ -105,6 +106,9 @@ def load(
         ) from None
     ipam = conf["ipam"]
     prev = conf["prevResult"]
+    runtime = {k: v for k, v in (args or {}).items() if k in RUNTIME_KEYS and v}
+    if command == "ADD":
+        runtime = _runtime_that_fits(runtime, conf["name"], env, ipam["host"])
     return NetConf(
         cni_version=version,
         name=conf["name"],
@@ -116,10 +120,50 @@ def load(
         requested_ips=_requested_ips(conf, args or {}) if command == "ADD" else [],
         valid_attachments=_attachments(data) if command == "GC" else None,
         host=ipam["host"] or None,
-        runtime={k: v for k, v in (args or {}).items() if k in RUNTIME_KEYS and v},
+        runtime=runtime,
         min_free=ipam["min_free"],
         reuse_after=ipam["reuse_after"],
         pick=ipam["pick"],
+    )
+
+
+def _runtime_that_fits(
+    runtime: dict[str, str], network: str, env: Mapping[str, str], host: str | None
+) -> dict[str, str]:
+    """The runtime's names this ADD records. A pool refuses an allocation larger than
+    MAX_ALLOCATION_BYTES (allocator/schemas.py), so one written larger would fail every later
+    read of the pool: the names, which are for operators and never fail a call, are left out
+    when they do not fit, and an allocation too large even without them is refused."""
+
+    def size(names: dict[str, str]) -> int:
+        # The call's nonce and time as long as they can be.
+        value = dump_allocation(
+            env.get("CNI_CONTAINERID", ""),
+            env.get("CNI_IFNAME") or None,
+            host or default_host(),
+            network,
+            "0" * 32,
+            names,
+            9_999_999_999.999,
+        )
+        return len(value)
+
+    if size(runtime) <= MAX_ALLOCATION_BYTES:
+        return runtime
+    bare = size({})
+    if bare <= MAX_ALLOCATION_BYTES:
+        logger.warning(
+            "the runtime's names ({}) are left out of the allocation: with them it would be "
+            "larger than the {} bytes a pool accepts",
+            ", ".join(sorted(runtime)),
+            MAX_ALLOCATION_BYTES,
+        )
+        return {}
+    raise CNIError(
+        Code.INVALID_CONFIG,
+        f"the allocation this ADD would write is {bare} bytes, more than the "
+        f"{MAX_ALLOCATION_BYTES} a pool accepts: the container ID, interface, network name or "
+        "ipam.host is too long",
     )
 
 

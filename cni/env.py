@@ -11,6 +11,8 @@ from .errors import CNIError, Code
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
 # Commands that act on one attachment and so need its container and interface.
 _PER_ATTACHMENT = ("ADD", "DEL", "CHECK")
+# The CNI spec's rule. It cannot start with '.', so no ID is a '.' or '..' path segment, and
+# it holds nothing a URL would encode: a fence key takes it as it is (allocator/layout.py).
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _BAD_IFNAME = re.compile(r"[/:\s]")
 
@@ -41,15 +43,23 @@ def read_env(env: Mapping[str, str]) -> Environment:
             "followed by letters, digits, '_', '.' or '-'",
         )
     ifname = env.get("CNI_IFNAME", "")
-    if not ifname or len(ifname) > 15 or ifname in (".", "..") or _BAD_IFNAME.search(ifname):
+    if not _valid_ifname(ifname):
         raise CNIError(
             Code.INVALID_ENV,
             f"CNI_IFNAME {ifname!r} is not a valid interface name "
-            "(1-15 characters, no '/', ':' or spaces)",
+            "(1-15 bytes, not '.' or '..', no '/', ':' or spaces)",
         )
     return Environment(
         command, cid, ifname, env.get("CNI_NETNS", ""), parse_args(env.get("CNI_ARGS", ""))
     )
+
+
+def _valid_ifname(ifname: str) -> bool:
+    """The kernel's rule (dev_valid_name): 1-15 bytes, not '.' or '..', no '/', ':' or
+    whitespace. The name is a segment of fence keys; every other character is quoted there
+    (allocator/layout.py)."""
+    size = len(ifname.encode("utf-8", "surrogateescape"))
+    return 0 < size <= 15 and ifname not in (".", "..") and not _BAD_IFNAME.search(ifname)
 
 
 def parse_args(raw: str) -> dict[str, str]:

@@ -30,7 +30,7 @@ from ..allocator.errors import (
     WriteConflict,
 )
 from ..allocator.store import KV, StoreError, StoreUnavailable
-from ..consul import ConsulClient, ConsulKV, build_client
+from ..consul import ConsulClient, ConsulKV, UnsafeKey, build_client
 from . import config
 from .commands import KINDS, Command, Inputs
 from .env import read_env
@@ -71,6 +71,8 @@ _ERROR_CODES: list[tuple[type[Exception], Code]] = [
     (PoolMissing, Code.MISSING_RESOURCE),
     (AllocationMissing, Code.MISSING_RESOURCE),
     (InvalidPool, Code.INVALID_RESOURCE),
+    # A key no request may be built from (consul/kv.py _path) came from KV: an invalid resource.
+    (UnsafeKey, Code.INVALID_RESOURCE),
     (PoolFull, Code.POOL_FULL),
     (NotInPool, Code.NOT_IN_POOL),
     (AddressInUse, Code.ADDRESS_IN_USE),

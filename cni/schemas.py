@@ -16,7 +16,7 @@ from marshmallow import (
     validates,
 )
 
-from ..allocator.layout import check_pool_name
+from ..allocator.layout import check_network_name, check_pool_name
 from ..allocator.schemas import IPAddressField, IPInterfaceField
 from ..consul import settings as cs
 from ..consul.errors import SettingsError
@@ -137,11 +137,21 @@ class NetworkConfigSchema(Schema):
         unknown = EXCLUDE
 
     cniVersion = fields.String(required=True)
-    name = fields.String(load_default="")
+    # Required by the CNI spec (and libcni): it names the network in fence keys and allocations.
+    name = fields.String(
+        required=True,
+        error_messages={"required": "the network config has no name (the CNI spec requires one)"},
+    )
     ipam = fields.Nested(IpamSchema, required=True)
     prevResult = fields.Nested(PrevResultSchema, load_default=None, allow_none=True)
     runtimeConfig = fields.Dict(load_default=dict)
     args = fields.Dict(load_default=dict)
+
+    @validates("name")
+    def check_name(self, value: str, **kwargs: Any) -> None:
+        problem = check_network_name(value)
+        if problem:
+            raise ValidationError(problem)
 
 
 class IPOutSchema(Schema):

@@ -76,7 +76,11 @@ def _open_folder(path: str) -> int:
     """Create (0700) and open the state folder, refusing one another user could steer."""
     real = Path(os.path.realpath(path))
     for parent in reversed(real.parents):
-        _trusted(os.lstat(parent), f"{parent} (above the state folder)", private=False)
+        try:
+            st = os.lstat(parent)
+        except FileNotFoundError:
+            break  # made below, 0700, by us
+        _trusted(st, f"{parent} (above the state folder)", private=False)
     old = os.umask(0o077)
     try:
         real.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ Knows nothing of CNI or pools.
 """
 
 from .client import ConsulClient, Deadline, TLSConfig
-from .errors import ConsulError, ConsulUnavailable, SettingsError
+from .errors import ConsulError, ConsulUnavailable, SettingsError, UnsafeKey
 from .kv import ConsulKV
 from .settings import ConsulSettings, build_client
 
@@ -18,5 +18,6 @@ __all__ = [
     "Deadline",
     "SettingsError",
     "TLSConfig",
+    "UnsafeKey",
     "build_client",
 ]

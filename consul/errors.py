@@ -13,6 +13,12 @@ class ConsulError(StoreError):
     """
 
 
+
+class UnsafeKey(ConsulError):
+    """A key no request may be built from (allocator/store.py key_problem): raised before
+    anything is sent."""
+
+
 class ConsulUnavailable(ConsulError, StoreUnavailable):
     """No listed server answered with a leader before the time budget ran out, or none could
     even be connected to for the unreachable grace."""

@@ -27,9 +27,10 @@ from ..allocator.store import (
     Op,
     Set,
     TxnResult,
+    key_problem,
 )
 from .client import ConsulClient, Response, check_status
-from .errors import ConsulError
+from .errors import ConsulError, UnsafeKey
 
 Entry = KVEntry
 
@@ -196,6 +197,12 @@ _CONSISTENT = {"consistent": "true"}
 
 
 def _path(key: str) -> str:
+    """The URL path of a key. Every KV request's path is built here, so a key that would reach
+    another key once the path is cleaned (allocator/store.py key_problem) is refused here,
+    before anything is sent."""
+    problem = key_problem(key)
+    if problem is not None:
+        raise UnsafeKey(f"KV key {key!r} cannot be sent to Consul: {problem}")
     return "/v1/kv/" + quote(key, safe="/:")
 
 

@@ -223,10 +223,15 @@ def datacenter(value: str | None) -> str | None:
 def kv_prefix(raw: str, source: str = "a KV prefix") -> str:
     """The prefix the pools live under, as `<segment>/.../` or "" (the KV root): surrounding
     slashes do not matter, so `ipam`, `/ipam` and `ipam/` name the same keys. Keys go into URL
-    paths, so no '?', '#', '%' or whitespace."""
+    paths, so no '?', '#', '%' or whitespace, and no empty, '.' or '..' segment."""
     if any(c in "?#%" or c.isspace() for c in raw):
         raise SettingsError(
             f"{source} cannot hold '?', '#', '%' or whitespace (keys go into URLs): {raw!r}"
         )
     prefix = raw.strip("/")
+    if prefix and any(segment in ("", ".", "..") for segment in prefix.split("/")):
+        # An HTTP client removes '.' and '..' segments: `ipam/../x` would be read as `x`.
+        raise SettingsError(
+            f"{source} cannot have an empty, '.' or '..' segment (keys go into URLs): {raw!r}"
+        )
     return f"{prefix}/" if prefix else ""

@@ -182,10 +182,10 @@ class Add(PoolCommand):
             self.widened = "whole"
             self.pool = allocator.load(name, fresh=True)
         else:
-            # Every key of the pool, just read: it really is full.
-            pool.view = None
-            pool.next_free()  # raises PoolFull, worded for the whole pool
-            raise AssertionError("unreachable: the pool had no room a moment ago")
+            # Every key of the whole pool, just read: it really is full.
+            raise PoolFull(
+                f"pool {name!r} is full: all {pool.capacity()} addresses are allocated"
+            )
         logger.debug("pool {!r}: no room there; reading {}", name, _describe(self.pool))
         return "widen"
 

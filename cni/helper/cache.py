@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from loguru import logger
 
 from ...allocator.layout import Layout
-from ...allocator.pool import Pool, list_pool, parse_pool
+from ...allocator.pool import Pool, key_ip, list_pool, parse_held, parse_pool
 from ...allocator.ranges import IPAddress, IPRange
 from ...allocator.store import KVEntry, WatchableKV
 from ...allocator.stripes import Stripe
@@ -259,14 +259,25 @@ def refreshed(
     names = {k for k in keys if k.startswith(folder + within) and k != folder}
     before = old.snapshot()
     known = {} if forget else {h.key: h for h in before if h.key in names}
-    new = names - known.keys()
+    new = sorted(names - known.keys())
     in_place = moved and not new and len(known) == len(before)
+    # A name is judged before it is read by: `<pool>/../../secret/x` is a GET of `secret/x`
+    # once the URL is cleaned. Such a key fails the pool (InvalidPool, as a listing of it does
+    # in-process): the watcher stops, and the next call reloads the pool and says why.
+    for key in new:
+        key_ip(key, folder)
     if len(new) > _READ_ONE_BY_ONE or in_place:
         entries, _ = list_pool(kv, layout, old.name, within)
         return parse_pool(layout, old.name, entries, known=known, view=old.view).cache_copy()
-    found = [e for e in map(kv.get, [layout.pool_key(old.name), *sorted(new)]) if e is not None]
-    # Raises for missing or broken ranges or keys.
-    pool = parse_pool(layout, old.name, found, view=old.view)
+    ranges = kv.get(layout.pool_key(old.name))
+    # Raises for missing or broken ranges.
+    pool = parse_pool(layout, old.name, [ranges] if ranges else [], view=old.view)
+    for key in new:
+        entry = kv.get(key)
+        if entry is not None:
+            # Judged as soon as it is read, so no more than one value too large to keep is
+            # ever held (allocator/schemas.py MAX_ALLOCATION_BYTES).
+            pool.put(parse_held(entry, folder))
     for held in known.values():
         pool.held.setdefault(held.ip, held)
     return pool.cache_copy()

@@ -75,8 +75,11 @@ BAD_VALUES = [
     b'{"target": "a", "at": Infinity}',
     b'{"target": "a", "at": 1' + b"0" * 400 + b"}",
 ]
-# Deeper than json's recursion allows (the reading before rows failed on it with code 100).
-DEEP = b'{"target": "a", "runtime": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+# Deeper than json's recursion allows (the reading before rows failed on it with code 100),
+# within the size an allocation may have (allocator/schemas.py MAX_ALLOCATION_BYTES).
+DEEP = b'{"target": "a", "runtime": ' + b"[" * 2_000 + b"]" * 2_000 + b"}"
+# Larger than an allocation may be: refused before it is parsed (issue 25).
+LARGE = b'{"target": "a", "pad": "' + b"x" * (400 * 1024) + b'"}'
 
 
 def short(raw: bytes) -> str:
@@ -119,6 +122,17 @@ def test_a_value_nested_too_deeply_among_60000(consul: ConsulAgent, folder: str)
     out = run_plugin("ADD", conf(consul, folder), container="c-deep")
     err = assert_cni_error(out, 117, "1.0.0", key)
     assert "nested too deeply" in err["msg"], err
+    assert consul.kv_index() == index
+
+
+def test_a_value_too_large_among_60000(consul: ConsulAgent, folder: str) -> None:
+    key = f"ipam/{folder}/{MIDDLE}"
+    kv(consul, "PUT", key, LARGE)
+    expected = outcome(reference_held, KVEntry(key, LARGE, 0), f"ipam/{folder}/")
+    index = consul.kv_index()
+    out = run_plugin("ADD", conf(consul, folder), container="c-large")
+    err = assert_cni_error(out, 117, "1.0.0", key, "more than the 4096")
+    assert err["msg"] == expected[1]
     assert consul.kv_index() == index
 
 

@@ -33,6 +33,7 @@ from ipam_da_consul.allocator.pool import (
     parse_pool,
 )
 from ipam_da_consul.allocator.schemas import (
+    MAX_ALLOCATION_BYTES,
     AllocationSchema,
     _all_plain,
     _is_plain,
@@ -54,7 +55,13 @@ _schema = AllocationSchema()
 
 
 def reference_allocation(raw: bytes) -> dict[str, Any]:
-    """The seed's load_allocation: json.loads, then the schema for every value."""
+    """The seed's load_allocation: json.loads, then the schema for every value; and, first,
+    the size limit (issue 25: a value too large is never parsed)."""
+    if len(raw) > MAX_ALLOCATION_BYTES:
+        raise ValueError(
+            f"the value is {len(raw)} bytes, more than the {MAX_ALLOCATION_BYTES} an allocation "
+            "may hold"
+        )
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -169,7 +176,23 @@ BAD_VALUES: list[bytes] = (
 )
 
 
-@pytest.mark.parametrize("raw", BAD_VALUES, ids=repr)
+def sized(size: int, **fields: Any) -> bytes:
+    """A well-formed allocation padded with an unknown field to exactly `size` bytes."""
+    head = json.dumps({"target": "a", **fields, "pad": ""}).encode()
+    return head[:-2] + b"x" * (size - len(head)) + head[-2:]
+
+
+# Too large, whatever they hold: never parsed.
+TOO_LARGE = [
+    sized(MAX_ALLOCATION_BYTES + 1),
+    sized(400 * 1024, ifname="eth0"),
+    b"garbage" * 600,
+    b"[" * 3_000 + b"]" * 3_000,
+]
+BAD_VALUES += TOO_LARGE
+
+
+@pytest.mark.parametrize("raw", BAD_VALUES, ids=lambda raw: repr(raw[:60]))
 def test_bad_value_fails_as_the_schema_says(raw: bytes) -> None:
     entry = KVEntry(FOLDER + "10.30.1.7", raw, 42)
     expected = outcome(reference_held, entry)
@@ -192,10 +215,12 @@ GOOD_VALUES: list[bytes] = [
     b'{"target": "caf\xc3\xa9 \\u00e9"}',
     b'\xef\xbb\xbf{"target": "bom"}',  # json.loads takes a UTF-8 BOM
     b'{"target": "first", "target": "second"}',
+    sized(MAX_ALLOCATION_BYTES),  # as large as a value may be
+    sized(MAX_ALLOCATION_BYTES, runtime={"K8S_POD_NAME": "web-0"}),
 ]
 
 
-@pytest.mark.parametrize("raw", GOOD_VALUES, ids=repr)
+@pytest.mark.parametrize("raw", GOOD_VALUES, ids=lambda raw: repr(raw[:60]))
 def test_good_value_reads_as_the_schema_reads_it(raw: bytes) -> None:
     entry = KVEntry(FOLDER + "10.30.1.7", raw, 42)
     status, expected = outcome(reference_held, entry)
@@ -433,6 +458,8 @@ RUN_ON_GROUPS: list[list[bytes]] = [
 RUN_ON_VALUES = [raw for group in RUN_ON_GROUPS for raw in group]
 _raw_values = st.one_of(
     st.sampled_from(GOOD_VALUES + BAD_VALUES + RUN_ON_VALUES),
+    # Around the size limit, each side of it.
+    st.integers(MAX_ALLOCATION_BYTES - 2, MAX_ALLOCATION_BYTES + 2).map(sized),
     _objects.map(lambda o: json.dumps(o).encode()),
     _objects.map(lambda o: json.dumps(o, separators=(",", ":")).encode()),
     st.fixed_dictionaries(
@@ -514,13 +541,29 @@ def test_all_plain_judges_as_is_plain_judges_each(
 
 
 def test_a_value_nested_too_deeply_is_an_invalid_allocation() -> None:
-    deep = b'{"target": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    # Deeper than json's recursion allows, within the size limits.
+    deep = b'{"target": "a", "x": ' + b"[" * 2_000 + b"]" * 2_000 + b"}"
+    assert len(deep) <= MAX_ALLOCATION_BYTES
     entries = [*sixty_thousand()[:20], KVEntry(FOLDER + "10.30.250.1", deep, 7)]
     status, message = outcome(parse_pool, LAYOUT, "p", entries)
     assert status == "InvalidPool" and "nested too deeply" in message, message
-    ranges = [KVEntry("ipam/p", b"[" * 100_000 + b"]" * 100_000, 5)]
+    ranges = [KVEntry("ipam/p", b"[" * 30_000 + b"]" * 30_000, 5)]
     status, message = outcome(parse_pool, LAYOUT, "p", ranges)
     assert status == "InvalidPool" and "nested too deeply" in message, message
+
+
+@pytest.mark.parametrize("at", [0, 1, 2_999])
+@pytest.mark.parametrize("raw", TOO_LARGE[:2], ids=lambda raw: f"{len(raw)} bytes")
+def test_a_value_too_large_among_thousands_fails_as_key_by_key(
+    big: list[KVEntry], at: int, raw: bytes
+) -> None:
+    bad = KVEntry(f"{FOLDER}10.30.250.1", raw, 7)
+    entries = [*big[: 1 + at], bad, *big[1 + at : 3_000]]
+    expected = reference_pool(entries)
+    assert expected == ("InvalidPool", outcome(reference_held, bad)[1])
+    assert "more than the 4096 an allocation may hold" in expected[1]
+    assert outcome(parse_pool, LAYOUT, "p", entries) == expected
+    assert parse_allocations([e.value for e in entries[1:]]) is None  # never parsed whole
 
 
 def test_plain_values_take_the_fast_paths() -> None:

@@ -291,3 +291,81 @@ def test_bad_exclusions_are_invalid_ranges(exclude: str, needle: str):
 
     with pytest.raises(ValueError, match=needle):
         load_ranges(json.dumps([{"subnet": "10.0.0.0/24", "exclude": [exclude]}]).encode())
+
+
+# -- counting and numbering free addresses with exclusions (the `spread` pick) -----------------
+@st.composite
+def range_with_exclusions(draw: st.DrawFn) -> tuple[IPRange, list[int]]:
+    """A small range with a gateway maybe, random exclusions (addresses and blocks, some
+    overlapping or touching each other, the gateway, the ends of the range or beyond them) and
+    random keys, anywhere."""
+    six = draw(st.booleans())
+    prefix = draw(st.integers(121, 126) if six else st.integers(25, 30))
+    subnet = net(f"fd00::/{prefix}" if six else f"10.0.0.0/{prefix}")
+    first, last = int(subnet.network_address), int(subnet.broadcast_address)
+    lo = draw(st.integers(first, last))
+    hi = draw(st.integers(lo, last))
+    gateway = draw(st.none() | st.integers(first, last))
+    addr = ipaddress.IPv6Address if six else ipaddress.IPv4Address
+    exclude = []
+    for _ in range(draw(st.integers(0, 12))):
+        size = draw(st.integers(0, min(4, prefix_room(subnet))))
+        start = draw(st.integers(first, last)) >> size << size
+        exclude.append(ipaddress.ip_network((addr(start), subnet.max_prefixlen - size)))
+    rng = IPRange.build(
+        subnet, addr(lo), addr(hi), None if gateway is None else addr(gateway), exclude
+    )
+    taken = sorted(draw(st.sets(st.integers(first - 3, last + 3))))
+    return rng, taken
+
+
+def prefix_room(subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
+    return subnet.max_prefixlen - subnet.prefixlen
+
+
+def brute_free(rng: IPRange, taken: list[int]) -> list[int]:
+    busy = set(taken)
+    return [
+        a
+        for a in range(int(rng.start), int(rng.end) + 1)
+        if a not in busy and rng.allocatable(ipaddress.ip_address(a))
+    ]
+
+
+@settings(max_examples=400, deadline=None)
+@given(range_with_exclusions())
+def test_counting_and_numbering_free_addresses_match_a_brute_force_walk(
+    case: tuple[IPRange, list[int]],
+) -> None:
+    rng, taken = case
+    free = brute_free(rng, taken)
+    span = range(int(rng.start), int(rng.end) + 1)
+    blocked = [a for a in span if not rng.allocatable(ipaddress.ip_address(a))]
+    assert rng.size() == len(span) - len(blocked)
+    assert [a for a in span if rng.blocks(a)] == blocked
+    assert rng.blocked_taken(taken) == sorted(set(taken) & set(blocked))
+    assert rng.free_count(taken) == len(free)
+    assert rng.free_count(taken, rng.blocked_taken(taken)) == len(free)
+    for n, want in enumerate(free):
+        assert int(rng.nth_free(taken, n)) == want  # type: ignore[arg-type]
+    assert rng.nth_free(taken, len(free)) is None
+    assert rng.nth_free(taken, -1) is None
+    lowest = rng.lowest_free(taken)
+    assert (None if lowest is None else int(lowest)) == (free[0] if free else None)
+
+
+def test_thirty_thousand_exclusions_cost_a_pick_no_walk() -> None:
+    # Every other address of a /16 excluded: 30,000 spans (past what a pool may hold, to make
+    # a walk over them show). Counting and numbering are binary searches over them.
+    base = int(ip("10.60.0.0"))
+    exclude = [net(f"{ip(base + 2 + 2 * i)}/32") for i in range(30_000)]
+    rng = IPRange.build(net("10.60.0.0/16"), gateway=ip("10.60.0.1"), exclude=exclude)
+    taken = list(range(base + 3, base + 3 + 2 * 10_000, 2))  # the first 10,000 free ones
+    blocked = rng.blocked_taken(taken)
+    began = time.perf_counter()
+    for n in range(200):
+        assert rng.free_count(taken, blocked) == 65534 - 1 - 30_000 - 10_000
+        got = rng.nth_free(taken, n * 7, blocked)
+        assert got == ip(base + 3 + 2 * (10_000 + n * 7))
+    # A walk over 30,000 exclusions per count took ~0.6 s per pick.
+    assert time.perf_counter() - began < 1.0

@@ -10,6 +10,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ipam_da_consul.allocator.allocate import Allocator, Attachment
 from ipam_da_consul.allocator.errors import PoolFull
 from ipam_da_consul.allocator.layout import Layout
@@ -208,3 +210,42 @@ def test_watcher_starts_over_when_consuls_index_goes_backwards():
     # blocking from the new index.
     assert kv.calls == [("ipam/p/", 100), ("ipam/p/", 0), ("ipam/p/", 7)]
     assert [str(ip) for ip in watched.pool.held] == ["10.6.1.9"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.integers(0, 63), max_size=6),
+    st.lists(
+        st.tuples(st.sampled_from(["put", "discard", "pick"]), st.integers(0, 70)), max_size=40
+    ),
+)
+def test_a_pools_spread_pick_follows_keys_coming_and_going(
+    excluded: list[int], ops: list[tuple[str, int]]
+) -> None:
+    # The pool keeps, per range, the keys its exclusions and reserved addresses hold up to date
+    # as keys come and go; every pick must number the free addresses as a fresh count does.
+    base = int(ipaddress.ip_address("10.4.0.0"))
+    wire = [
+        {"subnet": "10.4.0.0/27", "gateway": "10.4.0.1",
+         "exclude": [str(ipaddress.ip_address(base + e % 32)) for e in excluded if e < 32]},
+        {"subnet": "10.4.0.32/27", "rangeStart": "10.4.0.34",
+         "exclude": [str(ipaddress.ip_address(base + e)) for e in excluded if e >= 34]},
+    ]
+    ranges = load_ranges(json.dumps(wire).encode())
+    pool = Pool("p", ranges)
+    keys: set[int] = set()
+    for op, offset in ops:
+        value = base + offset
+        if op == "put":
+            pool.put(held(str(ipaddress.ip_address(value))))
+            keys.add(value)
+        elif op == "discard":
+            pool.discard(ipaddress.ip_address(value))
+            keys.discard(value)
+        free = [a for rng in ranges for a in brute_free(rng, keys)]
+        for key in (offset, offset * 7919, 2**63 + offset):
+            if not free:
+                with pytest.raises(PoolFull):
+                    pool.next_free(key)
+                continue
+            assert int(pool.next_free(key)[0]) == free[key % len(free)]

@@ -412,3 +412,173 @@ def test_error_codes_match_the_spec_and_upstream() -> None:
 def test_version_object() -> None:
     assert VersionSchema().dump({"cniVersion": "1.0.0", "supportedVersions": ["0.4.0"]}) == {
         "cniVersion": "1.0.0", "supportedVersions": ["0.4.0"]}
+
+
+# -- names that become part of a KV path (issue 25, finding 1) -----------------------------------
+@pytest.mark.parametrize(
+    "name",
+    ["..", ".", "a/b", "", "-net", ".net", "_net", "net work", "a%2Fb", "net?x", "../x",
+     "net\n", "n\u00e9t", "net/", "a\\b"],
+    ids=repr,
+)
+@pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK", "GC", "STATUS"])
+def test_a_network_name_outside_the_cni_rule_is_an_invalid_config(
+    name: str, command: str
+) -> None:
+    conf = netconf(name=name, **{"cni.dev/valid-attachments": []})
+    with pytest.raises(CNIError) as info:
+        config.load(conf, command, {})
+    assert info.value.code == Code.INVALID_CONFIG
+    assert info.value.msg == (
+        f"invalid network config: name: network name {name!r} is not valid: the CNI spec asks "
+        "for a letter or digit, then letters, digits, '_', '.' or '-'"
+    )
+
+
+@pytest.mark.parametrize("name", ["net", "n", "0", "Net.v1_a-b", "a..b", "a.", "x" * 300])
+def test_network_names_the_cni_rule_allows(name: str) -> None:
+    assert config.load(netconf(name=name), "ADD", {}).name == name
+
+
+def test_a_network_config_without_a_name_is_invalid() -> None:
+    conf = netconf()
+    del conf["name"]
+    err = load_error(conf)
+    assert err.code == Code.INVALID_CONFIG
+    assert err.msg == (
+        "invalid network config: name: the network config has no name (the CNI spec requires one)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("ifname", "valid"),
+    [("eth0", True), ("e" * 15, True), ("e" * 16, False), ("\u00e9" * 7, True),
+     ("\u00e9" * 8, False), ("%x", True), ("a?b#", True), (".", False), ("..", False),
+     ("...", True), ("a/b", False), ("a:b", False), ("a b", False), ("", False)],
+)
+def test_interface_names_follow_the_kernels_rule(ifname: str, valid: bool) -> None:
+    from ipam_da_consul.cni.env import read_env
+
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": ifname}
+    if valid:
+        assert read_env(env).ifname == ifname
+        return
+    with pytest.raises(CNIError) as info:
+        read_env(env)
+    assert info.value.code == Code.INVALID_ENV
+    assert info.value.msg.startswith(f"CNI_IFNAME {ifname!r} is not a valid interface name")
+
+
+@pytest.mark.parametrize(
+    ("cid", "valid"),
+    [("c1", True), ("a..b", True), ("a.", True), ("0_x-y.z", True), ("..", False),
+     (".", False), (".x", False), ("-x", False), ("a/b", False), ("a%2Fb", False),
+     ("a b", False), ("", False), ("x\n", False)],
+)
+def test_container_ids_follow_the_cni_rule(cid: str, valid: bool) -> None:
+    # The ID is a segment of fence keys, taken as it is: none may be '.' or '..'.
+    from ipam_da_consul.cni.env import read_env
+
+    env = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": cid, "CNI_IFNAME": "eth0"}
+    if valid:
+        assert read_env(env).container_id == cid
+        return
+    with pytest.raises(CNIError) as info:
+        read_env(env)
+    assert info.value.code == Code.INVALID_ENV
+    assert info.value.msg.startswith(f"CNI_CONTAINERID {cid!r} is not valid")
+
+
+# -- what a pool's keys may hold (issue 25, finding 5) -------------------------------------------
+def test_an_add_leaves_out_runtime_names_that_would_make_its_allocation_too_large() -> None:
+    from ipam_da_consul.allocator.schemas import MAX_ALLOCATION_BYTES
+
+    env = {"CNI_CONTAINERID": "c" * 64, "CNI_IFNAME": "eth0"}
+    usual = {"K8S_POD_NAMESPACE": "n" * 63, "K8S_POD_NAME": "p" * 253}
+    conf = config.load(netconf(ipam={**netconf()["ipam"], "host": "h"}), "ADD", env, usual)
+    assert conf.runtime == usual
+    huge = {"K8S_POD_NAME": "p" * MAX_ALLOCATION_BYTES}
+    conf = config.load(netconf(ipam={**netconf()["ipam"], "host": "h"}), "ADD", env, huge)
+    assert conf.runtime == {}
+    # DEL writes no allocation: nothing to leave out.
+    assert config.load(netconf(), "DEL", env, huge).runtime == huge
+
+
+def test_an_add_whose_allocation_would_be_too_large_is_refused() -> None:
+    env = {"CNI_CONTAINERID": "c" * 5000, "CNI_IFNAME": "eth0"}
+    err = load_error_env(netconf(), env)
+    assert err.code == Code.INVALID_CONFIG
+    assert "more than the 4096 a pool accepts" in err.msg and "container ID" in err.msg
+
+
+def load_error_env(conf: dict[str, Any], env: dict[str, str]) -> CNIError:
+    with pytest.raises(CNIError) as info:
+        config.load(conf, "ADD", env)
+    return info.value
+
+
+def test_the_largest_legitimate_allocation_fits() -> None:
+    from ipam_da_consul.allocator.schemas import MAX_ALLOCATION_BYTES, dump_tombstone
+
+    longest = {"K8S_POD_NAMESPACE": 63, "K8S_POD_NAME": 253, "K8S_POD_INFRA_CONTAINER_ID": 64,
+               "K8S_POD_UID": 36, "NOMAD_ALLOC_ID": 36}
+    runtime = {k: "x" * longest.get(k, 253) for k in config.RUNTIME_KEYS}
+    value = dump_allocation("c" * 64, "e" * 15, "h" * 253, "n" * 253, "0" * 12, runtime, 2e9)
+    assert len(value) < MAX_ALLOCATION_BYTES * 0.6
+    load_allocation(value)
+    load_allocation(dump_tombstone(value, 2e9))
+
+
+def test_a_release_of_a_value_near_the_limit_stays_readable() -> None:
+    from ipam_da_consul.allocator.schemas import MAX_ALLOCATION_BYTES, dump_tombstone
+
+    body = {"target": "t", "ifname": "eth0", "other": "x" * (MAX_ALLOCATION_BYTES - 60)}
+    value = json.dumps(body).encode()
+    assert len(value) <= MAX_ALLOCATION_BYTES
+    tomb = dump_tombstone(value, 1.7e9)
+    assert load_allocation(tomb)["free_after"] == 1.7e9
+    assert json.loads(tomb) == {"target": "t", "ifname": "eth0", "free_after": 1.7e9}
+    small = dump_tombstone(b'{"target": "t", "call": "c", "x": 1}', 1.7e9)
+    assert json.loads(small) == {"target": "t", "x": 1, "free_after": 1.7e9}
+
+
+def excluded(n: int, v6: bool = False) -> dict[str, Any]:
+    if v6:
+        return {"subnet": "fd00::/64", "exclude": [f"fd00::{i:x}" for i in range(2, n + 2)]}
+    return {"subnet": "10.0.0.0/16", "exclude": [str(ip("10.0.0.2") + 2 * i) for i in range(n)]}
+
+
+def test_ranges_at_each_limit_load() -> None:
+    from ipam_da_consul.allocator.schemas import MAX_EXCLUSIONS, MAX_RANGES, MAX_RANGES_BYTES
+
+    [r] = load_ranges(ranges_json([excluded(MAX_EXCLUSIONS)]))
+    assert len(r.excluded) == MAX_EXCLUSIONS
+    many = [{"subnet": f"10.{i}.0.0/24"} for i in range(MAX_RANGES)]
+    assert len(load_ranges(ranges_json(many))) == MAX_RANGES
+    full = ranges_json([excluded(MAX_EXCLUSIONS, v6=True)] * 2)
+    assert len(full) < MAX_RANGES_BYTES
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([excluded(1025)], "[0].exclude: 1025 exclusions, more than the 1024 a range may have"),
+        ([{"subnet": "10.9.0.0/24"}, excluded(3000)], "[1].exclude: 3000 exclusions"),
+        ([{"subnet": f"10.{i}.0.0/24"} for i in range(65)], "65 ranges, more than the 64 a pool"),
+        ([{"subnet": "10.0.0.0/24", "x": "y" * 131072}], "more than the 131072 a pool key may"),
+    ],
+)
+def test_ranges_past_a_limit_are_refused_before_they_are_parsed(
+    value: list[Any], message: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        load_ranges(ranges_json(value))
+    assert message in str(info.value)
+
+
+def test_an_allocation_too_large_is_refused_before_it_is_parsed() -> None:
+    raw = json.dumps({"target": "a", "pad": "x" * 5000}).encode()
+    with pytest.raises(ValueError, match=f"the value is {len(raw)} bytes, more than the 4096"):
+        load_allocation(raw)
+    with pytest.raises(ValueError, match="more than the 4096"):
+        load_allocation(b"not json at all, " * 300)  # judged by size, not as JSON

@@ -235,3 +235,9 @@ def test_the_replay_loop_drops_what_is_done(tmp_path: Path) -> None:
 
     assert Replayer(state, finish).pass_once() is None
     assert state.pending() == [] and state.names() == []
+
+
+def test_missing_folders_above_it_are_made_private(tmp_path: Path) -> None:
+    st.StateDir(str(tmp_path / "a" / "b" / "state")).close()
+    for folder in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700

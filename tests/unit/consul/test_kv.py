@@ -254,3 +254,102 @@ def test_a_listing_is_never_read_partly_by_orjson_and_partly_by_json(
     body = b'[{"Key":"a","ModifyIndex":18446744073709551617},{"Key":"b","ModifyIndex":1,"X":NaN}]'
     assert len(list(kv._pieces(body))) == 2
     assert read(body).indexes == [18446744073709551617, 1]
+
+
+# -- which keys a request may be built from (issue 25, finding 1) -------------------------------
+class Recorder:
+    """A ConsulClient stand-in that answers 404 to everything and remembers what was asked."""
+
+    read_timeout = 5.0
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str]] = []
+
+    def request(self, method: str, path: str, *args: Any, **kwargs: Any) -> Response:
+        self.asked.append((method, path))
+        return Response(404, b"", {"X-Consul-Index": "7"})
+
+
+UNSAFE_KEYS = [
+    "ipam/.fences/../",  # the GC of a network named `..`: all of ipam/ once urllib3 cleans it
+    "ipam/.fences/./",
+    "ipam/p/../../secret/db-password",
+    "ipam/p/..",
+    "..",
+    ".",
+    "./ipam",
+    "ipam//x",
+    "ipam/p//",
+    "/ipam/p",
+    "/",
+    "//",
+    "ipam/a%2Fb",
+    "ipam/a%2fb/",
+    "ipam/%2F",
+]
+SAFE_KEYS = [
+    "",  # the KV root
+    "ipam/",
+    "ipam/p",
+    "ipam/p/",
+    "ipam/p/10.0.0.1",
+    "ipam/p/fd00::1",
+    "ipam/.fences/net.v1/c-1/eth0",
+    "ipam/.fences/a..b/c.d/%25x",  # '..' inside a segment, a quoted '%' (an ifname of '%x')
+    "ipam/p/...",
+    "ipam/p/.hidden",
+    "ipam/p/a%2",
+]
+
+
+@pytest.mark.parametrize("key", UNSAFE_KEYS, ids=repr)
+def test_no_request_is_built_from_a_key_a_client_would_clean(key: str) -> None:
+    with pytest.raises(kv.UnsafeKey) as info:
+        kv._path(key)
+    assert isinstance(info.value, ConsulError)
+    assert f"KV key {key!r} cannot be sent to Consul" in str(info.value)
+    client = Recorder()
+    store = kv.ConsulKV(client)  # type: ignore[arg-type]
+    calls = [
+        lambda: store.get(key),
+        lambda: store.list(key),
+        lambda: store.list_after(key, 5, 1.0),
+        lambda: store.keys_after(key),
+        lambda: store.names(key, separator="/"),
+        lambda: store.create(key, b"x"),
+        lambda: store.replace(key, b"x", 3),
+        lambda: store.delete(key, 3),
+    ]
+    for call in calls:
+        with pytest.raises(kv.UnsafeKey, match="cannot be sent to Consul"):
+            call()
+    assert client.asked == []  # refused before anything was sent
+
+
+@pytest.mark.parametrize("key", SAFE_KEYS, ids=repr)
+def test_keys_whose_path_stays_as_it_is_are_sent(key: str) -> None:
+    client = Recorder()
+    store = kv.ConsulKV(client)  # type: ignore[arg-type]
+    assert store.get(key) is None
+    assert client.asked == [("GET", kv._path(key))]
+    assert kv._path(key).startswith("/v1/kv/")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["", ".", "..", "a", "a.b", "%2F", "%2f", "%", "x y"]), max_size=5))
+def test_a_path_that_is_sent_is_the_key_a_server_reads(segments: list[str]) -> None:
+    # What a server that cleans dot segments and decodes the path once would read: the key.
+    from posixpath import normpath
+    from urllib.parse import unquote
+
+    key = "/".join(segments)
+    try:
+        path = kv._path(key)
+    except kv.UnsafeKey:
+        return
+    read = unquote(path.removeprefix("/v1/kv/"))
+    assert read == key
+    if key:
+        stem = key.removesuffix("/")
+        assert normpath("/" + stem) == "/" + stem  # no segment a client would remove or merge
+        assert "%2f" not in read.lower()

@@ -226,10 +226,20 @@ def test_an_empty_datacenter_is_the_agents_own() -> None:
 @pytest.mark.parametrize(
     ("raw", "prefix"),
     [("ipam/", "ipam/"), ("ipam", "ipam/"), ("/ipam/", "ipam/"), ("//a/b//", "a/b/"),
-     ("a//b", "a//b/"), ("", ""), ("/", ""), ("custom/ipam/", "custom/ipam/")],
+     ("", ""), ("/", ""), ("custom/ipam/", "custom/ipam/"), ("a.b/..c/", "a.b/..c/")],
 )
 def test_kv_prefix_ends_in_one_slash_or_is_the_root(raw: str, prefix: str) -> None:
     assert cs.kv_prefix(raw) == prefix
+
+
+@pytest.mark.parametrize("raw", ["a//b", "ipam/../x", "./ipam", "ipam/.", "a/./b/", ".."])
+def test_kv_prefix_has_no_segment_a_client_would_clean_away(raw: str) -> None:
+    # Keys under such a prefix are refused by consul/kv.py (each would reach another key).
+    with pytest.raises(SettingsError) as info:
+        cs.kv_prefix(raw)
+    assert str(info.value) == (
+        f"a KV prefix cannot have an empty, '.' or '..' segment (keys go into URLs): {raw!r}"
+    )
 
 
 @pytest.mark.parametrize("raw", ["a?b", "a#", "50%/", "a b/", "a\tb", "ipam/\n", "a\u00a0b"])
