@@ -28,7 +28,7 @@ from loguru import logger
 
 from .errors import ConsulError, ConsulUnavailable
 from .requests_transport import RequestsTransport, TLSConfig
-from .transport import ConnectTimedOut, ReadTimedOut, Transport, TransportError
+from .transport import ConnectTimedOut, ReadTimedOut, TLSFailed, Transport, TransportError
 from .urls import shown_url
 
 __all__ = ["Clock", "ConsulClient", "Deadline", "Response", "TLSConfig", "check_status"]
@@ -53,7 +53,7 @@ _QUIET_RECHECK = 2.0
 _BACKOFF_CAP = 1.0
 # Problems that waiting does not heal (a wrong CA, a missing client certificate, a server that
 # answers with a redirect): once every server has one, the call gives up at once.
-_LASTING = ("TLS error", "answered with a redirect")
+_LASTING = (TLSFailed.what, "answered with a redirect")
 
 
 class Clock(Protocol):

@@ -133,19 +133,19 @@ def _on_this_host(url: str) -> bool:
 
 
 def _kind_of(exc: requests.RequestException) -> TransportError:
-    """The transport's kind of `exc`, its problem worded as it always was."""
+    """The transport's kind of `exc`."""
     if isinstance(exc, requests.ConnectTimeout):
         return ConnectTimedOut()
     if isinstance(exc, requests.ReadTimeout):
         return ReadTimedOut()
     if isinstance(exc, requests.exceptions.SSLError):
-        return TLSFailed(f"TLS error ({exc})")
+        return TLSFailed(str(exc))
     if isinstance(exc, requests.ConnectionError):
         # Also a body that stalled halfway (_read_body): sent, and no whole answer.
         return Dropped() if _connected(exc) else ConnectFailed()
     # A body cut short or that does not decode, and whatever else requests may raise.
-    problem = f"request failed ({type(exc).__name__})"
-    return TransportError(problem) if _connected(exc) else ConnectFailed(problem)
+    name = type(exc).__name__
+    return TransportError(name) if _connected(exc) else ConnectFailed(name)
 
 
 def _connected(exc: requests.RequestException) -> bool:

@@ -41,7 +41,8 @@ class Transport(Protocol):
 class TransportError(Exception):
     """No whole answer came. Each kind says what the client may conclude: whether the server
     is there at all, and whether a write may have reached Consul (and been applied) although
-    its answer was lost. `problem` is what messages and logs show.
+    its answer was lost. `problem` is what messages and logs show: the kind's `what`, then any
+    detail in parentheses.
 
     Raised as itself for trouble of no known kind: taken as connected and maybe arrived, the
     side on which a write is reported in doubt rather than wrongly as not applied."""
@@ -52,8 +53,8 @@ class TransportError(Exception):
     # Bytes of the request may have reached the server.
     may_have_arrived: ClassVar[bool] = True
 
-    def __init__(self, problem: str | None = None) -> None:
-        self.problem = problem or self.what
+    def __init__(self, detail: str | None = None) -> None:
+        self.problem = f"{self.what} ({detail})" if detail else self.what
         super().__init__(self.problem)
 
 

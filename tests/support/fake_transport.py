@@ -82,7 +82,7 @@ class Fault:
     kind: type[TransportError]
     # Seconds it takes; None: the timeout it is (connect or read), else the latency.
     takes: float | None = None
-    problem: str | None = None
+    detail: str | None = None
 
 
 Outcome = Reply | Fault
@@ -119,7 +119,7 @@ def dropped() -> Fault:
 
 
 def tls_error() -> Fault:
-    return Fault(TLSFailed, problem="TLS error (certificate verify failed)")
+    return Fault(TLSFailed, detail="certificate verify failed")
 
 
 @dataclass
@@ -206,7 +206,7 @@ class FakeTransport:
             self.clock.advance(self.latency if outcome.takes is None else outcome.takes)
             return Answer(outcome.status, outcome.body, dict(outcome.headers))
         self.clock.advance(self._cost(outcome, sent))
-        raise outcome.kind(outcome.problem)
+        raise outcome.kind(outcome.detail)
 
     def _cost(self, fault: Fault, sent: Sent) -> float:
         if fault.takes is not None:
