@@ -143,8 +143,10 @@ def _kind_of(exc: requests.RequestException) -> TransportError:
     if isinstance(exc, requests.ConnectionError):
         # Also a body that stalled halfway (_read_body): sent, and no whole answer.
         return Dropped() if _connected(exc) else ConnectFailed()
-    # A body cut short or that does not decode, and whatever else requests may raise.
     name = type(exc).__name__
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return Dropped(name)  # the connection closed mid-answer (_read_body)
+    # A body that does not decode, and whatever else requests may raise.
     return TransportError(name) if _connected(exc) else ConnectFailed(name)
 
 

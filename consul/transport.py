@@ -92,6 +92,6 @@ class ReadTimedOut(TransportError):
 
 class Dropped(TransportError):
     """The request was sent and the connection closed, reset or went silent before the whole
-    answer came."""
+    answer came: before its first byte, or mid-answer."""
 
     what = "connection dropped before an answer came"

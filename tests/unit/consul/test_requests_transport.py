@@ -70,7 +70,7 @@ def test_a_server_that_takes_the_request_and_says_nothing_is_a_read_timeout() ->
         ),
         (
             requests.exceptions.ChunkedEncodingError(ProtocolError("Connection broken")),
-            TransportError, "request failed (ChunkedEncodingError)", True,
+            Dropped, "connection dropped before an answer came (ChunkedEncodingError)", True,
         ),
         (
             requests.exceptions.ContentDecodingError("not gzip"),
