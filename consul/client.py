@@ -1,4 +1,6 @@
-"""HTTP transport to a list of Consul servers, with failover inside a time budget.
+"""Requests to a list of Consul servers, with failover inside a time budget. The sending is
+a transport's (transport.py; requests_transport.py by default): this module decides from the
+kinds of trouble it reports, and from Consul's answers, which server to use and what to tell.
 
 A server is usable when `/v1/status/leader` names a leader: an agent that answers but has no
 raft leader would fail every KV call, so it is skipped like a dead one.
@@ -17,27 +19,19 @@ Three kinds of trouble get three kinds of patience:
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import time
-from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-import requests
 from loguru import logger
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    DecodeError,
-    NameResolutionError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-)
-from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from .errors import ConsulError, ConsulUnavailable
+from .requests_transport import RequestsTransport, TLSConfig
+from .transport import ConnectTimedOut, ReadTimedOut, TLSFailed, Transport, TransportError
 from .urls import shown_url
+
+__all__ = ["Clock", "ConsulClient", "Deadline", "Response", "TLSConfig", "check_status"]
 
 # 5xx from Consul means this server cannot serve now (no leader, rpc failure): try another.
 _RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
@@ -52,40 +46,50 @@ _PROBE_PATH = "/v1/kv/ipam-da-consul/leader-probe"
 _PROBE_TIMEOUT = 0.5
 # Consul's answer when the forwarded RPC found no leader: nothing was applied.
 _NO_LEADER = b"No cluster leader"
+_NO_PATH = b"No path to datacenter"
 # A server that just did not answer its leader check is asked again only this often while
 # other servers answer: each try costs a check timeout.
 _QUIET_RECHECK = 2.0
 _BACKOFF_CAP = 1.0
 # Problems that waiting does not heal (a wrong CA, a missing client certificate, a server that
 # answers with a redirect): once every server has one, the call gives up at once.
-_LASTING = ("TLS error", "answered with a redirect")
+_LASTING = (TLSFailed.what, "answered with a redirect")
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    monotonic = staticmethod(time.monotonic)
+    sleep = staticmethod(time.sleep)
+
+
+_SYSTEM_CLOCK = SystemClock()
 
 
 class Deadline:
-    """A monotonic time budget shared by everything one invocation does."""
+    """A monotonic time budget shared by everything one invocation does. Its clock is the one
+    the client that holds it reads and sleeps by; tests give a fake one."""
 
-    def __init__(self, seconds: float) -> None:
-        self.end = time.monotonic() + seconds
+    def __init__(self, seconds: float, clock: Clock = _SYSTEM_CLOCK) -> None:
+        self.clock = clock
+        self.end = clock.monotonic() + seconds
 
     def remaining(self) -> float:
-        return max(0.0, self.end - time.monotonic())
+        return max(0.0, self.end - self.clock.monotonic())
 
     def expired(self) -> bool:
         return self.remaining() <= 0.0
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(max(0.0, min(seconds, self.remaining())))
+        self.clock.sleep(max(0.0, min(seconds, self.remaining())))
 
     def extend(self, seconds: float) -> None:
         """Make sure at least `seconds` remain (used to finish a rollback after a failure)."""
-        self.end = max(self.end, time.monotonic() + seconds)
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+        self.end = max(self.end, self.clock.monotonic() + seconds)
 
 
 @dataclass
@@ -122,6 +126,49 @@ class _Check:
     suspected: bool = False
 
 
+@dataclass
+class _Search:
+    """One select(): the rounds over the servers until one is usable."""
+
+    order: list[str]
+    check_timeout: float
+    problems: dict[str, str] = field(default_factory=dict)
+    rounds: int = 0
+    probes: int = 0
+    # When the rounds in which no server accepted a connection began (None: one did).
+    unreached_since: float | None = None
+    # Of the round under way: when it began, whether any server answered its check, whether
+    # any accepted a connection, and which ones name the suspected leader.
+    started: float = 0.0
+    answered: bool = False
+    reached: bool = False
+    naming_suspect: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Failure:
+    """Why one try of a request got no usable answer."""
+
+    problem: str
+    # Hints that the leader the server forwards to cannot serve: a timeout or a 5xx.
+    leader_trouble: bool = False
+    # The server answered (a 5xx) at once: the next try is paced.
+    answered: bool = False
+
+
+@dataclass
+class _Request:
+    """One request() across its tries."""
+
+    method: str
+    path: str
+    write: bool
+    # The first try waits this long; each try that times out waits twice as long.
+    try_timeout: float
+    doubtful: bool = False
+    failures: int = 0
+
+
 class ConsulClient:
     def __init__(
         self,
@@ -136,9 +183,14 @@ class ConsulClient:
         known_good: str | None = None,
         unreachable_grace: float = 2.0,
         attempt_timeout: float = 2.0,
+        transport: Transport | None = None,
     ) -> None:
+        """`token` and `tls` configure the default transport (requests); a `transport` given
+        brings its own, and then they must not be given."""
         if not servers:
             raise ValueError("at least one Consul server URL is needed")
+        if transport is not None and (token or tls):
+            raise ValueError("a transport given brings its own token and TLS settings")
         self.servers = [s.rstrip("/") for s in servers]
         # What logs and messages show of each server: never the user-info (see urls.py).
         self.shown = {s: shown_url(s) for s in self.servers}
@@ -165,25 +217,13 @@ class ConsulClient:
         # Servers that answered a request with a redirect, and that problem: whatever answers
         # so is not Consul (or not only Consul), so it gets no further request from this client.
         self._redirecting: dict[str, str] = {}
-        self.session = requests.Session()
-        self.session.trust_env = (
-            False  # a proxy from the environment must not sit between us and Consul
-        )
-        # Servers on this host answer uncompressed. Consul gzips a 60,000-key pool listing
-        # (8 MB) in ~150 ms of its own CPU, twice what sending it plain over loopback takes,
-        # and the call spends ~30 ms more inflating it; every ADD in-process lists its pool.
-        # Across a network the bytes count more, and requests asks for gzip as before.
-        self._plain = {s: _on_this_host(s) for s in self.servers}
-        if token:
-            self.session.headers["X-Consul-Token"] = token
-        tls = tls or TLSConfig()
-        if tls.ca_file:
-            self.session.verify = tls.ca_file
-        if tls.cert_file:
-            self.session.cert = (tls.cert_file, tls.key_file) if tls.key_file else tls.cert_file
+        self.transport: Transport = transport or RequestsTransport(token, tls)
 
     def close(self) -> None:
-        self.session.close()
+        self.transport.close()
+
+    def _now(self) -> float:
+        return self.deadline.clock.monotonic()
 
     # -- server choice -------------------------------------------------------------------
     def select(self, after: str | None = None) -> str:
@@ -193,77 +233,93 @@ class ConsulClient:
         Rounds over the servers repeat with backoff until the deadline, except when no server
         accepted a connection for `unreachable_grace` seconds, or every one failed TLS."""
         start = self.servers.index(after) + 1 if after in self.servers else 0
-        order = self.servers[start:] + self.servers[:start]
-        problems: dict[str, str] = {}
-        attempt = probes = 0
-        check_timeout = min(self.read_timeout, _CHECK_TIMEOUT)
-        unreached_since: float | None = None
+        search = _Search(
+            self.servers[start:] + self.servers[:start], min(self.read_timeout, _CHECK_TIMEOUT)
+        )
         while True:
-            round_started = time.monotonic()
-            answered = reached = False
-            naming_suspect: list[str] = []
-            for server in order:
-                if server in self._redirecting:
-                    problems[server] = self._redirecting[server]
-                    continue
-                went_quiet = self._quiet.get(server)
-                if (
-                    answered
-                    and went_quiet is not None
-                    and round_started - went_quiet < _QUIET_RECHECK
-                ):
-                    continue
-                check = self._check(server, check_timeout)
-                reached = reached or check.reached
-                answered = answered or (check.reached and not check.quiet)
-                if check.quiet:
-                    self._quiet[server] = time.monotonic()
-                else:
-                    self._quiet.pop(server, None)
-                if check.problem is None:
-                    return self._use(server)
-                if check.suspected:
-                    naming_suspect.append(server)
-                problems[server] = _telling(problems.get(server), check.problem)
-                logger.debug("skipping Consul server {}: {}", self.shown[server], check.problem)
-            if naming_suspect:
-                # Only after every server was asked: a new leader, when there is one, is
-                # cheaper to find than a probe of the old one is to time out.
-                server = naming_suspect[0]
-                timeout = min(self.read_timeout, _PROBE_TIMEOUT * 2 ** (probes // 2))
-                probes += 1
-                problem = self._probe(server, timeout)
-                if problem is None:
-                    return self._use(server)
-                problems[server] = problem
-                logger.debug("skipping Consul server {}: {}", self.shown[server], problem)
-            attempt += 1
-            if not answered:
-                check_timeout = min(self.read_timeout, check_timeout * 2)
+            server = self._round(search) or self._probe_suspected(search)
+            if server is not None:
+                return self._use(server)
+            search.rounds += 1
+            if not search.answered:
+                search.check_timeout = min(self.read_timeout, search.check_timeout * 2)
             if self.deadline.remaining() < 0.2 or all(
-                p.startswith(_LASTING) for p in problems.values()
+                p.startswith(_LASTING) for p in search.problems.values()
             ):
                 break
-            pause = min(_BACKOFF_CAP, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
-            if not reached:
-                # Nothing even accepted a connection: retry quickly, but only within the grace.
-                unreached_since = round_started if unreached_since is None else unreached_since
-                left = unreached_since + self.unreachable_grace - time.monotonic()
-                if left <= 0.05:
-                    self.current = None
-                    raise ConsulUnavailable(
-                        f"no Consul server could be reached (none accepted a connection for "
-                        f"{self.unreachable_grace:g} s): " + self._listing(problems)
-                    )
-                pause = min(pause, left)
-            else:
-                unreached_since = None
-            self.deadline.sleep(pause)
+            self._pause(search)
             # Servers that answered their last check first: they will tell when there is a
             # leader again, while one that is hung costs a check timeout each time.
-            order = sorted(self.servers, key=lambda s: s in self._quiet)
+            search.order = sorted(self.servers, key=lambda s: s in self._quiet)
         self.current = None
-        raise ConsulUnavailable("no Consul server could be reached: " + self._listing(problems))
+        raise ConsulUnavailable(
+            "no Consul server could be reached: " + self._listing(search.problems)
+        )
+
+    def _round(self, search: _Search) -> str | None:
+        """The first server of one round over them all whose check passes."""
+        search.started = self._now()
+        search.answered = search.reached = False
+        search.naming_suspect = []
+        for server in search.order:
+            if server in self._redirecting:
+                search.problems[server] = self._redirecting[server]
+                continue
+            if search.answered and self._quiet_lately(server, search.started):
+                continue
+            check = self._check(server, search.check_timeout)
+            search.reached = search.reached or check.reached
+            search.answered = search.answered or (check.reached and not check.quiet)
+            if check.quiet:
+                self._quiet[server] = self._now()
+            else:
+                self._quiet.pop(server, None)
+            if check.problem is None:
+                return server
+            if check.suspected:
+                search.naming_suspect.append(server)
+            search.problems[server] = _telling(search.problems.get(server), check.problem)
+            logger.debug("skipping Consul server {}: {}", self.shown[server], check.problem)
+        return None
+
+    def _quiet_lately(self, server: str, now: float) -> bool:
+        went_quiet = self._quiet.get(server)
+        return went_quiet is not None and now - went_quiet < _QUIET_RECHECK
+
+    def _probe_suspected(self, search: _Search) -> str | None:
+        """The first server of the round naming the suspected leader, if a probe through it
+        gets an answer. Only after every server was asked: a new leader, when there is one, is
+        cheaper to find than a probe of the old one is to time out."""
+        if not search.naming_suspect:
+            return None
+        server = search.naming_suspect[0]
+        timeout = min(self.read_timeout, _PROBE_TIMEOUT * 2 ** (search.probes // 2))
+        search.probes += 1
+        problem = self._probe(server, timeout)
+        if problem is None:
+            return server
+        search.problems[server] = problem
+        logger.debug("skipping Consul server {}: {}", self.shown[server], problem)
+        return None
+
+    def _pause(self, search: _Search) -> None:
+        """Wait before the next round; when nothing even accepted a connection, retry quickly,
+        but give up once that has lasted `unreachable_grace`."""
+        pause = min(_BACKOFF_CAP, 0.1 * 2**search.rounds) * random.uniform(0.5, 1.0)
+        if search.reached:
+            search.unreached_since = None
+        else:
+            if search.unreached_since is None:
+                search.unreached_since = search.started
+            left = search.unreached_since + self.unreachable_grace - self._now()
+            if left <= 0.05:
+                self.current = None
+                raise ConsulUnavailable(
+                    f"no Consul server could be reached (none accepted a connection for "
+                    f"{self.unreachable_grace:g} s): " + self._listing(search.problems)
+                )
+            pause = min(pause, left)
+        self.deadline.sleep(pause)
 
     def _use(self, server: str) -> str:
         if server != self.current:
@@ -276,17 +332,15 @@ class ConsulClient:
         params = {"dc": self.datacenter} if self.datacenter else None
         try:
             resp = self._send(server, "GET", "/v1/status/leader", params, None, timeout)
-        except requests.RequestException as exc:
+        except TransportError as exc:
             return _Check(
-                _describe_transport(exc),
-                reached=_connected(exc),
-                quiet=isinstance(exc, requests.ReadTimeout),
+                exc.problem, reached=exc.connected, quiet=isinstance(exc, ReadTimedOut)
             )
         if _is_redirect(resp.status):
             return _Check(self._redirected(server, resp))
         if resp.status != 200:
             problem = f"HTTP {resp.status} {_snippet(resp.body)}"
-            if self.datacenter and b"No path to datacenter" in resp.body:
+            if self.datacenter and _NO_PATH in resp.body:
                 raise self._no_path(problem, resp.status, False)
             return _Check(problem)
         try:
@@ -295,7 +349,10 @@ class ConsulClient:
             return _Check("answered /v1/status/leader with something that is not JSON")
         if not leader:
             return _Check("has no raft leader")
-        leader = str(leader)
+        return self._named(server, str(leader))
+
+    def _named(self, server: str, leader: str) -> _Check:
+        """The check of a server that names `leader`, given what is suspected."""
         self.leaders[server] = leader
         suspect = self._suspect
         if suspect is None:
@@ -312,8 +369,8 @@ class ConsulClient:
         leader = self.leaders.get(server)
         try:
             answer = self._send(server, "GET", _PROBE_PATH, params, None, timeout)
-        except requests.RequestException as exc:
-            problem = _describe_transport(exc)
+        except TransportError as exc:
+            problem = exc.problem
         else:
             if _is_redirect(answer.status):
                 return self._redirected(server, answer)
@@ -370,82 +427,92 @@ class ConsulClient:
         A write is never sent once the deadline has passed. A write that had to be resent
         carries `doubtful` (on the Response, or on the error raised) when an earlier attempt
         may have been applied."""
-        write = method.upper() in _WRITES
-        if write and self.deadline.expired():
-            raise ConsulUnavailable(
-                f"Consul request {method} {path} not sent: the time budget is spent"
-            )
+        # Blocking queries bring their own timeout (their wait plus a margin); everything else
+        # starts with a short one that grows with each try that times out.
+        req = _Request(
+            method, path, method.upper() in _WRITES, min(self.read_timeout, self.attempt_timeout)
+        )
+        self._refuse_late_write(req)
         if self.current is None:
             self.select()
         params = dict(params or {})
         if self.datacenter:
             params["dc"] = self.datacenter
-        # Blocking queries bring their own timeout (their wait plus a margin); everything else
-        # starts with a short one that grows with each try that times out.
-        try_timeout = min(self.read_timeout, self.attempt_timeout)
-        doubtful = False
-        failures = 0
         while True:
             server = self.current
             assert server is not None
-            if write and self.deadline.expired():
-                # A call that has given up must not change anything behind its caller's back.
-                raise ConsulUnavailable(
-                    f"Consul request {method} {path} not sent: the time budget is spent",
-                    doubtful=doubtful,
-                )
-            leader_trouble = answered = False
+            # A call that has given up must not change anything behind its caller's back.
+            self._refuse_late_write(req)
             try:
-                resp = self._send(
-                    server, method, path, params, body, try_timeout if timeout is None else timeout
-                )
-            except requests.RequestException as exc:
-                problem = _describe_transport(exc)
-                doubtful = doubtful or (write and _may_have_arrived(exc))
-                if isinstance(exc, requests.ReadTimeout):
-                    # The server took the request and said nothing: it, or the leader it
-                    # forwards to, is hung.
-                    leader_trouble = True
-                    try_timeout = min(self.read_timeout, try_timeout * 2)
+                wait = req.try_timeout if timeout is None else timeout
+                resp = self._send(server, method, path, params, body, wait)
+            except TransportError as exc:
+                failure = self._lost(req, exc)
             else:
-                if _is_redirect(resp.status):
-                    # Not doubtful: whatever redirects did not serve the request itself. The
-                    # server is skipped from now on, so this is no retry to the same place.
-                    problem = self._redirected(server, resp)
-                elif resp.status not in _RETRYABLE_STATUS:
-                    resp.doubtful = doubtful
+                if not _is_redirect(resp.status) and resp.status not in _RETRYABLE_STATUS:
+                    resp.doubtful = req.doubtful
                     return resp
-                else:
-                    problem = f"HTTP {resp.status} {_snippet(resp.body)}"
-                    if self.datacenter and b"No path to datacenter" in resp.body:
-                        raise self._no_path(problem, resp.status, doubtful)
-                    doubtful = doubtful or (write and _NO_LEADER not in resp.body)
-                    leader_trouble = answered = True
-            failures += 1
-            logger.warning(
-                "Consul server {} failed {} {}: {}; failing over",
-                self.shown[server],
-                method,
-                path,
-                problem,
+                failure = self._refused(server, req, resp)
+            self._fail_over(server, req, failure)
+
+    def _refuse_late_write(self, req: _Request) -> None:
+        if req.write and self.deadline.expired():
+            raise ConsulUnavailable(
+                f"Consul request {req.method} {req.path} not sent: the time budget is spent",
+                doubtful=req.doubtful,
             )
-            if self.deadline.expired():
-                raise ConsulUnavailable(
-                    f"Consul request {method} {path} failed: {problem}", doubtful=doubtful
+
+    def _lost(self, req: _Request, exc: TransportError) -> _Failure:
+        """A try that got no answer: the write may have arrived unless it surely did not."""
+        req.doubtful = req.doubtful or (req.write and exc.may_have_arrived)
+        if isinstance(exc, ReadTimedOut):
+            # The server took the request and said nothing: it, or the leader it forwards to,
+            # is hung.
+            req.try_timeout = min(self.read_timeout, req.try_timeout * 2)
+            return _Failure(exc.problem, leader_trouble=True)
+        return _Failure(exc.problem)
+
+    def _refused(self, server: str, req: _Request, resp: Response) -> _Failure:
+        """A try answered with a redirect or a 5xx."""
+        if _is_redirect(resp.status):
+            # Not doubtful: whatever redirects did not serve the request itself. The server is
+            # skipped from now on, so this is no retry to the same place.
+            return _Failure(self._redirected(server, resp))
+        problem = f"HTTP {resp.status} {_snippet(resp.body)}"
+        if self.datacenter and _NO_PATH in resp.body:
+            raise self._no_path(problem, resp.status, req.doubtful)
+        req.doubtful = req.doubtful or (req.write and _NO_LEADER not in resp.body)
+        return _Failure(problem, leader_trouble=True, answered=True)
+
+    def _fail_over(self, server: str, req: _Request, failure: _Failure) -> None:
+        """After a failed try on `server`: move `current` to the next usable server, or raise
+        (carrying the request's doubt) when the deadline has passed or none is usable."""
+        req.failures += 1
+        logger.warning(
+            "Consul server {} failed {} {}: {}; failing over",
+            self.shown[server],
+            req.method,
+            req.path,
+            failure.problem,
+        )
+        if self.deadline.expired():
+            raise ConsulUnavailable(
+                f"Consul request {req.method} {req.path} failed: {failure.problem}",
+                doubtful=req.doubtful,
+            )
+        if failure.leader_trouble:
+            self._suspect_leader_of(server)
+            if failure.answered:
+                # A 5xx comes back at once; without a pause, a cluster between leaders would be
+                # asked as fast as it can answer.
+                self.deadline.sleep(
+                    min(_BACKOFF_CAP, 0.05 * 2**req.failures) * random.uniform(0.5, 1.0)
                 )
-            if leader_trouble:
-                self._suspect_leader_of(server)
-                if answered:
-                    # A 5xx comes back at once; without a pause, a cluster between leaders
-                    # would be asked as fast as it can answer.
-                    self.deadline.sleep(
-                        min(_BACKOFF_CAP, 0.05 * 2**failures) * random.uniform(0.5, 1.0)
-                    )
-            try:
-                self.select(after=server)
-            except ConsulError as exc:
-                exc.doubtful = exc.doubtful or doubtful
-                raise
+        try:
+            self.select(after=server)
+        except ConsulError as exc:
+            exc.doubtful = exc.doubtful or req.doubtful
+            raise
 
     def _send(
         self,
@@ -458,29 +525,20 @@ class ConsulClient:
     ) -> Response:
         read = max(0.05, min(timeout or self.read_timeout, self.deadline.remaining()))
         connect = max(0.05, min(self.connect_timeout, read))
-        started = time.monotonic()
+        started = self._now()
         self.requests_sent += 1
         try:
-            r = self.session.request(
-                method,
-                server + path,
-                params=params,
-                data=body,
-                timeout=(connect, read),
-                headers=_IDENTITY if self._plain.get(server) else None,
-                stream=True,
-                # Never: the token and the body would follow to wherever the answer points.
-                allow_redirects=False,
+            answer = self.transport.send(
+                server, method, path, params, body, connect_timeout=connect, read_timeout=read
             )
-            body = _read_body(r)
-        except requests.RequestException as exc:
+        except TransportError as exc:
             logger.debug(
                 "{} {}{} failed after {:.1f} ms: {}",
                 method,
                 self.shown[server],
                 path,
-                (time.monotonic() - started) * 1000,
-                _describe_transport(exc),
+                (self._now() - started) * 1000,
+                exc.problem,
             )
             raise
         logger.debug(
@@ -488,49 +546,13 @@ class ConsulClient:
             method,
             self.shown[server],
             path,
-            r.status_code,
-            (time.monotonic() - started) * 1000,
+            answer.status,
+            (self._now() - started) * 1000,
         )
-        return Response(r.status_code, body, dict(r.headers))
+        return Response(answer.status, answer.body, dict(answer.headers))
 
 
-def _read_body(r: requests.Response) -> bytes:
-    """The whole body in one read, failing as `Response.content` does. `.content` passes a
-    chunked body through three layers 10 kB at a time: a quarter of the time it takes to read
-    a 60,000-key listing (8 MB) from a server on this host. Once the body is read, urllib3
-    has given the connection back to the pool for the next request."""
-    try:
-        return r.raw.read(decode_content=True) or b""
-    except BaseException as exc:
-        # urllib3 drops a connection it failed on; this covers what it does not catch.
-        r.close()
-        # requests' own mapping (models.Response.iter_content).
-        if isinstance(exc, ProtocolError):
-            raise requests.exceptions.ChunkedEncodingError(exc) from exc
-        if isinstance(exc, DecodeError):
-            raise requests.exceptions.ContentDecodingError(exc) from exc
-        if isinstance(exc, ReadTimeoutError):
-            raise requests.ConnectionError(exc) from exc
-        if isinstance(exc, Urllib3SSLError):
-            raise requests.exceptions.SSLError(exc) from exc
-        raise
-
-
-_IDENTITY = {"Accept-Encoding": "identity"}
-
-
-def _on_this_host(url: str) -> bool:
-    """A loopback address, or localhost, in a server URL."""
-    host = urlsplit(url).hostname or ""
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-_TIMEOUTS = frozenset({"connect timed out", "no answer before the read timeout"})
+_TIMEOUTS = frozenset({ConnectTimedOut.what, ReadTimedOut.what})
 
 
 def _telling(before: str | None, now: str) -> str:
@@ -543,47 +565,6 @@ def _telling(before: str | None, now: str) -> str:
 
 def _is_redirect(status: int) -> bool:
     return 300 <= status < 400
-
-
-def _connected(exc: requests.RequestException) -> bool:
-    """False when no connection was made (refused, no route, no such host, connect timeout):
-    then not a byte of the request left this host."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return False
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        cause = todo.pop()
-        if id(cause) in seen:
-            continue
-        seen.add(id(cause))
-        if isinstance(cause, NewConnectionError | ConnectTimeoutError | NameResolutionError):
-            return False
-        todo += [a for a in cause.args if isinstance(a, BaseException)]
-        for linked in (getattr(cause, "reason", None), cause.__cause__, cause.__context__):
-            if isinstance(linked, BaseException):
-                todo.append(linked)
-    return True
-
-
-def _may_have_arrived(exc: requests.RequestException) -> bool:
-    """Whether the request may have reached a server: everything but a failed connection or
-    a failed TLS handshake (a read timeout, a connection reset or closed after sending)."""
-    return _connected(exc) and not isinstance(exc, requests.exceptions.SSLError)
-
-
-def _describe_transport(exc: requests.RequestException) -> str:
-    if isinstance(exc, requests.ConnectTimeout):
-        return "connect timed out"
-    if isinstance(exc, requests.ReadTimeout):
-        return "no answer before the read timeout"
-    if isinstance(exc, requests.exceptions.SSLError):
-        return f"TLS error ({exc})"
-    if isinstance(exc, requests.ConnectionError):
-        if _connected(exc):
-            return "connection dropped before an answer came"
-        return "connection failed (refused or unreachable)"
-    return f"request failed ({type(exc).__name__})"
 
 
 def _snippet(body: bytes) -> str:

@@ -1,6 +1,6 @@
-"""Reading a whole answer body (consul/client.py `_read_body`) from a real local HTTP server:
-chunked and compressed bodies come back whole, the connection is kept for the next request,
-and a body cut short fails like any transport error (the server is failed over)."""
+"""Reading a whole answer body (consul/requests_transport.py `_read_body`) from a real local
+HTTP server: chunked and compressed bodies come back whole, the connection is kept for the next
+request, and a body cut short fails like any transport error (the server is failed over)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import requests
-from ipam_da_consul.consul import client as client_module
+from ipam_da_consul.consul import requests_transport
 from ipam_da_consul.consul.client import ConsulClient, Deadline
 from ipam_da_consul.consul.errors import ConsulUnavailable
 
@@ -110,14 +110,14 @@ def test_a_body_cut_short_is_a_transport_error(server: Server) -> None:
     session = requests.Session()
     r = session.get(server.url + "/v1/kv/ipam/p/", stream=True, timeout=5)
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
-        client_module._read_body(r)
+        requests_transport._read_body(r)
 
 
 @pytest.mark.parametrize("server", ["badgzip"], indirect=True)
 def test_a_body_that_does_not_decode_is_a_transport_error(server: Server) -> None:
     r = requests.get(server.url + "/v1/kv/ipam/p/", stream=True, timeout=5)
     with pytest.raises(requests.exceptions.ContentDecodingError):
-        client_module._read_body(r)
+        requests_transport._read_body(r)
 
 
 @pytest.mark.parametrize("server", ["stall"], indirect=True)

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ipam_da_consul.allocator.store import KVEntry, Listing
-from ipam_da_consul.consul import client as client_module
 from ipam_da_consul.consul import kv
+from ipam_da_consul.consul import requests_transport as rt
 from ipam_da_consul.consul.client import ConsulClient, Response
 from ipam_da_consul.consul.errors import ConsulError
 
@@ -133,8 +133,9 @@ def test_servers_on_this_host_answer_uncompressed() -> None:
     ],
 )
 def test_only_servers_on_this_host_are_asked_for_plain_answers(url: str, plain: bool) -> None:
-    assert client_module._on_this_host(url) is plain
-    assert ConsulClient([url])._plain == {url: plain}
+    assert rt._on_this_host(url) is plain
+    transport = ConsulClient([url]).transport
+    assert isinstance(transport, rt.RequestsTransport) and transport.plain(url) is plain
 
 
 # -- a large listing parsed a piece at a time ---------------------------------------------

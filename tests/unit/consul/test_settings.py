@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from ipam_da_consul.admin import settings as admin_settings
 from ipam_da_consul.admin.errors import UsageError
 from ipam_da_consul.allocator.layout import Layout
@@ -19,6 +20,8 @@ from ipam_da_consul.cni.errors import CNIError, Code
 from ipam_da_consul.cni.schemas import IpamSchema
 from ipam_da_consul.consul import ConsulSettings, SettingsError, TLSConfig, build_client
 from ipam_da_consul.consul import settings as cs
+from ipam_da_consul.consul.client import ConsulClient
+from ipam_da_consul.consul.requests_transport import RequestsTransport
 from marshmallow import ValidationError
 
 TOKEN = "5ec2e7-70ce-4a11-b0d5-0000dead0001"
@@ -287,6 +290,12 @@ def test_the_plugin_schema_takes_its_defaults_and_bounds_from_the_limits(name: s
 
 
 # -- the one client builder ----------------------------------------------------------------------
+def session_of(client: ConsulClient) -> requests.Session:
+    """The requests session of the client's transport, where the token and TLS files go."""
+    assert isinstance(client.transport, RequestsTransport)
+    return client.transport.session
+
+
 def test_build_client_carries_every_setting(tmp_path: Path) -> None:
     settings = ConsulSettings(
         ["http://a:1/", "http://b:2"], connect_timeout=0.5, read_timeout=7.0, timeout=9.0,
@@ -299,9 +308,9 @@ def test_build_client_carries_every_setting(tmp_path: Path) -> None:
         assert (client.connect_timeout, client.read_timeout, client.unreachable_grace,
                 client.attempt_timeout) == (0.5, 7.0, 3.0, 1.5)
         assert 8.5 < client.deadline.remaining() <= 9.0
-        assert client.session.headers["X-Consul-Token"] == TOKEN
-        assert client.session.verify == "/ca"
-        assert client.session.cert == ("/c", "/k")
+        assert session_of(client).headers["X-Consul-Token"] == TOKEN
+        assert session_of(client).verify == "/ca"
+        assert session_of(client).cert == ("/c", "/k")
         assert client.datacenter == "dc2"
         assert client.current is None
     finally:
@@ -314,8 +323,8 @@ def test_build_client_carries_every_setting(tmp_path: Path) -> None:
     # No token: no header at all (not an empty one, which Consul would take as a token).
     anonymous = build_client(ConsulSettings(["http://a:1"]))
     try:
-        assert "X-Consul-Token" not in anonymous.session.headers
-        assert anonymous.session.cert is None
+        assert "X-Consul-Token" not in session_of(anonymous).headers
+        assert session_of(anonymous).cert is None
     finally:
         anonymous.close()
 
@@ -343,7 +352,7 @@ def test_the_admin_cli_builds_through_the_same_builder() -> None:
     client, kv = admin_settings.connect(settings)
     try:
         assert kv.client is client
-        assert client.session.headers["X-Consul-Token"] == TOKEN
+        assert session_of(client).headers["X-Consul-Token"] == TOKEN
         assert (client.read_timeout, client.unreachable_grace, client.attempt_timeout) == (
             1.5, 2.0, 2.0)
     finally:
