@@ -258,6 +258,9 @@ class Pool:
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
     _map: HeldMap = field(init=False, repr=False)
     _picking: list[IPRange] | None = field(default=None, init=False, repr=False)
+    # Calls changed this copy since it was read (their own writes, or keys they re-read): a
+    # watcher then cannot tell a value rewritten in place from a change it was told of.
+    touched: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.held, HeldMap):
@@ -405,6 +408,7 @@ class Pool:
     def put(self, held: Held) -> None:
         """Record an allocation seen or made after the pool was read."""
         with self._lock:
+            self.touched = True
             self.discard(held.ip)
             self.held[held.ip] = held
             if held.ip.version in self._taken:
@@ -418,6 +422,7 @@ class Pool:
 
     def discard(self, ip: IPAddress) -> None:
         with self._lock:
+            self.touched = True
             old = self.held.pop(ip, None)
             if old is None:
                 return

@@ -117,11 +117,22 @@ def main() -> int:
     )
     ap.add_argument(
         "--only",
-        choices=("all", "multihost", "sizes"),
+        choices=("all", "multihost", "sizes", "fleet"),
         default="all",
-        help="run one part: the multi-host bursts, or the sequential figures (pool sizes)",
+        help="run one part: the multi-host bursts, the sequential figures (pool sizes), or the "
+        "fleet's cost to Consul (bench/fleet.py; not part of `all`)",
     )
+    ap.add_argument("--fleet-hosts", default="64,256", help="simulated host counts (fleet)")
+    ap.add_argument("--fleet-rates", default="1,10,100", help="allocations/s tried (fleet)")
+    ap.add_argument("--fleet-seconds", type=float, default=30.0, help="seconds per rate (fleet)")
+    ap.add_argument(
+        "--fleet-quiet", type=float, default=70.0,
+        help="seconds with no call (fleet): covers two blocking-query waits of every host",
+    )
+    ap.add_argument("--fleet-pool", type=int, default=60_000, help="allocations in the pool")
     args = ap.parse_args()
+    args.fleet_hosts = [int(n) for n in args.fleet_hosts.split(",") if n]
+    args.fleet_rates = [float(n) for n in args.fleet_rates.split(",") if n]
     args.runs = max(3, args.runs or (8 if args.quick else 30))
     for exe in (PLUGIN, PLUGIN_VERBOSE):
         if not exe.exists():
@@ -148,6 +159,12 @@ def main() -> int:
     try:
         with interruptible():
             agent = bench_agent(args.consul).start()
+            if args.only == "fleet":
+                from bench.fleet import run_fleet
+
+                fleet = run_fleet(agent, tmp, args, lambda msg: print(msg, file=sys.stderr))
+                write_fleet(fleet, args, started, load_at_start)
+                return 0
             if not args.no_helper and HELPER.exists():
                 helper = Helper(tmp)
             b = Bench(args, agent, helper, tmp)
@@ -197,6 +214,51 @@ def main() -> int:
     args.json.with_suffix(".md").write_text(markdown(rep))
     print(f"\nwrote {args.json} and {args.json.with_suffix('.md')}", file=sys.stderr)
     return 0
+
+
+def write_fleet(
+    fleet: dict[str, Any], args: argparse.Namespace, started: float, load: float
+) -> None:
+    from bench.report import machine
+
+    fleet["machine"] = machine()
+    fleet["seconds"] = round(time.perf_counter() - started)
+    fleet["load_at_start"], fleet["load_at_end"] = load, round(os.getloadavg()[0], 2)
+    path = args.json.with_name("fleet.json") if args.json.name == "latest.json" else args.json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fleet, indent=2) + "\n")
+    m = fleet["machine"]
+    lines = [f"# Fleet: one pool of {fleet['pool_allocations']} allocations; {m.get('cpu')} "
+             f"({m.get('cores')} cores), {m.get('consul')}, commit {m.get('commit')}, "
+             f"{m.get('date')}; load {load} -> {fleet['load_at_end']}; {fleet['seconds']} s", "",
+             "| window | hosts | allocations/s | failed | bytes/s per host | watch bytes/s per "
+             "host | requests/s per host | Consul CPU s/s | CPU ms per ADD+DEL | Raft entries "
+             "per ADD+DEL |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in fleet["windows"]:
+        lines.append(f"| {r['window']} | {r['hosts']} | {r['allocations_per_s']} | "
+                     f"{r['add_failures'] + r['del_failures']} | {r['bytes_per_s_per_host']} | "
+                     f"{r['watch_bytes_per_s_per_host']} | {r['requests_per_s_per_host']} | "
+                     f"{r['consul_cpu_per_s']} | {r['consul_cpu_ms_per_allocation']} | "
+                     f"{r['raft_entries_per_add_and_del']} |")
+    ex = fleet["extrapolation"]
+    lines += ["", f"Extrapolation: {ex['formula']}.", "",
+              f"Measured: idle = {ex['idle_cpu_per_s']} CPU s/s, q = "
+              f"{ex['quiet_bytes_per_s_per_host']} B/s, c_q = "
+              f"{ex['quiet_cpu_per_s_per_host']} s/s per host, a = {ex.get('a_bytes')} B, "
+              f"b = {ex.get('b_bytes')} B, c_a = {ex.get('c_a_ms')} ms, c_b = "
+              f"{ex.get('c_b_ms')} ms. Wakes per write, measured against expected: "
+              + "; ".join(f"{f['hosts']} hosts {f['wakes_per_write']} vs "
+                          f"{f['expected_wakes_per_write']}" for f in ex["fit"]), "",
+              "| hosts | allocations/s | leader MB/s | leader cores |", "|---:|---:|---:|---:|"]
+    for r in ex["rows"]:
+        lines.append(f"| {r['hosts']} | {r['rate']:g} | {r['leader_bytes_per_s'] / 1e6:.3f} | "
+                     f"{r['leader_cpu_cores']} |")
+    mem = fleet["helper_memory"]
+    lines += ["", f"Helper RSS with the pool kept: {mem['rss_kib']} KiB (peak {mem['peak_kib']} "
+              "KiB).", "", *[f"- {g}" for g in fleet["goals"]]]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
 
 
 # Consul caps the HTTP connections of one client address (200 by default). Real hosts each

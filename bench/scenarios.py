@@ -47,7 +47,7 @@ MODES = {"inproc": "in-process", "helper": "via helper"}
 # per host, the same total for every host count so the rows compare; both `ipam.pick` modes.
 HOST_COUNTS = (1, 2, 4, 8)
 BURST_TOTAL = 48
-PICKS = ("lowest", "spread")
+PICKS = ("stripe", "lowest", "spread")
 
 # consul/client.py logs every request as "<METHOD> <url> -> <status> in <ms> ms" or
 # "<METHOD> <url> failed after <ms> ms: ..."; the file format puts the pid second.

@@ -134,18 +134,19 @@ class Add(PoolCommand):
 
     def held_already(self, pool: Pool) -> Held | None:
         """A key this attachment holds in the pool: in the view read, or one its ledger names
-        outside it (a stripe this host overflowed into, a key left by an earlier ADD)."""
+        that the view does not show as its own (outside this call's stripe, or a value the
+        helper's copy has not caught up with: a take-over made in-process on this host)."""
         allocator = self.allocator
         for held in pool.ours(*self.attachment(), self.conf.name or None):
             if pool.range_for(held.ip) is not None:
                 return held
-        if pool.view is None:
-            return None
         folder = allocator.layout.folder(pool.name)
         for claim in list(allocator.claims):
             ip = ip_of_key(claim.key[len(folder) :]) if claim.key.startswith(folder) else None
-            if claim.state != "held" or ip is None or pool.seen(ip):
+            if claim.state != "held" or ip is None:
                 continue
+            if pool.seen(ip) and not pool.cached:
+                continue  # just read: not ours any more (taken over, released by GC)
             found = allocator.lookup_key(claim.key)
             if found is not None and allocator.owns(found) and pool.range_for(found.ip):
                 pool.put(found)

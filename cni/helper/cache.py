@@ -260,7 +260,10 @@ def refreshed(
     before = old.snapshot()
     known = {} if forget else {h.key: h for h in before if h.key in names}
     new = sorted(names - known.keys())
-    in_place = moved and not new and len(known) == len(before)
+    # Unless a call of this helper changed the copy meanwhile: then the names agreeing with the
+    # copy is what its own write (or a key it re-read) explains, and reading every value of
+    # the folder after each of this host's writes would cost more than the wake itself.
+    in_place = moved and not new and len(known) == len(before) and not old.touched
     # A name is judged before it is read by: `<pool>/../../secret/x` is a GET of `secret/x`
     # once the URL is cleaned. Such a key fails the pool (InvalidPool, as a listing of it does
     # in-process): the watcher stops, and the next call reloads the pool and says why.
@@ -280,4 +283,5 @@ def refreshed(
             pool.put(parse_held(entry, folder))
     for held in known.values():
         pool.held.setdefault(held.ip, held)
+    pool.touched = False  # what the watcher itself read
     return pool.cache_copy()

@@ -89,6 +89,10 @@ class Network:
     pool: str
     namespaces: list[str] = field(default_factory=list)
 
+    def in_range(self, ip: str) -> bool:
+        """Inside the pool's range (.10 to .50), whichever address the default pick chose."""
+        return ip.startswith(f"10.99.{self.octet}.") and 10 <= int(ip.rsplit(".", 1)[1]) <= 50
+
     def addr(self, host: int) -> str:
         return f"10.99.{self.octet}.{host}"
 
@@ -193,15 +197,16 @@ def test_add_check_del_through_bridge(network: Network, consul: ConsulAgent) -> 
     add = network.run("ADD", container, ns)
     assert add.rc == 0, add
     result = add.json
-    assert [(i["address"], i.get("gateway")) for i in result["ips"]] == [
-        (f"{network.addr(10)}/24", network.gateway)
-    ]
+    [(address, gateway)] = [(i["address"], i.get("gateway")) for i in result["ips"]]
+    assert gateway == network.gateway
+    ip = address.split("/")[0]
+    assert address == f"{ip}/24" and network.in_range(ip)
     sandboxes = [i for i in result["interfaces"] if i.get("sandbox")]
     assert [(i["name"], i["sandbox"]) for i in sandboxes] == [("eth0", f"/var/run/netns/{ns}")]
 
     # The address from Consul is on eth0 in the namespace, with the default route via the
     # gateway, which bridge put on the host side (isGateway).
-    assert network.eth0(ns) == [f"{network.addr(10)}/24"]
+    assert network.eth0(ns) == [address]
     assert network.default_routes(ns) == [(network.gateway, "eth0")]
     bridge_addrs = [
         a["local"]
@@ -210,8 +215,8 @@ def test_add_check_del_through_bridge(network: Network, consul: ConsulAgent) -> 
         if a["family"] == "inet"
     ]
     assert bridge_addrs == [network.gateway]
-    assert consul.allocations(network.pool) == {network.addr(10): container}
-    held = consul.get_json(f"ipam/{network.pool}/{network.addr(10)}")
+    assert consul.allocations(network.pool) == {ip: container}
+    held = consul.get_json(f"ipam/{network.pool}/{ip}")
     assert held["target"] == container
 
     check = network.run("CHECK", container, ns, prev=result)
@@ -227,25 +232,24 @@ def test_add_check_del_through_bridge(network: Network, consul: ConsulAgent) -> 
     assert consul.allocations(network.pool) == {}
 
 
-def test_second_container_gets_the_next_address(network: Network, consul: ConsulAgent) -> None:
+def test_a_second_container_gets_another_address(network: Network, consul: ConsulAgent) -> None:
     first, second = network.namespace(), network.namespace()
     one = network.run("ADD", "ctr-one", first)
     assert one.rc == 0, one
     two = network.run("ADD", "ctr-two", second)
     assert two.rc == 0, two
-    assert network.eth0(first) == [f"{network.addr(10)}/24"]
-    assert network.eth0(second) == [f"{network.addr(11)}/24"]
+    ip1, ip2 = (r.json["ips"][0]["address"].split("/")[0] for r in (one, two))
+    assert ip1 != ip2 and network.in_range(ip1) and network.in_range(ip2)
+    assert network.eth0(first) == [f"{ip1}/24"]
+    assert network.eth0(second) == [f"{ip2}/24"]
     assert network.default_routes(second) == [(network.gateway, "eth0")]
-    assert consul.allocations(network.pool) == {
-        network.addr(10): "ctr-one",
-        network.addr(11): "ctr-two",
-    }
+    assert consul.allocations(network.pool) == {ip1: "ctr-one", ip2: "ctr-two"}
 
     # Releasing the first leaves the second alone.
     delete = network.run("DEL", "ctr-one", first, prev=one.json)
     assert delete.rc == 0, delete
-    assert consul.allocations(network.pool) == {network.addr(11): "ctr-two"}
-    assert network.eth0(second) == [f"{network.addr(11)}/24"]
+    assert consul.allocations(network.pool) == {ip2: "ctr-two"}
+    assert network.eth0(second) == [f"{ip2}/24"]
 
 
 def test_ipam_error_comes_back_through_bridge(network: Network, consul: ConsulAgent) -> None:

@@ -83,7 +83,10 @@ def test_a_value_rewritten_in_place_reaches_the_watched_copy(consul, make_pool, 
         first = run_plugin("ADD", conf_for(pool), container="holder", env=env)
         assert first.rc == 0, first
         ip = first.json["ips"][0]["address"].split("/")[0]
-        taken = run_plugin("ADD", conf_for({"name": pool, "requested_ip": ip}), container="taker")
+        taken = run_plugin(
+            "ADD", conf_for({"name": pool, "requested_ip": ip}), container="taker",
+            env=helper.host_env,
+        )
         assert taken.rc == 0, taken  # in-process: the helper hears of it only from Consul
         time.sleep(2.5)  # refreshes of the watched copy
         again = run_plugin("ADD", conf_for(pool), container="taker", env=env)
