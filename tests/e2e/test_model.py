@@ -954,23 +954,28 @@ class IpamModel(RuleBasedStateMachine):
         if ip is None:
             return
         name = data.draw(st.sampled_from(other_spellings(ip)), label="spelling")
-        value = {"target": f"tool-{self.tag}-{len(self.foreign_values)}", "by": "another tool"}
         race = race if where == "next" else "none"
         options = self.fresh(["net-a"])
-        if race != "none" and not options:
-            race = "none"
+        att, route = None, "helper"
+        if race != "none" and options:
+            att = data.draw(st.sampled_from(options), label="att")
+            if race == "late":
+                route = data.draw(st.sampled_from(["inproc", "helper"]), label="route")
+        self.foreign_step(role, ip, name, race if att else "none", att, route)
+
+    def foreign_step(
+        self, role: str, ip: str, name: str, race: str, att: Att | None, route: str
+    ) -> None:
+        value = {"target": f"tool-{self.tag}-{len(self.foreign_values)}", "by": "another tool"}
         self.begin(f"another tool writes ipam/{self.pool[role]}/{name} ({race})")
-        if race == "none":
+        if race == "none" or att is None:
             self.note(f"  written: {self.write_foreign(role, ip, name, value)}")
         elif race == "cached":
-            att = data.draw(st.sampled_from(options), label="att")
             self.note(f"  written: {self.write_foreign(role, ip, name, value)}")
             # At once, through the helper: its watched copy of the pool is behind by up to a
             # refresh, so it may well pick this very address.
             self.settle_add(att, run_one(self.add_call(att, "helper")))
         else:
-            att = data.draw(st.sampled_from(options), label="att")
-            route = data.draw(st.sampled_from(["inproc", "helper"]), label="route")
             self.race_foreign(att, route, role, ip, name, value)
         if (role, ip) in self.foreign:
             self.probe_static(role, ip)
@@ -1048,39 +1053,79 @@ class IpamModel(RuleBasedStateMachine):
     @rule(
         data=st.data(),
         missing=st.booleans(),
-        with_del=st.booleans(),
+        with_del=st.sampled_from(["no", "together", "in-window"]),
         route=st.sampled_from(["helper", "inproc", "slow"]),
         del_after=st.sampled_from([0.0, 0.5, 1.0]),
     )
     def take_over(
-        self, data: st.DataObject, missing: bool, with_del: bool, route: str, del_after: float
+        self, data: st.DataObject, missing: bool, with_del: str, route: str, del_after: float
     ) -> None:
         """An ADD whose Pool object requests the address live attachment X holds in pool a (a
         rescheduled job asking for the old job's IP): it re-allocates it. With pool b missing
         after it (net-x), the ADD fails (114) and undoes the take-over: X keeps its address, or,
         if X's DEL (started `del_after` seconds later, meanwhile) returned 0, X's key never comes
-        back. Without it, the taker holds the address and X no longer does (X's later DEL must
-        leave it alone)."""
+        back ("in-window": the taker's listing of pool b is held at a relay until X's DEL has
+        returned, the interleaving that matters). Without pool b, the taker holds the address
+        and X no longer does (X's later DEL must leave it alone)."""
         x = data.draw(st.sampled_from(self.takeable()), label="holder")
-        ip = self.atts[x].addrs["a"]
         net = "net-x" if missing else "net-c"
         options = [a for a in self.fresh([net]) if a[1] != x[1]]
         if not options:
             return
         t = data.draw(st.sampled_from(options), label="taker")
+        del_route = data.draw(st.sampled_from(["helper", "inproc"]), label="del_route")
+        self.take_over_step(x, t, missing, with_del, route, del_route, del_after)
+
+    def take_over_step(
+        self,
+        x: Att,
+        t: Att,
+        missing: bool,
+        with_del: str,
+        route: str,
+        del_route: str,
+        del_after: float = 0.0,
+    ) -> None:
+        ip = self.atts[x].addrs["a"]
+        net = "net-x" if missing else "net-c"
         pools: list[Any] = [{"name": self.pool["a"], "requested_ip": ip}]
         pools += [self.pool["b"]] if missing else []
         host = host_of(t[1])
+        servers = self.servers(route)
+        window = None
+        if with_del == "in-window" and missing:
+            listing_b = f"/v1/kv/ipam/{self.pool['b']}"
+            window = LossyProxy(
+                self.consul.url,
+                lambda m, p: False,
+                hold=lambda m, p: m == "GET" and p.split("?")[0].rstrip("/") == listing_b,
+            )
+            self.relays.append(window)
+            servers = [window.url]
+            route = "inproc" if route == "slow" else route
         taker = Call(
             "ADD",
             t[1],
-            self.conf(net, host, pools=pools, servers=self.servers(route)),
+            self.conf(net, host, pools=pools, servers=servers),
             ifname=t[2],
             env=self.route_env(route, host),
             timeout=CALL_GUARD,
         )
-        if with_del:
-            del_route = data.draw(st.sampled_from(["helper", "inproc"]), label="del_route")
+        if window is not None:
+            self.begin(
+                f"ADD {t} via {route} taking over {ip} from {x}; DEL {x} via {del_route} "
+                "while its listing of pool b is held back"
+            )
+            running = start_call(taker)
+            end = time.monotonic() + CALL_GUARD
+            while not window.held and time.monotonic() < end and running.wait(0.05) is None:
+                pass
+            self.note(f"  taker held at: {window.held}")
+            self.settle_del(x, run_one(self.del_call(x, del_route, True)))
+            window.let_go()
+            dt = running.wait(CALL_GUARD + 5)
+            assert dt is not None, "harness: the taker never returned"
+        elif with_del != "no":
             self.begin(
                 f"together: ADD {t} via {route} taking over {ip} from {x} + DEL {x} via "
                 f"{del_route} {del_after}s later"
@@ -1131,6 +1176,9 @@ class IpamModel(RuleBasedStateMachine):
         if not options:
             return
         att = data.draw(st.sampled_from(options), label="att")
+        self.resent_step(att, route, then_del, gc_elsewhere)
+
+    def resent_step(self, att: Att, route: str, then_del: bool, gc_elsewhere: bool) -> None:
         net, cid, ifname = att
         host = host_of(cid)
         txns = itertools.count()
@@ -1449,3 +1497,117 @@ def test_host_clocks_reach_calls_and_the_running_helper(
         assert "libfaketime" in maps
     finally:
         host.close()
+
+
+# -- the new dimensions' interleavings, as fixed sequences of the machine's own steps -----------
+
+
+def replay(steps: Any) -> None:
+    """Run `steps(machine)` on a fresh machine, then its teardown: every attachment deleted, the
+    pools empty, and every violation (the invariant runs after each step) reported."""
+    machine = IpamModel()
+    try:
+        steps(machine)
+    finally:
+        machine.teardown()
+
+
+def added(m: IpamModel, att: Att, route: str = "inproc") -> None:
+    m.begin(f"add {att} via {route}")
+    m.settle_add(att, run_one(m.add_call(att, route)))
+    m.kv_matches_model()
+
+
+@pytest.mark.parametrize("route", ["inproc", "helper"])
+def test_a_resent_write_of_a_failed_add_never_lands_late(world: World, route: str) -> None:
+    """The first send of the ADD's write is held back, the resend wins, pool b is missing: the
+    rollback fences before it deletes, so the first send, let go, cannot re-create the key."""
+
+    def steps(m: IpamModel) -> None:
+        m.resent_step(("net-x", m.containers[0], "eth0"), route, False, False)
+        m.kv_matches_model()
+
+    replay(steps)
+
+
+@pytest.mark.skipif(not HAVE_FAKETIME, reason=f"{FAKETIME_LIB} missing (Debian's faketime)")
+def test_a_resent_write_stays_fenced_past_a_gc_on_a_host_hours_ahead(world: World) -> None:
+    """The ADD (on h2, hours behind) succeeds with its resent write and is deleted; GC of the
+    network runs on h1, five hours ahead; then the held first send arrives. The DEL's fence
+    must still be there: Consul's leader decides when fences go, not h1's clock."""
+
+    def steps(m: IpamModel) -> None:
+        att = ("net-c", m.containers[1], "eth0")  # c1: host h2
+        assert host_of(att[1]) == "h2" and m.helpers["h1"].clock is not None
+        m.resent_step(att, "inproc", then_del=True, gc_elsewhere=True)
+        m.kv_matches_model()
+
+    replay(steps)
+
+
+@pytest.mark.parametrize("with_del", ["no", "in-window"])
+def test_an_undone_take_over_gives_the_address_back_only_to_a_living_holder(
+    world: World, with_del: str
+) -> None:
+    """X holds an address in pool a; a Pool's own requested IP takes it over and the ADD then
+    fails on the missing pool b. Alone, X keeps its address; when X's DEL (returning 0) comes
+    between the take-over and the rollback, X's key never comes back."""
+
+    def steps(m: IpamModel) -> None:
+        x = ("net-c", m.containers[0], "eth0")
+        added(m, x)
+        m.take_over_step(x, ("net-x", m.containers[1], "eth0"), True, with_del, "inproc",
+                         "inproc")
+        m.kv_matches_model()
+
+    replay(steps)
+
+
+def test_a_take_over_moves_the_address_and_the_old_holders_del_leaves_it(world: World) -> None:
+    def steps(m: IpamModel) -> None:
+        x = ("net-b", m.containers[0], "eth0")
+        added(m, x, "helper")
+        m.take_over_step(x, ("net-c", m.containers[1], "eth0"), False, "no", "helper", "helper")
+        m.kv_matches_model()
+        m.begin(f"del {x} via helper")
+        m.settle_del(x, run_one(m.del_call(x, "helper", with_prev=True)))
+        m.kv_matches_model()
+        added(m, x, "inproc")  # X again: a new address in pool a, the taker keeps its own
+
+    replay(steps)
+
+
+@pytest.mark.parametrize(
+    ("ip", "name"),
+    [("::ffff:10.60.1.20", "::ffff:a3c:114"), ("fd00:62::e0", "FD00:62::E0")],
+)
+def test_a_static_request_for_another_tools_key_is_refused_by_every_route(
+    world: World, ip: str, name: str
+) -> None:
+    """Another tool holds the address under its own spelling (Python 3.11's text of a mapped
+    address, upper case): a static request for it is 126 through the helper and in-process."""
+
+    def steps(m: IpamModel) -> None:
+        role = "v6" if ranges_hold("v6", ip) else "shared"
+        added(m, ("net-a", m.containers[0], "eth0"), "helper")  # the helper watches the pools
+        m.foreign_step(role, ip, name, "none", None, "helper")
+        m.kv_matches_model()
+
+    replay(steps)
+
+
+@pytest.mark.parametrize("route", ["inproc", "helper"])
+def test_an_add_that_read_the_pool_before_another_tool_wrote_loses_the_address(
+    world: World, route: str
+) -> None:
+    """The ADD has listed pool v6 (the answer is held back) when another tool writes the next
+    free address under another spelling; the ADD's write must see that key and pick again."""
+
+    def steps(m: IpamModel) -> None:
+        ip = m.lowest_free("v6")
+        assert ip is not None
+        att = ("net-a", m.containers[0], "eth0")
+        m.foreign_step("v6", ip, other_spellings(ip)[1], "late", att, route)
+        m.kv_matches_model()
+
+    replay(steps)

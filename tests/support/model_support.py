@@ -225,8 +225,10 @@ HAVE_FAKETIME = os.path.exists(FAKETIME_LIB)
 # Where each simulated host's wall clock starts, in hours from the real one: h1 ahead, h2
 # behind, five hours apart (more than any "an hour ago" a design might reason with).
 CLOCK_START = {"h1": 3, "h2": -2}
-# How long libfaketime keeps the offset it read: a running helper follows a step within it.
-CLOCK_FOLLOW = 1.0
+# libfaketime keeps the offset it read for FAKETIME_CACHE_DURATION (1 s), counted in whole seconds
+# of the real clock and expired only once more than that has passed: a running helper follows a
+# step within this.
+CLOCK_FOLLOW = 2.0
 
 # libfaketime 0.9.10 (Debian 12) shifts the absolute CLOCK_MONOTONIC deadline given to
 # clock_nanosleep() by the faked offset even with FAKETIME_DONT_FAKE_MONOTONIC=1 (upstream issue
@@ -285,7 +287,7 @@ class HostClock:
             "LD_PRELOAD": " ".join(preload),
             "FAKETIME_DONT_FAKE_MONOTONIC": "1",
             "FAKETIME_TIMESTAMP_FILE": str(self.file),
-            "FAKETIME_CACHE_DURATION": str(int(CLOCK_FOLLOW)),
+            "FAKETIME_CACHE_DURATION": "1",
             "PYTHONPATH": os.pathsep.join(path),
         }
 
