@@ -541,7 +541,7 @@ class IpamModel(RuleBasedStateMachine):
                     )
             per_pool: dict[str, list[str]] = defaultdict(list)
             for key in keys:
-                per_pool[self.role[key.pool]].append(key.ip)
+                per_pool[self.role[key.pool]].append(key.addr)  # a misspelling is reported above
             dup = {r: ips for r, ips in per_pool.items() if len(ips) > 1}
             if dup:
                 self.violate(f"dup-{att}", f"{att} holds several addresses in one pool: {dup}", att)
