@@ -54,4 +54,10 @@ if ! command -v systemd-socket-activate >/dev/null; then
   apt_install systemd \
     || echo "setup: systemd-socket-activate not installed; socket-activation tests will be skipped" >&2
 fi
+# libfaketime (Debian's faketime) for the model test's per-host clocks that skew and step;
+# without it that test leaves its clock rule out and says so.
+if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; then
+  apt_install faketime \
+    || echo "setup: faketime not installed; the model test runs without per-host clocks" >&2
+fi
 echo "setup: ready (.venv, $(bash scripts/fetch-consul.sh 2>/dev/null))"

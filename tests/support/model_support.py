@@ -42,8 +42,17 @@ RANGES: dict[str, list[dict[str, str]]] = {
             "rangeStart": "10.60.0.10",
             "rangeEnd": "10.60.0.250",
             "gateway": "10.60.0.1",
-        }
+        },
+        # IPv4-mapped IPv6, after the IPv4 range (so only static requests reach it): the family
+        # whose text Python 3.11 (`::ffff:a3c:114`) and 3.13 (`::ffff:10.60.1.20`) spell apart.
+        {
+            "subnet": "::ffff:10.60.1.0/120",
+            "rangeStart": "::ffff:10.60.1.10",
+            "rangeEnd": "::ffff:10.60.1.250",
+        },
     ],
+    # IPv6: other tools write upper case or the uncompressed form (`FD00:62::10`).
+    "v6": [{"subnet": "fd00:62::/120", "rangeStart": "fd00:62::10", "rangeEnd": "fd00:62::fa"}],
     "a": [
         {
             "subnet": "10.61.0.0/24",
@@ -56,7 +65,7 @@ RANGES: dict[str, list[dict[str, str]]] = {
 }
 # Network name -> pool roles, in the order the config lists them.
 NETWORKS: dict[str, list[str]] = {
-    "net-a": ["shared"],
+    "net-a": ["shared", "v6"],
     "net-b": ["shared", "a"],
     "net-c": ["a"],
     "net-x": ["a", "b"],  # b is missing: every ADD must fail (114) and leave nothing
@@ -80,12 +89,14 @@ def ranges_hold(role: str, ip: str) -> bool:
 def netconf11(
     consul_url: str | list[str],
     name: str,
-    pools: list[str],
+    pools: list[str | dict[str, Any]],
     host: str,
     prev: dict[str, Any] | None = None,
     valid: list[tuple[str, str]] | None = None,
+    **ipam: Any,
 ) -> dict[str, Any]:
-    """A CNI 1.1.0 standalone config (ipam-da-consul directly under bridge)."""
+    """A CNI 1.1.0 standalone config (ipam-da-consul directly under bridge); `ipam` adds or
+    overrides settings."""
     servers = consul_url if isinstance(consul_url, list) else [consul_url]
     conf: dict[str, Any] = {
         "cniVersion": "1.1.0",
@@ -94,9 +105,11 @@ def netconf11(
         "ipam": {
             "type": "ipam-da-consul",
             "consul_servers": servers,
-            "pools": [{"name": p} for p in pools],
+            # A name, or a whole Pool object (one with its own "requested_ip").
+            "pools": [p if isinstance(p, dict) else {"name": p} for p in pools],
             "host": host,
             **IPAM_TIMEOUTS,
+            **ipam,
         },
     }
     if prev is not None:
@@ -107,7 +120,39 @@ def netconf11(
 
 
 def result_addresses(result: dict[str, Any]) -> list[str]:
-    return [str(ipaddress.ip_interface(i["address"]).ip) for i in result.get("ips", [])]
+    return [canonical(ipaddress.ip_interface(i["address"]).ip) for i in result.get("ips", [])]
+
+
+# -- spellings of one address ------------------------------------------------------------------
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def canonical(ip: str | Address) -> str:
+    """RFC 5952 text, the one spelling the plugin writes (and upstream's): Python before 3.13
+    spells an IPv4-mapped address `::ffff:a3c:114`, RFC 5952 `::ffff:10.60.1.20`. Written here
+    from the RFC, not taken from the plugin, so that the test checks the plugin's spelling."""
+    addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return f"::ffff:{addr.ipv4_mapped}"
+    return str(addr)
+
+
+def other_spellings(ip: str) -> list[str]:
+    """How other writers spell the address: what Python before 3.13 prints for a mapped one,
+    upper case, the uncompressed form (a hand-written `consul kv put`). None for IPv4, which
+    has one spelling."""
+    addr = ipaddress.ip_address(ip)
+    if addr.version == 4:
+        return []
+    names = [str(addr), str(addr).upper(), addr.exploded, addr.exploded.upper()]
+    if addr.ipv4_mapped is not None:
+        names.append(canonical(addr).upper())
+    out: list[str] = []
+    for name in names:
+        if name != canonical(addr) and name not in out:
+            out.append(name)
+    return out
 
 
 # -- KV ---------------------------------------------------------------------------------------
@@ -118,6 +163,11 @@ class Key:
     pool: str  # the pool's real name in KV
     ip: str
     value: Any  # decoded JSON, or {"__raw__": text} when not JSON
+
+    @property
+    def addr(self) -> str:
+        """The address, whatever the key's spelling."""
+        return canonical(self.ip)
 
     @property
     def target(self) -> str | None:
@@ -157,23 +207,113 @@ def allocation_keys(consul: ConsulAgent, pools: set[str], prefix: str = "ipam/")
         except ValueError:
             value = {"__raw__": v.decode(errors="replace")}
         out.append(Key(pool, ip, value))
-    return sorted(out, key=lambda key: (key.pool, ipaddress.ip_address(key.ip)))
+    return sorted(out, key=lambda key: (key.pool, _order(key.ip)))
+
+
+def _order(ip: str) -> tuple[int, int, str]:
+    addr = ipaddress.ip_address(ip)
+    return addr.version, int(addr), ip
 
 
 # -- helpers (one per simulated host) --------------------------------------------------------
 
 
-class HostHelper:
-    """A simulated host's `ipam-da-consul-helper`: running, paused (SIGSTOP) or killed."""
+# -- per-host clocks ---------------------------------------------------------------------------
 
-    def __init__(self, directory: Path) -> None:
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+HAVE_FAKETIME = os.path.exists(FAKETIME_LIB)
+# Where each simulated host's wall clock starts, in hours from the real one: h1 ahead, h2
+# behind, five hours apart (more than any "an hour ago" a design might reason with).
+CLOCK_START = {"h1": 3, "h2": -2}
+# libfaketime keeps the offset it read for FAKETIME_CACHE_DURATION (1 s), counted in whole seconds
+# of the real clock and expired only once more than that has passed: a running helper follows a
+# step within this.
+CLOCK_FOLLOW = 2.0
+
+# libfaketime 0.9.10 (Debian 12) shifts the absolute CLOCK_MONOTONIC deadline given to
+# clock_nanosleep() by the faked offset even with FAKETIME_DONT_FAKE_MONOTONIC=1 (upstream issue
+# 426, fixed after 0.9.10), and Python 3.11's time.sleep() sleeps that way: it fails with EINVAL.
+# A real clock step never does that, so the faked processes sleep the same monotonic duration
+# through select(), which libfaketime passes through untouched (it only scales timeouts when a
+# rate is set). Nothing else changes: the plugin's clocks are libfaketime's.
+_SLEEP_SHIM = """\
+import select as _select
+import time as _time
+
+
+def _sleep(secs, _wait=_select.select, _now=_time.monotonic):
+    if secs < 0:
+        raise ValueError("sleep length must be non-negative")
+    end = _now() + secs
+    while True:
+        left = end - _now()
+        if left <= 0:
+            return
+        _wait([], [], [], left)
+
+
+_time.sleep = _sleep
+"""
+
+
+class HostClock:
+    """A simulated host's wall clock: libfaketime, preloaded into every process of the host (its
+    plugin calls and its helper), reads the offset from a file, so a step reaches the running
+    helper too. CLOCK_MONOTONIC and CLOCK_BOOTTIME stay real (FAKETIME_DONT_FAKE_MONOTONIC; the
+    call deadlines and the fence sessions' periods use them): what an NTP step does."""
+
+    def __init__(self, directory: Path, hours: int) -> None:
         self.directory = directory
+        self.hours = hours
+        directory.mkdir(parents=True, exist_ok=True)
+        self.file = directory / "offset"
+        self.shim = directory / "shim"
+        self.shim.mkdir(exist_ok=True)
+        (self.shim / "sitecustomize.py").write_text(_SLEEP_SHIM)
+        self.set(hours)
+
+    def set(self, hours: int) -> None:
+        self.hours = hours
+        # A new file renamed over the old one: a process reading it never sees it half written.
+        tmp = self.file.with_suffix(".new")
+        tmp.write_text(f"{hours:+d}h\n")
+        os.replace(tmp, self.file)
+
+    @property
+    def env(self) -> dict[str, str]:
+        path = [str(self.shim), *filter(None, [os.environ.get("PYTHONPATH")])]
+        preload = [FAKETIME_LIB, *filter(None, [os.environ.get("LD_PRELOAD")])]
+        return {
+            "LD_PRELOAD": " ".join(preload),
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "FAKETIME_TIMESTAMP_FILE": str(self.file),
+            "FAKETIME_CACHE_DURATION": "1",
+            "PYTHONPATH": os.pathsep.join(path),
+        }
+
+
+class HostHelper:
+    """A simulated host's `ipam-da-consul-helper`: running, paused (SIGSTOP) or killed. With a
+    `clock_hours`, the host's processes (helper and in-process calls) run on a clock that many
+    hours off (libfaketime; without it, on the real clock)."""
+
+    def __init__(self, directory: Path, clock_hours: int | None = None) -> None:
+        self.directory = directory
+        # The state folder is made by whoever uses it first, but only inside a folder that
+        # exists: the plugin checks every ancestor's owner and mode before it creates anything.
+        directory.mkdir(parents=True, exist_ok=True)
+        self.clock = (
+            HostClock(directory / "clock", clock_hours)
+            if clock_hours is not None and HAVE_FAKETIME
+            else None
+        )
         self.helper: Helper | None = None
         self.paused = False
         self.start()
 
     def start(self) -> None:
-        self.helper = Helper(self.directory)
+        env = {**os.environ, **self.clock.env} if self.clock else None
+        self.helper = Helper(self.directory, env=env)
         self.paused = False
 
     @property
@@ -192,8 +332,19 @@ class HostHelper:
 
     @property
     def host_env(self) -> dict[str, str]:
-        """An in-process call on this host: the host's state folder, shared with its helper."""
-        return {"IPAM_DA_CONSUL_STATE_DIR": str(self.directory / "state")}
+        """An in-process call on this host: the host's state folder, shared with its helper,
+        and the host's clock."""
+        clock = self.clock.env if self.clock else {}
+        return {"IPAM_DA_CONSUL_STATE_DIR": str(self.directory / "state"), **clock}
+
+    def step_clock(self, hours: int) -> None:
+        assert self.clock is not None
+        self.clock.set(self.clock.hours + hours)
+
+    def pending(self) -> list[str]:
+        """The host's state entries with work left (a DEL taken over, a write to void)."""
+        folder = self.directory / "state" / "pending"
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
     def pause(self) -> None:
         assert self.helper is not None and self.alive
@@ -242,11 +393,16 @@ class Running:
         return self.box["done"]
 
 
-def start_call(call: Call, gate: threading.Event | None = None) -> Running:
+def start_call(call: Call, gate: threading.Event | None = None, delay: float = 0.0) -> Running:
+    """Run `call` in a thread: once `gate` is set (if any), `delay` seconds later."""
     box: dict[str, Any] = {}
 
     def work() -> None:
         try:
+            if delay:
+                if gate is not None:
+                    gate.wait()
+                time.sleep(delay)
             box["done"] = run_one(call, gate)
         except BaseException as exc:
             box["error"] = exc
@@ -256,10 +412,12 @@ def start_call(call: Call, gate: threading.Event | None = None) -> Running:
     return Running(call, thread, box)
 
 
-def run_together(calls: list[Call]) -> list[Done]:
-    """Start every call at the same moment, one process each, released by one Event."""
+def run_together(calls: list[Call], delays: list[float] | None = None) -> list[Done]:
+    """Start every call at the same moment, one process each, released by one Event (or each
+    its `delays` seconds after that moment)."""
     gate = threading.Event()
-    running = [start_call(c, gate) for c in calls]
+    delays = delays or [0.0] * len(calls)
+    running = [start_call(c, gate, d) for c, d in zip(calls, delays, strict=True)]
     time.sleep(0.02)  # every thread is parked on the gate
     gate.set()
     done = []
