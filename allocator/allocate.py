@@ -32,7 +32,19 @@ from .ledger import Claim, Ledger, MemoryLedger, State
 from .pool import Held, Pool, list_pool, parse_held, parse_pool, sketch_pool
 from .ranges import IPAddress, IPRange
 from .schemas import dump_allocation, dump_fence, dump_tombstone, load_ranges
-from .store import KV, Cas, Check, Delete, KVEntry, Lock, Op, Set, StoreError, TxnResult
+from .store import (
+    KV,
+    Cas,
+    Check,
+    Delete,
+    DeleteCas,
+    KVEntry,
+    Lock,
+    Op,
+    Set,
+    StoreError,
+    TxnResult,
+)
 from .stripes import Stripe, Stripes
 
 # How long a fence lasts, at least: longer than any write sent before it can still be applied.
@@ -94,6 +106,7 @@ class Allocator:
         runtime: dict[str, str] | None = None,
         ledger: Ledger | None = None,
         sessions: FenceSessions | None = None,
+        cooling: FenceSessions | None = None,
     ) -> None:
         self.kv = kv
         self.layout = layout or Layout()
@@ -105,6 +118,8 @@ class Allocator:
         self.runtime = runtime
         self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
         self.sessions = sessions
+        # Sessions of `reuse_after` long: a release cooling down goes with its session.
+        self.cooling = cooling
         # What earlier calls of this attachment left: a claim still `sent` was cut short by its
         # process's end, so its fate is as unknown as a lost reply's.
         self.claims = [c.as_("doubt") if c.state == "sent" else c for c in self.ledger.claims()]
@@ -251,18 +266,22 @@ class Allocator:
             ip, a.target, key, 0, a.ifname, self.host, self.value(), a.recorded_network, self.call
         )
 
-    def claim(self, pool: Pool, ip: IPAddress, over: Held | None = None) -> Claim:
-        """Create the allocation key if absent, or replace `over`, a release whose cool-down
-        is over. The returned claim's `won` says whether we hold it."""
+    def claim(self, pool: Pool, ip: IPAddress) -> Claim:
+        """Create the allocation key if absent. The returned claim's `won` says whether we
+        hold it."""
         held = self.ours_to_be(pool, ip)
-        if over is not None and over.free_after is not None:
-            return self._write(pool, ip, Cas(over.key, held.value, over.index), over.value)
-        return self._write(pool, ip, Cas(held.key, held.value, 0), None)
+        return self._write(pool, ip, [Cas(held.key, held.value, 0)], None)
 
     def take_over(self, pool: Pool, held: Held) -> Claim:
         """Re-allocate a held address to us (a Pool's own requested IP), if it did not change
-        meanwhile. Undoing it gives the key back only while its holder was not deleted since."""
-        return self._write(pool, held.ip, Cas(held.key, self.value(), held.index), held.value, held)
+        meanwhile. Undoing it gives the key back only while its holder was not deleted since.
+        A release cooling down is a key tied to its cool-down's session: it is deleted and
+        made anew (a write over it would go with the session), and undone by deleting it."""
+        if held.cooling:
+            made: list[Op] = [DeleteCas(held.key, held.index), Cas(held.key, self.value(), 0)]
+            return self._write(pool, held.ip, made, None)
+        write = Cas(held.key, self.value(), held.index)
+        return self._write(pool, held.ip, [write], held.value, held)
 
     def adopt(self, held: Held) -> None:
         """An ADD hands back a key the attachment already holds: record it as held (a write of
@@ -274,17 +293,25 @@ class Allocator:
             self._keep([*self.claims, Claim(held.key, held.value, None, held.call or "", "held")])
 
     def _write(
-        self, pool: Pool, ip: IPAddress, op: Cas, previous: bytes | None, holder: Held | None = None
+        self,
+        pool: Pool,
+        ip: IPAddress,
+        ops: list[Op],
+        previous: bytes | None,
+        holder: Held | None = None,
     ) -> Claim:
-        """Send one fenced CAS write, recorded in the ledger first: Consul may apply it though
-        no answer comes back. The claim returned (and kept) says what became of it."""
+        """Send one fenced CAS write (the last of `ops`), recorded in the ledger first: Consul
+        may apply it though no answer comes back. The claim returned (and kept) says what
+        became of it."""
+        op = ops[-1]
+        assert isinstance(op, Cas)
         self.before_write()
         fence, fence_index = self._holder_fence(holder)
         sent = Claim(op.key, op.value, previous, self.call, "sent", False, fence, fence_index)
         self._keep([*self.claims, sent])
         others = self.layout.other_spellings(pool.name, ip, op.key)
         try:
-            result = self._fenced([*(Check(k, 0) for k in others), op])
+            result = self._fenced([*(Check(k, 0) for k in others), *ops])
         except (CallAbandoned, StoreError) as exc:
             # Refused before any send, or a failure that says nothing was applied: forgotten.
             # Otherwise the outcome is unknown, and the claim waits to be voided.
@@ -299,6 +326,7 @@ class Allocator:
         # hold our own write, applied by an earlier send whose reply was lost; otherwise the
         # pool learns who holds the address.
         lost = op.key if result.failed is None or result.failed >= len(others) else None
+        # (A DeleteCas before the write fails the same way as the write: the key changed.)
         key = lost or others[result.failed or 0]
         entry = self.kv.get(key, consistent=True)
         self._fold(pool, ip, entry)
@@ -437,14 +465,20 @@ class Allocator:
         self.ledger.save(claims)
 
     # -- releasing --------------------------------------------------------------------------
-    def release(self, held: Held, reuse_after: float = 0.0, now: float = 0.0) -> bool:
-        """CAS-delete the version `held` of a key (or, with `reuse_after`, turn it into a
-        release that cools down that long, from `now`). Only that version: a key rewritten
-        since by the same attachment was written after this call raised its fence, by a newer
-        call, and stays. True unless the key still holds exactly that version."""
-        if reuse_after > 0:
-            tombstone = dump_tombstone(held.value, now + reuse_after)
-            done = self.kv.replace(held.key, tombstone, held.index)
+    def release(self, held: Held, cool: bool = False) -> bool:
+        """CAS-delete the version `held` of a key (or, `cool`, turn it into a release cooling
+        down, which Consul deletes when the cool-down's session ends: no host's clock decides
+        when the address is free again). Only that version: a key rewritten since by the same
+        attachment was written after this call raised its fence, by a newer call, and stays.
+        True unless the key still holds exactly that version."""
+        session = self.cooling.get(self.kv) if cool and self.cooling is not None else None
+        if cool and session is None:
+            logger.warning(
+                "{} released without its cool-down: no Consul session can be had (the ACL "
+                "token needs session write)", held.key
+            )
+        if session is not None:
+            done = self._cool(held, session)
         else:
             done = self.kv.delete(held.key, held.index)
         if done:
@@ -455,6 +489,27 @@ class Allocator:
         if current is not None and self._owned(current, held):
             logger.warning("{} was written again for its attachment since: kept", held.key)
         return True
+
+    def _cool(self, held: Held, session: str) -> bool:
+        assert self.cooling is not None
+        for _ in range(2):
+            self.before_write()
+            result = self.kv.txn(
+                [Check(held.key, held.index), Lock(held.key, dump_tombstone(held.value), session)]
+            )
+            if result.failed != 1:
+                return result.ok
+            self.cooling.failed(session)  # ended: take another
+            session = self.cooling.get(self.kv) or session
+        return False
+
+    def adopt_release(self, held: Held) -> bool:
+        """A release an older version left, cooling down until a time by its writer's clock:
+        given a session of this call's cool-down (or, with none configured, deleted)."""
+        session = self.cooling.get(self.kv) if self.cooling is not None else None
+        if session is None:
+            return self.kv.delete(held.key, held.index)
+        return self._cool(held, session)
 
     def _owned(self, entry: KVEntry, held: Held) -> bool:
         try:

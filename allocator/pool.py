@@ -7,13 +7,12 @@ import ipaddress
 import socket
 import sys
 import threading
-import time
 from array import array
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat
-from operator import is_not, itemgetter
+from operator import itemgetter
 from typing import Any, TypeGuard
 
 from .errors import InvalidPool, PoolFull, PoolMissing
@@ -41,9 +40,11 @@ class Held:
     free_after: float | None = None
     at: float | None = None
 
-    def reusable(self, now: float) -> bool:
-        """A released address whose cool-down is over: free, though its key remains."""
-        return self.free_after is not None and self.free_after <= now
+    @property
+    def cooling(self) -> bool:
+        """A released address cooling down (`reuse_after`): taken, held by nobody, until
+        Consul deletes its key when the cool-down's session ends (allocate.py release)."""
+        return self.free_after is not None
 
     def owned_by(self, target: str, ifname: str | None = None, network: str | None = None) -> bool:
         # An allocation without ifname or network (upstream, older versions, other tools)
@@ -149,22 +150,13 @@ class HeldMap(MutableMapping[IPAddress, Held]):
                     made[ip] = rows.make(i, ip)
             self._rows = {}
 
-    def live_ints(self, version: int, now: float) -> set[int]:
-        """The addresses of one version held and not free again after a cool-down."""
+    def live_ints(self, version: int) -> set[int]:
+        """The addresses of one version that have a key (a release cooling down included)."""
         with self.lock:
-            live = {
-                int(ip)
-                for ip, h in self._made.items()
-                if ip.version == version and (h.free_after is None or not h.free_after <= now)
-            }
+            live = {int(ip) for ip in self._made if ip.version == version}
             rows = self._rows.get(_IPv4 if version == 4 else _IPv6)
             if rows is not None:
-                from_rows = set(rows.where)
-                for i in rows.cooling:
-                    # A row made or dropped since is not in `where`: discarding it is a no-op.
-                    if rows.allocs[i]["free_after"] <= now:
-                        from_rows.discard(rows.ints[i])
-                live |= from_rows
+                live |= set(rows.where)
             return live
 
     def of_target(self, target: str) -> list[Held]:
@@ -191,7 +183,6 @@ class _Rows:
     __slots__ = (
         "_targets",
         "allocs",
-        "cooling",
         "indexes",
         "ints",
         "keys",
@@ -216,10 +207,6 @@ class _Rows:
         self.allocs = allocs
         # Address -> row, for the rows not yet made into Held or dropped.
         self.where = dict(zip(ints, range(len(ints)), strict=True))
-        # Released addresses cooling down (`free_after`), free again once it is past.
-        self.cooling = list(
-            compress(range(len(allocs)), map(is_not, map(dict.get, allocs, _FREE_AFTER), _NONES))
-        )
         self._targets: list[str] | None = None
 
     def targets(self) -> list[str]:
@@ -329,7 +316,7 @@ class Pool:
     def taken(self, version: int) -> list[int]:
         if version not in self._taken:
             # A set: the run search assumes unique values, whatever spellings the keys had.
-            self._taken[version] = sorted(self._map.live_ints(version, time.time()))
+            self._taken[version] = sorted(self._map.live_ints(version))
         return self._taken[version]
 
     def blocked_taken(self, i: int) -> list[int]:
@@ -343,17 +330,14 @@ class Pool:
 
     def reserve_next_free(
         self, placeholder: Callable[[IPAddress], Held], spread: int | None = None
-    ) -> tuple[IPAddress, IPRange, Held | None]:
+    ) -> tuple[IPAddress, IPRange]:
         """Pick the next free address (see `next_free`) and mark it held before anyone else can
         pick it: in the helper, concurrent calls share this pool and would otherwise all race
-        for one address. The placeholder is replaced by what KV says if the write loses. Also
-        returns the cooled-down release the address still holds, if any: the write replaces
-        that key."""
+        for one address. The placeholder is replaced by what KV says if the write loses."""
         with self._lock:
             ip, rng = self.next_free(spread)
-            previous = self.held.get(ip)
             self.put(placeholder(ip))
-            return ip, rng, previous
+            return ip, rng
 
     def next_free(self, spread: int | None = None) -> tuple[IPAddress, IPRange]:
         """Without `spread`: the lowest free address, range by range in pool order.
@@ -395,13 +379,12 @@ class Pool:
 
     def free(self) -> int:
         """Addresses ADD could still hand out (held keys outside the ranges cost none)."""
-        now = time.time()
         with self._lock:
             self._map.make_all()  # every key is looked at: made at once, not one read at a time
             held = [
                 ip
                 for ip, h in self.held.items()
-                if not h.reusable(now) and any(r.allocatable(ip) for r in self.picking)
+                if any(r.allocatable(ip) for r in self.picking)
             ]
         return self.capacity() - len(held)
 
@@ -627,7 +610,6 @@ def _ip_of_key(name: str) -> IPAddress | None:
 
 
 _target_of = itemgetter("target")
-_FREE_AFTER, _NONES = repeat("free_after"), repeat(None)
 _new_object = object.__new__
 _set_attribute = object.__setattr__
 

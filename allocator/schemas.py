@@ -391,12 +391,18 @@ def dump_allocation(
     return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
 
 
-def dump_tombstone(held_value: bytes, free_after: float) -> bytes:
-    """A released allocation kept until `free_after`: the holder's fields, marked."""
+# The `free_after` of a release this plugin cools down: no reader's clock ever reaches it, so
+# every reader sees the address taken (older versions compared `free_after` with their own
+# clock) until Consul deletes the key when its cool-down session ends.
+COOLING_UNTIL_DELETED = 4102444800.0  # 2100-01-01
+
+
+def dump_tombstone(held_value: bytes) -> bytes:
+    """A released allocation cooling down: the holder's fields, marked."""
     body = json.loads(held_value)
     body.pop("call", None)
     body.pop("at", None)
-    mark = {"free_after": round(free_after, 3)}
+    mark = {"free_after": COOLING_UNTIL_DELETED}
     out = json.dumps(body | mark).encode()
     if len(out) > MAX_ALLOCATION_BYTES:
         # Another tool's value near the limit (ours lose more with `call` and `at` than the

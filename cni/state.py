@@ -191,10 +191,14 @@ class StateDir:
                 os.unlink(name, dir_fd=self.pending_fd)
 
     # -- fence sessions -----------------------------------------------------------------------
-    def sessions(self, reach: str, name: str, ttl: float) -> SessionFile:
-        """The fence session shared by this host's calls that reach Consul the same way
-        (`reach`: servers, datacenter and token, hashed: tokens never share a session)."""
-        return SessionFile(self, hashlib.sha256(reach.encode()).hexdigest()[:32], name, ttl)
+    def sessions(
+        self, reach: str, name: str, ttl: float, period: float = SESSION_PERIOD
+    ) -> SessionFile:
+        """The session (for fences, or for releases cooling down: `name` says which, with its
+        TTL) shared by this host's calls that reach Consul the same way (`reach`: servers,
+        datacenter and token, hashed: tokens never share a session)."""
+        key = hashlib.sha256(f"{reach}\0{name}\0{ttl}".encode()).hexdigest()[:32]
+        return SessionFile(self, key, name, ttl, period)
 
 
 def _dump_claim(c: Claim) -> dict[str, Any]:
@@ -349,8 +353,11 @@ class SessionFile:
     for SESSION_PERIOD by this host's monotonic clock (CLOCK_BOOTTIME, which a reboot restarts:
     the boot ID tells), then replaced. Consul's leader decides when its fences go."""
 
-    def __init__(self, state: StateDir, key: str, name: str, ttl: float) -> None:
+    def __init__(
+        self, state: StateDir, key: str, name: str, ttl: float, period: float = SESSION_PERIOD
+    ) -> None:
         self.state, self.file, self.name, self.ttl = state, f"{key}.json", name, ttl
+        self.period = period
         self.refused = False
 
     def get(self, kv: KV) -> str | None:
@@ -369,7 +376,7 @@ class SessionFile:
                 isinstance(kept, dict)
                 and kept.get("boot") == boot
                 and isinstance(kept.get("since"), int | float)
-                and 0 <= now - kept["since"] < SESSION_PERIOD
+                and 0 <= now - kept["since"] < self.period
                 and isinstance(kept.get("id"), str)
             ):
                 return str(kept["id"])
@@ -377,7 +384,7 @@ class SessionFile:
                 session = kv.create_session(self.name, self.ttl)
             except StoreError as exc:
                 if exc.status == 403:
-                    self.refused = True
+                    self.refused = _refused(self.name)
                     return None
                 raise
             data = json.dumps({"id": session, "boot": boot, "since": now}).encode() + b"\n"
@@ -406,8 +413,8 @@ class MemorySessions:
     """Fence sessions of one process, when there is no state folder: each process makes its
     own (one Raft write more per call that raises a fence)."""
 
-    def __init__(self, name: str, ttl: float) -> None:
-        self.name, self.ttl = name, ttl
+    def __init__(self, name: str, ttl: float, period: float = SESSION_PERIOD) -> None:
+        self.name, self.ttl, self.period = name, ttl, period
         self.session: str | None = None
         self.since = 0.0
         self.refused = False
@@ -415,12 +422,12 @@ class MemorySessions:
     def get(self, kv: KV) -> str | None:
         if self.refused:
             return None
-        if self.session is None or time.monotonic() - self.since >= SESSION_PERIOD:
+        if self.session is None or time.monotonic() - self.since >= self.period:
             try:
                 self.session = kv.create_session(self.name, self.ttl)
             except StoreError as exc:
                 if exc.status == 403:
-                    self.refused = True
+                    self.refused = _refused(self.name)
                     return None
                 raise
             self.since = time.monotonic()
@@ -429,6 +436,18 @@ class MemorySessions:
     def failed(self, session: str) -> None:
         if self.session == session:
             self.session = None
+
+
+def _refused(name: str) -> bool:
+    from loguru import logger
+
+    logger.warning(
+        "Consul refused to create a session ({}): the ACL token needs `session_prefix \"\" "
+        "{{ policy = \"write\" }}`; until then fences stay (remove them with "
+        "`ipam-da-consul-admin fences`) and releases get no cool-down",
+        name,
+    )
+    return True
 
 
 _BOOT_ID: str | None = None

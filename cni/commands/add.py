@@ -10,7 +10,6 @@ ledger (cni/state.py).
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +35,6 @@ class Pick:
     ip: IPAddress
     range: IPRange
     held: Held | None
-    over: Held | None = None
 
 
 class Add(PoolCommand):
@@ -105,17 +103,15 @@ class Add(PoolCommand):
                 # DEL elsewhere, a restart with a fixed address): only a fresh read of the key
                 # may say it is taken.
                 allocator.recheck(pool, wanted)
-            held, over = pool.held.get(wanted), None
-            if held is not None and held.reusable(time.time()):
-                held, over = None, held  # a release past its cool-down: free
+            held = pool.held.get(wanted)
             if held is not None and not may_take and not allocator.owns(held):
-                cooling = "" if held.free_after is None else " (released, cooling down)"
+                cooling = " (released, cooling down)" if held.cooling else ""
                 raise AddressInUse(
                     f"requested IP {wanted} in pool {pool.name!r} is allocated to container "
                     f"{held.target!r}{cooling}; only a Pool's own requested-ip re-allocates an "
                     "address"
                 )
-            self.pick = Pick(wanted, rng, held, over)
+            self.pick = Pick(wanted, rng, held)
             return "pick_ip"
         mine = self.held_already(pool)
         if mine is not None:
@@ -124,12 +120,12 @@ class Add(PoolCommand):
             self.pick = Pick(mine.ip, in_range, mine)  # idempotent ADD: what we hold
             return "pick_ip"
         try:
-            ip, rng, over = pool.reserve_next_free(
+            ip, rng = pool.reserve_next_free(
                 lambda ip: allocator.ours_to_be(pool, ip), self.spread(pool)
             )
         except PoolFull:
             return self.widen(pool)
-        self.pick = Pick(ip, rng, None, over)
+        self.pick = Pick(ip, rng, None)
         return "pick_ip"
 
     def held_already(self, pool: Pool) -> Held | None:
@@ -201,7 +197,7 @@ class Add(PoolCommand):
 
     # -- ip_picked: claim it ------------------------------------------------------------------
     def at_ip_picked(self) -> str:
-        ip, rng, held, over = self.pick.ip, self.pick.range, self.pick.held, self.pick.over
+        ip, rng, held = self.pick.ip, self.pick.range, self.pick.held
         allocator, pool = self.allocator, self.pool
         target = self.env.container_id
         if held is not None and allocator.owns(held):
@@ -219,7 +215,7 @@ class Add(PoolCommand):
                 held.target,
                 target,
             )
-        elif not self.write(lambda: allocator.claim(pool, ip, over)):
+        elif not self.write(lambda: allocator.claim(pool, ip)):
             return self.lost_race(ip)
         self.assigned.append(result.Assigned(pool.name, ip, rng))
         logger.debug("pool {!r}: {} for container {!r}", pool.name, ip, target)

@@ -212,6 +212,7 @@ class PoolCommand(Command):
             runtime=conf.runtime,
             ledger=ledger,
             sessions=fence_sessions(inputs.state, settings, host),
+            cooling=cooling_sessions(inputs.state, settings, host, conf.reuse_after),
         )
         return Session(
             inputs, env, conf, cni_version, store, allocator, hard_end, still_wanted, entry
@@ -307,9 +308,33 @@ def fence_sessions(
 ) -> FenceSessions:
     """Where this call's fences get their session: shared with this host's other calls that
     reach Consul the same way (tokens never share one)."""
-    name = f"ipam-da-consul fences of {host}"
-    ttl = FENCE_LIFETIME + SESSION_PERIOD
+    return _sessions(state, settings, f"ipam-da-consul fences of {host}", FENCE_LIFETIME)
+
+
+def cooling_sessions(
+    state: StateDir | None, settings: config.ConsulSettings, host: str, reuse_after: float
+) -> FenceSessions | None:
+    """Where this call's releases get the session that ends their cool-down (`reuse_after`),
+    None without one. A session is used for a tenth of the cool-down (10 s at least), so a
+    release cools down between `reuse_after` and about twice that plus the tenth (Consul's
+    leader may end a session up to twice its TTL late)."""
+    if reuse_after <= 0:
+        return None
+    name = f"ipam-da-consul releases of {host}, {reuse_after:g} s"
+    return _sessions(state, settings, name, reuse_after, max(10.0, reuse_after / 10))
+
+
+def _sessions(
+    state: StateDir | None,
+    settings: config.ConsulSettings,
+    name: str,
+    lifetime: float,
+    period: float = SESSION_PERIOD,
+) -> FenceSessions:
+    # Consul ends a session at the earliest its TTL (at least 10 s) after its creation, and
+    # it is handed out for `period` after that: what it locks lives at least `lifetime`.
+    ttl = max(10.0, lifetime + period)
     if state is None:
-        return MemorySessions(name, ttl)
+        return MemorySessions(name, ttl, period)
     reach = "\0".join([*settings.servers, settings.datacenter or "", settings.token or ""])
-    return state.sessions(reach, name, ttl)
+    return state.sessions(reach, name, ttl, period)

@@ -14,8 +14,6 @@ tears the interface down. The attachment's next call finishes the DEL before any
 
 from __future__ import annotations
 
-import time
-
 from loguru import logger
 
 from ...allocator.errors import InvalidPool, PoolMissing, WriteConflict
@@ -87,9 +85,9 @@ class Del(PoolCommand):
         return "release"
 
     def release(self, held: list[Held]) -> None:
-        cooldown = self.conf.reuse_after
+        cooldown = self.conf.reuse_after > 0
         for h in held:
-            if not self.allocator.release(h, reuse_after=cooldown, now=time.time()):
+            if not self.allocator.release(h, cool=cooldown):
                 raise WriteConflict(f"could not release {h.key}: it kept changing under us")
             cached = self.cached_pool(_pool_of(h.key, self.allocator.layout.prefix), h.ip)
             if cached is not None and cached.held.get(h.ip) is not None and not cooldown:

@@ -7,13 +7,12 @@ GC keeps going past a pool it cannot read or a key it cannot release, and report
 
 from __future__ import annotations
 
-import time
-
 from loguru import logger
 
 from ...allocator.allocate import Attachment
 from ...allocator.errors import AllocatorError, PoolMissing
 from ...allocator.pool import Held
+from ...allocator.schemas import COOLING_UNTIL_DELETED
 from ...allocator.store import StoreError, StoreUnavailable
 from .. import config
 from ..errors import CNIError, Code
@@ -51,15 +50,16 @@ class Gc(PoolCommand):
         allocator, conf = self.allocator, self.conf
         valid = set(conf.valid_attachments or [])
         containers = {cid for cid, _ in valid}
-        now = time.time()
         for held in self.held:
             if held.host != allocator.host or not conf.name:
                 continue  # another host's, or written by a tool that records no host
             if held.network != conf.name:
                 continue  # another network's (or an older version's, which records none)
-            if held.free_after is not None:
-                if held.reusable(now) and allocator.kv.delete(held.key, held.index):
-                    logger.debug("GC removed {}, released and cooled down", held.key)
+            if held.cooling:
+                if held.free_after != COOLING_UNTIL_DELETED and allocator.adopt_release(held):
+                    # An older version's release, cooling down until a time by its writer's
+                    # clock: from now on Consul ends it (or, without a cool-down, it goes).
+                    logger.debug("GC handed {} to a cool-down session", held.key)
                 continue
             if (held.target, held.ifname) in valid or (
                 held.ifname is None and held.target in containers
@@ -67,7 +67,7 @@ class Gc(PoolCommand):
                 continue
             try:
                 allocator.raise_fence("GC", Attachment(conf.name, held.target, held.ifname))
-                if allocator.release(held, reuse_after=conf.reuse_after, now=now):
+                if allocator.release(held, cool=conf.reuse_after > 0):
                     logger.debug("GC released {} (container {!r})", held.key, held.target)
                 else:
                     self.problems.append(f"{held.key} kept changing; not released")

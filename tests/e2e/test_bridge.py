@@ -199,8 +199,8 @@ def test_add_check_del_through_bridge(network: Network, consul: ConsulAgent) -> 
     result = add.json
     [(address, gateway)] = [(i["address"], i.get("gateway")) for i in result["ips"]]
     assert gateway == network.gateway
-    ip = address.split("/")[0]
-    assert address == f"{ip}/24" and network.in_range(ip)
+    got = address.split("/")[0]
+    assert address == f"{got}/24" and network.in_range(got)
     sandboxes = [i for i in result["interfaces"] if i.get("sandbox")]
     assert [(i["name"], i["sandbox"]) for i in sandboxes] == [("eth0", f"/var/run/netns/{ns}")]
 
@@ -215,8 +215,8 @@ def test_add_check_del_through_bridge(network: Network, consul: ConsulAgent) -> 
         if a["family"] == "inet"
     ]
     assert bridge_addrs == [network.gateway]
-    assert consul.allocations(network.pool) == {ip: container}
-    held = consul.get_json(f"ipam/{network.pool}/{ip}")
+    assert consul.allocations(network.pool) == {got: container}
+    held = consul.get_json(f"ipam/{network.pool}/{got}")
     assert held["target"] == container
 
     check = network.run("CHECK", container, ns, prev=result)

@@ -53,7 +53,7 @@ def test_watcher_brings_changes_in_the_background(consul, make_pool):
         time.sleep(0.05)
     assert {str(ip): h.target for ip, h in current.held.items()} == {"10.9.0.10": "elsewhere"}
     assert str(current.next_free()[0]) == "10.9.0.11"
-    cache.forget(pool)
+    cache.close()
 
 
 def test_broken_key_stops_the_watcher_so_the_next_call_reports_it(consul, make_pool):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -140,9 +141,14 @@ def test_lost_add_reply_is_retried_safely(consul, make_pool, conf_for):
 
 def test_lost_add_reply_then_failure_rolls_back(consul, make_pool, conf_for):
     """The write whose reply was lost is this call's own: when the call then fails, it is
-    rolled back like any other write of the call."""
+    rolled back like any other write of the call, behind the attachment's fence (the write went
+    out twice: the first send could still land after the key is deleted)."""
     pool = make_pool(GOOD)
-    before = consul.tree("")
+
+    def allocations() -> dict[str, Any]:
+        return {k: v for k, v in consul.tree("").items() if ".fences/" not in k}
+
+    before = allocations()
     proxy = LossyProxy(consul.url, drop_first("PUT"))
     try:
         conf = lossy_conf(conf_for(pool, {"name": f"{pool}-gone"}), proxy, consul)
@@ -151,7 +157,8 @@ def test_lost_add_reply_then_failure_rolls_back(consul, make_pool, conf_for):
         proxy.close()
     assert len(proxy.dropped) == 1
     assert_error(out, 114)
-    assert consul.tree("") == before
+    assert allocations() == before
+    assert consul.get("ipam/.fences/testnet/lossy2/eth0") is not None
 
 
 def test_lost_del_reply_is_retried_safely(consul, make_pool, conf_for):

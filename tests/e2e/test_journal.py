@@ -252,7 +252,8 @@ def test_a_failed_adds_late_write_is_voided_without_any_del(
     helper = Helper(tmp_path, stderr=tmp_path / "helper.log")
     try:
         env = served_by(helper) if who == "helper" else helper.host_env
-        c = conf(relay.url, pool, timeout=4, consul_attempt_timeout=1)
+        # Long enough that the write surely leaves even a loaded host before the deadline.
+        c = conf(relay.url, pool, timeout=8, consul_attempt_timeout=1)
         if who == "in-process":
             helper.close()  # no helper on this host
         ctr = f"ctr-v-{who}"  # its own fence: the other case's stays up for an hour

@@ -145,6 +145,7 @@ def conf(servers: list[str], pool: str, **ipam: Any) -> dict[str, Any]:
             "consul_servers": servers,
             "consul_token": TOKEN,
             "pools": [{"name": pool}],
+            "pick": "lowest",  # tests name the address a call gets
             **ipam,
         },
     }

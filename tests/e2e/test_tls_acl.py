@@ -30,9 +30,12 @@ RANGES = [
         "gateway": "10.0.30.1",
     }
 ]
-WRITE_RULES = (
+# What the README asks of a plugin's token: its pools (and their fences), and sessions, which
+# end the fences (and releases cooling down) on Consul's time.
+KEY_RULES = (
     'key_prefix "ipam/" { policy = "write" }\nkey_prefix "custom/ipam/" { policy = "write" }'
 )
+WRITE_RULES = KEY_RULES + '\nsession_prefix "" { policy = "write" }'
 READ_RULES = 'key_prefix "ipam/" { policy = "read" }'
 _names = itertools.count()
 
@@ -45,6 +48,7 @@ class Secure:
         self.tls: TLSFiles = agent.tls
         self.dir = directory
         self.write_token = agent.create_token("ipam-write", WRITE_RULES)
+        self.keys_token = agent.create_token("ipam-keys-only", KEY_RULES)
         self.read_token = agent.create_token("ipam-read", READ_RULES)
         # A CA that did not sign the server's certificate.
         self.other = TLSFiles(directory / "other")
@@ -139,6 +143,7 @@ def conf(secure: Secure, pool: str, **ipam: Any) -> dict[str, Any]:
             "type": "ipam-da-consul",
             "consul_servers": [secure.agent.url],
             "pools": [{"name": pool}],
+            "pick": "lowest",  # tests name the address a call gets
             **ipam,
         },
     }
@@ -248,6 +253,31 @@ def test_del_without_a_token_fails_instead_of_finding_nothing(
     out = plugin("DEL", anonymous, container="c-del-denied")
     assert_error(out, 125, "403", "ACL token", "ipam/.fences/")
     assert secure.agent.allocations(pool) == {"10.0.30.10": "c-del-denied"}
+
+
+def test_fences_go_with_a_session_and_without_session_rights_stay(
+    plugin: Runner, secure: Secure, pool: str
+) -> None:
+    """A DEL's fence is tied to a session (the token may create sessions), which Consul ends
+    an hour later at the earliest. A token without session rights still gets its fence, kept
+    until an operator removes it, with a warning naming the missing right."""
+    agent = secure.agent
+    for token, container in ((secure.write_token, "c-fence-s"), (secure.keys_token, "c-fence-k")):
+        c = conf(secure, pool, consul_token=token, **secure.cert_keys())
+        assert plugin("ADD", c, container=container).rc == 0
+        gone = plugin("DEL", c, container=container)
+        assert gone.rc == 0, gone
+        [fence] = agent.http.get(
+            f"{agent.url}/v1/kv/ipam/.fences/securenet/{container}/eth0", timeout=10
+        ).json()
+        if token == secure.write_token:
+            session = agent.http.get(
+                f"{agent.url}/v1/session/info/{fence['Session']}", timeout=10
+            ).json()[0]
+            assert float(session["TTL"].rstrip("s")) >= 3600 and session["Behavior"] == "delete"
+        else:
+            assert not fence.get("Session")
+            assert "session" in gone.stderr and "fences" in gone.stderr, gone
 
 
 def test_read_only_token_cannot_allocate_or_release(

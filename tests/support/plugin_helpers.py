@@ -16,7 +16,11 @@ FAST = {"consul_connect_timeout": 0.3, "consul_read_timeout": 0.5, "timeout": 1.
 def standalone_conf(
     servers: list[str], pools: list[str], version: str = "1.0.0", **ipam: Any
 ) -> dict[str, Any]:
-    """A network config with ipam-da-consul directly as bridge's `ipam`, pools in the section."""
+    """A network config with ipam-da-consul directly as bridge's `ipam`, pools in the section.
+    Strict lowest-first picking unless a test says otherwise (`pick=None`: the default)."""
+    ipam.setdefault("pick", "lowest")
+    if ipam["pick"] is None:
+        del ipam["pick"]
     return {
         "cniVersion": version,
         "name": "n",

@@ -115,8 +115,8 @@ def setup_pool(kv: MemKV, ranges: list[dict[str, object]]) -> None:
 
 
 def claim_next(a: Allocator, pool: Pool, key: int | None) -> str | None:
-    ip, _, over = pool.reserve_next_free(lambda ip: a.ours_to_be(pool, ip), key)
-    return str(ip) if a.claim(pool, ip, over).won else None
+    ip, _ = pool.reserve_next_free(lambda ip: a.ours_to_be(pool, ip), key)
+    return str(ip) if a.claim(pool, ip).won else None
 
 
 def add(kv: MemKV, host: str, cid: str, spread: bool) -> str:

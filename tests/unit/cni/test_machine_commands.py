@@ -105,15 +105,24 @@ def test_gc_releases_exactly_this_hosts_stale_attachments_of_this_network() -> N
     assert fences == {"ipam/.fences/net/dead/eth0": "GC", "ipam/.fences/net/dead/eth1": "GC"}
 
 
-def test_gc_removes_releases_whose_cool_down_is_over() -> None:
+def test_gc_hands_an_older_versions_releases_to_a_cool_down_session() -> None:
+    """A release an older version left cools down until a time by its writer's clock: GC
+    ties it to a session of its own cool-down instead (no clock compared), or, without a
+    cool-down configured, removes it; the plugin's own releases are left to their session."""
     m = Mem()
     m.pool()
     m.put(KEY10, mine("gone", free_after=time.time() - 1))
     m.put(KEY11, mine("gone", free_after=time.time() + 600))
-    run = m.call("GC", gc_conf())
-    assert run.code == 0
-    assert run.logged(f"GC removed {KEY10}, released and cooled down")
-    assert m.keys("ipam/p") == ["ipam/p", KEY11]
+    m.put(KEY12, mine("gone", free_after=4102444800.0))  # this version's: already timed
+    conf = gc_conf()
+    conf["ipam"]["reuse_after"] = 60
+    assert m.call("GC", conf).code == 0
+    assert {m.kv.locked.get(k) is not None for k in (KEY10, KEY11)} == {True}
+    assert KEY12 not in m.kv.locked
+    assert (m.value(KEY10) or {}).get("free_after") == 4102444800.0
+    m.put("ipam/p/10.0.0.13", mine("gone", free_after=time.time() + 600))
+    assert m.call("GC", gc_conf()).code == 0  # no cool-down configured: released at once
+    assert m.value("ipam/p/10.0.0.13") is None
 
 
 def test_gc_reports_every_problem_and_still_serves_the_other_pools() -> None:

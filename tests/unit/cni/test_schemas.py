@@ -526,20 +526,24 @@ def test_the_largest_legitimate_allocation_fits() -> None:
     value = dump_allocation("c" * 64, "e" * 15, "h" * 253, "n" * 253, "0" * 12, runtime, 2e9)
     assert len(value) < MAX_ALLOCATION_BYTES * 0.6
     load_allocation(value)
-    load_allocation(dump_tombstone(value, 2e9))
+    load_allocation(dump_tombstone(value))
 
 
 def test_a_release_of_a_value_near_the_limit_stays_readable() -> None:
-    from ipam_da_consul.allocator.schemas import MAX_ALLOCATION_BYTES, dump_tombstone
+    from ipam_da_consul.allocator.schemas import (
+        COOLING_UNTIL_DELETED,
+        MAX_ALLOCATION_BYTES,
+        dump_tombstone,
+    )
 
     body = {"target": "t", "ifname": "eth0", "other": "x" * (MAX_ALLOCATION_BYTES - 60)}
     value = json.dumps(body).encode()
     assert len(value) <= MAX_ALLOCATION_BYTES
-    tomb = dump_tombstone(value, 1.7e9)
-    assert load_allocation(tomb)["free_after"] == 1.7e9
-    assert json.loads(tomb) == {"target": "t", "ifname": "eth0", "free_after": 1.7e9}
-    small = dump_tombstone(b'{"target": "t", "call": "c", "x": 1}', 1.7e9)
-    assert json.loads(small) == {"target": "t", "x": 1, "free_after": 1.7e9}
+    tomb = dump_tombstone(value)
+    assert load_allocation(tomb)["free_after"] == COOLING_UNTIL_DELETED
+    assert json.loads(tomb) == {"target": "t", "ifname": "eth0", "free_after": 4102444800.0}
+    small = dump_tombstone(b'{"target": "t", "call": "c", "x": 1}')
+    assert json.loads(small) == {"target": "t", "x": 1, "free_after": 4102444800.0}
 
 
 def excluded(n: int, v6: bool = False) -> dict[str, Any]:
