@@ -16,7 +16,7 @@ from loguru import logger
 
 from ..cni.hardening import harden
 from ..consul import ConsulError, ConsulUnavailable, UnsafeKey
-from . import commands
+from . import commands, housekeeping
 from . import reconcile as rec
 from .errors import CONSUL, PROBLEMS, STATE, USAGE, AdminError
 from .output import Progress
@@ -360,6 +360,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply", action="store_true", help="release them (default: dry run)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=rec.reconcile)
+
+    p = add(
+        "fences",
+        "count the attachments' fences; hand those without a session to one",
+        "Fences (<prefix>.fences/<network>/<container>/<ifname>) void late writes of deleted\n"
+        "attachments. Each is tied to a Consul session that Consul ends an hour later at the\n"
+        "earliest, deleting it. Older versions' fences, and those of a token that may not\n"
+        "create sessions, have none and stay: --expire ties them to a session (this token\n"
+        "needs session write), so Consul removes them an hour from now at the earliest.",
+    )
+    p.add_argument("--network", metavar="NAME", help="only this CNI network's fences")
+    p.add_argument("--expire", action="store_true", help="hand fences without a session to one")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=housekeeping.fences)
+
+    p = add(
+        "journal",
+        "show, redo or forget what this host's state folder still owes",
+        "This host's state folder (IPAM_DA_CONSUL_STATE_DIR, default /var/lib/ipam-da-consul)\n"
+        "keeps each attachment's writes, and what is left to do for some: a DEL the helper\n"
+        "took over while Consul could not be reached, or writes a failed call left in doubt.\n"
+        "The helper (or the host's next call) finishes them; after about a day of failures\n"
+        "the helper gives up on one and says so.\n"
+        "  list           entries with work left (network/container/ifname, what, keys)\n"
+        "  retry [ENTRY]  do the work now, here (all pending entries by default)\n"
+        "  drop ENTRY     forget an entry: its keys stay allocated (release them by hand)",
+    )
+    p.add_argument("action", choices=("list", "retry", "drop"))
+    p.add_argument("entries", nargs="*", metavar="ENTRY", help="entry names (see `list`)")
+    p.add_argument("--state-dir", metavar="DIR", help="the state folder (default: as above)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=housekeeping.journal)
     return parser
 
 

@@ -146,6 +146,10 @@ class StateDir:
             entry.attachment = attachment
         return entry
 
+    def entry_by_name(self, name: str, until: float) -> Entry | None:
+        """The entry `name`, locked (None if a call held it until `until`)."""
+        return self._lock(name, until)
+
     def try_entry(self, name: str) -> Entry | None:
         """The entry `name` if nobody holds it now (the helper's replay never waits)."""
         return self._lock(name, 0.0)

@@ -675,3 +675,23 @@ def test_check_and_list_ignore_the_fence_folder(consul, pool_name):
     assert ".fences" not in out.stdout + out.stderr, out
     out = admin(consul, "list", "--json")
     assert all(".fences" not in json.dumps(p) for p in out.json), out
+
+
+def test_fences_are_counted_and_those_without_a_session_handed_to_one(consul, conf_for,
+                                                                     make_pool):
+    """An older version's fence has no session and would stay for good: `fences --expire`
+    ties it to one of an hour at least; the plugin's own fences already end with theirs."""
+    pool = make_pool()
+    assert run_plugin("ADD", conf_for(pool), container="c-fence").rc == 0
+    assert run_plugin("DEL", conf_for(pool), container="c-fence").rc == 0  # a sessioned fence
+    legacy = "ipam/.fences/testnet/c-old/eth0"
+    consul.put(legacy, {"at": 1700000000.0, "host": "old", "by": "DEL"})
+    out = admin(consul, "fences", "--network", "testnet", "--json")
+    assert out.rc == 0, out
+    counted = json.loads(out.stdout)
+    assert counted["withoutSession"] == 1 and counted["withSession"] >= 1, counted
+    out = admin(consul, "fences", "--network", "testnet", "--expire")
+    assert out.rc == 0 and "1 handed to a session now" in out.stdout, out
+    [entry] = consul.http.get(f"{consul.url}/v1/kv/{legacy}", timeout=10).json()
+    info = consul.http.get(f"{consul.url}/v1/session/info/{entry['Session']}", timeout=10).json()
+    assert float(info[0]["TTL"].rstrip("s")) >= 3600

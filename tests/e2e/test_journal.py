@@ -274,3 +274,41 @@ def test_a_failed_adds_late_write_is_voided_without_any_del(
     finally:
         helper.close()
         relay.close()
+
+
+def test_an_operator_lists_retries_and_drops_what_the_journal_owes(
+    up: ConsulAgent, tmp_path: Path
+) -> None:
+    """`ipam-da-consul-admin journal`: the entries, with every name an operator needs; a retry
+    does the work at once; a drop forgets it (the keys stay, said so)."""
+    from tests.e2e.test_admin import admin
+
+    pool = make_pool(up, f"jr-o-{os.getpid()}")
+    helper = Helper(tmp_path, stderr=tmp_path / "helper.log")
+    try:
+        kept = taken_over_del(up, helper, pool, "ctr-o1")
+        up.start()
+        add = run_plugin("ADD", conf(up.url, pool), container="ctr-o2", env=served_by(helper))
+        ip2 = address(add)
+        up.stop()
+        gone = run_plugin("DEL", conf(up.url, pool), container="ctr-o2", env=served_by(helper))
+        assert gone.rc == 0, gone
+    finally:
+        helper.close()  # nobody finishes them but the operator now
+    state = ["--state-dir", helper.state_dir]
+    listed = admin(None, "journal", "list", *state, "--json")
+    assert listed.rc == 0, listed
+    rows = {r["container"]: r for r in json.loads(listed.stdout)}
+    assert set(rows) == {"ctr-o1", "ctr-o2"} and rows["ctr-o1"]["owes"] == "DEL"
+    assert rows["ctr-o1"]["network"] == NET and rows["ctr-o1"]["ifname"] == "eth0"
+    assert TOKEN not in listed.stdout
+    up.start()
+    retried = admin(None, "journal", "retry", rows["ctr-o1"]["entry"], *state)
+    assert retried.rc == 0, retried
+    assert kept not in up.allocations(pool)
+    dropped = admin(None, "journal", "drop", rows["ctr-o2"]["entry"], *state)
+    assert dropped.rc == 0 and "stay allocated" in dropped.stdout, dropped
+    assert up.allocations(pool).get(ip2) == "ctr-o2"  # forgotten, not released
+    assert admin(None, "journal", "list", *state).stdout.strip() == "nothing pending in the journal"
+    wrong = admin(None, "journal", "drop", "0" * 32, *state)
+    assert wrong.rc == 2 and "no journal entry" in wrong.stderr, wrong

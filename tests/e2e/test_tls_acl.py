@@ -267,14 +267,14 @@ def test_fences_go_with_a_session_and_without_session_rights_stay(
         assert plugin("ADD", c, container=container).rc == 0
         gone = plugin("DEL", c, container=container)
         assert gone.rc == 0, gone
-        tls = {"verify": agent.verify, "cert": agent.cert, "timeout": 10}
-        [fence] = agent.http.get(
-            f"{agent.url}/v1/kv/ipam/.fences/securenet/{container}/eth0", **tls
-        ).json()
+        def get(path: str) -> Any:
+            return agent.http.get(
+                f"{agent.url}{path}", verify=agent.verify, cert=agent.cert, timeout=10
+            ).json()
+
+        [fence] = get(f"/v1/kv/ipam/.fences/securenet/{container}/eth0")
         if token == secure.write_token:
-            session = agent.http.get(
-                f"{agent.url}/v1/session/info/{fence['Session']}", **tls
-            ).json()[0]
+            session = get(f"/v1/session/info/{fence['Session']}")[0]
             assert float(session["TTL"].rstrip("s")) >= 3600 and session["Behavior"] == "delete"
         else:
             assert not fence.get("Session")
