@@ -52,12 +52,11 @@ def test_a_socket_another_user_listens_on_gets_no_call(consul, make_pool, conf_f
     nothing, the call running in-process instead."""
     import json
     import os
+    import shutil
+    import tempfile
     import time
 
     from tests.support.plugin import run_plugin
-
-    import shutil
-    import tempfile
 
     top = Path(tempfile.mkdtemp(prefix="ipdc-peer-"))  # pytest's folders are root's 0700
     top.chmod(0o755)
