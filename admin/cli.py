@@ -335,9 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  ipam-da-consul-admin reconcile --live-cmd 'podman ps -a -q --no-trunc' --apply\n"
         "\n"
         "--live-cmd reads KV first and lists afterwards, so no container can start between the\n"
-        "two unseen; prefer it in timers. With --live-ids the list is taken before this run:\n"
-        "allocations written after it first reads KV are skipped, but a container started\n"
-        "between its runtime's listing and that read is not protected.\n"
+        "two unseen; prefer it in timers. With --live-ids this run cannot tell when the list\n"
+        "was taken: it judges only allocations an earlier run saw (recorded in this host's\n"
+        "state folder) at least --settle seconds before; the first run judges none.\n"
         "\n"
         "--timeout bounds the reading of KV, and each release again; not the listing or\n"
         "--settle.\n"
@@ -358,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="only allocations recording this CNI network name (repeatable)",
     )
     p.add_argument("--apply", action="store_true", help="release them (default: dry run)")
+    p.add_argument(
+        "--reuse-after",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="release with this cool-down, as the plugin does (the networks' ipam.reuse_after)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=rec.reconcile)
 
@@ -415,7 +422,14 @@ def _live_options(p: argparse.ArgumentParser, required: bool) -> None:
         default=5.0,
         metavar="SECONDS",
         help="with --live-cmd: wait this long between reading KV and listing, so containers "
-        "whose network was being set up are listed (default: 5)",
+        "whose network was being set up are listed; with --live-ids: judge only what an "
+        "earlier run saw at least this long ago (default: 5)",
+    )
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="this host's state folder, where --live-ids runs record what they saw (default: "
+        "IPAM_DA_CONSUL_STATE_DIR, else /var/lib/ipam-da-consul)",
     )
     p.add_argument(
         "--host",

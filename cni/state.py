@@ -42,7 +42,7 @@ from ..allocator.store import KV, StoreError
 
 DEFAULT_STATE_DIR = "/var/lib/ipam-da-consul"
 STATE_DIR_ENV = "IPAM_DA_CONSUL_STATE_DIR"
-_ENTRIES, _PENDING, _SESSIONS = "attachments", "pending", "sessions"
+_ENTRIES, _PENDING, _SESSIONS, _NOTES = "attachments", "pending", "sessions", "notes"
 _VERSION = 2
 # A session is used for fences this long (by this host's monotonic clock), then a new one is
 # made; Consul ends each one at the earliest FENCE_LIFETIME + this after its creation, so every
@@ -127,9 +127,44 @@ class StateDir:
         self.entries = _subfolder(self.fd, _ENTRIES)
         self.pending_fd = _subfolder(self.fd, _PENDING)
         self.sessions_fd = _subfolder(self.fd, _SESSIONS)
+        self.notes_fd = _subfolder(self.fd, _NOTES)
 
     def close(self) -> None:
-        for fd in (self.entries, self.pending_fd, self.sessions_fd, self.fd):
+        for fd in (self.entries, self.pending_fd, self.sessions_fd, self.notes_fd, self.fd):
+            os.close(fd)
+
+    # -- notes: what a tool observed, for its next run ----------------------------------------
+    def observed(self, key: str) -> tuple[int, float] | None:
+        """The Consul index a run recorded under `key`, and how long ago (this host's
+        monotonic clock, CLOCK_BOOTTIME): None when none was, or before the last boot."""
+        name = hashlib.sha256(key.encode()).hexdigest()[:32] + ".json"
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.notes_fd)
+        except FileNotFoundError:
+            return None
+        try:
+            _file_of_ours(fd, name)
+            note = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except (ValueError, StateError):
+            return None
+        finally:
+            os.close(fd)
+        if not isinstance(note, dict) or note.get("boot") != _boot_id():
+            return None
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - float(note.get("since", 0))
+        index = note.get("index")
+        return (index, age) if isinstance(index, int) and age >= 0 else None
+
+    def observe(self, key: str, index: int) -> None:
+        name = hashlib.sha256(key.encode()).hexdigest()[:32] + ".json"
+        data = json.dumps({"key": key, "index": index, "boot": _boot_id(),
+                           "since": time.clock_gettime(time.CLOCK_BOOTTIME)}).encode()
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self.notes_fd)
+        try:
+            _file_of_ours(fd, name)
+            os.write(fd, data)
+        finally:
             os.close(fd)
 
     # -- entries ------------------------------------------------------------------------------
