@@ -12,7 +12,9 @@ config move is said where it is cleaned up (`Containerd.close`):
   compiled in); removed by the shim when it exits, and here by name if it did not;
 - libcni's result cache: `/var/lib/cni/results/<network>-<sandbox>-<ifname>` (go-cni 1.1 sets
   no cache folder); removed by the DEL, and here by network name (each run names its networks
-  after its own folder) if a DEL never came.
+  after its own folder) and sandbox ID if a DEL never came;
+- `/run/containerd` and `/run/containerd/s` themselves, when the run made them: removed here
+  if empty.
 
 A run that was killed leaves its folder behind with a record of what it made (`leftovers.json`):
 the next run cleans it up before starting (`clean_leftovers`).
@@ -459,10 +461,18 @@ def clean(base: Path) -> list[str]:
         known = json.loads((base / "leftovers.json").read_text())
     for bridge in known.get("bridges", []):
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-    for network in known.get("networks", []):
-        for cached in CNI_CACHE.glob(f"{network}-*") if CNI_CACHE.is_dir() else []:
+    sandboxes = base / "root" / "io.containerd.grpc.v1.cri" / "sandboxes"
+    ids = [d.name for d in sandboxes.iterdir()] if sandboxes.is_dir() else []
+    # libcni names a cached result <network>-<container>-<ifname>; CRI's loopback network
+    # ("cni-loopback") is everyone's, so those go by sandbox ID.
+    patterns = [f"{n}-*" for n in known.get("networks", [])] + [f"*-{i}-*" for i in ids]
+    for pattern in patterns if CNI_CACHE.is_dir() else []:
+        for cached in CNI_CACHE.glob(pattern):
             with contextlib.suppress(OSError):
                 cached.unlink()
+    for made in reversed(known.get("made", [])):
+        with contextlib.suppress(OSError):
+            Path(made).rmdir()  # only if empty: another containerd may use it by now
     cgroups = Path("/sys/fs/cgroup")
     for top in [cgroups, *(d for d in cgroups.iterdir() if d.is_dir())] if cgroups.is_dir() else []:
         parent = top / base.name
