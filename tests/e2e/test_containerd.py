@@ -33,6 +33,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -61,6 +62,7 @@ IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 PODS = int(os.environ.get("IPDC_CRI_PODS", "20"))
 PODS_IN_PROCESS = int(os.environ.get("IPDC_CRI_PODS_IN_PROCESS", "6"))
 SAMPLES = int(os.environ.get("IPDC_CRI_SAMPLES", "5"))
+PLUGIN_LOG = os.environ.get("IPDC_CRI_PLUGIN_LOG", "")
 
 
 def _missing() -> str | None:
@@ -120,6 +122,12 @@ def grpc_error() -> type[Exception]:
     import grpc
 
     return grpc.RpcError
+
+
+def back_off(attempt: int) -> None:
+    """The kubelet's pause before it tries a pod again: growing, and spread out, so that the
+    pods that failed together do not all come back at the same instant."""
+    time.sleep(min(20.0, 2.0 * 2**attempt) * random.uniform(0.5, 1.5))
 
 
 def wait_for(what: str, cond: Callable[[], bool], timeout: float = 30.0) -> float:
@@ -221,7 +229,7 @@ class Node:
                     if attempt >= retries:
                         raise
                     errors.append(str(exc.details()))  # type: ignore[attr-defined]
-                    time.sleep(2 * (attempt + 1))
+                    back_off(attempt)
             raise AssertionError("unreachable")
 
         with ThreadPoolExecutor(max(1, n)) as ex:
@@ -240,15 +248,28 @@ class Node:
                     if attempt >= retries:
                         raise
                     errors.append(str(exc.details()))  # type: ignore[attr-defined]
-                    time.sleep(2 * (attempt + 1))
+                    back_off(attempt)
 
         with ThreadPoolExecutor(max(1, len(pods))) as ex:
             list(ex.map(stop, pods))
         return errors
 
-    def remove_pods(self, pods: list[cri.Pod]) -> None:
+    def remove_pods(self, pods: list[cri.Pod], retries: int = 0) -> None:
+        """RemovePodSandbox of every pod at once. containerd 1.6 runs the CNI DEL again here
+        (its forced stop tears the network down whenever the sandbox had one), which may fail
+        like StopPodSandbox's: the kubelet retries, and so does this, up to `retries` times."""
+
+        def remove(pod: cri.Pod) -> None:
+            for attempt in itertools.count():
+                try:
+                    return self.client.remove_pod(pod.id)
+                except grpc_error():
+                    if attempt >= retries:
+                        raise
+                    back_off(attempt)
+
         with ThreadPoolExecutor(max(1, len(pods))) as ex:
-            list(ex.map(lambda p: self.client.remove_pod(p.id), pods))
+            list(ex.map(remove, pods))
 
     # -- KV ------------------------------------------------------------------------------------
     def read(self, prefix: str) -> list[dict[str, Any]]:
@@ -342,27 +363,44 @@ class Node:
 
 
 @pytest.fixture(scope="module")
-def consul() -> Iterator[ConsulAgent]:
-    """A single persistent server: stopped, it refuses connections as a dead agent does, and
-    started again it still holds the allocations. Raft's production timings (multiplier 5)
-    would spend 7-9 s electing itself at each of the many starts here; 1 takes 1-2 s."""
+def base() -> Iterator[Path]:
+    """This run's folder: containerd's, the helper's and Consul's files all live under it, so
+    that whatever names it (processes, mounts) is ours to clean up, now or, after a run that
+    was killed, at the next run's start."""
     why = _missing()  # before anything starts
     if why:
         pytest.skip(why)
+    for old, problems in cri.clean_leftovers().items():
+        print(f"\n[containerd] cleaned up after a killed run: {old} {problems or ''}")
+    # A short path: socket paths (containerd's, the helper's) must fit in sun_path.
+    folder = Path(tempfile.mkdtemp(prefix=cri.PREFIX, dir="/tmp"))
+    cri.record(folder)
+    yield folder
+    problems = cri.clean(folder)
+    assert not problems, problems
+
+
+@pytest.fixture(scope="module")
+def consul(base: Path) -> Iterator[ConsulAgent]:
+    """A single persistent server: stopped, it refuses connections as a dead agent does, and
+    started again it still holds the allocations. Raft's production timings (multiplier 5)
+    would spend 7-9 s electing itself at each of the many starts here; 1 takes 1-2 s."""
     agent = ConsulAgent(
         "containerd",
         dev=False,
         extra=["-bootstrap-expect", "1", "-hcl", "performance { raft_multiplier = 1 }"],
-    ).start()
+    )
+    os.rmdir(agent.data_dir)
+    agent.data_dir = str(base / "consul")
+    agent.log_path = base / "consul" / "agent.log"
+    os.mkdir(agent.data_dir, 0o700)
+    agent.start()
     yield agent
     agent.close()
 
 
 @pytest.fixture(scope="module")
-def node(consul: ConsulAgent) -> Iterator[Node]:
-    leftovers = cri.clean_leftovers()
-    if leftovers:
-        print(f"\n[containerd] an earlier run left: {leftovers}")
+def node(base: Path, consul: ConsulAgent) -> Iterator[Node]:
     x = free_octet("10.124", "10.125")
     pool = consul.create_pool(
         f"cri-{os.getpid()}",
@@ -375,8 +413,6 @@ def node(consul: ConsulAgent) -> Iterator[Node]:
             }
         ],
     )
-    # A short path: socket paths (containerd's, the helper's) must fit in sun_path.
-    base = Path(tempfile.mkdtemp(prefix=cri.PREFIX, dir="/tmp"))
     tag = base.name[len(cri.PREFIX) :].lower().replace("_", "")
     networks = [f"ipdc-a-{tag}", f"ipdc-b-{tag}"]
     host_local = [f"ipdc-ha-{tag}", f"ipdc-hb-{tag}"]
@@ -399,6 +435,8 @@ def node(consul: ConsulAgent) -> Iterator[Node]:
     env["IPAM_DA_CONSUL_SOCKET"] = str(helper_dir / "run" / "helper.sock")
     env["IPAM_DA_CONSUL_STATE_DIR"] = str(helper_dir / "state")
     env["TMPDIR"] = str(base / "tmp")
+    if PLUGIN_LOG:
+        env["IPAM_DA_CONSUL_LOG_FILE"] = PLUGIN_LOG
     env["PATH"] = f"{env.get('PATH', '')}:/usr/sbin:/usr/bin:/sbin:/bin"
     cni_dir = base / "cni"
     overlay = cri.overlay_works(base)
@@ -421,7 +459,10 @@ def node(consul: ConsulAgent) -> Iterator[Node]:
         containerd.prepare()
         for plugin in ("bridge", "loopback", "host-local"):
             (containerd.bin_dir / plugin).symlink_to(cri.CNI_PLUGINS / plugin)
-        (containerd.bin_dir / "ipam-da-consul").symlink_to(executable("ipam-da-consul"))
+        # IPDC_CRI_PLUGIN_LOG=FILE: the verbose flavour under the same name, its debug log
+        # (every call, state transition and Consul request, timed) appended to FILE.
+        flavour = "ipam-da-consul-verbose" if PLUGIN_LOG else "ipam-da-consul"
+        (containerd.bin_dir / "ipam-da-consul").symlink_to(executable(flavour))
         ours = [
             conflist(net, br, consul_ipam(consul.url, pool), gateway=(i == 0))
             for i, (net, br) in enumerate(zip(networks, bridges[:2], strict=True))
@@ -489,10 +530,9 @@ def node(consul: ConsulAgent) -> Iterator[Node]:
                 if left:
                     print(f"\n[containerd] pods not removed: {left}")
             client.close()
-        problems = containerd.close()
+        containerd.stop()  # the rest goes with the folder (`base`)
         if IP_FORWARD.read_text() != forward:
             IP_FORWARD.write_text(forward)
-        assert not problems, problems
 
 
 @pytest.fixture(params=["helper", "in-process"])
@@ -518,6 +558,23 @@ def up(node: Node) -> Iterator[Node]:
 
 
 # -- the scenarios -------------------------------------------------------------------------------
+SANDBOX_ID = re.compile(r'sandbox "([0-9a-f]{64})"')
+
+
+def remove_failed(node: Node, failed: set[str], running: tuple[cri.Pod, ...] = ()) -> None:
+    """A sandbox whose RunPodSandbox failed and whose cleanup DEL failed too stays listed
+    (NOTREADY), for the kubelet to stop and remove once it can: do that. Nothing else but the
+    running pods is listed."""
+    listed = node.client.pods()
+    for pod in running:
+        assert listed.pop(pod.id) == "SANDBOX_READY"
+    assert set(listed) <= failed and all(v == "SANDBOX_NOTREADY" for v in listed.values()), listed
+    gone = [cri.Pod(pod_id, "", "", "", 0.0) for pod_id in listed]
+    # A DEL may run out of time on a busy node, as the ADD did: the kubelet tries again.
+    node.stop_pods(gone, retries=3)
+    node.remove_pods(gone, retries=3)
+
+
 def stop_and_remove(
     node: Node,
     pods: list[cri.Pod],
@@ -533,7 +590,7 @@ def stop_and_remove(
     assert not [v for v in node.allocations().values() if v["target"] in ids]
     listed = node.client.pods()
     assert all(listed[p.id] == "SANDBOX_NOTREADY" for p in pods), listed
-    node.remove_pods(pods)
+    node.remove_pods(pods, retries=retries)
     assert not set(node.client.pods()) & ids
     assert not [v for v in node.allocations().values() if v["target"] in ids]
     fences = node.fences()
@@ -570,10 +627,15 @@ def test_pods_at_once_on_two_networks_sharing_one_pool(up: Node, mode: str) -> N
     pool at the same moment, then 2n DELs. In-process on a small busy machine, a call may run
     out of its `timeout` (15 s, counted from the plugin process's start) before it gets the CPU
     for its write: the kubelet tries RunPodSandbox and StopPodSandbox again, and so does this
-    test, up to 3 times. What a failed try leaves must be nothing."""
+    test, up to 5 times. What a failed try leaves must be nothing once its sandbox is removed."""
     node = up
     n = PODS if mode == "helper" else PODS_IN_PROCESS
-    pods, failed = node.run_pods(n, f"burst-{mode}", retries=3)
+    pods, failed = node.run_pods(n, f"burst-{mode}", retries=5)
+    # A failed try whose cleanup DEL failed too is kept (NOTREADY) with what its other
+    # network got, until the kubelet stops and removes it: so does this test.
+    refused = {i for e in failed for i in SANDBOX_ID.findall(e)}
+    node.check_pods(pods, failed=frozenset(refused))
+    remove_failed(node, refused, tuple(pods))
     node.check_pods(pods)
     held = node.allocations()
     assert len(held) == 2 * n
@@ -588,14 +650,15 @@ def test_pods_at_once_on_two_networks_sharing_one_pool(up: Node, mode: str) -> N
             found = {(a["ifname"], a["ip"]) for a in json.loads(out.stdout)}
             status = node.client.status(pod.id)
             assert found == {(i, status.interfaces[i][0]) for i in ("eth0", "eth1")}
-    stopped = stop_and_remove(node, pods, retries=3)
+    stopped = stop_and_remove(node, pods, retries=5)
     assert node.allocations() == {}
     record(
         f"RunPodSandbox x{n} at once, two networks, {mode}",
         {
             "median s": round(statistics.median(p.seconds for p in pods), 2),
             "max s": round(max(p.seconds for p in pods), 2),
-            "failed first tries (run, stop)": [len(failed), len(stopped)],
+            "failed tries (run, stop)": [len(failed), len(stopped)],
+            "why": sorted({e.rsplit(": ", 1)[-1] for e in failed + stopped}),
         },
     )
     assert all("ipam.timeout" in e for e in failed + stopped), failed + stopped
@@ -633,22 +696,6 @@ def test_containerd_restarted_while_pods_run(up: Node) -> None:
     assert node.pending() == []
 
 
-SANDBOX_ID = re.compile(r'sandbox "([0-9a-f]{64})"')
-
-
-def remove_failed(node: Node, failed: set[str], running: tuple[cri.Pod, ...] = ()) -> None:
-    """A sandbox whose RunPodSandbox failed and whose cleanup DEL failed too stays listed
-    (NOTREADY), for the kubelet to stop and remove once it can: do that. Nothing else but the
-    running pods is listed."""
-    listed = node.client.pods()
-    for pod in running:
-        assert listed.pop(pod.id) == "SANDBOX_READY"
-    assert set(listed) <= failed and all(v == "SANDBOX_NOTREADY" for v in listed.values()), listed
-    for pod_id in listed:
-        node.client.stop_pod(pod_id)
-        node.client.remove_pod(pod_id)
-
-
 def test_consul_stopped_during_run_pod_sandbox(up: Node, mode: str) -> None:
     """Consul down for a whole RunPodSandbox: it fails fast (the plugin gives up when no server
     can even be connected to, `consul_unreachable_grace`, 2 s, instead of its 15 s `timeout`),
@@ -666,7 +713,8 @@ def test_consul_stopped_during_run_pod_sandbox(up: Node, mode: str) -> None:
     record(f"RunPodSandbox failing, Consul stopped, {mode} (s)", round(took, 2))
     details = failed.value.details()  # type: ignore[attr-defined]
     assert "failed to setup network" in details and "Consul" in details, details
-    assert took < 12, f"{took:.1f} s to fail"
+    # Waiting out its `timeout` instead, the ADD alone would take 15 s.
+    assert took < 15, f"{took:.1f} s to fail"
     refused = set(SANDBOX_ID.findall(details))
     if mode == "helper":
         assert node.client.pods() == {}
@@ -688,9 +736,9 @@ def test_consul_stopped_during_run_pod_sandbox(up: Node, mode: str) -> None:
     ]
     for t in threads:
         t.start()
-    # Cut Consul off as the first writes land.
+    # Cut Consul off while the writes land (how many pods make it varies; any split will do).
     with contextlib.suppress(AssertionError):
-        wait_for("a first allocation", lambda: bool(node.allocations()), timeout=20)
+        wait_for("writes landing", lambda: len(node.allocations()) >= 4, timeout=20)
     node.consul.stop(signal.SIGKILL)
     for t in threads:
         t.join(180)
@@ -772,8 +820,9 @@ def test_pod_removed_while_consul_down_without_the_helper(up: Node) -> None:
 
 def test_pod_start_timings(up: Node) -> None:
     """RunPodSandbox to Ready (it returns once the sandbox is ready, networks attached) with
-    both networks, one pod at a time: host-local, then ipam-da-consul in-process and through
-    the helper. A measurement for the README, not an assertion."""
+    both networks, one pod at a time, the earlier ones still running: host-local, then
+    ipam-da-consul in-process and through the helper. A measurement for the README, not an
+    assertion."""
     node = up
     table: dict[str, dict[str, float]] = {}
     for label, handler, helper in (
@@ -785,13 +834,14 @@ def test_pod_start_timings(up: Node) -> None:
             node.helper_on()
         else:
             node.helper_off()
-        times = []
-        for _ in range(SAMPLES):
+        pods = []
+        for _ in range(SAMPLES):  # one after the other; the earlier ones go on running
             pod = node.client.run_pod(node.name("timing"), "team-a", handler)
             assert node.client.status(pod.id).state == "SANDBOX_READY"
-            times.append(pod.seconds)
-            node.client.stop_pod(pod.id)
-            node.client.remove_pod(pod.id)
+            pods.append(pod)
+        node.stop_pods(pods, retries=3)
+        node.remove_pods(pods, retries=3)
+        times = [p.seconds for p in pods]
         table[label] = {
             "median s": round(statistics.median(times), 3),
             "min s": round(min(times), 3),

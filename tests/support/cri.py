@@ -1,12 +1,12 @@
 """Debian's containerd with its CRI plugin, run as a private instance, and a CRI client.
 
 Kubernetes reaches CNI through a CRI runtime: the kubelet calls `RunPodSandbox`, and
-containerd's CRI plugin (go-cni over libcni) runs every network config of its CNI folder for
-the pod, in parallel, then `StopPodSandbox` tears them down. This module plays the kubelet
-(gRPC, `runtime.v1`, from the CRI proto vendored in `cri_api/`) against a containerd that
-shares nothing with the machine's own: its config, root, state, sockets, runc root, CNI folders
-and network namespaces are all under one temporary folder. What containerd 1.6 does not let a
-config move is said where it is cleaned up (`Containerd.close`):
+containerd's CRI plugin (go-cni over libcni) runs the network configs of its CNI folder (up to
+`max_conf_num`) for the pod, in parallel, and `StopPodSandbox` tears them down. This module
+plays the kubelet (gRPC, `runtime.v1`, from the CRI proto vendored in `cri_api/`) against a
+containerd that shares nothing with the machine's own: its config, root, state, sockets, runc
+root, CNI folders and network namespaces are all under one temporary folder. What containerd
+1.6 does not let a config move is said here, and cleaned up by `clean`:
 
 - shim sockets: `/run/containerd/s/<sha256(address/namespace/id)>` (the shim's socket root is
   compiled in); removed by the shim when it exits, and here by name if it did not;
@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -490,9 +489,10 @@ def clean(base: Path) -> list[str]:
     return problems
 
 
-def clean_leftovers(parent: Path = Path("/tmp")) -> list[str]:
-    """Clean the folders of earlier runs whose process is gone (killed before its teardown)."""
-    problems = []
+def clean_leftovers(parent: Path = Path("/tmp")) -> dict[str, list[str]]:
+    """Clean the folders of earlier runs whose process is gone (killed before its teardown):
+    each folder cleaned, with what could not be."""
+    cleaned = {}
     for base in parent.glob(f"{PREFIX}*"):
         try:
             pid = json.loads((base / "leftovers.json").read_text())["pid"]
@@ -500,8 +500,8 @@ def clean_leftovers(parent: Path = Path("/tmp")) -> list[str]:
             pid = None
         if pid is not None and Path(f"/proc/{pid}").exists():
             continue  # a run still going on
-        problems += clean(base)
-    return problems
+        cleaned[str(base)] = clean(base)
+    return cleaned
 
 
 # -- the client ------------------------------------------------------------------------------------
@@ -675,13 +675,3 @@ def in_netns(netns: str, *cmd: str) -> str:
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} in {netns}: {p.stderr}")
     return p.stdout
-
-
-@contextlib.contextmanager
-def timed() -> Iterator[list[float]]:
-    took: list[float] = []
-    start = time.monotonic()
-    try:
-        yield took
-    finally:
-        took.append(time.monotonic() - start)
