@@ -21,9 +21,11 @@ names.
 
 Deselect with `-m "not containerd"`. Timings (pod start with and without the helper, next to
 `host-local` on the same containerd) are printed (`-s` shows them) and, with
-IPDC_CRI_TIMINGS=FILE, written there as JSON. The burst is 20 pods through the helper and 6
-in-process; the longer run (~4 min more on 2 cores) is
+IPDC_CRI_TIMINGS=FILE, written there as JSON. The burst is 20 pods through the helper and 4
+in-process; the longer run (minutes more on 2 cores, most of it in-process calls running out of
+their `timeout` and tried again) is
 `IPDC_CRI_PODS_IN_PROCESS=20 .venv/bin/python -m pytest -s tests/e2e/test_containerd.py`.
+IPDC_CRI_PLUGIN_LOG=FILE runs the verbose flavour, its debug log appended to FILE.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -57,12 +59,14 @@ from tests.support.util_procs import Helper
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "kubernetes"
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
-# The burst: through the helper, and in-process (a node without the helper). 2 x PODS
-# interpreters at once is ~20 s of CPU time in-process; the longer run sets both to 20.
+# The burst: through the helper, and in-process (a node without the helper), where 2 x n
+# interpreters start at once (~0.5 s of CPU each); the longer run sets both to 20.
 PODS = int(os.environ.get("IPDC_CRI_PODS", "20"))
-PODS_IN_PROCESS = int(os.environ.get("IPDC_CRI_PODS_IN_PROCESS", "6"))
+PODS_IN_PROCESS = int(os.environ.get("IPDC_CRI_PODS_IN_PROCESS", "4"))
 SAMPLES = int(os.environ.get("IPDC_CRI_SAMPLES", "5"))
 PLUGIN_LOG = os.environ.get("IPDC_CRI_PLUGIN_LOG", "")
+SANDBOX_ID = re.compile(r'sandbox "([0-9a-f]{64})"')
+T = TypeVar("T")
 
 
 def _missing() -> str | None:
@@ -122,6 +126,26 @@ def grpc_error() -> type[Exception]:
     import grpc
 
     return grpc.RpcError
+
+
+# The one failure a busy node may give: the plugin's call ran out of its `timeout` (15 s from
+# its process's start) before it got the CPU for its work.
+OUT_OF_TIME = "ipam.timeout"
+
+
+def retrying(call: Callable[[int], T], retries: int, errors: list[str]) -> T:
+    """call(attempt), again after a back-off while it fails for lack of time, up to `retries`
+    times; each such failure's message goes to `errors`."""
+    for attempt in itertools.count():
+        try:
+            return call(attempt)
+        except grpc_error() as exc:
+            details = str(exc.details())  # type: ignore[attr-defined]
+            if attempt >= retries or OUT_OF_TIME not in details:
+                raise
+            errors.append(details)
+            back_off(attempt)
+    raise AssertionError("unreachable")
 
 
 def back_off(attempt: int) -> None:
@@ -213,60 +237,63 @@ class Node:
         return f"{prefix}-{next(self.names)}"
 
     def run_pods(
-        self, n: int, prefix: str, handler: str = "", retries: int = 0
+        self,
+        n: int,
+        prefix: str,
+        handler: str = "",
+        retries: int = 0,
+        keep_failed: bool = False,
     ) -> tuple[list[cri.Pod], list[str]]:
-        """n RunPodSandbox calls at once, as the kubelet starts a node's pods; a failed one is
-        tried again after a pause (the kubelet's back-off, with the next attempt number) up to
-        `retries` times. The pods, and the errors of the failed tries."""
+        """n RunPodSandbox calls at once, as the kubelet starts a node's pods. One that failed
+        because the plugin ran out of its `timeout` (a busy node, in-process) is tried again
+        after a pause (the kubelet's back-off, with the next attempt number), up to `retries`
+        times; any other failure is raised. A failed try whose cleanup DEL failed too is kept
+        by containerd (NOTREADY), with what its other network got: the kubelet removes such a
+        sandbox, and so does this unless `keep_failed`. The pods, and the errors of the failed
+        tries (each names its sandbox)."""
         names = [self.name(prefix) for _ in range(n)]
         errors: list[str] = []
 
         def run(name: str) -> cri.Pod:
-            for attempt in itertools.count():
-                try:
-                    return self.client.run_pod(name, "team-a", handler, attempt=attempt)
-                except grpc_error() as exc:
-                    if attempt >= retries:
-                        raise
-                    errors.append(str(exc.details()))  # type: ignore[attr-defined]
-                    back_off(attempt)
-            raise AssertionError("unreachable")
+            return retrying(
+                lambda attempt: self.client.run_pod(name, "team-a", handler, attempt=attempt),
+                retries,
+                errors,
+            )
 
         with ThreadPoolExecutor(max(1, n)) as ex:
-            return list(ex.map(run, names)), errors
+            pods = list(ex.map(run, names))
+        if not keep_failed:
+            self.remove_failed_tries(errors)
+        return pods, errors
+
+    def remove_failed_tries(self, errors: list[str]) -> None:
+        """Stop and remove the sandboxes these RunPodSandbox errors name, if still listed."""
+        listed = self.client.pods()
+        kept = [i for e in errors for i in SANDBOX_ID.findall(e) if i in listed]
+        gone = [cri.Pod(i, "", "", "", 0.0) for i in kept]
+        self.stop_pods(gone, retries=3)
+        self.remove_pods(gone, retries=3)
 
     def stop_pods(self, pods: list[cri.Pod], retries: int = 0) -> list[str]:
-        """StopPodSandbox of every pod at once; a failed one is stopped again (the kubelet
-        retries) up to `retries` times. The errors of the failed tries."""
+        """StopPodSandbox of every pod at once; one whose DEL ran out of time is stopped again
+        (the kubelet retries) up to `retries` times. The errors of the failed tries."""
         errors: list[str] = []
 
         def stop(pod: cri.Pod) -> None:
-            for attempt in itertools.count():
-                try:
-                    return self.client.stop_pod(pod.id)
-                except grpc_error() as exc:
-                    if attempt >= retries:
-                        raise
-                    errors.append(str(exc.details()))  # type: ignore[attr-defined]
-                    back_off(attempt)
+            retrying(lambda _: self.client.stop_pod(pod.id), retries, errors)
 
         with ThreadPoolExecutor(max(1, len(pods))) as ex:
             list(ex.map(stop, pods))
         return errors
 
     def remove_pods(self, pods: list[cri.Pod], retries: int = 0) -> None:
-        """RemovePodSandbox of every pod at once. containerd 1.6 runs the CNI DEL again here
-        (its forced stop tears the network down whenever the sandbox had one), which may fail
-        like StopPodSandbox's: the kubelet retries, and so does this, up to `retries` times."""
+        """RemovePodSandbox of every pod at once. containerd 1.6 runs the CNI DELs again here
+        (its forced stop tears the network down whenever the sandbox had one), which may run
+        out of time like StopPodSandbox's: the kubelet retries, and so does this."""
 
         def remove(pod: cri.Pod) -> None:
-            for attempt in itertools.count():
-                try:
-                    return self.client.remove_pod(pod.id)
-                except grpc_error():
-                    if attempt >= retries:
-                        raise
-                    back_off(attempt)
+            retrying(lambda _: self.client.remove_pod(pod.id), retries, [])
 
         with ThreadPoolExecutor(max(1, len(pods))) as ex:
             list(ex.map(remove, pods))
@@ -425,6 +452,18 @@ def node(base: Path, consul: ConsulAgent) -> Iterator[Node]:
         # The shims' socket folder, made by this run's first shim if not there yet.
         made=[str(p) for p in (cri.SHIM_SOCKETS.parent, cri.SHIM_SOCKETS) if not p.exists()],
     )
+    # The bridges, made here with a MAC of their own. Left to Debian's bridge plugin (1.1.1),
+    # a bridge whose first ADDs all failed before it got its gateway address (Consul down)
+    # has lost its last port, and with it its MAC (00:00:00:00:00:00 on this kernel); the next
+    # ADD then fails once, "could not set bridge's mac: invalid argument" (the plugin sets the
+    # MAC it read before attaching the pod). Not this plugin's business.
+    for i, bridge in enumerate(bridges):
+        mac = f"02:1d:c0:{os.getpid() >> 8 & 0xFF:02x}:{os.getpid() & 0xFF:02x}:{i:02x}"
+        for cmd in (
+            ["ip", "link", "add", bridge, "type", "bridge"],
+            ["ip", "link", "set", bridge, "address", mac, "up"],
+        ):
+            subprocess.run(cmd, check=True, capture_output=True)
     helper_dir = base / "helper"
     # The state folder's parent must exist: the plugin checks every folder above it first.
     helper_dir.mkdir(mode=0o700)
@@ -558,9 +597,6 @@ def up(node: Node) -> Iterator[Node]:
 
 
 # -- the scenarios -------------------------------------------------------------------------------
-SANDBOX_ID = re.compile(r'sandbox "([0-9a-f]{64})"')
-
-
 def remove_failed(node: Node, failed: set[str], running: tuple[cri.Pod, ...] = ()) -> None:
     """A sandbox whose RunPodSandbox failed and whose cleanup DEL failed too stays listed
     (NOTREADY), for the kubelet to stop and remove once it can: do that. Nothing else but the
@@ -579,7 +615,7 @@ def stop_and_remove(
     node: Node,
     pods: list[cri.Pod],
     ifnames: tuple[str, ...] = ("eth0", "eth1"),
-    retries: int = 0,
+    retries: int = 3,
 ) -> list[str]:
     """StopPodSandbox tears the networks down (DEL, in parallel): nothing of the pods is left
     in the pool once it returns, though containerd still lists them; RemovePodSandbox then
@@ -603,7 +639,7 @@ def stop_and_remove(
 def test_one_pod_on_one_network(up: Node, mode: str) -> None:
     node = up
     served = node.served()
-    pod = node.client.run_pod(node.name(f"solo-{mode}"), "team-a", handler="one")
+    [pod], _ = node.run_pods(1, f"solo-{mode}", handler="one", retries=3)
     node.check_pods([pod], ifnames=("eth0",))
     status = node.client.status(pod.id)
     [ip] = status.interfaces["eth0"]
@@ -630,7 +666,7 @@ def test_pods_at_once_on_two_networks_sharing_one_pool(up: Node, mode: str) -> N
     test, up to 5 times. What a failed try leaves must be nothing once its sandbox is removed."""
     node = up
     n = PODS if mode == "helper" else PODS_IN_PROCESS
-    pods, failed = node.run_pods(n, f"burst-{mode}", retries=5)
+    pods, failed = node.run_pods(n, f"burst-{mode}", retries=5, keep_failed=True)
     # A failed try whose cleanup DEL failed too is kept (NOTREADY) with what its other
     # network got, until the kubelet stops and removes it: so does this test.
     refused = {i for e in failed for i in SANDBOX_ID.findall(e)}
@@ -661,7 +697,6 @@ def test_pods_at_once_on_two_networks_sharing_one_pool(up: Node, mode: str) -> N
             "why": sorted({e.rsplit(": ", 1)[-1] for e in failed + stopped}),
         },
     )
-    assert all("ipam.timeout" in e for e in failed + stopped), failed + stopped
     if mode == "helper":
         assert not failed and not stopped
     assert node.pending() == []
@@ -674,7 +709,7 @@ def test_containerd_restarted_while_pods_run(up: Node) -> None:
     tested elsewhere, and a node may well restart containerd without one."""
     node = up
     node.helper_off()
-    pods, _ = node.run_pods(3, "restart", retries=1)
+    pods, _ = node.run_pods(2, "restart", retries=3)
     node.check_pods(pods)
     held = node.allocations()
     before = {p.id: node.client.status(p.id) for p in pods}
@@ -691,7 +726,7 @@ def test_containerd_restarted_while_pods_run(up: Node) -> None:
     assert after == before
     node.check_pods(pods)
     assert node.allocations() == held  # not one byte rewritten
-    stop_and_remove(node, pods, retries=1)
+    stop_and_remove(node, pods)
     assert node.allocations() == {}
     assert node.pending() == []
 
@@ -731,14 +766,16 @@ def test_consul_stopped_during_run_pod_sandbox(up: Node, mode: str) -> None:
         except grpc_error() as exc:
             results.append(str(exc.details()))  # type: ignore[attr-defined]
 
+    # Fewer in-process: each failed one costs four more in-process DELs to remove.
+    cut = 4 if mode == "helper" else 2
     threads = [
-        threading.Thread(target=start_pod, args=(node.name(f"cut-{mode}"),)) for _ in range(6)
+        threading.Thread(target=start_pod, args=(node.name(f"cut-{mode}"),)) for _ in range(cut)
     ]
     for t in threads:
         t.start()
-    # Cut Consul off while the writes land (how many pods make it varies; any split will do).
+    # Cut Consul off as the writes land (how many pods make it varies; any split will do).
     with contextlib.suppress(AssertionError):
-        wait_for("writes landing", lambda: len(node.allocations()) >= 4, timeout=20)
+        wait_for("a first write", lambda: bool(node.allocations()), timeout=20)
     node.consul.stop(signal.SIGKILL)
     for t in threads:
         t.join(180)
@@ -746,7 +783,7 @@ def test_consul_stopped_during_run_pod_sandbox(up: Node, mode: str) -> None:
     started = [r for r in results if isinstance(r, cri.Pod)]
     errors = [r for r in results if isinstance(r, str)]
     record(f"pods started / failed as Consul was killed, {mode}", [len(started), len(errors)])
-    assert len(results) == 6
+    assert len(results) == cut
     assert all("failed to setup network" in e for e in errors), errors
     refused = {i for e in errors for i in SANDBOX_ID.findall(e)}
     assert len(refused) == len(errors), errors
@@ -756,9 +793,9 @@ def test_consul_stopped_during_run_pod_sandbox(up: Node, mode: str) -> None:
     remove_failed(node, refused, tuple(started))
     # The node goes on starting pods: a call that reaches Consul also finishes what the
     # failed ones left in the host's state folder (the helper's replay does too).
-    later = node.client.run_pod(node.name(f"later-{mode}"), "team-a")
+    [later], _ = node.run_pods(1, f"later-{mode}", retries=3)
     node.check_pods([*started, later], failed=frozenset(refused))
-    stop_and_remove(node, [*started, later], retries=1)
+    stop_and_remove(node, [*started, later])
     took = wait_for("nothing left in the pool", lambda: node.allocations() == {})
     record(f"failed pods' writes gone, s after the last DEL, {mode}", round(took, 2))
     wait_for("nothing pending", lambda: node.pending() == [])
@@ -771,7 +808,7 @@ def test_pod_removed_while_consul_down_the_helper_takes_the_del_over(up: Node) -
     helper releases them."""
     node = up
     helper = node.helper_on()
-    pods, _ = node.run_pods(2, "takeover")
+    pods, _ = node.run_pods(2, "takeover", retries=3)
     node.check_pods(pods)
     held = node.allocations()
     node.consul.stop()
@@ -803,7 +840,7 @@ def test_pod_removed_while_consul_down_without_the_helper(up: Node) -> None:
     releases the addresses."""
     node = up
     node.helper_off()
-    pods, _ = node.run_pods(1, "nohelper")
+    pods, _ = node.run_pods(1, "nohelper", retries=3)
     node.check_pods(pods)
     node.consul.stop()
     with pytest.raises(grpc_error()) as failed:
@@ -836,7 +873,7 @@ def test_pod_start_timings(up: Node) -> None:
             node.helper_off()
         pods = []
         for _ in range(SAMPLES):  # one after the other; the earlier ones go on running
-            pod = node.client.run_pod(node.name("timing"), "team-a", handler)
+            [pod], _ = node.run_pods(1, "timing", handler, retries=3)
             assert node.client.status(pod.id).state == "SANDBOX_READY"
             pods.append(pod)
         node.stop_pods(pods, retries=3)
