@@ -644,8 +644,9 @@ class CRI:
         r = self.runtime.ListPodSandbox(self.api.ListPodSandboxRequest(), timeout=30)
         return {p.id: self.api.PodSandboxState.Name(p.state) for p in r.items}
 
-    def remove_all(self) -> list[str]:
-        """Stop and remove every pod, a few at a time; what failed, said."""
+    def remove_all(self, rounds: int = 3) -> list[str]:
+        """Stop and remove every pod, a few at a time, in up to `rounds` rounds (a CNI DEL may
+        fail for a while, as it does for the kubelet); what still failed, said."""
         import grpc
 
         def remove(pod_id: str) -> str | None:
@@ -656,8 +657,15 @@ class CRI:
                 return f"{pod_id}: {exc.details()}"
             return None
 
-        with ThreadPoolExecutor(4) as ex:
-            return [f for f in ex.map(remove, list(self.pods())) if f]
+        failed: list[str] = []
+        for round_ in range(rounds):
+            if round_:
+                time.sleep(2)
+            with ThreadPoolExecutor(4) as ex:
+                failed = [f for f in ex.map(remove, list(self.pods())) if f]
+            if not failed:
+                break
+        return failed
 
 
 def _json_or_text(value: str) -> Any:
