@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the demo, tests and benchmark need on a fresh Debian 12 machine:
 # a virtualenv with the plugin and its test tools, the Consul binary, and (as root) the
-# containernetworking-plugins package for the bridge end-to-end tests and systemd's
-# systemd-socket-activate for the socket-activation tests.
+# containernetworking-plugins package for the bridge end-to-end tests, Podman and containerd for
+# the real-runtime tests, and systemd's systemd-socket-activate for the socket-activation tests.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -47,6 +47,15 @@ if ! command -v podman >/dev/null || ! command -v runc >/dev/null \
   || ! dpkg -s busybox-static >/dev/null 2>&1; then
   apt_install podman runc busybox-static \
     || echo "setup: podman/runc/busybox-static not installed; the podman test will be skipped" >&2
+fi
+# containerd 1.6 with its CRI plugin, ctr and the runc shim, for the Kubernetes-path test
+# (tests/e2e/test_containerd.py, which runs an instance of its own and never the machine's
+# service); without it that test skips and says why. grpcio and grpcio-tools (its CRI client)
+# come with the venv's test extra.
+if ! command -v containerd >/dev/null || ! command -v containerd-shim-runc-v2 >/dev/null \
+  || ! command -v runc >/dev/null; then
+  apt_install containerd runc busybox-static \
+    || echo "setup: containerd not installed; the containerd test will be skipped" >&2
 fi
 # systemd-socket-activate (Debian's systemd package) for the socket-activation tests; no running
 # systemd is needed.
