@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 from loguru import logger
 
 from ..cni.hardening import harden
-from ..consul import ConsulError, ConsulUnavailable, UnsafeKey
+from ..consul import ConsulError, ConsulUnavailable, NotConsul, UnsafeKey
 from . import commands, housekeeping
 from . import reconcile as rec
 from .errors import CONSUL, PROBLEMS, STATE, USAGE, AdminError
@@ -471,6 +471,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             f"{exc}. Check --consul / CONSUL_HTTP_ADDR, that the agent runs, and --timeout",
             CONSUL,
         )
+    except NotConsul as exc:
+        return fail(f"{exc}. Check --consul / CONSUL_HTTP_ADDR", CONSUL)
     except UnsafeKey as exc:
         return fail(str(exc), STATE)  # a key in KV, not Consul, is what is wrong
     except ConsulError as exc:
