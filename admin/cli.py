@@ -72,6 +72,13 @@ class _Parser(argparse.ArgumentParser):
         # One line, like every other failure, instead of argparse's usage block.
         self.exit(USAGE, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
 
+    def _parse_optional(self, arg_string: str) -> Any:
+        # `-/NAME`, the name column of a container without a namespace (Podman passes its
+        # containers' names as K8S_POD_NAME alone), is a name to look up, never an option.
+        if arg_string.startswith("-/"):
+            return None
+        return super()._parse_optional(arg_string)
+
 
 def _positive(text: str) -> float:
     try:
@@ -259,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         "ip-of",
         "show the addresses a container holds",
         "Show the allocations of a container, named by its ID (or a unique prefix of 6+\n"
-        "characters), its Nomad allocation ID, a pod's namespace/name or a Nomad job/group.\n"
-        "Exit 4 when it holds none.",
+        "characters), its Nomad allocation ID, a pod's namespace/name, a Nomad job/group,\n"
+        "or a Podman container's name (also as -/NAME). Exit 4 when it holds none.",
     )
-    p.add_argument("name", metavar="ID-OR-NAME", help="container ID, alloc ID, ns/pod, job/group")
+    p.add_argument(
+        "name", metavar="ID-OR-NAME", help="container ID, alloc ID, ns/pod, job/group, name"
+    )
     _finder_options(p, commands.ip_of)
 
     p = add(

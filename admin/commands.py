@@ -368,13 +368,27 @@ def _allocation_table(held: Sequence[Held], pools: Sequence[str] | None = None) 
 
 
 def runtime_name(h: Held) -> str:
-    """The runtime's own name for the holder: a pod's namespace/name, a Nomad job/group."""
+    """The runtime's own name for the holder: a pod's namespace/name, a Nomad job/group, a
+    Podman container's name (Podman's CNI backend passes it as K8S_POD_NAME, no namespace)."""
     r = h.runtime or {}
     if r.get("K8S_POD_NAME"):
-        return f"{r.get('K8S_POD_NAMESPACE', '-')}/{r['K8S_POD_NAME']}"
+        namespace = r.get("K8S_POD_NAMESPACE")
+        return f"{namespace}/{r['K8S_POD_NAME']}" if namespace else r["K8S_POD_NAME"]
     if r.get("NOMAD_JOB_ID"):
         return f"{r['NOMAD_JOB_ID']}/{r.get('NOMAD_GROUP_NAME', '-')}"
     return "-"
+
+
+def _names(h: Held) -> set[str]:
+    """What `ip-of` finds a holder by besides its ID: its runtime name, a Nomad allocation
+    ID, and for a name without a namespace also `-/NAME` (how older versions showed it)."""
+    names = {runtime_name(h)} - {"-"}
+    r = h.runtime or {}
+    if r.get("K8S_POD_NAME") and not r.get("K8S_POD_NAMESPACE"):
+        names.add(f"-/{r['K8S_POD_NAME']}")
+    if r.get("NOMAD_ALLOC_ID"):
+        names.add(r["NOMAD_ALLOC_ID"])
+    return names
 
 
 def _allocation_json(h: Held) -> dict[str, Any]:
@@ -426,17 +440,13 @@ def ip_of(ctx: Context, args: argparse.Namespace) -> int:
             except InvalidPool:
                 continue  # `check` reports it
     wanted = args.name
-    by_name = [(p, h) for p, h in held if wanted in (runtime_name(h), _alloc_id(h))]
+    by_name = [(p, h) for p, h in held if wanted in _names(h)]
     if by_name:
         found = by_name
     else:
         target = resolve_target(wanted, (h.target for _, h in held), option="ID")
         found = [(p, h) for p, h in held if h.target == target]
     return _report_holders(args, found, f"no allocation names {wanted!r}")
-
-
-def _alloc_id(h: Held) -> str | None:
-    return (h.runtime or {}).get("NOMAD_ALLOC_ID")
 
 
 def _report_holders(args: argparse.Namespace, found: list[tuple[str, Held]], none: str) -> int:
