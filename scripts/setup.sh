@@ -4,8 +4,9 @@
 # package for the bridge end-to-end tests, Podman for the runtime test, systemd's
 # systemd-socket-activate and faketime.
 #
-#   --demo   only what scripts/demo.sh needs: the virtualenv with the plugin, and the Consul
-#            binary (unpacked under .cache/consul; no root, no system package)
+#   --plugin-only   only what scripts/demo.sh and scripts/build-plugin.sh need: the virtualenv
+#                   with the plugin, and the Consul binary (unpacked under .cache/consul; no
+#                   root, no system package)
 #
 # Quiet: pip's, apt's and the Consul download's own output goes to .cache/setup.log, shown
 # when a step fails.
@@ -13,7 +14,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 demo=""
-[ "${1:-}" = "--demo" ] && demo=1
+[ "${1:-}" = "--plugin-only" ] && demo=1
 mkdir -p .cache
 log=.cache/setup.log
 : > "$log"
