@@ -59,9 +59,10 @@ _NOT_CONSUL = "is not a Consul server"
 # answers with a redirect, or not as Consul): once every server has one, the call gives up at
 # once.
 _LASTING = (TLSFailed.what, "answered with a redirect", _NOT_CONSUL)
-# Statuses a Consul agent (or a proxy in front of it) may give /v1/status/leader for a while:
-# 5xx (no path to the datacenter, a proxy whose Consul is restarting) and 429 (rate limits).
-_PASSING_STATUS = frozenset({429})
+# Statuses a Consul agent, or a proxy in front of it, may give /v1/status/leader besides its
+# answer: 5xx (no path to the datacenter, a proxy whose Consul is restarting), 429 (rate
+# limits), and 401, 403, 407 (credentials a proxy asks for: something guards a Consul there).
+_PASSING_STATUS = frozenset({401, 403, 407, 429})
 # How much of an answer that is not Consul's a message quotes: enough to recognise it.
 _EXCERPT = 80
 

@@ -32,11 +32,11 @@ HTML = {"Content-Type": "text/html;charset=utf-8"}
         (reply(200, b"OK\n"), ["HTTP 200,", "beginning 'OK'"]),
         (reply(200, b'{"status": "up"}', {"Content-Type": "application/json"}),
          ["HTTP 200 (application/json)", "beginning '{\"status\": \"up\"}'"]),
-        (reply(401, b"", {"WWW-Authenticate": "Basic"}), ["HTTP 401,", "with an empty body"]),
+        (reply(400, b""), ["HTTP 400,", "with an empty body"]),
         (reply(405, b"<html><body>Method Not Allowed</body></html>"),
          ["HTTP 405", "an HTML page beginning '<html><body>Method Not Allowed"]),
     ],
-    ids=["html-404", "html-200", "text", "json-object", "401-empty", "html-untitled"],
+    ids=["html-404", "html-200", "text", "json-object", "400-empty", "html-untitled"],
 )
 def test_a_lone_server_that_is_not_consul_fails_at_once(answer, words):
     client, fake = make(A)
@@ -92,10 +92,11 @@ def test_with_an_unreachable_server_the_grace_applies_not_the_budget():
     assert len(fake.requests(server=A)) == 1
 
 
-@pytest.mark.parametrize("status", [502, 503, 429])
+@pytest.mark.parametrize("status", [502, 503, 429, 401, 403, 407])
 def test_a_proxy_whose_consul_is_away_is_waited_for(status):
-    """A 5xx (a proxy whose Consul restarts, no path to a datacenter) or a 429 (rate limit)
-    may pass: retried until the budget, as before, but quoted on one line."""
+    """A 5xx (a proxy whose Consul restarts, no path to a datacenter), a 429 (rate limit), or
+    credentials asked for (a proxy in front of Consul): something that guards a Consul, not
+    something else. Retried until the budget, as before, but quoted on one line."""
     client, fake = make(A, budget=3.0)
     fake.servers[A].on("GET", LEADER_PATH, reply(status, PAGE, HTML), times=None)
     with pytest.raises(ConsulUnavailable) as caught:
