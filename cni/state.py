@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -123,6 +124,10 @@ def entry_name(attachment: Attachment) -> str:
 class StateDir:
     def __init__(self, path: str) -> None:
         self.path = path
+        # DELs taken over since this process opened the folder: the helper's metrics read it
+        # (PoolCaches.counts), as no call path reports a take-over otherwise.
+        self.taken_over = 0
+        self._count_lock = threading.Lock()
         self.fd = _open_folder(path)
         self.entries = _subfolder(self.fd, _ENTRIES)
         self.pending_fd = _subfolder(self.fd, _PENDING)
@@ -339,9 +344,13 @@ class Entry:
         self.context = Call(stdin, dict(env))
 
     def journal_del(self, stdin: bytes, env: Mapping[str, str]) -> None:
+        new = self.deleting is None  # a runtime's retry of the same DEL is the same entry
         self.deleting = Call(stdin, dict(env))
         self.attempts = 0
         self.write(durable=True)
+        if new:
+            with self.state._count_lock:
+                self.state.taken_over += 1
 
     def write(self, durable: bool = False) -> None:
         if self.unreadable:
