@@ -45,7 +45,7 @@ from .store import (
     StoreError,
     TxnResult,
 )
-from .stripes import Stripe, Stripes
+from .stripes import Stripe, StripeHints, Stripes
 
 # How long a fence lasts, at least: longer than any write sent before it can still be applied.
 # Consul applies a forwarded write within its RPC hold time (7 s) plus a raft apply; a request
@@ -107,6 +107,7 @@ class Allocator:
         ledger: Ledger | None = None,
         sessions: FenceSessions | None = None,
         cooling: FenceSessions | None = None,
+        hints: StripeHints | None = None,
     ) -> None:
         self.kv = kv
         self.layout = layout or Layout()
@@ -120,6 +121,8 @@ class Allocator:
         self.sessions = sessions
         # Sessions of `reuse_after` long: a release cooling down goes with its session.
         self.cooling = cooling
+        # Where this host last found room outside its home stripe, per pool.
+        self.hints = hints
         # What earlier calls of this attachment left: a claim still `sent` was cut short by its
         # process's end, so its fate is as unknown as a lost reply's.
         self.claims = [c.as_("doubt") if c.state == "sent" else c for c in self.ledger.claims()]

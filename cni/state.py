@@ -117,6 +117,10 @@ def _file_of_ours(fd: int, name: str) -> os.stat_result:
     return st
 
 
+def _note_name(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:32] + ".json"
+
+
 def entry_name(attachment: Attachment) -> str:
     return hashlib.sha256("\0".join(attachment).encode()).hexdigest()[:32]
 
@@ -142,7 +146,20 @@ class StateDir:
     def observed(self, key: str) -> tuple[int, float] | None:
         """The Consul index a run recorded under `key`, and how long ago (this host's
         monotonic clock, CLOCK_BOOTTIME): None when none was, or before the last boot."""
-        name = hashlib.sha256(key.encode()).hexdigest()[:32] + ".json"
+        note = self.note(key)
+        if note is None or note.get("boot") != _boot_id():
+            return None
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - float(note.get("since", 0))
+        index = note.get("index")
+        return (index, age) if isinstance(index, int) and age >= 0 else None
+
+    def observe(self, key: str, index: int) -> None:
+        self.write_note(key, {"index": index, "boot": _boot_id(),
+                              "since": time.clock_gettime(time.CLOCK_BOOTTIME)})
+
+    def note(self, key: str) -> dict[str, Any] | None:
+        """What was noted under `key` (a small JSON object), if anything readable."""
+        name = _note_name(key)
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.notes_fd)
         except FileNotFoundError:
@@ -154,16 +171,17 @@ class StateDir:
             return None
         finally:
             os.close(fd)
-        if not isinstance(note, dict) or note.get("boot") != _boot_id():
-            return None
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - float(note.get("since", 0))
-        index = note.get("index")
-        return (index, age) if isinstance(index, int) and age >= 0 else None
+        return note if isinstance(note, dict) and note.get("key") == key else None
 
-    def observe(self, key: str, index: int) -> None:
-        name = hashlib.sha256(key.encode()).hexdigest()[:32] + ".json"
-        data = json.dumps({"key": key, "index": index, "boot": _boot_id(),
-                           "since": time.clock_gettime(time.CLOCK_BOOTTIME)}).encode()
+    def write_note(self, key: str, body: dict[str, Any] | None) -> None:
+        """Note `body` under `key` (None: forget it). Written in one go: a note is a hint or
+        a watermark that a reader may miss, never a record another write depends on."""
+        name = _note_name(key)
+        if body is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self.notes_fd)
+            return
+        data = json.dumps({**body, "key": key}).encode()
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self.notes_fd)
         try:
@@ -394,6 +412,27 @@ class Entry:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class NoteHints:
+    """Stripe hints (allocator/stripes.py) of in-process calls: notes in the state folder, one
+    per pool and way of reaching Consul (`scope`), so the host's next call finds them."""
+
+    def __init__(self, state: StateDir, scope: str) -> None:
+        self.state, self.scope = state, scope
+
+    def hint(self, pool: str) -> str | None:
+        try:
+            note = self.state.note(f"stripe-hint {self.scope} {pool}")
+        except OSError:
+            return None
+        address = note.get("address") if note else None
+        return address if isinstance(address, str) else None
+
+    def remember_hint(self, pool: str, address: str | None) -> None:
+        body = None if address is None else {"address": address}
+        with contextlib.suppress(OSError):
+            self.state.write_note(f"stripe-hint {self.scope} {pool}", body)
 
 
 class SessionFile:
