@@ -132,7 +132,7 @@ def test_a_host_remembers_where_it_found_room(tmp_path: Path) -> None:
     seen = recorded(m)
     m.kv.data.pop(f"ipam/p/{walk[0].prefix}8")
     m.call("ADD", stripe(), container="c-home-2")
-    assert [p for op, p in seen if op == "list"][0] == f"ipam/p/{walk[0].prefix}", seen
+    assert next(p for op, p in seen if op == "list") == f"ipam/p/{walk[0].prefix}", seen
 
 
 def test_a_small_pool_fills_completely_and_full_is_said_after_a_whole_read() -> None:
