@@ -155,7 +155,8 @@ class Hold:
     add: Op
 
     def overlaps(self, other: Hold) -> bool:
-        return self.since < other.until and other.since < self.until
+        # An empty hold (taken over before its ADD even returned) overlaps nothing.
+        return max(self.since, other.since) < min(self.until, other.until)
 
 
 def holds(ops: list[Op]) -> dict[str, list[Hold]]:

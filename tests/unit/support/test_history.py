@@ -138,6 +138,24 @@ def test_a_take_over_ends_the_hold_of_the_container_it_took_from() -> None:
                                    for f in found), found
 
 
+def test_a_holder_whose_address_was_taken_before_its_add_returned_holds_nothing() -> None:
+    # z's write landed, y took the address over from z and returned, then z's ADD returned
+    # (late, on a busy host): z was told of an address already re-allocated, as if the
+    # take-over had come right after z's return.
+    ops = [_op("add", "ADD", "x", 0, 1, ip="10.0.0.1"), _op("del", "DEL", "x", 2, 2.5),
+           _op("takeover", "ADD", "y", 2, 3, ip="10.0.0.1", takes_from="x", took="z"),
+           _op("add", "ADD", "z", 2.1, 3.4, ip="10.0.0.1"),
+           _op("del", "DEL", "y", 5, 6), _op("del", "DEL", "z", 5, 6)]
+    assert check_history(ops, _tree(F), F) == []
+    (_x, y, z) = sorted(holds(ops)["10.0.0.1"], key=lambda h: h.add.container)
+    assert (z.since, z.until) == (3.4, 3.4) and not z.overlaps(y)
+    # Without y's word for it, z and y both held it.
+    quiet = [*ops[:2], _op("takeover", "ADD", "y", 2, 3, ip="10.0.0.1", takes_from="x"),
+             *ops[3:]]
+    found = check_history(quiet, _tree(F), F)
+    assert len(found) == 1 and found[0].startswith("DUPLICATE 10.0.0.1"), found
+
+
 def test_a_take_over_rolled_back_must_not_resurrect_a_deleted_holder() -> None:
     # y took x's address, x's DEL returned 0, y failed on its next pool: its rollback must not
     # give the key back to x.
