@@ -46,10 +46,12 @@ apply the fault to the current leader, hold it, heal, stay quiet, next fault. Fa
                 helper takes over and writes in doubt voided later)
 
 Short (default, CI): faults isolate, pause-15, no-quorum, each held 8 s (pause-15: 15 s) then
-10 s quiet; about 3.5 min for both modes on 2 cores (cluster start included).
+10 s quiet; one clock step and one strobe per mode; about 3 min for both modes on 2 busy
+cores (cluster start included; ~900 calls through the helpers, ~250 in-process).
 Long: IPAM_PARTITION_LONG=1 runs every fault, IPAM_PARTITION_ROUNDS (default 2) times, each
-held IPAM_PARTITION_FAULT_SECONDS (default 30) then 15 s quiet: about 15 min per mode, with
-8 clock steps and 8 strobes per mode (with ROUNDS=1 and FAULT_SECONDS=15: about 5 min per mode).
+held IPAM_PARTITION_FAULT_SECONDS (default 30) then 15 s quiet: about 11 min per mode (22 min
+for both), with 8 clock steps and 7 strobes per mode, ~8,400 calls through the helpers and
+~2,400 in-process (with ROUNDS=1 and FAULT_SECONDS=15: about 5 min per mode).
 IPAM_PARTITION_FAULTS=a,b,... picks the faults, IPAM_PARTITION_SEED the seed,
 IPAM_PARTITION_OVERHEAD (default 0.5) is what a call may take on top of `timeout` (which the
 plugin counts from its process's start), IPAM_PARTITION_CLOCKS=0 turns the clock nemesis off.
