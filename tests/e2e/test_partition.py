@@ -78,11 +78,13 @@ Checker (after the settle and a quiet period, final KV read from a healthy serve
   and every call finished within its `timeout` + 0.5 s, from process start to exit, none hung.
 The report: the clock offsets applied and when, an availability table per fault (calls,
 failed, longest call, longest gap without a successful call; calls are counted in the window
-where they started), what the take-overs came to, what the state folders still owed at the
-end of the workload and how long settling took, the anomalies, the calls over time (wall, CPU
-and in-plugin seconds), and for every key left at the end when Consul applied it (bounds from
-the raft indexes the snapshots saw). Each mode's history (JSON), the per-call logs and the
-servers' logs stay under pytest's basetemp.
+where they started; take-overs made to fail on the missing pool are not counted as failed),
+what the take-overs came to, the writes failed ADDs left in doubt and who voided them, what
+the state folders owed over the run and at the end of the workload, the anomalies, the calls
+over time (wall, CPU and in-plugin seconds), and for every key left at the end when Consul
+applied it (bounds from the raft indexes the snapshots saw). Each mode's history (JSON), the
+per-call logs, the helpers' logs and the servers' logs stay under pytest's basetemp (pytest
+keeps a user's last three; `--basetemp DIR` keeps a run's for good).
 """
 
 from __future__ import annotations
@@ -255,7 +257,7 @@ class Workload:
 
     def call(self, worker: str, h: int, kind: str, command: str, container: str,
              prev: dict[str, Any] | None = None, pools: list[dict[str, Any]] | None = None,
-             takes_from: str = "") -> Op:
+             takes_from: str = "", doomed: bool = False) -> Op:
         conf = self.conf(h, pools)
         if prev is not None:
             conf["prevResult"] = prev
@@ -265,7 +267,7 @@ class Workload:
         rc, out, err, began, ended, cpu = invoke(command, container, conf,
                                                  self.host_env.get(f"host{h}", {}), log)
         op = Op(worker, f"host{h}", kind, command, container, began, ended, rc, out, err,
-                cpu=cpu, log=log, takes_from=takes_from)
+                cpu=cpu, log=log, takes_from=takes_from, doomed=doomed)
         with self.lock:
             self.ops.append(op)
         return op
@@ -340,7 +342,8 @@ class Workload:
 
         def take() -> None:
             ops["add"] = self.call(worker, h, "takeover", "ADD", taker.container,
-                                   pools=taker.pools, takes_from=old.container)
+                                   pools=taker.pools, takes_from=old.container,
+                                   doomed=len(taker.pools) > 1)
 
         both = [threading.Thread(target=stop), threading.Thread(target=take)]
         for t in both:

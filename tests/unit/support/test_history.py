@@ -219,8 +219,10 @@ def test_checker_catches_overrun_and_hang() -> None:
 
 
 def test_availability_gap() -> None:
+    doomed = _op("takeover", "ADD", "d", 2, 3, rc=114, takes_from="a")
+    doomed.doomed = True  # failed on the missing pool, as the workload made it
     ops = [_op("add", "ADD", "a", 0, 1, ip="10.0.0.1"), _op("add", "ADD", "b", 1, 9, rc=11),
-           _op("add", "ADD", "c", 8, 9.5, ip="10.0.0.2")]
+           _op("add", "ADD", "c", 8, 9.5, ip="10.0.0.2"), doomed]
     (row,) = availability(ops, [Phase("isolate", "s1", 0, 5, 12)])
-    assert (row["calls"], row["failed"]) == (3, 1)
+    assert (row["calls"], row["failed"]) == (4, 1)
     assert row["longest_call"] == 8 and row["longest_gap"] == pytest.approx(8.5)
