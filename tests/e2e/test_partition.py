@@ -169,10 +169,11 @@ STROBE = (1.5 * HOUR, -1.5 * HOUR, 2.0)  # host1: between these, every that many
 
 
 def invoke(command: str, container: str, conf: dict[str, Any], env: dict[str, str],
-           log: str = "") -> tuple[int, str, str, float, float, float]:
+           log: str = "") -> tuple[int, str, str, float, float, float, float, float]:
     """The installed plugin, as a runtime runs it; killed (rc -9) when it hangs. Returns rc,
-    stdout, stderr, start, end and the CPU seconds the process used (to tell a call that waited
-    from one starved of CPU on a busy machine)."""
+    stdout, stderr, start, end, the CPU seconds the process used, the seconds it spent
+    runnable but waiting for a CPU, and when its stdin was written (to tell a call that waited
+    on Consul from one starved of CPU, or fed late, on a busy machine)."""
     proc_env = environment(Call(command, container, conf, env=env, log_file=log or None))
     began = time.monotonic()
     exe = executable("ipam-da-consul-verbose" if log else "ipam-da-consul")
@@ -191,8 +192,16 @@ def invoke(command: str, container: str, conf: dict[str, Any], env: dict[str, st
         assert proc.stdin is not None
         proc.stdin.write(json.dumps(conf).encode())
         proc.stdin.close()
-    rc, cpu, deadline = -9, 0.0, began + HANG
+    # The plugin's clock runs from its start, and it reads stdin first: a harness slow to feed
+    # it (its own threads starved on a busy machine) spends the call's budget.
+    fed = time.monotonic() - began
+    rc, cpu, runq, deadline = -9, 0.0, 0.0, began + HANG
     while True:
+        # The scheduler's count of the time the child was runnable but not running (the second
+        # field of schedstat, in ns), read until it is reaped; at most one poll stale.
+        with contextlib.suppress(OSError, ValueError, IndexError), \
+                open(f"/proc/{proc.pid}/schedstat") as fh:
+            runq = int(fh.read().split()[1]) / 1e9
         # wait4 instead of Popen.wait: the child's own rusage (CPU time) comes with it.
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
@@ -210,7 +219,8 @@ def invoke(command: str, container: str, conf: dict[str, Any], env: dict[str, st
     for r in readers:
         r.join(10)
     out, err = chunks.get("out", b""), chunks.get("err", b"")
-    return rc, out.decode(errors="replace"), err.decode(errors="replace"), began, ended, cpu
+    return (rc, out.decode(errors="replace"), err.decode(errors="replace"), began, ended, cpu,
+            runq, fed)
 
 
 @dataclass
@@ -264,10 +274,10 @@ class Workload:
         log = ""
         if self.log_dir:
             log = str(self.log_dir / f"{container}-{command}-{time.monotonic_ns()}.log")
-        rc, out, err, began, ended, cpu = invoke(command, container, conf,
-                                                 self.host_env.get(f"host{h}", {}), log)
+        rc, out, err, began, ended, cpu, runq, fed = invoke(
+            command, container, conf, self.host_env.get(f"host{h}", {}), log)
         op = Op(worker, f"host{h}", kind, command, container, began, ended, rc, out, err,
-                cpu=cpu, log=log, takes_from=takes_from, doomed=doomed)
+                cpu=cpu, runq=runq, fed=fed, log=log, takes_from=takes_from, doomed=doomed)
         with self.lock:
             self.ops.append(op)
         return op
@@ -667,7 +677,9 @@ def test_partition(netcluster: NetCluster, hosts: Hosts, clocks: Clocks, faketim
               f"longest call {longest.elapsed:.2f}s (gate {CALL_TIMEOUT:g}s + {OVERHEAD:g}s): "
               f"{longest.brief(t0)}",
               f"anomalies ({len(anomalies)}):", *[f"  - {a}" for a in anomalies],
-              f"calls over timeout {CALL_TIMEOUT:g}s + {OVERHEAD:g}s ({len(late)}):",
+              f"calls over timeout {CALL_TIMEOUT:g}s + {OVERHEAD:g}s ({len(late)}; within it but "
+              f"for the time they waited for a CPU: "
+              f"{sum(1 for o in late if o.elapsed - o.runq <= o.timeout + OVERHEAD)}):",
               *[f"  - {phase_of(o, phases)}: {o.brief(t0)}" for o in late[:15]]]
     for e in entries:
         if e["Key"] != folder:

@@ -41,6 +41,8 @@ class Op:
     stderr: str = ""
     timeout: float = CALL_TIMEOUT
     cpu: float = 0.0  # CPU seconds of the plugin process itself
+    runq: float = 0.0  # seconds it was runnable but waited for a CPU (a busy machine)
+    fed: float = 0.0  # seconds from its start until this harness had written its stdin
     log: str = ""  # the verbose log of this call (IPAM_PARTITION_VERBOSE=1)
     # A take-over: this ADD's Pool asks for the address of `takes_from`, a container whose DEL
     # started at the same moment (the Nomad reschedule pattern).
@@ -95,7 +97,8 @@ class Op:
         span = self.span if self.log else None
         return (f"{self.command} {self.container}{took} "
                 f"[{self.start - t0:.2f}s..{self.end - t0:.2f}s, "
-                f"{self.elapsed:.2f}s, cpu {self.cpu:.2f}s"
+                f"{self.elapsed:.2f}s, cpu {self.cpu:.2f}s, waiting for a CPU {self.runq:.2f}s"
+                f"{f', stdin written after {self.fed:.2f}s' if self.fed >= 0.1 else ''}"
                 f"{f', in-plugin {span:.2f}s' if span is not None else ''}] rc={self.rc}"
                 f"{' ' + self.address if self.address else ''}{msg}")
 
