@@ -64,12 +64,13 @@ or `bash scripts/partition.sh [--long]`.
 
 Checker (after the settle and a quiet period, final KV read from a healthy server):
   1. no address handed out while the runtime's DEL of its previous holder has not yet
-     succeeded: an attachment holds its address from its ADD's return to the return of its
-     first DEL that returned 0; two holds of one address never overlap, but for a take-over
-     (Y holding X's address before X's DEL returned 0 is the re-allocation Y's Pool asks for;
-     so is one from a container that got the address in between, which Y names); and never
-     two keys with the same target+ifname (final tree, and every server's own committed state
-     read twice a second during the run);
+     succeeded: an attachment holds its address from its ADD's return until its first DEL
+     that returned 0 (a DEL that failed ends nothing; the one that succeeded released the
+     address somewhere within its call, so the hold is certain up to that call's start), or
+     until an ADD that says it took the address over started; two holds of one address never
+     overlap, but for a take-over (Y holding X's address before X's DEL returned 0 is the
+     re-allocation Y's Pool asks for); and never two keys with the same target+ifname (final
+     tree, and every server's own committed state read twice a second during the run);
   2. a failed ADD whose cleanup DEL returned 0 leaves no key;
   3. a container whose DEL returned 0 has no key (a take-over's rollback resurrecting it
      would leave one);
