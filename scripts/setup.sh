@@ -72,6 +72,10 @@ if [ ! -x /usr/lib/cni/bridge ]; then
     || echo "setup: containernetworking-plugins not installed; bridge tests will be skipped" >&2
 fi
 [ -x /usr/sbin/iptables ] || apt_install iptables || echo "setup: iptables not installed; the partition test will be skipped" >&2
+# libfaketime (Debian's faketime) for the partition test's clock nemesis (per-host clocks ahead,
+# behind, stepped back); without it that test runs without the clock nemesis and says so.
+dpkg -s libfaketime >/dev/null 2>&1 || apt_install faketime \
+  || echo "setup: faketime not installed; the partition test runs without its clock nemesis" >&2
 # Podman (CNI backend, runc) and a static busybox for the real-runtime test (tests/e2e/test_podman.py);
 # without them that test skips and says why.
 if ! command -v podman >/dev/null || ! command -v runc >/dev/null \
