@@ -377,6 +377,7 @@ class HelperServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.metrics = metrics
         self.counters: dict[str, int] = {}
         self.counters_lock = threading.Lock()
+        self.accept_backoff, self.accept_warned = 0.0, -math.inf
         # Connections being handled, and when the last one ended: what --idle-exit watches.
         self.activity = threading.Condition()
         self.active = 0
@@ -397,6 +398,28 @@ class HelperServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             super().__init__(path, Handler)
         finally:
             os.umask(old_umask)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """accept(), pausing when it fails for want of descriptors or memory: the connection
+        stays queued and the socket readable, so socketserver would retry at once and spin a
+        core, starving the calls in flight of the CPU they need to finish and free some."""
+        try:
+            got = super().get_request()
+        except OSError as exc:
+            self.accept_backoff = min(max(self.accept_backoff * 2, 0.05), 1.0)
+            now = time.monotonic()
+            if now - self.accept_warned >= 60:  # while it lasts, once a minute is enough
+                self.accept_warned = now
+                logger.warning(
+                    "helper: cannot accept a connection ({}); trying again in {:g} s, up to "
+                    "1 s apart while it lasts",
+                    exc.strerror or exc,
+                    self.accept_backoff,
+                )
+            time.sleep(self.accept_backoff)
+            raise
+        self.accept_backoff = 0.0
+        return got
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # Counted here, in the accepting thread, so an idle check can never miss a connection
