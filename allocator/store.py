@@ -168,6 +168,10 @@ class StoreUnavailable(StoreError):
     """No server of the store could be asked in time: try again later."""
 
 
+class UnsafeKey(StoreError):
+    """A key no request may be built from (`key_problem`): refused before anything is sent."""
+
+
 class KV(Protocol):
     """`consistent` reads are linearizable: what a read decides (which keys a DEL releases,
     whether a rollback finds its write) must never come from a deposed leader that has not yet

@@ -14,8 +14,7 @@ from marshmallow import ValidationError
 from ..allocator.ranges import IPAddress
 from ..allocator.schemas import MAX_ALLOCATION_BYTES, describe, dump_allocation
 from ..consul import settings as cs
-from ..consul.errors import SettingsError
-from ..consul.settings import ConsulSettings  # re-exported: the helper imports it from here
+from ..consul.settings import ConsulSettings, SettingsError  # ConsulSettings: re-exported
 from ..consul.urls import shown_url
 from .errors import CNIError, Code
 from .schemas import SUPPORTED_VERSIONS, NetworkConfigSchema
