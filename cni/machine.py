@@ -3,7 +3,9 @@
 The table below is the whole control flow. Each state has one handler (`at_<state>`) that does
 the work that state calls for and returns the trigger to fire next; any exception fires `fail`.
 Parsing is done here; from `parsed` on, the handlers are the command's (cni/commands/: one
-module per command, the shared ones in `base`).
+module per command, the shared ones in `base`). The call's store is the caller's to give
+(`store_factory`: Consul's is built in cni/compose.py, the unit tier's over an in-memory KV):
+nothing here knows Consul.
 """
 
 from __future__ import annotations
@@ -29,15 +31,14 @@ from ..allocator.errors import (
     PoolMissing,
     WriteConflict,
 )
-from ..allocator.store import KV, StoreError, StoreUnavailable
-from ..consul import ConsulClient, ConsulKV, UnsafeKey, build_client
+from ..allocator.store import StoreError, StoreUnavailable, UnsafeKey
 from . import config
 from .commands import KINDS, Command, Inputs
 from .env import read_env
 from .errors import CNIError, Code
 from .schemas import SUPPORTED_VERSIONS
 from .state import Entry, StateDir
-from .stores import Budget, Caches, StoreFactory
+from .stores import Caches, StoreFactory
 
 STATES = [
     "start", "parsed", "connected", "fenced", "pool_loaded", "ip_picked", "pool_done", "done",
@@ -71,7 +72,8 @@ _ERROR_CODES: list[tuple[type[Exception], Code]] = [
     (PoolMissing, Code.MISSING_RESOURCE),
     (AllocationMissing, Code.MISSING_RESOURCE),
     (InvalidPool, Code.INVALID_RESOURCE),
-    # A key no request may be built from (consul/kv.py _path) came from KV: an invalid resource.
+    # A key no request may be built from (allocator/store.py key_problem) came from KV: an
+    # invalid resource.
     (UnsafeKey, Code.INVALID_RESOURCE),
     (PoolFull, Code.POOL_FULL),
     (NotInPool, Code.NOT_IN_POOL),
@@ -80,41 +82,6 @@ _ERROR_CODES: list[tuple[type[Exception], Code]] = [
     (CallAbandoned, Code.TRY_AGAIN_LATER),
     (StoreUnavailable, Code.TRY_AGAIN_LATER),
 ]
-
-
-def consul_client(
-    settings: config.ConsulSettings, budget: float | None = None, known_good: str | None = None
-) -> ConsulClient:
-    return build_client(settings, budget, known_good)  # the one builder: consul/settings.py
-
-
-class ConsulStore:
-    """The default store: Consul's KV through one client, with its server choice and budget."""
-
-    def __init__(self, client: ConsulClient) -> None:
-        self.client = client
-        self.kv: KV = ConsulKV(client)
-        self.deadline: Budget = client.deadline
-
-    @property
-    def current(self) -> str | None:
-        return self.client.current
-
-    @property
-    def requests_sent(self) -> int:
-        return self.client.requests_sent
-
-    def select(self) -> str:
-        return self.client.select()
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def consul_store(
-    settings: config.ConsulSettings, budget: float, known_good: str | None
-) -> ConsulStore:
-    return ConsulStore(consul_client(settings, budget, known_good=known_good))
 
 
 class Invocation:
@@ -131,7 +98,8 @@ class Invocation:
         caches: Caches | None = None,
         started: float | None = None,
         abandoned: Callable[[], bool] | None = None,
-        store_factory: StoreFactory = consul_store,
+        *,
+        store_factory: StoreFactory,
         state: StateDir | None = None,
         entry: Entry | None = None,
     ) -> None:

@@ -94,9 +94,18 @@ def execute(
     included. `abandoned` says the caller hung up: the call then stops before any write."""
     import json
 
+    from .compose import consul_store
     from .machine import Invocation
 
-    call = Invocation(stdin, environ, caches, started=started, abandoned=abandoned, state=state)
+    call = Invocation(
+        stdin,
+        environ,
+        caches,
+        started=started,
+        abandoned=abandoned,
+        store_factory=consul_store,
+        state=state,
+    )
     code = call.run()
     out = json.dumps(call.output) + "\n" if call.output is not None else ""
     return out, code
@@ -121,9 +130,11 @@ def finish_others(state: StateDir, started: float) -> None:
     waiting for their own next call (a host may run no helper). A second at most, and only
     entries nobody holds."""
     from . import replay
+    from .compose import consul_store
 
     try:
-        replay.some(state, None, limit=4, until=min(time.monotonic() + 1.0, started + 30.0))
+        until = min(time.monotonic() + 1.0, started + 30.0)
+        replay.some(state, consul_store, None, limit=4, until=until)
     except Exception as exc:  # housekeeping: never the call's outcome
         from loguru import logger
 

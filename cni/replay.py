@@ -4,7 +4,8 @@ over while Consul was away, or writes left in doubt by a call that could not und
 The helper's replay thread runs this as soon as Consul answers again, and so does the plugin
 in-process after a call that reached Consul (a host without the helper is never left waiting
 for a call of the same attachment). Each entry is worked on under its lock, so never beside a
-call of its attachment; what cannot be done now stays for the next pass.
+call of its attachment; what cannot be done now stays for the next pass. The store is the
+caller's to give (cni/compose.py consul_store), as it is for any call.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from .commands.delete import REPLAY_MARK, Del
 from .config import load
 from .env import read_env
 from .errors import INPUT_CODES, CNIError
-from .machine import Invocation, consul_store
+from .machine import Invocation
 from .state import Entry, StateDir
-from .stores import Caches
+from .stores import Caches, StoreFactory
 
 
-def finish(entry: Entry, state: StateDir, caches: Caches | None = None) -> int:
+def finish(
+    entry: Entry, state: StateDir, store_factory: StoreFactory, caches: Caches | None = None
+) -> int:
     """Do what the entry owes; the exit code of the attempt (0: nothing is left)."""
     if entry.deleting is not None:
         deleting = entry.deleting
@@ -33,6 +36,7 @@ def finish(entry: Entry, state: StateDir, caches: Caches | None = None) -> int:
             deleting.stdin,
             {**deleting.env, REPLAY_MARK: "1"},
             caches,
+            store_factory=store_factory,
             state=state,
             entry=entry,
         )
@@ -51,11 +55,11 @@ def finish(entry: Entry, state: StateDir, caches: Caches | None = None) -> int:
             entry.write()
         return code
     if entry.has_work:
-        return void(entry, state)
+        return void(entry, state, store_factory)
     return 0
 
 
-def void(entry: Entry, state: StateDir) -> int:
+def void(entry: Entry, state: StateDir, store_factory: StoreFactory) -> int:
     """Void the entry's claims in doubt (allocator.void): with the settings of the call that
     left them, through the same store and allocator a DEL of the attachment would use."""
     context = entry.context
@@ -69,7 +73,7 @@ def void(entry: Entry, state: StateDir) -> int:
         conf = load(data, "DEL", context.env, env.args)
         inputs = Inputs(
             context.stdin, context.env, None, time.monotonic(), None, os.urandom(6).hex(),
-            consul_store, state, None, entry,
+            store_factory, state, None, entry,
         )
         session = Del.open(inputs, env, conf, conf.cni_version)
     except (CNIError, ValueError) as exc:
@@ -88,7 +92,9 @@ def void(entry: Entry, state: StateDir) -> int:
     return 0
 
 
-def some(state: StateDir, caches: Caches | None, limit: int, until: float) -> int:
+def some(
+    state: StateDir, store_factory: StoreFactory, caches: Caches | None, limit: int, until: float
+) -> int:
     """Finish up to `limit` entries that have work left and that nobody holds, while time is
     left (monotonic `until`); how many are done."""
     done = 0
@@ -101,5 +107,5 @@ def some(state: StateDir, caches: Caches | None, limit: int, until: float) -> in
         with entry:
             if entry.unreadable:
                 continue
-            done += finish(entry, state, caches) == 0
+            done += finish(entry, state, store_factory, caches) == 0
     return done

@@ -54,8 +54,6 @@ if TYPE_CHECKING:
     from ..state import Entry
     from .metrics import Metrics
 
-# The time budget of each blocking query a watcher sends: its 30 s wait plus Consul's jitter.
-_WATCH_BUDGET = 120.0
 # `ipam.timeout` when stdin names none or an unreadable one (the schema's default).
 DEFAULT_CALL_TIMEOUT = 15.0
 _MAX_CALL_TIMEOUT = 600.0  # the schema's upper bound
@@ -68,15 +66,16 @@ _LISTEN_FDS_START = 3
 
 
 def watch_kv(settings: ConsulSettings) -> WatchableKV:
-    """The KV one pool watcher reads with for its whole life (see watchkv.py)."""
-    from .watchkv import WatchKV
+    """The KV one pool watcher reads with (cni/compose.py), loaded when the first pool is
+    watched: by then preload has imported it, off the accepting thread."""
+    from ..compose import watch_kv as consul_watch_kv
 
-    return WatchKV(settings, _WATCH_BUDGET)
+    return consul_watch_kv(settings)
 
 
 def preload() -> None:
     """Import what calls need (see the imports above), off the accepting thread."""
-    from .. import machine  # noqa: F401  (imports config, consul, allocator in turn)
+    from .. import compose, machine  # noqa: F401  (config, the Consul client, the allocator)
 
 
 @dataclass(frozen=True)
@@ -252,6 +251,7 @@ def replay_forever(caches: PoolCaches) -> None:
     """The replay thread (journal.py): each entry's work done as the plugin's calls do it."""
     preload()
     from .. import replay
+    from ..compose import consul_store
 
     state, replayer = caches.state, caches.replayer
     assert state is not None and replayer is not None
@@ -259,7 +259,7 @@ def replay_forever(caches: PoolCaches) -> None:
     def finish(entry: Entry) -> int:
         # Its log lines go to the helper's stderr, where an operator looks for them later.
         with logger.contextualize(call=logs.CallLog(sys.stderr), command="replay"):
-            return replay.finish(entry, state, caches)
+            return replay.finish(entry, state, consul_store, caches)
 
     replayer.finish = finish
     replayer.run_forever()

@@ -4,6 +4,7 @@ state, no auto transitions, and one transition logged per step."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from ipam_da_consul.cni.machine import STATES, TRANSITIONS, Invocation
@@ -26,9 +27,13 @@ DOCUMENTED = {
 TERMINAL = {"done", "failed"}
 
 
+def no_store(*args: object) -> Any:
+    raise AssertionError("these calls never open a store")
+
+
 def edges() -> dict[str, dict[str, list[str | None]]]:
     """trigger -> {source: [dest]} as the transitions library built it."""
-    machine = Invocation(b"", {}).machine
+    machine = Invocation(b"", {}, store_factory=no_store).machine
     return {
         name: {src: [t.dest for t in ts] for src, ts in event.transitions.items()}
         for name, event in machine.events.items()
@@ -69,7 +74,7 @@ def test_fail_is_reachable_from_every_state() -> None:
 
 
 def test_no_auto_transitions() -> None:
-    inv = Invocation(b"", {})
+    inv = Invocation(b"", {}, store_factory=no_store)
     assert inv.machine.auto_transitions is False
     assert not [name for name in dir(inv) if name.startswith("to_")]
     assert set(edges()) == {t[0] for t in TRANSITIONS}
@@ -82,7 +87,7 @@ def test_terminal_states_only_fail() -> None:
 
 
 def test_every_working_state_has_a_handler_and_a_way_out() -> None:
-    inv = Invocation(b"", {})
+    inv = Invocation(b"", {}, store_factory=no_store)
     for state in set(STATES) - TERMINAL:
         assert callable(getattr(inv, f"at_{state}", None)), state
         assert any(state in srcs for t, srcs in edges().items() if t != "fail"), state
@@ -115,7 +120,7 @@ def debug_log() -> Iterator[list[str]]:
 
 
 def test_version_walks_parse_then_report(debug_log: list[str]) -> None:
-    inv = Invocation(b'{"cniVersion": "0.4.0"}', {"CNI_COMMAND": "VERSION"})
+    inv = Invocation(b'{"cniVersion": "0.4.0"}', {"CNI_COMMAND": "VERSION"}, store_factory=no_store)
     assert inv.run() == 0
     assert inv.state == "done"
     assert inv.output is not None and inv.output["cniVersion"] == "0.4.0"
@@ -125,7 +130,7 @@ def test_version_walks_parse_then_report(debug_log: list[str]) -> None:
 
 def test_bad_input_fires_fail_from_start(debug_log: list[str]) -> None:
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0"}
-    inv = Invocation(b"{not json", env)
+    inv = Invocation(b"{not json", env, store_factory=no_store)
     assert inv.run() == 6
     assert inv.state == "failed"
     assert [line for line in debug_log if line.startswith("state ")] == [
