@@ -19,7 +19,7 @@ from .errors import InvalidPool, PoolFull, PoolMissing
 from .layout import Layout
 from .ranges import IPAddress, IPRange
 from .schemas import load_allocation, load_ranges, parse_allocations, plain_allocation
-from .store import KV, KVEntry, Listing, WatchableKV
+from .store import KV, Columns, KVEntry, WatchableKV
 from .stripes import Stripe
 
 
@@ -443,7 +443,7 @@ def parse_pool(
     `known` holds allocations parsed before: one whose ModifyIndex is unchanged is reused.
     `view`: the listing is of one stripe's keys (allocator/stripes.py)."""
     pool_key, folder = layout.pool_key(name), layout.folder(name)
-    listing = Listing.of(entries)
+    listing = Columns.of(entries)
     keys = listing.keys
     rows = _folder_rows(keys, folder)
     if keys.count(folder) == 1:
@@ -495,7 +495,7 @@ def _folder_rows(keys: list[str], folder: str) -> list[int]:
 
 
 def _held_one_by_one(
-    listing: Listing, rows: list[int], folder: str, known: Mapping[str, Held] | None
+    listing: Columns, rows: list[int], folder: str, known: Mapping[str, Held] | None
 ) -> dict[IPAddress, Held]:
     """Each key judged on its own: the first invalid one raises, in listing order."""
     held: dict[IPAddress, Held] = {}
@@ -508,7 +508,7 @@ def _held_one_by_one(
     return held
 
 
-def _held_rows(listing: Listing, rows: list[int], skip: int) -> HeldMap | None:
+def _held_rows(listing: Columns, rows: list[int], skip: int) -> HeldMap | None:
     """The folder's keys checked all at once and kept as rows; None when some key needs
     `parse_held` one by one, to be judged or worded there (a name in another spelling, a
     value `parse_allocations` does not take whole)."""
@@ -667,7 +667,7 @@ def _held(ip: IPAddress, key: str, index: int, value: bytes, alloc: dict[str, An
 
 def list_pool(
     kv: KV, layout: Layout, name: str, within: str = "", pool_key: KVEntry | None = None
-) -> tuple[Listing, int]:
+) -> tuple[Columns, int]:
     """The pool key and its folder's keys (those starting with `within`: a stripe's), as
     `parse_pool` takes them, with the listing's X-Consul-Index (0 from a KV that has none). Two
     reads, the key `<prefix>blue` then the folder `<prefix>blue/`, because one listing of the
@@ -676,13 +676,13 @@ def list_pool(
     not read raises (403) on the first read. `pool_key`: the pool key, already read."""
     entry = pool_key or kv.get(layout.pool_key(name))
     if entry is None:
-        return Listing([], [], []), 0
+        return Columns([], [], []), 0
     folder = layout.folder(name) + within
     if _watchable(kv):
         entries, index = kv.list_after(folder)
     else:
         entries, index = kv.list(folder), 0
-    return Listing.of([entry]) + entries, index
+    return Columns.of([entry]) + entries, index
 
 
 def _watchable(kv: KV) -> TypeGuard[WatchableKV]:

@@ -37,7 +37,7 @@ class KVEntry:
     modify_index: int
 
 
-class Listing(Sequence[KVEntry]):
+class Columns(Sequence[KVEntry]):
     """A listing kept as three columns, entries made only when asked for one.
 
     A pool folder lists tens of thousands of keys; an object per key is a large part of
@@ -49,16 +49,16 @@ class Listing(Sequence[KVEntry]):
         self.keys, self.values, self.indexes = keys, values, indexes
 
     @classmethod
-    def of(cls, entries: Sequence[KVEntry]) -> Listing:
-        if isinstance(entries, Listing):
+    def of(cls, entries: Sequence[KVEntry]) -> Columns:
+        if isinstance(entries, Columns):
             return entries
         return cls(
             [e.key for e in entries], [e.value for e in entries], [e.modify_index for e in entries]
         )
 
-    def __add__(self, other: Sequence[KVEntry]) -> Listing:
-        more = Listing.of(other)
-        return Listing(
+    def __add__(self, other: Sequence[KVEntry]) -> Columns:
+        more = Columns.of(other)
+        return Columns(
             self.keys + more.keys, self.values + more.values, self.indexes + more.indexes
         )
 
@@ -68,10 +68,10 @@ class Listing(Sequence[KVEntry]):
     @overload
     def __getitem__(self, i: int) -> KVEntry: ...
     @overload
-    def __getitem__(self, i: slice) -> Listing: ...
-    def __getitem__(self, i: int | slice) -> KVEntry | Listing:
+    def __getitem__(self, i: slice) -> Columns: ...
+    def __getitem__(self, i: int | slice) -> KVEntry | Columns:
         if isinstance(i, slice):
-            return Listing(self.keys[i], self.values[i], self.indexes[i])
+            return Columns(self.keys[i], self.values[i], self.indexes[i])
         return KVEntry(self.keys[i], self.values[i], self.indexes[i])
 
     def __eq__(self, other: object) -> bool:
@@ -82,7 +82,7 @@ class Listing(Sequence[KVEntry]):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"Listing({list(self)!r})"
+        return f"Columns({list(self)!r})"
 
 
 # -- transaction operations: all of a transaction applies, or none of it ---------------------

@@ -19,10 +19,10 @@ from urllib.parse import quote
 from ..allocator.store import (
     Cas,
     Check,
+    Columns,
     Delete,
     DeleteCas,
     KVEntry,
-    Listing,
     Lock,
     Op,
     Set,
@@ -31,8 +31,6 @@ from ..allocator.store import (
 )
 from .client import ConsulClient, Response, check_status
 from .errors import ConsulError, UnsafeKey
-
-Entry = KVEntry
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,7 @@ class ConsulKV:
     def __init__(self, client: ConsulClient) -> None:
         self.client = client
 
-    def get(self, key: str, consistent: bool = False) -> Entry | None:
+    def get(self, key: str, consistent: bool = False) -> KVEntry | None:
         resp = self.client.request("GET", _path(key), _CONSISTENT if consistent else None)
         if resp.status == 404:
             return None
@@ -59,11 +57,11 @@ class ConsulKV:
         entries = _entries(resp, key)
         return entries[0] if entries else None
 
-    def list(self, prefix: str, consistent: bool = False) -> Listing:
+    def list(self, prefix: str, consistent: bool = False) -> Columns:
         params = {"recurse": "true"} | (_CONSISTENT if consistent else {})
         resp = self.client.request("GET", _path(prefix), params)
         if resp.status == 404:
-            return Listing([], [], [])
+            return Columns([], [], [])
         check_status(resp, f"listing KV prefix {prefix!r}")
         return _entries(resp, prefix)
 
@@ -96,11 +94,11 @@ class ConsulKV:
 
     def list_after(
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
-    ) -> tuple[Listing, int]:
+    ) -> tuple[Columns, int]:
         """A listing with its X-Consul-Index. With `index`, a blocking query: Consul answers when
         something under the prefix changes after it, or when the wait is over."""
         resp, new_index = self._blocking_get(prefix, {"recurse": "true"}, index, wait_seconds)
-        return (Listing([], [], []) if resp.status == 404 else _entries(resp, prefix)), new_index
+        return (Columns([], [], []) if resp.status == 404 else _entries(resp, prefix)), new_index
 
     def keys_after(
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
@@ -239,7 +237,7 @@ def _large_loads() -> Callable[[bytes], Any]:
 _KEY, _MODIFY_INDEX = itemgetter("Key"), itemgetter("ModifyIndex")
 
 
-def _entries(resp: Response, what: str) -> Listing:
+def _entries(resp: Response, what: str) -> Columns:
     body = resp.body
     listing = None
     if len(body) >= _LARGE_LISTING:
@@ -293,7 +291,7 @@ def _pieces(body: bytes) -> Iterator[bytes]:
         start, head = cut + 2, b"["
 
 
-def _columns(parts: Iterable[list[Any]]) -> Listing:
+def _columns(parts: Iterable[list[Any]]) -> Columns:
     """The keys, values and indexes of entries parsed from a listing, part by part."""
     keys: list[Any] = []
     values: list[bytes] = []
@@ -310,7 +308,7 @@ def _columns(parts: Iterable[list[Any]]) -> Listing:
             raw = [v or "" for v in raw]
         # binascii directly: base64.b64decode's wrapper is most of the cost of the values.
         values += map(a2b_base64, raw)
-    return Listing(keys, values, indexes)
+    return Columns(keys, values, indexes)
 
 
 def _txn_op(op: Op) -> dict[str, object]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ipam_da_consul.allocator.store import KVEntry, Listing, StoreError, UnsafeKey
+from ipam_da_consul.allocator.store import Columns, KVEntry, StoreError, UnsafeKey
 from ipam_da_consul.consul import kv
 from ipam_da_consul.consul import requests_transport as rt
 from ipam_da_consul.consul.client import ConsulClient, Response
@@ -36,11 +36,11 @@ def listing_body(n: int, flags: str = "0") -> bytes:
     return ("[" + ",".join(rows) + "]").encode()
 
 
-def read(body: bytes) -> Listing:
+def read(body: bytes) -> Columns:
     return kv._entries(Response(200, body, {}), FOLDER)
 
 
-def columns(listing: Listing) -> tuple[list[str], list[bytes], list[int]]:
+def columns(listing: Columns) -> tuple[list[str], list[bytes], list[int]]:
     return listing.keys, listing.values, listing.indexes
 
 
@@ -87,12 +87,12 @@ def test_a_key_that_is_not_text_is_a_consul_error(size: int) -> None:
 
 def test_a_listing_is_a_sequence_of_entries() -> None:
     got = read(listing_body(4))
-    assert len(got) == 4 and isinstance(got, Listing)
+    assert len(got) == 4 and isinstance(got, Columns)
     assert list(got) == [got[0], got[1], got[2], got[3]] and got[-1] == got[3]
-    assert got[1:3] == [got[1], got[2]] and isinstance(got[1:3], Listing)
-    both = Listing.of([KVEntry("ipam/p", b"[]", 1)]) + got
+    assert got[1:3] == [got[1], got[2]] and isinstance(got[1:3], Columns)
+    both = Columns.of([KVEntry("ipam/p", b"[]", 1)]) + got
     assert [e.key for e in both] == ["ipam/p", *got.keys]
-    assert Listing.of(list(got)) == got and Listing.of(got) is got
+    assert Columns.of(list(got)) == got and Columns.of(got) is got
 
 
 def test_servers_on_this_host_answer_uncompressed() -> None:
