@@ -41,7 +41,7 @@ class Columns(Sequence[KVEntry]):
     """A listing kept as three columns, entries made only when asked for one.
 
     A pool folder lists tens of thousands of keys; an object per key is a large part of
-    reading it, and `parse_pool` needs the columns anyway."""
+    reading it, and the fast reading of a folder (fastpath.py) works on the columns anyway."""
 
     __slots__ = ("indexes", "keys", "values")
 

@@ -1,10 +1,12 @@
-"""The fast reading of a pool folder judges every key exactly as the schema always did.
+"""The contract of allocator/fastpath.py: the fast reading of a pool folder judges every key
+exactly as the schema always did.
 
 Reference: the seed's reading, kept here verbatim in spirit: every key name through
 ipaddress.ip_address, every value through json.loads and the marshmallow AllocationSchema.
-The fast path (allocator/pool.py parse_held, allocator/schemas.py load_allocation) must agree
-with it on every value: the same Held, or the same error with the same words. No Consul here;
-tests/e2e/test_folder_validation.py runs the same cases through the plugin against a real one.
+The fast path (fastpath.py parse_folder, load_allocation, through allocator/pool.py parse_pool
+and parse_held) must agree with it on every value: the same Held, or the same error with the
+same words. No Consul here; tests/e2e/test_folder_validation.py runs the same cases through the
+plugin against a real one.
 """
 
 from __future__ import annotations
@@ -20,11 +22,19 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ipam_da_consul.allocator import fastpath
 from ipam_da_consul.allocator.errors import InvalidPool
+from ipam_da_consul.allocator.fastpath import (
+    HeldMap,
+    _parse_flat,
+    all_plain,
+    is_plain,
+    load_allocation,
+    parse_allocations,
+)
 from ipam_da_consul.allocator.layout import Layout
 from ipam_da_consul.allocator.pool import (
     Held,
-    HeldMap,
     Pool,
     _folder_rows,
     _ip_of_key,
@@ -34,18 +44,14 @@ from ipam_da_consul.allocator.pool import (
 from ipam_da_consul.allocator.schemas import (
     MAX_ALLOCATION_BYTES,
     AllocationSchema,
-    _all_plain,
-    _is_plain,
-    _parse_flat,
     describe,
-    load_allocation,
-    parse_allocations,
 )
 from ipam_da_consul.allocator.store import KVEntry
 from ipam_da_consul.consul.client import Response
 from ipam_da_consul.consul.errors import ConsulError
 from ipam_da_consul.consul.kv import _entries
-from marshmallow import ValidationError
+from marshmallow import ValidationError, validate
+from marshmallow import fields as mfields
 
 FOLDER = "ipam/p/"
 LAYOUT = Layout()
@@ -440,7 +446,7 @@ def test_listing_values_decode_as_base64_does() -> None:
     assert [e.value for e in got] == values
 
 
-# -- a whole folder at once (allocator/pool.py _held_rows, allocator/schemas.py parse_allocations)
+# -- a whole folder at once (allocator/fastpath.py parse_folder, parse_allocations)
 # Values that, joined for one json.loads, would run into each other, in the groups that do it:
 # each value is invalid alone, but a pair reads as one object (through an array or a string
 # across the join) while a third reads as two, so the count of objects still matches.
@@ -536,8 +542,8 @@ def test_all_plain_judges_as_is_plain_judges_each(
         [*near, {"target": "a"}],
         *([item, {"target": "b", "at": 2.5}] for item in near),
     ):
-        each = all(type(i) is dict and _is_plain(i) for i in batch)
-        assert _all_plain(batch) is each, batch
+        each = all(type(i) is dict and is_plain(i) for i in batch)
+        assert all_plain(batch) is each, batch
 
 
 def test_a_value_nested_too_deeply_is_an_invalid_allocation() -> None:
@@ -815,3 +821,59 @@ _NEAR = [
 @given(st.lists(st.sampled_from(_NEAR) | st.text(max_size=9).map(FOLDER.__add__), max_size=9))
 def test_the_folder_rows_are_the_keys_that_start_with_the_folder(keys: list[str]) -> None:
     assert _folder_rows(keys, FOLDER) == [i for i, k in enumerate(keys) if k.startswith(FOLDER)]
+
+
+# -- the fields judged are the schema's -----------------------------------------------------------
+class _WithPod(AllocationSchema):
+    pod = mfields.String(load_default=None)
+    weight = mfields.Float(load_default=None)
+
+
+def test_a_field_added_to_the_schema_is_judged_by_the_fast_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    added = fastpath.fields_of(_WithPod)
+    assert added.text[-1:] == ("pod",) and added.numbers[-1:] == ("weight",)
+    monkeypatch.setattr(fastpath, "FIELDS", added)
+    schema = _WithPod()
+    for data in (
+        {"target": "a", "pod": "web-0", "weight": 2},
+        {"target": "a", "pod": 7},
+        {"target": "a", "weight": "heavy"},
+        {"target": "a", "weight": math.inf},
+    ):
+        try:
+            want: Any = schema.load(data)
+        except ValidationError:
+            want = None
+        # Each of these is plain exactly when the schema takes it: a field left unjudged would
+        # let the refused ones through.
+        assert fastpath.is_plain(data) is (want is not None), data
+        if want is not None:
+            assert fastpath.plain_allocation(data) == want, data
+        assert fastpath.all_plain([{"target": "b"}, data]) is fastpath.is_plain(data)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        mfields.Integer(load_default=None),
+        mfields.List(mfields.String(), load_default=None),
+        mfields.String(load_default=None, validate=validate.Length(max=3)),
+        mfields.String(required=True),
+        mfields.Dict(keys=mfields.String(), values=mfields.Integer(), load_default=None),
+        mfields.Float(load_default=None, allow_nan=True),
+        mfields.String(load_default=None, data_key="other"),
+    ],
+    ids=repr,
+)
+def test_a_field_the_fast_path_cannot_judge_stops_it_from_loading(field: Any) -> None:
+    extended = type("Extended", (AllocationSchema,), {"extra": field})
+    with pytest.raises(TypeError, match="extra"):
+        fastpath.fields_of(extended)
+
+
+def test_the_fast_path_judges_the_schemas_fields_and_held_carries_them() -> None:
+    assert fastpath.fields_of(AllocationSchema) == fastpath.FIELDS
+    assert set(fastpath.FIELDS.names) == set(AllocationSchema._declared_fields)
+    assert {f.name for f in fields(Held)} == {*fastpath.FIELDS.names, "ip", "key", "index", "value"}
