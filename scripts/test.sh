@@ -14,5 +14,7 @@ bash scripts/setup.sh
 # files that git had restored moments after they were changed.
 .venv/bin/lint-imports --no-cache
 .venv/bin/python scripts/import_cycles.py
+# The property tests' short profile (under 30 s on 2 cores); IPAM_PROPERTIES=long runs every
+# example they name (tests/support/properties.py): after changing what they prove.
 .venv/bin/python -m pytest -x -q tests/unit
 exec .venv/bin/python -m pytest tests/e2e "$@"

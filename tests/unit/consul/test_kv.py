@@ -21,6 +21,8 @@ from ipam_da_consul.consul import requests_transport as rt
 from ipam_da_consul.consul.client import ConsulClient, Response
 from ipam_da_consul.consul.errors import ConsulError
 
+from tests.support.properties import examples
+
 FOLDER = "ipam/p/"
 
 
@@ -235,7 +237,7 @@ def _bodies(draw: st.DrawFn) -> bytes:
     return body
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=examples(1500), deadline=None)
 @given(_bodies(), st.integers(0, 40))
 def test_any_listing_reads_in_pieces_as_it_was_read_whole(body: bytes, piece: int) -> None:
     with pytest.MonkeyPatch.context() as mp:
@@ -337,7 +339,7 @@ def test_keys_whose_path_stays_as_it_is_are_sent(key: str) -> None:
     assert kv._path(key).startswith("/v1/kv/")
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(st.lists(st.sampled_from(["", ".", "..", "a", "a.b", "%2F", "%2f", "%", "x y"]), max_size=5))
 def test_a_path_that_is_sent_is_the_key_a_server_reads(segments: list[str]) -> None:
     # What a server that cleans dot segments and decodes the path once would read: the key.
