@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,19 +62,6 @@ class NetConf:
     reuse_after: float = 0.0
     # "stripe", "lowest" or "spread": how ADD picks among free addresses (cni/commands/add.py).
     pick: str = "stripe"
-
-
-def decode(raw: bytes) -> dict[str, Any]:
-    """stdin to a JSON object; 6 when it is not JSON, 7 when it is not an object."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CNIError(
-            Code.DECODE_FAILURE, f"the network config on stdin is not valid JSON: {exc}"
-        ) from None
-    if not isinstance(data, dict):
-        raise CNIError(Code.INVALID_CONFIG, "the network config on stdin must be a JSON object")
-    return data
 
 
 def cni_version_of(data: Mapping[str, Any]) -> str:

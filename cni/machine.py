@@ -10,7 +10,6 @@ nothing here knows Consul.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +37,7 @@ from .env import read_env
 from .errors import CNIError, Code
 from .schemas import SUPPORTED_VERSIONS
 from .state import Entry, StateDir
+from .stdin import cni_version, decode, peek
 from .stores import Caches, StoreFactory
 
 STATES = [
@@ -185,7 +185,7 @@ class Invocation:
             env = read_env(environ)
         except CNIError:
             # The error must still echo the input's cniVersion, read before stdin is checked.
-            self.cni_version = _stdin_version(stdin) or self.cni_version
+            self.cni_version = cni_version(peek(stdin)) or self.cni_version
             raise
         self.kind = KINDS[env.command]
         logger.debug(
@@ -196,7 +196,7 @@ class Invocation:
             env.ifname,
         )
         empty = self.kind.stdin_optional and not stdin.strip()
-        data = {} if empty else config.decode(stdin)
+        data = {} if empty else decode(stdin)
         if isinstance(data.get("cniVersion"), str) and data["cniVersion"]:
             self.cni_version = data["cniVersion"]
         logger.debug("config: {}", config.redact(data))
@@ -254,12 +254,3 @@ class Invocation:
             "this is a bug in ipam-da-consul; the verbose log has the traceback",
         )
 
-
-def _stdin_version(stdin: bytes) -> str | None:
-    """The cniVersion of stdin when it is a JSON object naming one; None otherwise."""
-    try:
-        data = json.loads(stdin)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    version = data.get("cniVersion") if isinstance(data, dict) else None
-    return version if isinstance(version, str) and version else None

@@ -10,7 +10,6 @@ caller's to give (cni/compose.py consul_store), as it is for any call.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -23,6 +22,7 @@ from .env import read_env
 from .errors import INPUT_CODES, CNIError
 from .machine import Invocation
 from .state import Entry, StateDir
+from .stdin import decode
 from .stores import Caches, StoreFactory
 
 
@@ -69,14 +69,13 @@ def void(entry: Entry, state: StateDir, store_factory: StoreFactory) -> int:
         return 7
     try:
         env = read_env({**context.env, "CNI_COMMAND": "DEL"})
-        data = json.loads(context.stdin)
-        conf = load(data, "DEL", context.env, env.args)
+        conf = load(decode(context.stdin), "DEL", context.env, env.args)
         inputs = Inputs(
             context.stdin, context.env, None, time.monotonic(), None, os.urandom(6).hex(),
             store_factory, state, None, entry,
         )
         session = Del.open(inputs, env, conf, conf.cni_version)
-    except (CNIError, ValueError) as exc:
+    except CNIError as exc:
         logger.error("cannot void the writes in doubt of {}: {}", "/".join(entry.attachment), exc)
         return 7
     allocator = session.allocator

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from .. import logs
+from .. import stdin as stdin_json
 from ..main import execute
 from .caches import PoolCaches
 from .wire import TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
@@ -54,9 +55,6 @@ if TYPE_CHECKING:
     from ..state import Entry
     from .metrics import Metrics
 
-# `ipam.timeout` when stdin names none or an unreadable one (the schema's default).
-DEFAULT_CALL_TIMEOUT = 15.0
-_MAX_CALL_TIMEOUT = 600.0  # the schema's upper bound
 # A client sends its request right after connecting; one that does not must not hold a thread.
 _REQUEST_WAIT = 10.0
 # The answer is small, but a client that stopped reading must not hold a thread either.
@@ -101,30 +99,11 @@ class Call:
         # that can only be a forged or broken request.
         started = min(started, now)
         env = {str(k): str(v) for k, v in dict(request["env"]).items()}
-        timeout, version = call_timeout(stdin)
-        return cls(stdin, env, bool(request.get("verbose")), started, started + timeout, version)
-
-
-def call_timeout(stdin: bytes) -> tuple[float, str | None]:
-    """The config's `ipam.timeout` (the default when absent or unreadable: the machine then
-    reports the config error at once) and its cniVersion, for the error the client may print."""
-    try:
-        data = json.loads(stdin)
-    except (ValueError, UnicodeDecodeError):
-        return DEFAULT_CALL_TIMEOUT, None
-    if not isinstance(data, dict):
-        return DEFAULT_CALL_TIMEOUT, None
-    version = data.get("cniVersion")
-    version = version if isinstance(version, str) and version else None
-    ipam = data.get("ipam")
-    timeout = ipam.get("timeout") if isinstance(ipam, dict) else None
-    if (
-        isinstance(timeout, int | float)
-        and not isinstance(timeout, bool)
-        and 0 < timeout <= _MAX_CALL_TIMEOUT
-    ):
-        return float(timeout), version
-    return DEFAULT_CALL_TIMEOUT, version
+        # The deadline the client waits for, and the version of the error it may print.
+        config = stdin_json.peek(stdin)
+        deadline = started + stdin_json.call_timeout(config)
+        verbose = bool(request.get("verbose"))
+        return cls(stdin, env, verbose, started, deadline, stdin_json.cni_version(config))
 
 
 def hung_up(sock: socket.socket) -> Callable[[], bool]:

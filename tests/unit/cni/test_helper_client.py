@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ipam_da_consul.cni import stdin as stdin_json
 from ipam_da_consul.cni.helper import client
 from ipam_da_consul.cni.helper.client import EXIT_MARGIN
-from ipam_da_consul.cni.helper.server import DEFAULT_CALL_TIMEOUT, call_timeout, hung_up
+from ipam_da_consul.cni.helper.server import hung_up
 from ipam_da_consul.cni.helper.wire import WIRE_VERSION, frame, read_frame
+from ipam_da_consul.consul.settings import CALL_TIMEOUT
 
 
 class FakeHelper:
@@ -184,18 +186,23 @@ def test_ack_timeout_from_env(monkeypatch, value, expected):
     [
         (b'{"cniVersion": "1.1.0", "ipam": {"timeout": 3}}', (3.0, "1.1.0")),
         (b'{"cniVersion": "1.0.0", "ipam": {"timeout": 2.5}}', (2.5, "1.0.0")),
-        (b'{"cniVersion": "1.0.0", "ipam": {}}', (DEFAULT_CALL_TIMEOUT, "1.0.0")),
-        (b'{"ipam": {"timeout": "3"}}', (DEFAULT_CALL_TIMEOUT, None)),
-        (b'{"ipam": {"timeout": true}}', (DEFAULT_CALL_TIMEOUT, None)),
-        (b'{"ipam": {"timeout": 100000}}', (DEFAULT_CALL_TIMEOUT, None)),
-        (b'{"ipam": {"timeout": -1}}', (DEFAULT_CALL_TIMEOUT, None)),
-        (b"{not json", (DEFAULT_CALL_TIMEOUT, None)),
-        (b"[]", (DEFAULT_CALL_TIMEOUT, None)),
-        (b"\xff", (DEFAULT_CALL_TIMEOUT, None)),
+        (b'{"cniVersion": "1.0.0", "ipam": {}}', (CALL_TIMEOUT.default, "1.0.0")),
+        (b'{"ipam": {"timeout": "3"}}', (CALL_TIMEOUT.default, None)),
+        (b'{"ipam": {"timeout": true}}', (CALL_TIMEOUT.default, None)),
+        (b'{"ipam": {"timeout": 100000}}', (CALL_TIMEOUT.default, None)),
+        (b'{"ipam": {"timeout": -1}}', (CALL_TIMEOUT.default, None)),
+        # The setting's own limits (consul/settings.py), as the config's schema applies them.
+        (b'{"ipam": {"timeout": 0.05}}', (CALL_TIMEOUT.default, None)),
+        (b'{"ipam": {"timeout": 600}}', (600.0, None)),
+        (b'{"cniVersion": "", "ipam": {"timeout": 0.1}}', (0.1, None)),
+        (b"{not json", (CALL_TIMEOUT.default, None)),
+        (b"[]", (CALL_TIMEOUT.default, None)),
+        (b"\xff", (CALL_TIMEOUT.default, None)),
     ],
 )
 def test_call_timeout_from_stdin(stdin, expected):
-    assert call_timeout(stdin) == expected
+    config = stdin_json.peek(stdin)
+    assert (stdin_json.call_timeout(config), stdin_json.cni_version(config)) == expected
 
 
 def test_hang_up_check_sees_a_closed_client():

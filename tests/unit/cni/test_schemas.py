@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from ipam_da_consul.allocator.ranges import IPRange
 from ipam_da_consul.allocator.schemas import dump_allocation, load_allocation, load_ranges
-from ipam_da_consul.cni import config, result
+from ipam_da_consul.cni import config, result, stdin
 from ipam_da_consul.cni.errors import CNIError, Code
 from ipam_da_consul.cni.schemas import (
     SUPPORTED_VERSIONS,
@@ -315,7 +315,7 @@ def test_supported_versions() -> None:
 )
 def test_decode(raw: bytes, code: Code) -> None:
     with pytest.raises(CNIError) as info:
-        config.decode(raw)
+        stdin.decode(raw)
     assert info.value.code == code
 
 
