@@ -204,8 +204,9 @@ class KV(Protocol):
 
 
 class WatchableKV(KV, Protocol):
-    """A KV that can also wait for changes (ConsulKV): the helper's pool cache
-    (cni/helper/cache.py) watches with it, and a listing records the index to watch from."""
+    """A KV that can also wait for changes: the helper's pool cache (cni/helper/cache.py)
+    watches with it, and a listing records the index to watch from. A watcher's own, for its
+    life (cni/compose.py watch_kv): `close` lets its connection go."""
 
     def list_after(
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
@@ -216,3 +217,5 @@ class WatchableKV(KV, Protocol):
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
     ) -> tuple[list[str], int]:
         """Key names only, with the same blocking behaviour."""
+
+    def close(self) -> None: ...

@@ -196,7 +196,8 @@ class _Watched(threading.Thread):
                     return
                 try:
                     if kv is None or time.monotonic() - born > _RENEW_KV_AFTER:
-                        _close(kv)
+                        if kv is not None:
+                            kv.close()
                         kv, born = self.cache.make_kv(), time.monotonic()
                     keys, index = kv.keys_after(folder, self.index, _WAIT)
                     started = time.monotonic()
@@ -236,13 +237,8 @@ class _Watched(threading.Thread):
                 spent = time.monotonic() - started
                 self.stopped.wait(max(self.cache.refresh_interval, 4 * spent, backoff))
         finally:
-            _close(kv)
-
-
-def _close(kv: WatchableKV | None) -> None:
-    close = getattr(kv, "close", None)
-    if callable(close):
-        close()
+            if kv is not None:
+                kv.close()
 
 
 def refreshed(

@@ -396,14 +396,14 @@ class HelperServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             self.last_active = time.monotonic()
             self.activity.notify_all()
 
-    def idle_for(self, seconds: float) -> bool:
-        """Block until no connection has been open for `seconds`; False once shut down."""
+    def idle_for(self, seconds: float) -> None:
+        """Block until no connection has been open for `seconds`."""
         with self.activity:
             while True:
                 if self.active == 0:
                     quiet = time.monotonic() - self.last_active
                     if quiet >= seconds:
-                        return True
+                        return
                     self.activity.wait(seconds - quiet)
                 else:
                     self.activity.wait()

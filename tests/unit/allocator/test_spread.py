@@ -196,6 +196,9 @@ class StubWatchKV(MemKV):
     ) -> tuple[list[KVEntry], int]:
         return self.list(prefix), 0
 
+    def close(self) -> None:
+        pass  # no connection to let go
+
 
 def test_watcher_starts_over_when_consuls_index_goes_backwards():
     kv = StubWatchKV([5, 7, 7])
