@@ -1,4 +1,7 @@
-"""Marshmallow schemas for the KV wire objects: IP Range and Allocation."""
+"""Marshmallow schemas for the KV wire objects: IP Range, Allocation (a held address, and a
+release cooling down: a tombstone) and fence. Each is read and written through its schema; a
+pool's folder is read faster through allocator/fastpath.py, proven to give the schema's
+answer."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import ipaddress
 import json
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_dump, post_load, validate
 
 from .ranges import IPRange
 
@@ -139,9 +142,44 @@ class AllocationSchema(Schema):
     # spares a key its attachment wrote again after that DEL.
     at = fields.Float(load_default=None)
 
+    @post_dump
+    def _without_nulls(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        # Absent reads as null: a value holds only what it says.
+        return {k: v for k, v in data.items() if v is not None}
+
+
+class TombstoneSchema(AllocationSchema):
+    """A release cooling down: its holder's fields without the call's (`call`, `at`), marked
+    by `free_after`. Fields another tool wrote stay as they were: the key is still read by it."""
+
+    class Meta(AllocationSchema.Meta):
+        exclude = ("call", "at")
+
+    free_after = fields.Float(required=True)
+
+    @post_dump(pass_original=True)
+    def _others_kept(
+        self, data: dict[str, Any], original: dict[str, Any], **kwargs: Any
+    ) -> dict[str, Any]:
+        known = AllocationSchema._declared_fields
+        return data | {k: v for k, v in original.items() if k not in known}
+
+
+class FenceSchema(Schema):
+    """A fence's value: who raised it and why, for operators. No time: Consul ends the fence
+    with its session; older versions swept fences by an `at` time, and leave these alone."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    host = fields.String(required=True, allow_none=True)
+    by = fields.String(required=True)
+
 
 _range = IPRangeSchema()
 _allocation = AllocationSchema()
+_tombstone = TombstoneSchema()
+_fence = FenceSchema()
 
 # What a pool's keys may hold. Anyone who may write a pool (a tenant with KV write on it) could
 # otherwise make every call that reads it hold or compute as much as they like; each limit is
@@ -234,7 +272,7 @@ def dump_allocation(
         "runtime": runtime or None,
         "at": None if at is None else round(at, 3),
     }
-    return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+    return _dumps(_allocation, body)
 
 
 # The `free_after` of a release this plugin cools down: no reader's clock ever reaches it, so
@@ -244,24 +282,32 @@ COOLING_UNTIL_DELETED = 4102444800.0  # 2100-01-01
 
 
 def dump_tombstone(held_value: bytes) -> bytes:
-    """A released allocation cooling down: the holder's fields, marked."""
+    """A released allocation cooling down: the holder's fields, marked. `held_value` was read
+    as an allocation (the Held released)."""
     body = json.loads(held_value)
-    body.pop("call", None)
-    body.pop("at", None)
     mark = {"free_after": COOLING_UNTIL_DELETED}
-    out = json.dumps(body | mark).encode()
+    out = _dumps(_tombstone, body | mark)
     if len(out) > MAX_ALLOCATION_BYTES:
         # Another tool's value near the limit (ours lose more with `call` and `at` than the
         # mark adds): a release needs only who held it, and must stay readable.
         who = {k: body[k] for k in ("target", "ifname", "host", "network") if k in body}
-        out = json.dumps(who | mark).encode()
+        out = _dumps(_tombstone, who | mark)
     return out
 
 
 def dump_fence(host: str | None, reason: str) -> bytes:
-    """A fence's value: who raised it and why, for operators. No time: Consul ends the fence
-    with its session; older versions swept fences by an `at` time, and leave these alone."""
-    return json.dumps({"host": host, "by": reason}).encode()
+    """A fence's value (FenceSchema)."""
+    return _dumps(_fence, {"host": host, "by": reason})
+
+
+def _dumps(schema: Schema, body: dict[str, Any]) -> bytes:
+    """`body` as its schema writes it, checked first as the schema reads it: never a value
+    this plugin would refuse to read back."""
+    data = schema.dump(body)
+    problems = schema.validate(data)
+    if problems:
+        raise ValueError(f"not a valid {type(schema).__name__} value: {describe(problems)}")
+    return json.dumps(data).encode()
 
 
 def _json(raw: bytes) -> Any:

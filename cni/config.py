@@ -123,7 +123,8 @@ def _runtime_that_fits(
     def size(names: dict[str, str]) -> int:
         # The call's nonce and time as long as they can be.
         value = dump_allocation(
-            env.get("CNI_CONTAINERID", ""),
+            # A call without a container ID fails on its environment; measured as one byte.
+            env.get("CNI_CONTAINERID") or "-",
             env.get("CNI_IFNAME") or None,
             host or default_host(),
             network,
