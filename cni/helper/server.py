@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import marshal
-import math
 import os
 import select
 import socket
@@ -72,8 +71,10 @@ def watch_kv(settings: ConsulSettings) -> WatchableKV:
 
 
 def preload() -> None:
-    """Import what calls need (see the imports above), off the accepting thread."""
+    """Import what calls need (see the imports above), off the accepting thread: the frames'
+    schemas first, which every request needs."""
     from .. import compose, machine  # noqa: F401  (config, the Consul client, the allocator)
+    from . import frames  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -89,21 +90,19 @@ class Call:
 
     @classmethod
     def from_request(cls, request: dict[str, Any], now: float) -> Call:
-        stdin = request["stdin"]
-        if not isinstance(stdin, bytes):
-            raise TypeError("stdin must be bytes")
-        started = request["started"]
-        if not isinstance(started, float) or not math.isfinite(started):
-            raise TypeError("started must be a finite float")
+        """ValueError for a request that is not a call (frames.py CallRequest)."""
+        from . import frames
+
+        call = frames.load_call(request)
+        stdin = call["stdin"]
         # A start in the future would stretch the deadline: the client's clock is ours, so
         # that can only be a forged or broken request.
-        started = min(started, now)
-        env = {str(k): str(v) for k, v in dict(request["env"]).items()}
+        started = min(call["started"], now)
         # The deadline the client waits for, and the version of the error it may print.
         config = stdin_json.peek(stdin)
         deadline = started + stdin_json.call_timeout(config)
-        verbose = bool(request.get("verbose"))
-        return cls(stdin, env, verbose, started, deadline, stdin_json.cni_version(config))
+        version = stdin_json.cni_version(config)
+        return cls(stdin, call["env"], call["verbose"], started, deadline, version)
 
 
 def hung_up(sock: socket.socket) -> Callable[[], bool]:
@@ -124,6 +123,7 @@ class Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         if not self.peer_allowed():
             return
+        from . import frames  # marshmallow: loaded by preload, or by the first request
         sock: socket.socket = self.request
         sock.settimeout(_REQUEST_WAIT)
         try:
@@ -133,6 +133,7 @@ class Handler(socketserver.StreamRequestHandler):
         except (OSError, ValueError, EOFError, TypeError) as exc:
             logger.warning("helper: malformed request: {}", exc)
             return  # the client falls back to doing the call itself
+        # The version by hand: a request of another version has a shape this helper does not know.
         if request.get("v") != WIRE_VERSION:
             self.server.count("refused")
             logger.warning(
@@ -141,15 +142,15 @@ class Handler(socketserver.StreamRequestHandler):
                 request.get("v"),
                 WIRE_VERSION,
             )
-            self.send({"v": WIRE_VERSION, "refused": "wire version"})
+            self.send(frames.refused("wire version"))
             return
         if request.get("op") == "stats":
-            self.send({"v": WIRE_VERSION, "stats": self.server.stats()})
+            self.send(frames.stats(self.server.stats()))
             return
         now = time.monotonic()
         try:
             call = Call.from_request(request, now)
-        except (ValueError, KeyError, TypeError) as exc:
+        except ValueError as exc:
             logger.warning("helper: malformed request: {}", exc)
             return
         if now >= call.deadline:
@@ -170,15 +171,16 @@ class Handler(socketserver.StreamRequestHandler):
 
     def handshake(self, sock: socket.socket, call: Call) -> bool:
         """Acknowledge, then wait for the client's go (until the deadline at most)."""
-        ack: dict[str, object] = {"v": WIRE_VERSION, "ack": True, "deadline": call.deadline}
-        ack["cniVersion"] = call.cni_version or "1.0.0"
+        from . import frames
+
+        ack = frames.ack(call.deadline, call.cni_version or "1.0.0")
         try:
             sock.sendall(frame(ack))
             sock.settimeout(max(call.deadline - time.monotonic(), 0.001))
             go = marshal.loads(read_frame(sock.recv))
         except (OSError, ValueError, EOFError, TypeError):
             return False
-        return isinstance(go, dict) and go.get("go") is True
+        return frames.is_go(go)
 
     def drop(self, counter: str, why: str) -> None:
         self.server.count(f"dropped_{counter}")
@@ -202,6 +204,8 @@ class Handler(socketserver.StreamRequestHandler):
         return False
 
     def serve(self, call: Call, abandoned: Callable[[], bool]) -> dict[str, Any]:
+        from . import frames
+
         err = io.StringIO()
         log_file = call.env.get("IPAM_DA_CONSUL_LOG_FILE") or logs.DEFAULT_LOG_FILE
         command = call.env.get("CNI_COMMAND", "")
@@ -223,7 +227,7 @@ class Handler(socketserver.StreamRequestHandler):
             caches.replayer.poke(code)  # a call went through: Consul may be back
         if self.server.metrics is not None:
             self.server.metrics.observe_call(command, code, time.monotonic() - began)
-        return {"stdout": out, "stderr": err.getvalue(), "code": code}
+        return frames.answer(out, err.getvalue(), code)
 
 
 def replay_forever(caches: PoolCaches) -> None:
@@ -245,13 +249,13 @@ def replay_forever(caches: PoolCaches) -> None:
 
 
 def _too_late(call: Call) -> dict[str, Any]:
+    from . import frames
+
     msg = "the call's deadline passed before the helper could start it; nothing was done"
     error = {"cniVersion": call.cni_version or "1.0.0", "code": TRY_AGAIN_LATER, "msg": msg}
-    return {
-        "stdout": json.dumps(error) + "\n",
-        "stderr": f"ipam-da-consul: ERROR: {msg}\n",
-        "code": TRY_AGAIN_LATER,
-    }
+    return frames.answer(
+        json.dumps(error) + "\n", f"ipam-da-consul: ERROR: {msg}\n", TRY_AGAIN_LATER
+    )
 
 
 class SetupError(Exception):

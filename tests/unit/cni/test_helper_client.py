@@ -237,3 +237,48 @@ def test_client_imports_stay_cheap():
         "time",
         "__future__",  # a few names, for `from __future__ import annotations`
     }, added
+
+
+# -- the frames, as the helper validates and writes them (cni/helper/frames.py) ----------------
+def test_the_clients_request_is_a_valid_call_frame() -> None:
+    from ipam_da_consul.cni.helper.server import Call
+
+    request = client.request(b'{"cniVersion": "1.1.0", "ipam": {"timeout": 3}}', True, 100.0)
+    call = Call.from_request(request, now=200.0)
+    assert (call.started, call.deadline, call.verbose, call.cni_version) == (
+        100.0, 103.0, True, "1.1.0")
+    assert Call.from_request(request, now=50.0).started == 50.0  # never later than now
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"stdin": "not bytes"},
+        {"started": float("nan")},
+        {"started": 5},
+        {"env": {"CNI_COMMAND": 1}},
+        {"env": ["CNI_COMMAND"]},
+        {"verbose": "yes"},
+        {"v": True},
+    ],
+    ids=repr,
+)
+def test_a_malformed_call_frame_is_refused(change: dict[str, Any]) -> None:
+    from ipam_da_consul.cni.helper.server import Call
+
+    request = client.request(b"{}", False, 100.0) | change
+    with pytest.raises(ValueError, match="malformed call request"):
+        Call.from_request(request, now=200.0)
+    missing = client.request(b"{}", False, 100.0)
+    del missing["env"]
+    with pytest.raises(ValueError, match="env"):
+        Call.from_request(missing, now=200.0)
+
+
+def test_the_helpers_frames_are_what_the_client_reads() -> None:
+    from ipam_da_consul.cni.helper import frames
+
+    assert frames.ack(12.5, "1.0.0") == {
+        "v": client.WIRE_VERSION, "ack": True, "deadline": 12.5, "cniVersion": "1.0.0"}
+    assert frames.answer("out", "err", 7) == {"stdout": "out", "stderr": "err", "code": 7}
+    assert frames.is_go({"go": True}) and not frames.is_go({"go": 1}) and not frames.is_go([])
