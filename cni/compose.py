@@ -65,9 +65,6 @@ class WatchKV(ConsulKV):
         self.client.deadline = Deadline(self.seconds)
         return super().keys_after(prefix, index, wait_seconds)
 
-    def close(self) -> None:
-        self.client.close()
-
 
 def watch_kv(settings: ConsulSettings) -> WatchableKV:
     """The KV one pool watcher reads with for its whole life (the helper's caches.py make_kv)."""

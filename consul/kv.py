@@ -49,6 +49,11 @@ class ConsulKV:
     def __init__(self, client: ConsulClient) -> None:
         self.client = client
 
+    def close(self) -> None:
+        """Let the client's connections go: a pool watcher's KV is its own (a call's store
+        closes its client itself)."""
+        self.client.close()
+
     def get(self, key: str, consistent: bool = False) -> KVEntry | None:
         resp = self.client.request("GET", _path(key), _CONSISTENT if consistent else None)
         if resp.status == 404:
