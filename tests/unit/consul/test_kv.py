@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ipam_da_consul.allocator.store import Columns, KVEntry, StoreError, UnsafeKey
+from ipam_da_consul.allocator.store import (
+    Cas,
+    Check,
+    Columns,
+    KVEntry,
+    Op,
+    StoreError,
+    TxnResult,
+    UnsafeKey,
+)
 from ipam_da_consul.consul import kv
 from ipam_da_consul.consul import requests_transport as rt
 from ipam_da_consul.consul.client import ConsulClient, Response
@@ -357,3 +366,54 @@ def test_a_path_that_is_sent_is_the_key_a_server_reads(segments: list[str]) -> N
         stem = key.removesuffix("/")
         assert normpath("/" + stem) == "/" + stem  # no segment a client would remove or merge
         assert "%2f" not in read.lower()
+
+
+# -- Consul's small answers, read through their schemas (consul/answers.py) ---------------------
+class Answers:
+    """A ConsulClient stand-in that answers each request with the next scripted answer."""
+
+    read_timeout = 5.0
+
+    def __init__(self, *answers: Response) -> None:
+        self.answers = list(answers)
+
+    def request(self, *args: Any, **kwargs: Any) -> Response:
+        return self.answers.pop(0)
+
+
+def consul_kv(*answers: Response) -> kv.ConsulKV:
+    return kv.ConsulKV(Answers(*answers))  # type: ignore[arg-type]
+
+
+def test_a_transaction_answer_reads_as_its_schema_says() -> None:
+    ops: list[Op] = [Check("ipam/.fences/n/c/eth0", 0), Cas("ipam/p/10.0.0.1", b"v", 0)]
+    applied = json.dumps({"Results": [{"KV": {"Key": "ipam/p/10.0.0.1", "ModifyIndex": 12}}]})
+    assert consul_kv(Response(200, applied.encode(), {})).txn(ops) == TxnResult(
+        None, {"ipam/p/10.0.0.1": 12})
+    refused = {"Errors": [{"OpIndex": 1, "What": "failed to cas"}, {"OpIndex": 0, "What": ""}]}
+    assert consul_kv(Response(409, json.dumps(refused).encode(), {})).txn(ops) == TxnResult(
+        0, {}, False, "failed to cas")
+    denied = {"Errors": [{"OpIndex": 0, "What": "Permission denied"}]}
+    with pytest.raises(ConsulError, match="Permission denied") as info:
+        consul_kv(Response(409, json.dumps(denied).encode(), {})).txn(ops)
+    assert info.value.status == 403
+
+
+@pytest.mark.parametrize(
+    "body", [b"not json", b'{"Results": [{"KV": {"ModifyIndex": 3}}]}', b'{"Results": 7}'],
+)
+def test_an_applied_transaction_whose_answer_cannot_be_read_is_in_doubt(body: bytes) -> None:
+    with pytest.raises(ConsulError) as info:
+        consul_kv(Response(200, body, {})).txn([Cas("ipam/p/10.0.0.1", b"v", 0)])
+    assert info.value.doubtful  # Consul applied it: never taken for a write that did not
+
+
+def test_a_session_answer_and_a_key_list_read_as_their_schemas_say() -> None:
+    assert consul_kv(Response(200, b'{"ID": "s-1"}', {})).create_session("n", 10) == "s-1"
+    for body in (b"{}", b'{"ID": ""}', b'{"ID": 7}', b"[]"):
+        with pytest.raises(ConsulError, match="without a session ID"):
+            consul_kv(Response(200, body, {})).create_session("n", 10)
+    names = Response(200, b'["ipam/p", "ipam/p/"]', {"X-Consul-Index": "4"})
+    assert consul_kv(names).keys_after("ipam/p", 0) == (["ipam/p", "ipam/p/"], 4)
+    with pytest.raises(ConsulError, match="key list"):
+        consul_kv(Response(200, b'["ipam/p", 7]', {})).names("ipam/")
