@@ -197,8 +197,7 @@ class Invocation:
         )
         empty = self.kind.stdin_optional and not stdin.strip()
         data = {} if empty else decode(stdin)
-        if isinstance(data.get("cniVersion"), str) and data["cniVersion"]:
-            self.cni_version = data["cniVersion"]
+        self.cni_version = cni_version(data) or self.cni_version
         logger.debug("config: {}", config.redact(data))
         self.command = self.kind.build(self.inputs, env, data, self.cni_version)
         return "parse"
