@@ -300,6 +300,17 @@ def dump_fence(host: str | None, reason: str) -> bytes:
     return _dumps(_fence, {"host": host, "by": reason})
 
 
+def fence_reason(raw: bytes) -> str | None:
+    """Why a fence was raised (FenceSchema's "by"); None when its value is unreadable. Its
+    host is not needed for that, so a fence written without one still says why."""
+    if len(raw) > MAX_ALLOCATION_BYTES:
+        return None  # a fence holds ~60 bytes: this one is no fence of ours, and not parsed
+    try:
+        return str(_fence.load(_json(raw), partial=("host",))["by"])
+    except (ValueError, ValidationError, TypeError):
+        return None
+
+
 def _dumps(schema: Schema, body: dict[str, Any]) -> bytes:
     """`body` as its schema writes it, checked first as the schema reads it: never a value
     this plugin would refuse to read back."""

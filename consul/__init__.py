@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .client import ConsulClient, Deadline, TLSConfig
-    from .errors import ConsulError, ConsulUnavailable, UnsafeKey
+    from .errors import ConsulError, ConsulUnavailable, NotConsul, UnsafeKey
     from .kv import ConsulKV
     from .settings import ConsulSettings, SettingsError, build_client
 
@@ -27,6 +27,7 @@ __all__ = [
     "ConsulSettings",
     "ConsulUnavailable",
     "Deadline",
+    "NotConsul",
     "SettingsError",
     "TLSConfig",
     "UnsafeKey",
@@ -39,6 +40,7 @@ _HOMES = {
     "TLSConfig": "client",
     "ConsulError": "errors",
     "ConsulUnavailable": "errors",
+    "NotConsul": "errors",
     "SettingsError": "settings",
     "UnsafeKey": "errors",
     "ConsulKV": "kv",

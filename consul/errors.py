@@ -3,7 +3,7 @@ the store never need to know it is Consul."""
 
 from ..allocator.store import StoreError, StoreUnavailable, UnsafeKey
 
-__all__ = ["ConsulError", "ConsulUnavailable", "UnsafeKey"]
+__all__ = ["ConsulError", "ConsulUnavailable", "NotConsul", "UnsafeKey"]
 
 
 class ConsulError(StoreError):
@@ -13,6 +13,12 @@ class ConsulError(StoreError):
     Consul without its answer arriving (read timeout, connection dropped after sending, a 5xx
     other than "No cluster leader"): Consul may have applied it even though this is raised.
     """
+
+
+class NotConsul(ConsulError):
+    """Every listed server answered, but none as Consul does (a web server, another service on
+    the port): a setting to fix, which no retry heals. Not StoreUnavailable, so a DEL is not
+    kept to retry for a day with a config that cannot work."""
 
 
 class ConsulUnavailable(ConsulError, StoreUnavailable):
