@@ -102,6 +102,7 @@ class Invocation:
         store_factory: StoreFactory,
         state: StateDir | None = None,
         entry: Entry | None = None,
+        until: float | None = None,
     ) -> None:
         self.inputs = Inputs(
             stdin,
@@ -114,6 +115,7 @@ class Invocation:
             state,
             self.nested,
             entry,
+            until,
         )
         self.cni_version = SUPPORTED_VERSIONS[-1]
         # Known once the environment is read; until then the base, whose hooks do nothing.
@@ -152,6 +154,12 @@ class Invocation:
             return 0
         return int(self.error.code)
 
+    @property
+    def call_end(self) -> float | None:
+        """When this call, rollback included, is over (monotonic); None for a call that ended
+        before its settings were read, or that reads none (VERSION)."""
+        return self.command.call_end
+
     def nested(self, stdin: bytes, environ: Mapping[str, str], entry: Entry) -> tuple[int, str]:
         """Run another call of this attachment (a DEL its entry still owes) within this one,
         under this call's lock on the entry and within its deadline."""
@@ -167,6 +175,9 @@ class Invocation:
             store_factory=inputs.store_factory,
             state=inputs.state,
             entry=entry,
+            # Its own settings may give it longer than this call has left: it runs within
+            # this call, whose answer waits for it.
+            until=inputs.until if self.call_end is None else self.call_end,
         )
         code = call.run()
         msg = call.error.msg if call.error is not None else ""

@@ -27,9 +27,15 @@ from .stores import Caches, StoreFactory
 
 
 def finish(
-    entry: Entry, state: StateDir, store_factory: StoreFactory, caches: Caches | None = None
+    entry: Entry,
+    state: StateDir,
+    store_factory: StoreFactory,
+    caches: Caches | None = None,
+    until: float | None = None,
 ) -> int:
-    """Do what the entry owes; the exit code of the attempt (0: nothing is left)."""
+    """Do what the entry owes; the exit code of the attempt (0: nothing is left). `until`
+    (monotonic): when the process doing it must be done, whatever the entry's own settings
+    give it (an in-process call's remaining time); None: they decide."""
     if entry.deleting is not None:
         deleting = entry.deleting
         call = Invocation(
@@ -39,6 +45,7 @@ def finish(
             store_factory=store_factory,
             state=state,
             entry=entry,
+            until=until,
         )
         code = call.run()
         if code in INPUT_CODES:
@@ -55,11 +62,13 @@ def finish(
             entry.write()
         return code
     if entry.has_work:
-        return void(entry, state, store_factory)
+        return void(entry, state, store_factory, until)
     return 0
 
 
-def void(entry: Entry, state: StateDir, store_factory: StoreFactory) -> int:
+def void(
+    entry: Entry, state: StateDir, store_factory: StoreFactory, until: float | None = None
+) -> int:
     """Void the entry's claims in doubt (allocator.void): with the settings of the call that
     left them, through the same store and allocator a DEL of the attachment would use."""
     context = entry.context
@@ -72,7 +81,7 @@ def void(entry: Entry, state: StateDir, store_factory: StoreFactory) -> int:
         conf = load(decode(context.stdin), "DEL", context.env, env.args)
         inputs = Inputs(
             context.stdin, context.env, None, time.monotonic(), None, os.urandom(6).hex(),
-            store_factory, state, None, entry,
+            store_factory, state, None, entry, until,
         )
         session = Del.open(inputs, env, conf, conf.cni_version)
     except CNIError as exc:
@@ -94,8 +103,8 @@ def void(entry: Entry, state: StateDir, store_factory: StoreFactory) -> int:
 def some(
     state: StateDir, store_factory: StoreFactory, caches: Caches | None, limit: int, until: float
 ) -> int:
-    """Finish up to `limit` entries that have work left and that nobody holds, while time is
-    left (monotonic `until`); how many are done."""
+    """Finish up to `limit` entries that have work left and that nobody holds, all of it over
+    by monotonic `until`; how many are done."""
     done = 0
     for name in state.pending()[:limit]:
         if time.monotonic() >= until:
@@ -106,5 +115,5 @@ def some(
         with entry:
             if entry.unreadable:
                 continue
-            done += finish(entry, state, store_factory, caches) == 0
+            done += finish(entry, state, store_factory, caches, until) == 0
     return done

@@ -58,6 +58,27 @@ class Inputs:
     nested: Callable[[bytes, Mapping[str, str], Entry], tuple[int, str]] | None = None
     # Given to a nested call: the entry its caller holds locked.
     entry: Entry | None = None
+    # When the process running this call must be done with it (monotonic), whatever the
+    # call's own `timeout` says: a call run after another's answer in the same process
+    # (cni/main.py finish_others) gets only what is left of that one's. None: no such bound.
+    until: float | None = None
+
+
+def call_budget(
+    started: float, timeout: float, until: float | None, now: float
+) -> tuple[float, float]:
+    """When a call that started at `started` (monotonic) with `timeout` seconds must be over,
+    rollback included, and the seconds its work gets from `now`.
+
+    `timeout` caps the whole call as the runtime sees it: the work gets what is left once the
+    rollback's reserve and the exit's margin are set aside. A call bounded by `until` (another
+    call's end) ends by then, and its reserve is a share of the time it really has, so a short
+    window still leaves the work some of it."""
+    call_end = started + timeout - EXIT_MARGIN
+    if until is not None:
+        call_end = min(call_end, until)
+    reserve = min(ROLLBACK_RESERVE, max(0.0, min(timeout, call_end + EXIT_MARGIN - started)) / 4)
+    return call_end, max(0.0, call_end - reserve - now)
 
 
 @dataclass(frozen=True)
@@ -100,6 +121,8 @@ class Command:
     # VERSION may come with an empty stdin.
     stdin_optional: ClassVar[bool] = False
     output: dict[str, Any] | None = None
+    # When the call, rollback included, is over (Session.call_end); None until it is known.
+    call_end: float | None = None
 
     @classmethod
     def build(
@@ -190,11 +213,9 @@ class PoolCommand(Command):
             # A server the helper saw with a leader moments ago spares a leader check.
             known_good = caches.recent_server(settings)
             cache = cls.pool_cache(caches, settings, layout)
-        # `timeout` caps the whole call as the runtime sees it: the work gets what is left
-        # once the rollback's reserve and the exit's margin are set aside.
-        call_end = inputs.started + settings.timeout - EXIT_MARGIN
-        reserve = min(ROLLBACK_RESERVE, settings.timeout / 4)
-        seconds = max(0.0, call_end - reserve - time.monotonic())
+        call_end, seconds = call_budget(
+            inputs.started, settings.timeout, inputs.until, time.monotonic()
+        )
         host = conf.host or config.default_host()
         entry = cls.open_entry(inputs, conf, env, call_end)
         ledger: Ledger = entry if entry is not None else MemoryLedger()
@@ -242,6 +263,7 @@ class PoolCommand(Command):
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self.call_end = session.call_end
         self.env = session.env
         self.conf = session.conf
         self.store = session.store
