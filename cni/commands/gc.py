@@ -27,6 +27,9 @@ class Gc(PoolCommand):
     def __init__(self, session: Session) -> None:
         super().__init__(session)
         self.problems: list[str] = []
+        # The attachments the runtime still has, and their containers.
+        self.valid = set(session.conf.valid_attachments or [])
+        self.containers = {cid for cid, _ in self.valid}
 
     def load(self, request: config.PoolRequest) -> None:
         self.held = self.scan(request.name)
@@ -47,19 +50,21 @@ class Gc(PoolCommand):
         return held
 
     def at_pool_loaded(self) -> str:
-        conf = self.conf
-        valid = set(conf.valid_attachments or [])
-        containers = {cid for cid, _ in valid}
         for held in self.held:
             if not self.collects(held):
                 continue
             if held.cooling:
                 self.hand_over(held)
-            elif (held.target, held.ifname) not in valid and not (
-                held.ifname is None and held.target in containers
-            ):
+            elif not self.still_attached(held):
                 self.collect(held)
         return "collect"
+
+    def still_attached(self, held: Held) -> bool:
+        """Whether the runtime still has `held`'s attachment. A key that records no interface
+        (an older version's) cannot name one: it is kept while its container has any."""
+        if held.ifname is None:
+            return held.target in self.containers
+        return (held.target, held.ifname) in self.valid
 
     def collects(self, held: Held) -> bool:
         """Whether `held` is this GC's to look at: this host's, of this network (a key another
