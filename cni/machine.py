@@ -124,6 +124,9 @@ class Invocation:
         self.command = Command()
         self.output: dict[str, Any] | None = None
         self.error: CNIError | None = None
+        # Each transition taken, (source, trigger, destination), in order: the call's walk for
+        # whoever needs it (tests pin exact walks), never rebuilt from the log line below.
+        self.steps: list[tuple[str, str, str]] = []
         self.machine = Machine(
             model=self,
             states=STATES,
@@ -186,6 +189,7 @@ class Invocation:
     def log_transition(self, event: EventData) -> None:
         t = event.transition
         if t is not None:  # always, after a state change
+            self.steps.append((t.source, event.event.name, t.dest or t.source))
             logger.debug("state {} -> {} ({})", t.source, t.dest, event.event.name)
 
     # -- handlers, one per state ------------------------------------------------------------

@@ -4,7 +4,6 @@ one transition logged per step."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ from ipam_da_consul.cni import machine
 from ipam_da_consul.cni.machine import STATES, TRANSITIONS, Invocation
 from ipam_da_consul.cni.state import StateDir
 from ipam_da_consul.consul import ConsulUnavailable
-from loguru import logger
 from transitions import Machine
 
 from tests.support.machine import HOST, Caches, Faulty, Mem, MemStore, Run, netconf
@@ -89,31 +87,20 @@ def test_done_is_reachable_from_every_working_state() -> None:
 
 
 # -- the machine driven in-process, without Consul ----------------------------------------------
-@pytest.fixture
-def debug_log() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m).rstrip("\n")), level="DEBUG",
-                      format="{message}")
-    yield lines
-    logger.remove(sink)
-
-
-def test_version_walks_parse_then_report(debug_log: list[str]) -> None:
+def test_version_walks_parse_then_report() -> None:
     inv = Invocation(b'{"cniVersion": "0.4.0"}', {"CNI_COMMAND": "VERSION"}, store_factory=no_store)
     assert inv.run() == 0
     assert inv.state == "done"
     assert inv.output is not None and inv.output["cniVersion"] == "0.4.0"
-    states = [line for line in debug_log if line.startswith("state ")]
-    assert states == ["state start -> parsed (parse)", "state parsed -> done (report)"]
+    assert inv.steps == [("start", "parse", "parsed"), ("parsed", "report", "done")]
 
 
-def test_bad_input_fires_fail_from_start(debug_log: list[str]) -> None:
+def test_bad_input_fires_fail_from_start() -> None:
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0"}
     inv = Invocation(b"{not json", env, store_factory=no_store)
     assert inv.run() == 6
     assert inv.state == "failed"
-    assert [line for line in debug_log if line.startswith("state ")] == [
-        "state start -> failed (fail)"]
+    assert inv.steps == [("start", "fail", "failed")]
     assert inv.output is not None and inv.output["code"] == 6
 
 
