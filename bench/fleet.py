@@ -99,8 +99,8 @@ class SimHost:
     """One host: the helper's caches (with their pool watchers) and state folder."""
 
     def __init__(self, index: int, url: str, tmp: Path) -> None:
+        from ipam_da_consul.cni.compose import watch_kv
         from ipam_da_consul.cni.helper.caches import PoolCaches
-        from ipam_da_consul.cni.helper.server import watch_kv
         from ipam_da_consul.cni.state import open_state
 
         self.name = f"h{index}"

@@ -1,9 +1,10 @@
-"""What one call needs from outside itself, as protocols: a store to reach (Consul, unless a
-test hands the machine another) and, in the long-lived helper, what it keeps between calls.
+"""What one call needs from outside itself, as protocols: a store to reach (Consul's is built
+in cni/compose.py; the unit tier hands the machine one over an in-memory KV) and, in the
+long-lived helper, what it keeps between calls.
 
 A leaf module: cni.machine and cni/commands depend on these shapes, never on the helper or on
-Consul, so the helper can change (or move) without the machine importing any of it, and the
-unit tier can drive the machine over an in-memory KV.
+Consul (pyproject.toml's layer contracts hold them to it), so either can change without the
+machine importing any of it.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ if TYPE_CHECKING:
     from .config import ConsulSettings
 
 
-class Budget(Protocol):
-    """The call's time budget (consul.Deadline): `end` is moved to hand the rollback its
-    reserve."""
+class Deadline(Protocol):
+    """When the call's work must be over (consul.Deadline): `end` (monotonic) is moved to hand
+    the rollback its reserve."""
 
     end: float
 
@@ -39,7 +40,7 @@ class Store(Protocol):
     def kv(self) -> KV: ...
 
     @property
-    def deadline(self) -> Budget: ...
+    def deadline(self) -> Deadline: ...
 
     @property
     def current(self) -> str | None:
@@ -55,11 +56,11 @@ class Store(Protocol):
 
 
 class StoreFactory(Protocol):
-    """Opens the call's store: the settings, the seconds the work may take, and a server the
-    helper saw with a leader moments ago (None: choose one)."""
+    """Opens the call's store: the settings, the seconds the work may take (its deadline), and a
+    server the helper saw with a leader moments ago (None: choose one)."""
 
     def __call__(
-        self, settings: ConsulSettings, budget: float, known_good: str | None, /
+        self, settings: ConsulSettings, seconds: float, known_good: str | None, /
     ) -> Store: ...
 
 

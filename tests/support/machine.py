@@ -1,6 +1,6 @@
 """Drive cni.machine.Invocation over tests/support/memkv.py's MemKV, through the store factory: no
-Consul, no network, a call in milliseconds. Each call's walk through the states is read from
-the machine's own `state a -> b (trigger)` debug lines, so a test pins the exact path."""
+Consul, no network, a call in milliseconds. Each call's walk through the states is the
+invocation's own record of its transitions (Invocation.steps), so a test pins the exact path."""
 
 from __future__ import annotations
 
@@ -210,8 +210,7 @@ class Mem:
             code = inv.run()
         finally:
             logger.remove(sink)
-        walk = ["start"] + [ln.split(" -> ")[1].split(" ")[0] for ln in lines
-                            if ln.startswith("state ")]
+        walk = ["start"] + [dest for _, _, dest in inv.steps]
         store = self.stores[stores] if len(self.stores) > stores else None
         return Run(code, inv.output, walk, lines, inv, store)
 
