@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import marshal
+import math
 import os
 import select
 import socket
