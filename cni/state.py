@@ -36,10 +36,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..allocator.ledger import Claim
 from ..allocator.store import KV, StoreError
+
+if TYPE_CHECKING:
+    from marshmallow import Schema
 
 DEFAULT_STATE_DIR = "/var/lib/ipam-da-consul"
 STATE_DIR_ENV = "IPAM_DA_CONSUL_STATE_DIR"
@@ -146,19 +149,25 @@ class StateDir:
     def observed(self, key: str) -> tuple[int, float] | None:
         """The Consul index a run recorded under `key`, and how long ago (this host's
         monotonic clock, CLOCK_BOOTTIME): None when none was, or before the last boot."""
-        note = self.note(key)
-        if note is None or note.get("boot") != _boot_id():
+        from . import state_schemas as schemas
+
+        note = self.note(key, schemas.OBSERVED)
+        if note is None or note["boot"] != _boot_id():
             return None
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - float(note.get("since", 0))
-        index = note.get("index")
-        return (index, age) if isinstance(index, int) and age >= 0 else None
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - note["since"]
+        return (note["index"], age) if age >= 0 else None
 
     def observe(self, key: str, index: int) -> None:
-        self.write_note(key, {"index": index, "boot": _boot_id(),
-                              "since": time.clock_gettime(time.CLOCK_BOOTTIME)})
+        from . import state_schemas as schemas
 
-    def note(self, key: str) -> dict[str, Any] | None:
-        """What was noted under `key` (a small JSON object), if anything readable."""
+        since = time.clock_gettime(time.CLOCK_BOOTTIME)
+        body = {"index": index, "boot": _boot_id(), "since": since}
+        self.write_note(key, schemas.OBSERVED, body)
+
+    def note(self, key: str, schema: Schema) -> dict[str, Any] | None:
+        """What was noted under `key`, read through `schema`, if anything readable."""
+        from . import state_schemas as schemas
+
         name = _note_name(key)
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.notes_fd)
@@ -166,22 +175,23 @@ class StateDir:
             return None
         try:
             _file_of_ours(fd, name)
-            note = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            note = schemas.load(schema, json.loads(os.pread(fd, 4096, 0) or b"{}"))
         except (ValueError, StateError):
             return None
         finally:
             os.close(fd)
-        return note if isinstance(note, dict) and note.get("key") == key else None
+        return note if note["key"] == key else None
 
-    def write_note(self, key: str, body: dict[str, Any] | None) -> None:
-        """Note `body` under `key` (None: forget it). Written in one go: a note is a hint or
-        a watermark that a reader may miss, never a record another write depends on."""
+    def write_note(self, key: str, schema: Schema, body: dict[str, Any] | None) -> None:
+        """Note `body` under `key` through `schema` (None: forget it). Written in one go: a note
+        is a hint or a watermark that a reader may miss, never a record another write depends
+        on."""
         name = _note_name(key)
         if body is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=self.notes_fd)
             return
-        data = json.dumps({**body, "key": key}).encode()
+        data = json.dumps(schema.dump({**body, "key": key})).encode()
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self.notes_fd)
         try:
@@ -393,17 +403,20 @@ class NoteHints:
         self.state, self.scope = state, scope
 
     def hint(self, pool: str) -> str | None:
+        from . import state_schemas as schemas
+
         try:
-            note = self.state.note(f"stripe-hint {self.scope} {pool}")
+            note = self.state.note(f"stripe-hint {self.scope} {pool}", schemas.HINT)
         except OSError:
             return None
-        address = note.get("address") if note else None
-        return address if isinstance(address, str) else None
+        return note["address"] if note else None
 
     def remember_hint(self, pool: str, address: str | None) -> None:
+        from . import state_schemas as schemas
+
         body = None if address is None else {"address": address}
         with contextlib.suppress(OSError):
-            self.state.write_note(f"stripe-hint {self.scope} {pool}", body)
+            self.state.write_note(f"stripe-hint {self.scope} {pool}", schemas.HINT, body)
 
 
 class SessionFile:

@@ -1,6 +1,6 @@
 """The state folder's files as marshmallow schemas (cni/state.py): an attachment's entry (its
-claims, the call that left them, a DEL to finish) and a shared session's file. Each is read and
-written through its schema.
+claims, the call that left them, a DEL to finish), a shared session's file, and notes. Each is
+read and written through its schema.
 
 Imported by cni/state.py only when a file is read or written: most calls find no entry, and the
 module is read on every call.
@@ -8,6 +8,7 @@ module is read on every call.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
@@ -81,7 +82,37 @@ class SessionSchema(_File):
     since = fields.Float(required=True)
 
 
+class _Note(_File):
+    """A note (cni/state.py StateDir.note): a hint or a watermark a reader may miss. `key`
+    names what it is about, so a note read under another name is not taken for it."""
+
+    key = fields.String(required=True)
+
+
+class ObservedNoteSchema(_Note):
+    """The Consul index a run saw (reconcile's watermark), in which boot and when
+    (CLOCK_BOOTTIME): an age on one clock, never a wall time."""
+
+    index = fields.Integer(required=True, strict=True, validate=validate.Range(min=0))
+    boot = fields.String(required=True)
+    since = fields.Float(required=True)
+
+
+class HintNoteSchema(_Note):
+    """Where in-process calls last found room in a pool outside their home stripe."""
+
+    address = fields.String(required=True, validate=lambda text: _an_address(text))
+
+
+def _an_address(text: str) -> None:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ValidationError(f"not an address: {text!r}") from None
+
+
 ENTRY, CLAIM, CALL, SESSION = EntrySchema(), ClaimSchema(), CallSchema(), SessionSchema()
+OBSERVED, HINT = ObservedNoteSchema(), HintNoteSchema()
 
 
 def load(schema: Schema, data: Any) -> Any:

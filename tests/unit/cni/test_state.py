@@ -316,3 +316,25 @@ def test_the_helpers_stats_carry_the_journal_counts(tmp_path: Path) -> None:
         "journal_voided": 0,
         "journal_expired": 0,
     }
+
+
+def test_notes_are_read_through_their_schema_and_a_bad_one_is_no_note(tmp_path: Path) -> None:
+    state = folder(tmp_path)
+    hints = st.NoteHints(state, "scope")
+    hints.remember_hint("blue", "10.0.21.7")
+    assert hints.hint("blue") == "10.0.21.7"
+    assert st.NoteHints(state, "other scope").hint("blue") is None
+    state.observe("reconcile blue", 42)
+    seen = state.observed("reconcile blue")
+    assert seen is not None and seen[0] == 42 and 0 <= seen[1] < 60
+    notes = tmp_path / "state" / "notes"
+    bad: list[tuple[str, dict[str, object]]] = [
+        ("stripe-hint scope blue", {"address": "not an address"}),
+        ("reconcile blue", {"index": "42", "boot": "b", "since": 0.0}),
+    ]
+    for key, body in bad:
+        (notes / st._note_name(key)).write_text(json.dumps({**body, "key": key}))
+    assert hints.hint("blue") is None
+    assert state.observed("reconcile blue") is None
+    hints.remember_hint("blue", None)
+    assert not (notes / st._note_name("stripe-hint scope blue")).exists()
