@@ -246,9 +246,10 @@ def write_fleet(
               f"{ex['quiet_bytes_per_s_per_host']} B/s, c_q = "
               f"{ex['quiet_cpu_per_s_per_host']} s/s per host, a = {ex.get('a_bytes')} B, "
               f"b = {ex.get('b_bytes')} B, c_a = {ex.get('c_a_ms')} ms, c_b = "
-              f"{ex.get('c_b_ms')} ms. Wakes per write, measured against expected: "
+              f"{ex.get('c_b_ms')} ms, o = {ex.get('own_wakes_per_write')}. Wakes per write, "
+              "measured, next to (N-1)/S: "
               + "; ".join(f"{f['hosts']} hosts {f['wakes_per_write']} vs "
-                          f"{f['expected_wakes_per_write']}" for f in ex["fit"]), "",
+                          f"{f['others_homes_per_write']}" for f in ex["fit"]), "",
               "| hosts | allocations/s | leader MB/s | leader cores |", "|---:|---:|---:|---:|"]
     for r in ex["rows"]:
         lines.append(f"| {r['hosts']} | {r['rate']:g} | {r['leader_bytes_per_s'] / 1e6:.3f} | "

@@ -347,14 +347,16 @@ def extrapolate(idle: Window, quiets: list[Window], busy: list[Window]) -> dict[
     q_blocking = quiet.watch.blocking / (quiet.hosts * quiet.seconds)
     out: dict[str, Any] = {
         "formula": (
-            "bytes/s(N, R) = N*q + R*(a + 2*(1 + (N-1)/S)*b); "
-            "CPU/s(N, R) = idle + N*c_q + R*(c_a + 2*(1 + (N-1)/S)*c_b). "
+            "bytes/s(N, R) = N*q + R*(a + 2*(o + (N-1)/S)*b); "
+            "CPU/s(N, R) = idle + N*c_q + R*(c_a + 2*(o + (N-1)/S)*c_b). "
             "q, c_q: what one quiet host costs (bytes/s, CPU s/s; idle: Consul with no host); "
             "a: bytes Consul sends the calling host per ADD+DEL; b: bytes per wake of a stripe "
             "watcher (its key names listing and the new keys' values); each ADD and each DEL "
-            "writes a key of one stripe and wakes its watchers: the writer's own and, with N "
-            "hosts over S stripes (256 /24s of the /16), (N-1)/S others; c_a, c_b: Consul CPU "
-            "per ADD+DEL and per wake, fitted to the measured windows"
+            "writes a key of one stripe and wakes the watchers of the hosts whose home stripe "
+            "it is: with N hosts over S stripes (256 /24s of the /16), (N-1)/S others, and the "
+            "writer's own when it wrote in its home (o: the share of writes that did, at most "
+            "1, measured at the largest N); c_a, c_b: Consul CPU per ADD+DEL and per wake, "
+            "fitted to the measured windows"
         ),
         "idle_cpu_per_s": round(idle_cpu, 4),
         "quiet_bytes_per_s_per_host": round(q_bytes, 1),
@@ -378,7 +380,7 @@ def extrapolate(idle: Window, quiets: list[Window], busy: list[Window]) -> dict[
         out["fit"].append({
             "hosts": w.hosts, "pairs_per_s": round(w.pairs / w.seconds, 2),
             "wakes_per_write": round(wakes / (2 * w.pairs), 3),
-            "expected_wakes_per_write": round(1 + (w.hosts - 1) / STRIPES, 3),
+            "others_homes_per_write": round((w.hosts - 1) / STRIPES, 3),
             "bytes_per_wake": round(extra / wakes) if wakes else None,
         })
     if not samples:
@@ -388,9 +390,15 @@ def extrapolate(idle: Window, quiets: list[Window], busy: list[Window]) -> dict[
     c_a, c_b = _fit(samples)
     out.update(a_bytes=round(a), b_bytes=round(b), c_a_ms=round(1000 * c_a, 3),
                c_b_ms=round(1000 * c_b, 3))
+    largest = max(f["hosts"] for f in out["fit"])
+    own = min(1.0, max(0.0, statistics.median(
+        f["wakes_per_write"] - (f["hosts"] - 1) / STRIPES
+        for f in out["fit"] if f["hosts"] == largest
+    )))
+    out["own_wakes_per_write"] = round(own, 3)
     for n in (64, 256, 1000, 5000):
         for rate in (1.0, 10.0, 100.0):
-            wakes = 2 * (1 + (n - 1) / STRIPES)
+            wakes = 2 * (own + (n - 1) / STRIPES)
             out["rows"].append({
                 "hosts": n, "rate": rate,
                 "leader_bytes_per_s": round(n * q_bytes + rate * (a + wakes * b)),

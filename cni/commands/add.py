@@ -21,6 +21,7 @@ from ...allocator.layout import Layout
 from ...allocator.ledger import Claim
 from ...allocator.pool import Held, Pool, ip_of_key, spread_key
 from ...allocator.ranges import IPAddress, IPRange
+from ...allocator.store import KVEntry
 from ...allocator.stripes import Stripe, stripe_of
 from .. import config, result
 from ..errors import CNIError, Code
@@ -96,7 +97,14 @@ class Add(PoolCommand):
         self.home = stripes.at(stripes.home(host, name))
         self.hint = self.stripe_hint(name)
         self.walk = stripes.walk(host, name, self.hint)
-        self.pool = allocator.load(name, view=self.walk.pop(0), pool_key=pool_key)
+        self.pool = self.load_stripe(name, self.walk.pop(0), pool_key)
+
+    def load_stripe(self, name: str, stripe: Stripe, pool_key: KVEntry | None = None) -> Pool:
+        """A stripe of the pool: the helper keeps and watches the host's home stripe alone.
+        Any other (where the host last found room, the next ones) is read afresh: when many
+        hosts' homes are full they all look for room in the few stripes that have some, and a
+        watcher on each would make every write there wake all of them (`docs/scale.md`)."""
+        return self.allocator.load(name, view=stripe, pool_key=pool_key, fresh=stripe != self.home)
 
     def stripe_hint(self, pool: str) -> Stripe | None:
         hints = self.allocator.hints
@@ -194,7 +202,7 @@ class Add(PoolCommand):
         if pool.cached:
             self.pool = allocator.load(name, fresh=True, view=pool.view)
         elif self.walk:
-            self.pool = allocator.load(name, view=self.walk.pop(0))
+            self.pool = self.load_stripe(name, self.walk.pop(0))
         elif pool.view is not None and not self.widened:
             self.widened = "sketch"
             try:
