@@ -4,7 +4,7 @@ the connection settings with their rules (settings.py).
 Knows nothing of CNI or pools.
 """
 
-from .client import ConsulClient, Deadline, TLSConfig
+from .client import ConsulClient, Deadline, Sent, TLSConfig
 from .errors import ConsulError, ConsulUnavailable, SettingsError, UnsafeKey
 from .kv import ConsulKV
 from .settings import ConsulSettings, build_client
@@ -16,6 +16,7 @@ __all__ = [
     "ConsulSettings",
     "ConsulUnavailable",
     "Deadline",
+    "Sent",
     "SettingsError",
     "TLSConfig",
     "UnsafeKey",

@@ -13,11 +13,11 @@ of failure. An ACL token is never part of a message or a repr.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from .client import ConsulClient, Deadline, TLSConfig
+from .client import ConsulClient, Deadline, Sent, TLSConfig
 from .errors import SettingsError
 from .urls import shown_url
 
@@ -77,10 +77,14 @@ class ConsulSettings:
 
 
 def build_client(
-    settings: ConsulSettings, budget: float | None = None, known_good: str | None = None
+    settings: ConsulSettings,
+    budget: float | None = None,
+    known_good: str | None = None,
+    on_request: Callable[[Sent], None] | None = None,
 ) -> ConsulClient:
     """A client for `settings` whose time budget is `budget` seconds (default: the settings'
-    `timeout`). `known_good`: a server a long-lived caller saw with a leader moments ago."""
+    `timeout`). `known_good`: a server a long-lived caller saw with a leader moments ago.
+    `on_request`: told of each request sent (ConsulClient)."""
     return ConsulClient(
         settings.servers,
         connect_timeout=settings.connect_timeout,
@@ -92,6 +96,7 @@ def build_client(
         tls=settings.tls,
         datacenter=settings.datacenter,
         known_good=known_good,
+        on_request=on_request,
     )
 
 
