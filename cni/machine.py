@@ -4,6 +4,10 @@ The table below is the whole control flow. Each state has one handler (`at_<stat
 the work that state calls for and returns the trigger to fire next; any exception fires `fail`.
 Parsing is done here; from `parsed` on, the handlers are the command's (cni/commands/: one
 module per command, the shared ones in `base`).
+
+Each call keeps its own account (`Invocation.report`, cni/events.py): the transitions fired,
+every Consul request its stores sent, and at the end what it was about and how it ended. The
+helper's metrics and the verbose JSON log are made from it, and tests pin walks with it.
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ from ..allocator.errors import (
     PoolMissing,
     WriteConflict,
 )
+from ..allocator.layout import key_name
 from ..allocator.store import KV, StoreError, StoreUnavailable
-from ..consul import ConsulClient, ConsulKV, UnsafeKey, build_client
+from ..consul import ConsulClient, ConsulKV, Sent, UnsafeKey, build_client
 from . import config
-from .commands import KINDS, Command, Inputs
+from .commands import KINDS, Command, Inputs, PoolCommand
+from .commands.add import Add
 from .env import read_env
 from .errors import CNIError, Code
+from .events import Address, Observer, Report, Step
 from .schemas import SUPPORTED_VERSIONS
 from .state import Entry, StateDir
 from .stores import Budget, Caches, StoreFactory
@@ -83,9 +90,13 @@ _ERROR_CODES: list[tuple[type[Exception], Code]] = [
 
 
 def consul_client(
-    settings: config.ConsulSettings, budget: float | None = None, known_good: str | None = None
+    settings: config.ConsulSettings,
+    budget: float | None = None,
+    known_good: str | None = None,
+    on_request: Callable[[Sent], None] | None = None,
 ) -> ConsulClient:
-    return build_client(settings, budget, known_good)  # the one builder: consul/settings.py
+    # The one builder: consul/settings.py.
+    return build_client(settings, budget, known_good, on_request)
 
 
 class ConsulStore:
@@ -112,14 +123,18 @@ class ConsulStore:
 
 
 def consul_store(
-    settings: config.ConsulSettings, budget: float, known_good: str | None
+    settings: config.ConsulSettings,
+    budget: float,
+    known_good: str | None,
+    on_request: Callable[[Sent], None] | None = None,
 ) -> ConsulStore:
-    return ConsulStore(consul_client(settings, budget, known_good=known_good))
+    return ConsulStore(consul_client(settings, budget, known_good, on_request))
 
 
 class Invocation:
     """The model the machine drives: what the call was given, the command it turned out to be,
-    and the handler per state."""
+    the handler per state, and the call's account of itself (`report`). `observer` hears of
+    that account once the call has ended."""
 
     state: str
     trigger: Callable[..., bool]  # added by the Machine, as `state` is
@@ -134,18 +149,28 @@ class Invocation:
         store_factory: StoreFactory = consul_store,
         state: StateDir | None = None,
         entry: Entry | None = None,
+        observer: Observer | None = None,
     ) -> None:
+        call_id = os.urandom(6).hex()
+        self.report = Report(
+            call_id,
+            command=environ.get("CNI_COMMAND", ""),
+            container=environ.get("CNI_CONTAINERID", ""),
+            ifname=environ.get("CNI_IFNAME", ""),
+        )
+        self.observer = observer
         self.inputs = Inputs(
             stdin,
             environ,
             caches,
             time.monotonic() if started is None else started,
             abandoned,
-            os.urandom(6).hex(),
+            call_id,
             store_factory,
             state,
             self.nested,
             entry,
+            on_request=self.report.request,
         )
         self.cni_version = SUPPORTED_VERSIONS[-1]
         # Known once the environment is read; until then the base, whose hooks do nothing.
@@ -160,29 +185,66 @@ class Invocation:
             transitions=TRANSITIONS,
             initial="start",
             send_event=True,
-            after_state_change="log_transition",
+            after_state_change="record_transition",
             auto_transitions=False,
         )
 
     # -- driver ------------------------------------------------------------------------------
     def run(self) -> int:
-        while self.state not in ("done", "failed"):
+        began = time.monotonic()
+        # The call's ID on each of its lines, for the JSON log (cni/logs.py).
+        with logger.contextualize(call_id=self.inputs.call_id):
+            while self.state not in ("done", "failed"):
+                try:
+                    trigger = getattr(self, f"at_{self.state}")()
+                except Exception as exc:  # every failure ends in the error state, never a traceback
+                    error = self.as_cni_error(exc)
+                    instead = self.command.recover(error)
+                    if instead is not None:
+                        self.trigger(instead)
+                    else:
+                        self.trigger("fail", error=error)
+                    continue
+                self.trigger(trigger)
+            self.command.close()
+            if self.error is None:
+                self.output = self.command.output
+                code = 0
+            else:
+                code = int(self.error.code)
+            self.close_report(code, began)
+        return code
+
+    def close_report(self, code: int, began: float) -> None:
+        """Complete the call's account, log it, and tell the observer."""
+        report, command = self.report, self.command
+        report.code = code
+        report.error = self.error.msg if self.error is not None else ""
+        now = time.monotonic()
+        report.seconds, report.elapsed = now - began, now - self.inputs.started
+        if isinstance(command, PoolCommand):
+            report.network = command.conf.name
+            report.pools = [pool.name for pool in command.conf.pools]
+            if isinstance(command, Add):
+                report.conflicts = command.conflicts
+                report.addresses = [Address(a.pool, key_name(a.ip)) for a in command.assigned]
+            else:
+                report.addresses = [Address(None, str(i.ip)) for i in command.conf.prev_ips]
+        # The structured account rides along as `report` for the JSON log; the text is the
+        # text log's.
+        logger.bind(report=report).debug(
+            "{} ended with code {} in {:.1f} ms: {} Consul requests, {} lost compare-and-set",
+            report.command or "call",
+            code,
+            report.seconds * 1000,
+            len(report.requests),
+            report.conflicts,
+        )
+        if self.observer is not None:
             try:
-                trigger = getattr(self, f"at_{self.state}")()
-            except Exception as exc:  # every failure ends in the error state, never a traceback
-                error = self.as_cni_error(exc)
-                instead = self.command.recover(error)
-                if instead is not None:
-                    self.trigger(instead)
-                else:
-                    self.trigger("fail", error=error)
-                continue
-            self.trigger(trigger)
-        self.command.close()
-        if self.error is None:
-            self.output = self.command.output
-            return 0
-        return int(self.error.code)
+                self.observer(report)
+            except Exception as exc:  # metrics must never cost a call its answer
+                logger.warning("the call's observer failed: {!r}", exc)
 
     def nested(self, stdin: bytes, environ: Mapping[str, str], entry: Entry) -> tuple[int, str]:
         """Run another call of this attachment (a DEL its entry still owes) within this one,
@@ -201,12 +263,15 @@ class Invocation:
             entry=entry,
         )
         code = call.run()
+        # Its requests are this call's too (the helper counts them under this call).
+        self.report.requests += call.report.requests
         msg = call.error.msg if call.error is not None else ""
         return code, msg
 
-    def log_transition(self, event: EventData) -> None:
+    def record_transition(self, event: EventData) -> None:
         t = event.transition
         if t is not None:  # always, after a state change
+            self.report.steps.append(Step(t.source, t.dest or t.source, event.event.name))
             logger.debug("state {} -> {} ({})", t.source, t.dest, event.event.name)
 
     # -- handlers, one per state ------------------------------------------------------------

@@ -15,6 +15,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
+    from .events import Observer
     from .state import StateDir
     from .stores import Caches
 
@@ -88,15 +89,20 @@ def execute(
     started: float | None = None,
     abandoned: Callable[[], bool] | None = None,
     state: StateDir | None = None,
+    observer: Observer | None = None,
 ) -> tuple[str, int]:
     """Run one call; returns what goes to stdout and the exit code. `started` is the caller's
     `time.monotonic()` at its start: the call ends by `started` + `ipam.timeout`, rollback
-    included. `abandoned` says the caller hung up: the call then stops before any write."""
+    included. `abandoned` says the caller hung up: the call then stops before any write.
+    `observer` is told what the call did once it has ended (cni/events.py Report)."""
     import json
 
     from .machine import Invocation
 
-    call = Invocation(stdin, environ, caches, started=started, abandoned=abandoned, state=state)
+    call = Invocation(
+        stdin, environ, caches, started=started, abandoned=abandoned, state=state,
+        observer=observer,
+    )
     code = call.run()
     out = json.dumps(call.output) + "\n" if call.output is not None else ""
     return out, code

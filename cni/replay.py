@@ -20,13 +20,17 @@ from .commands.delete import REPLAY_MARK, Del
 from .config import load
 from .env import read_env
 from .errors import INPUT_CODES, CNIError
+from .events import Observer, Report
 from .machine import Invocation, consul_store
 from .state import Entry, StateDir
 from .stores import Caches
 
 
-def finish(entry: Entry, state: StateDir, caches: Caches | None = None) -> int:
-    """Do what the entry owes; the exit code of the attempt (0: nothing is left)."""
+def finish(
+    entry: Entry, state: StateDir, caches: Caches | None = None, observer: Observer | None = None
+) -> int:
+    """Do what the entry owes; the exit code of the attempt (0: nothing is left). `observer`
+    hears what each attempt did (the helper's metrics)."""
     if entry.deleting is not None:
         deleting = entry.deleting
         call = Invocation(
@@ -35,6 +39,7 @@ def finish(entry: Entry, state: StateDir, caches: Caches | None = None) -> int:
             caches,
             state=state,
             entry=entry,
+            observer=observer,
         )
         code = call.run()
         if code in INPUT_CODES:
@@ -51,11 +56,11 @@ def finish(entry: Entry, state: StateDir, caches: Caches | None = None) -> int:
             entry.write()
         return code
     if entry.has_work:
-        return void(entry, state)
+        return void(entry, state, observer)
     return 0
 
 
-def void(entry: Entry, state: StateDir) -> int:
+def void(entry: Entry, state: StateDir, observer: Observer | None = None) -> int:
     """Void the entry's claims in doubt (allocator.void): with the settings of the call that
     left them, through the same store and allocator a DEL of the attachment would use."""
     context = entry.context
@@ -67,9 +72,11 @@ def void(entry: Entry, state: StateDir) -> int:
         env = read_env({**context.env, "CNI_COMMAND": "DEL"})
         data = json.loads(context.stdin)
         conf = load(data, "DEL", context.env, env.args)
+        call_id = os.urandom(6).hex()
+        report = Report(call_id, "DEL")
         inputs = Inputs(
-            context.stdin, context.env, None, time.monotonic(), None, os.urandom(6).hex(),
-            consul_store, state, None, entry,
+            context.stdin, context.env, None, time.monotonic(), None, call_id,
+            consul_store, state, None, entry, on_request=report.request,
         )
         session = Del.open(inputs, env, conf, conf.cni_version)
     except (CNIError, ValueError) as exc:
@@ -84,6 +91,8 @@ def void(entry: Entry, state: StateDir) -> int:
         return 11
     finally:
         session.store.close()
+        if observer is not None:
+            observer(report)
     logger.warning("voided the writes in doubt of {}", "/".join(entry.attachment))
     return 0
 

@@ -25,6 +25,7 @@ from ...allocator.ranges import IPAddress
 from .. import config
 from ..env import Environment
 from ..errors import CNIError, Code
+from ..events import Request
 from ..state import SESSION_PERIOD, Entry, MemorySessions, StateDir, StateError
 from ..stores import Caches, PoolCache, Store, StoreFactory
 
@@ -57,6 +58,8 @@ class Inputs:
     nested: Callable[[bytes, Mapping[str, str], Entry], tuple[int, str]] | None = None
     # Given to a nested call: the entry its caller holds locked.
     entry: Entry | None = None
+    # Told of each Consul request the call's store sends (the call's report, cni/events.py).
+    on_request: Callable[[Request], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,7 @@ class PoolCommand(Command):
         host = conf.host or config.default_host()
         entry = cls.open_entry(inputs, conf, env, hard_end)
         ledger: Ledger = entry if entry is not None else MemoryLedger()
-        store = inputs.store_factory(settings, budget, known_good)
+        store = inputs.store_factory(settings, budget, known_good, inputs.on_request)
         still_wanted = write_guard(store, inputs.abandoned)
         allocator = Allocator(
             store.kv,

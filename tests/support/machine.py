@@ -1,6 +1,7 @@
 """Drive cni.machine.Invocation over tests/support/memkv.py's MemKV, through the store factory: no
-Consul, no network, a call in milliseconds. Each call's walk through the states is read from
-the machine's own `state a -> b (trigger)` debug lines, so a test pins the exact path."""
+Consul, no network, a call in milliseconds. Each call's walk through the states is the
+invocation's own account of the transitions it fired (`Invocation.report`, cni/events.py), so a
+test pins the exact path whatever the log lines say."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ipam_da_consul.cni.config import ConsulSettings
+from ipam_da_consul.cni.events import Request
 from ipam_da_consul.cni.machine import Invocation
 from ipam_da_consul.cni.state import StateDir
 from ipam_da_consul.consul import Deadline
@@ -175,7 +177,14 @@ class Mem:
     def keys(self, prefix: str = "ipam/") -> list[str]:
         return [e.key for e in self.kv.list(prefix)]
 
-    def factory(self, settings: ConsulSettings, budget: float, known_good: str | None) -> MemStore:
+    def factory(
+        self,
+        settings: ConsulSettings,
+        budget: float,
+        known_good: str | None,
+        on_request: Callable[[Request], None] | None = None,
+    ) -> MemStore:
+        # No HTTP here: MemStore counts its KV calls as requests (`requests_sent`) instead.
         store = MemStore(self.wrap(self.kv), Deadline(budget), known_good)
         self.stores.append(store)
         return store
@@ -210,8 +219,7 @@ class Mem:
             code = inv.run()
         finally:
             logger.remove(sink)
-        walk = ["start"] + [ln.split(" -> ")[1].split(" ")[0] for ln in lines
-                            if ln.startswith("state ")]
+        walk = inv.report.walk
         store = self.stores[stores] if len(self.stores) > stores else None
         return Run(code, inv.output, walk, lines, inv, store)
 
