@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def counted_kv(settings: ConsulSettings) -> WatchableKV:
             assert metrics is not None
-            return metrics.watch_kv(watch_kv(settings))
+            return metrics.watch_kv(watch_kv(settings, metrics.background_request))
 
         make_kv = counted_kv
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     if caches.replayer is not None:
         # Also finishes what a previous helper or an in-process call left: entries outlive them.
         threading.Thread(
-            target=replay_forever, args=(caches,), name="replay", daemon=True
+            target=replay_forever, args=(caches, metrics), name="replay", daemon=True
         ).start()
     if args.idle_exit is not None:
         threading.Thread(

@@ -50,6 +50,7 @@ from .wire import TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
 # needs none of them. A call that arrives before they are loaded waits for them in execute().
 if TYPE_CHECKING:
     from ...allocator.store import WatchableKV
+    from ...consul.client import Sent
     from ..config import ConsulSettings
     from ..state import Entry
     from .metrics import Metrics
@@ -67,11 +68,14 @@ _ANSWER_SEND = 10.0
 _LISTEN_FDS_START = 3
 
 
-def watch_kv(settings: ConsulSettings) -> WatchableKV:
-    """The KV one pool watcher reads with for its whole life (see watchkv.py)."""
+def watch_kv(
+    settings: ConsulSettings, on_request: Callable[[Sent], None] | None = None
+) -> WatchableKV:
+    """The KV one pool watcher reads with for its whole life (see watchkv.py); `on_request` is
+    told of each request it sends (the metrics' background requests)."""
     from .watchkv import WatchKV
 
-    return WatchKV(settings, _WATCH_BUDGET)
+    return WatchKV(settings, _WATCH_BUDGET, on_request)
 
 
 def preload() -> None:
@@ -226,13 +230,9 @@ class Handler(socketserver.StreamRequestHandler):
     def serve(self, call: Call, abandoned: Callable[[], bool]) -> dict[str, Any]:
         err = io.StringIO()
         log_file = call.env.get("IPAM_DA_CONSUL_LOG_FILE") or logs.DEFAULT_LOG_FILE
-        command = call.env.get("CNI_COMMAND", "")
-        began = time.monotonic()
-        # `command` rides along for the metrics sink, which sees this call's debug lines.
-        caches = self.server.caches
-        with logger.contextualize(
-            call=logs.CallLog(err, log_file if call.verbose else None), command=command
-        ):
+        caches, metrics = self.server.caches, self.server.metrics
+        log = logs.CallLog(err, log_file if call.verbose else None)
+        with logger.contextualize(call=log):
             out, code = execute(
                 call.stdin,
                 call.env,
@@ -240,26 +240,26 @@ class Handler(socketserver.StreamRequestHandler):
                 started=call.started,
                 abandoned=abandoned,
                 state=caches.state,
+                observer=metrics.observe_call if metrics is not None else None,
             )
         if caches.replayer is not None:
             caches.replayer.poke(code)  # a call went through: Consul may be back
-        if self.server.metrics is not None:
-            self.server.metrics.observe_call(command, code, time.monotonic() - began)
         return {"stdout": out, "stderr": err.getvalue(), "code": code}
 
 
-def replay_forever(caches: PoolCaches) -> None:
+def replay_forever(caches: PoolCaches, metrics: Metrics | None = None) -> None:
     """The replay thread (journal.py): each entry's work done as the plugin's calls do it."""
     preload()
     from .. import replay
 
     state, replayer = caches.state, caches.replayer
     assert state is not None and replayer is not None
+    observer = metrics.observe_replay if metrics is not None else None
 
     def finish(entry: Entry) -> int:
         # Its log lines go to the helper's stderr, where an operator looks for them later.
-        with logger.contextualize(call=logs.CallLog(sys.stderr), command="replay"):
-            return replay.finish(entry, state, caches)
+        with logger.contextualize(call=logs.CallLog(sys.stderr)):
+            return replay.finish(entry, state, caches, observer)
 
     replayer.finish = finish
     replayer.run_forever()

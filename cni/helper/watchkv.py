@@ -4,12 +4,14 @@ the Consul client, which the helper loads off its accepting thread (server.prelo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ...consul import ConsulKV, Deadline
 from ..machine import consul_client
 
 if TYPE_CHECKING:
+    from ...consul import Sent
     from ..config import ConsulSettings
 
 
@@ -19,8 +21,13 @@ class WatchKV(ConsulKV):
     check runs when the watcher starts or after a failure, never once per round. Each blocking
     query, with the reads of the round it starts, gets a fresh `budget`."""
 
-    def __init__(self, settings: ConsulSettings, budget: float) -> None:
-        super().__init__(consul_client(settings, budget))
+    def __init__(
+        self,
+        settings: ConsulSettings,
+        budget: float,
+        on_request: Callable[[Sent], None] | None = None,
+    ) -> None:
+        super().__init__(consul_client(settings, budget, on_request=on_request))
         self.budget = budget
 
     def keys_after(
