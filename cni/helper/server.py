@@ -231,7 +231,7 @@ class Handler(socketserver.StreamRequestHandler):
         err = io.StringIO()
         log_file = call.env.get("IPAM_DA_CONSUL_LOG_FILE") or logs.DEFAULT_LOG_FILE
         caches, metrics = self.server.caches, self.server.metrics
-        log = logs.CallLog(err, log_file if call.verbose else None)
+        log = logs.CallLog(err, log_file if call.verbose else None, logs.log_format(call.env))
         with logger.contextualize(call=log):
             out, code = execute(
                 call.stdin,
