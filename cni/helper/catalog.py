@@ -55,8 +55,9 @@ METRICS: tuple[Metric, ...] = (
         "exit code (0 for success, else the CNI error code)",
     ),
     Metric(
-        f"{PREFIX}_call_duration_seconds", "histogram", ("command",),
-        "Time the helper spent running a call, from the client's go to the answer",
+        f"{PREFIX}_call_duration_seconds", "histogram", ("command", "code"),
+        "Time the helper spent running a call, from the client's go to the answer, by CNI "
+        "command and exit code",
     ),
     Metric(
         f"{PREFIX}_cas_conflicts_total", "counter", ("command",),

@@ -117,9 +117,9 @@ class Metrics:
 
     def observe_call(self, report: Report) -> None:
         """A call the helper served has ended (execute()'s observer)."""
-        command = _command(report.command)
-        self.calls.labels(command, str(report.code)).inc()
-        self.call_seconds.labels(command).observe(report.seconds)
+        command, code = _command(report.command), str(report.code)
+        self.calls.labels(command, code).inc()
+        self.call_seconds.labels(command, code).observe(report.seconds)
         if report.conflicts:
             self.conflicts.labels(command).inc(report.conflicts)
         for sent in report.requests:

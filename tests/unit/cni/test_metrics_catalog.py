@@ -94,7 +94,7 @@ def test_a_calls_report_and_background_requests_are_counted() -> None:
     p = catalog.PREFIX
     assert value(f"{p}_calls_total", command="ADD", code="0") == 1
     assert value(f"{p}_calls_total", command="other", code="4") == 1  # bounded commands
-    assert value(f"{p}_call_duration_seconds_count", command="ADD") == 1
+    assert value(f"{p}_call_duration_seconds_count", command="ADD", code="0") == 1
     assert value(f"{p}_cas_conflicts_total", command="ADD") == 2
     assert value(f"{p}_consul_requests_total", source="call", method="PUT", status="200") == 1
     assert value(f"{p}_consul_requests_total", source="call", method="PUT", status="error") == 1
