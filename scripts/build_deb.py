@@ -45,7 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEB = ROOT / "deploy" / "debian"
 UNITS = ROOT / "deploy" / "systemd"
 PACKAGE = "ipam-da-consul"
-NAMES = ("ipam-da-consul", "ipam-da-consul-verbose", "ipam-da-consul-admin", "ipam-da-consul-helper")
+NAMES = (
+    "ipam-da-consul", "ipam-da-consul-verbose", "ipam-da-consul-admin", "ipam-da-consul-helper"
+)
 BIN = "opt/cni/bin"
 # Runtimes that only look in Debian's CNI folder find the plugin there too.
 LINKED_CNI = ("ipam-da-consul", "ipam-da-consul-verbose")
@@ -331,7 +333,8 @@ def helper_page(single: Path, version: str, date: str) -> str:
         "blocking queries, and serves the plugin's calls on a unix socket that only root may use.",
         "Optional: without it every call runs in the plugin process, with the same results.",
         "The Debian package starts it through \\fIipam\\-da\\-consul\\-helper.socket\\fR on the",
-        "first call; its options are \\fBHELPER_ARGS\\fR in \\fI/etc/default/ipam\\-da\\-consul\\fR.",
+        "first call; its options are \\fBHELPER_ARGS\\fR in",
+        "\\fI/etc/default/ipam\\-da\\-consul\\fR.",
         ".PP",
         roff_literal(text).rstrip("\n"),
         ".SH FILES",
