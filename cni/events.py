@@ -56,7 +56,7 @@ class Address:
 
 
 @dataclass
-class Report:
+class CallRecord:
     """One call, filled in as it runs and complete once it has ended."""
 
     call_id: str
@@ -78,7 +78,11 @@ class Report:
     seconds: float = 0.0
     elapsed: float = 0.0
     steps: list[Step] = field(default_factory=list)
+    # Every request sent during the call, those of a call it ran within itself included (a
+    # DEL its attachment still owed): all of them were this call's doing.
     requests: list[Request] = field(default_factory=list)
+    # The ID of the call this one ran within, if it did (its requests are that call's too).
+    within: str | None = None
 
     @property
     def walk(self) -> list[str]:
@@ -94,6 +98,7 @@ class Report:
         config, no token; servers are shown without user-info."""
         return {
             "call": self.call_id,
+            "within": self.within,
             "command": self.command,
             "container": self.container,
             "ifname": self.ifname,
@@ -121,4 +126,4 @@ class Report:
 
 
 # Told of each call once it has ended (execute()'s `observer`): the helper's metrics.
-Observer = Callable[[Report], None]
+Observer = Callable[[CallRecord], None]

@@ -8,7 +8,7 @@ never mix their lines and each caller gets its own warnings back.
 The file's format is text (for people: lines may span several lines, their wording changes)
 or, with IPAM_DA_CONSUL_LOG_FORMAT=json, one JSON object per line for log shippers: each
 message as `{"event": "log", ...}` with its call's ID, and at each call's end its account
-(cni/events.py Report) as `{"event": "call", ...}`: command, container, network, pools,
+(cni/events.py CallRecord) as `{"event": "call", ...}`: command, container, network, pools,
 addresses, code, duration and each Consul request. Both formats are written alike: one
 `os.write` of whole lines to a descriptor opened O_APPEND, so any number of processes can
 append at once and logrotate's copytruncate (deploy/debian/ipam-da-consul.logrotate) loses
@@ -164,9 +164,9 @@ def _json_line(stamp: str, record: dict[str, Any], text: str) -> str:
     """One JSON object on one line: json.dumps escapes every newline a message may hold."""
     extra = record["extra"]
     head: dict[str, Any] = {"time": stamp, "pid": os.getpid(), "level": record["level"].name}
-    report = extra.get("report")
-    if report is not None:
-        body = {"event": "call", **head, **report.as_json()}
+    call_record = extra.get("call_record")
+    if call_record is not None:
+        body = {"event": "call", **head, **call_record.as_json()}
     else:
         body = {"event": "log", **head, "call": extra.get("call_id"), "msg": text}
     return json.dumps(body, ensure_ascii=False, default=str) + "\n"

@@ -5,7 +5,7 @@ the work that state calls for and returns the trigger to fire next; any exceptio
 Parsing is done here; from `parsed` on, the handlers are the command's (cni/commands/: one
 module per command, the shared ones in `base`).
 
-Each call keeps its own account (`Invocation.report`, cni/events.py): the transitions fired,
+Each call keeps its own account (`Invocation.record`, cni/events.py): the transitions fired,
 every Consul request its stores sent, and at the end what it was about and how it ended. The
 helper's metrics and the verbose JSON log are made from it, and tests pin walks with it.
 """
@@ -41,7 +41,7 @@ from .commands import KINDS, Command, Inputs, PoolCommand
 from .commands.add import Add
 from .env import read_env
 from .errors import CNIError, Code
-from .events import Address, Observer, Report, Step
+from .events import Address, CallRecord, Observer, Step
 from .schemas import SUPPORTED_VERSIONS
 from .state import Entry, StateDir
 from .stores import Budget, Caches, StoreFactory
@@ -133,8 +133,8 @@ def consul_store(
 
 class Invocation:
     """The model the machine drives: what the call was given, the command it turned out to be,
-    the handler per state, and the call's account of itself (`report`). `observer` hears of
-    that account once the call has ended."""
+    the handler per state, and the call's account of itself (`record`, cni/events.py).
+    `observer` hears of that account once the call has ended."""
 
     state: str
     trigger: Callable[..., bool]  # added by the Machine, as `state` is
@@ -152,7 +152,7 @@ class Invocation:
         observer: Observer | None = None,
     ) -> None:
         call_id = os.urandom(6).hex()
-        self.report = Report(
+        self.record = CallRecord(
             call_id,
             command=environ.get("CNI_COMMAND", ""),
             container=environ.get("CNI_CONTAINERID", ""),
@@ -170,7 +170,7 @@ class Invocation:
             state,
             self.nested,
             entry,
-            on_request=self.report.request,
+            on_request=self.record.request,
         )
         self.cni_version = SUPPORTED_VERSIONS[-1]
         # Known once the environment is read; until then the base, whose hooks do nothing.
@@ -212,37 +212,37 @@ class Invocation:
                 code = 0
             else:
                 code = int(self.error.code)
-            self.close_report(code, began)
+            self.close_record(code, began)
         return code
 
-    def close_report(self, code: int, began: float) -> None:
+    def close_record(self, code: int, began: float) -> None:
         """Complete the call's account, log it, and tell the observer."""
-        report, command = self.report, self.command
-        report.code = code
-        report.error = self.error.msg if self.error is not None else ""
+        record, command = self.record, self.command
+        record.code = code
+        record.error = self.error.msg if self.error is not None else ""
         now = time.monotonic()
-        report.seconds, report.elapsed = now - began, now - self.inputs.started
+        record.seconds, record.elapsed = now - began, now - self.inputs.started
         if isinstance(command, PoolCommand):
-            report.network = command.conf.name
-            report.pools = [pool.name for pool in command.conf.pools]
+            record.network = command.conf.name
+            record.pools = [pool.name for pool in command.conf.pools]
             if isinstance(command, Add):
-                report.conflicts = command.conflicts
-                report.addresses = [Address(a.pool, key_name(a.ip)) for a in command.assigned]
+                record.conflicts = command.conflicts
+                record.addresses = [Address(a.pool, key_name(a.ip)) for a in command.assigned]
             else:
-                report.addresses = [Address(None, str(i.ip)) for i in command.conf.prev_ips]
-        # The structured account rides along as `report` for the JSON log; the text is the
+                record.addresses = [Address(None, str(i.ip)) for i in command.conf.prev_ips]
+        # The structured account rides along as `call_record` for the JSON log; the text is the
         # text log's.
-        logger.bind(report=report).debug(
+        logger.bind(call_record=record).debug(
             "{} ended with code {} in {:.1f} ms: {} Consul requests, {} lost compare-and-set",
-            report.command or "call",
+            record.command or "call",
             code,
-            report.seconds * 1000,
-            len(report.requests),
-            report.conflicts,
+            record.seconds * 1000,
+            len(record.requests),
+            record.conflicts,
         )
         if self.observer is not None:
             try:
-                self.observer(report)
+                self.observer(record)
             except Exception as exc:  # metrics must never cost a call its answer
                 logger.warning("the call's observer failed: {!r}", exc)
 
@@ -262,16 +262,17 @@ class Invocation:
             state=inputs.state,
             entry=entry,
         )
+        call.record.within = inputs.call_id
         code = call.run()
         # Its requests are this call's too (the helper counts them under this call).
-        self.report.requests += call.report.requests
+        self.record.requests += call.record.requests
         msg = call.error.msg if call.error is not None else ""
         return code, msg
 
     def record_transition(self, event: EventData) -> None:
         t = event.transition
         if t is not None:  # always, after a state change
-            self.report.steps.append(Step(t.source, t.dest or t.source, event.event.name))
+            self.record.steps.append(Step(t.source, t.dest or t.source, event.event.name))
             logger.debug("state {} -> {} ({})", t.source, t.dest, event.event.name)
 
     # -- handlers, one per state ------------------------------------------------------------

@@ -94,7 +94,7 @@ def execute(
     """Run one call; returns what goes to stdout and the exit code. `started` is the caller's
     `time.monotonic()` at its start: the call ends by `started` + `ipam.timeout`, rollback
     included. `abandoned` says the caller hung up: the call then stops before any write.
-    `observer` is told what the call did once it has ended (cni/events.py Report)."""
+    `observer` is told what the call did once it has ended (cni/events.py CallRecord)."""
     import json
 
     from .machine import Invocation

@@ -20,7 +20,7 @@ from .commands.delete import REPLAY_MARK, Del
 from .config import load
 from .env import read_env
 from .errors import INPUT_CODES, CNIError
-from .events import Observer, Report
+from .events import CallRecord, Observer
 from .machine import Invocation, consul_store
 from .state import Entry, StateDir
 from .stores import Caches
@@ -73,10 +73,10 @@ def void(entry: Entry, state: StateDir, observer: Observer | None = None) -> int
         data = json.loads(context.stdin)
         conf = load(data, "DEL", context.env, env.args)
         call_id = os.urandom(6).hex()
-        report = Report(call_id, "DEL")
+        record = CallRecord(call_id, "DEL")
         inputs = Inputs(
             context.stdin, context.env, None, time.monotonic(), None, call_id,
-            consul_store, state, None, entry, on_request=report.request,
+            consul_store, state, None, entry, on_request=record.request,
         )
         session = Del.open(inputs, env, conf, conf.cni_version)
     except (CNIError, ValueError) as exc:
@@ -92,7 +92,7 @@ def void(entry: Entry, state: StateDir, observer: Observer | None = None) -> int
     finally:
         session.store.close()
         if observer is not None:
-            observer(report)
+            observer(record)
     logger.warning("voided the writes in doubt of {}", "/".join(entry.attachment))
     return 0
 

@@ -5,7 +5,7 @@ serve metrics: the thin client and the in-process plugin never pay for it. What 
 with names, types, labels and help, is catalog.py's one list.
 
 What is counted comes from explicit events, never from log text: each call's account of itself
-(cni/events.py Report: its command and code, its lost compare-and-sets, every Consul request
+(cni/events.py CallRecord: its command and code, its lost compare-and-sets, every Consul request
 its stores sent), handed over by the machine when the call ends (`observe_call`); the requests
 of the pool watchers and of the journal's replay from the Consul client's `on_request` hook
 (`background_request`); cache refreshes from the KV the helper hands its pool watchers; the
@@ -49,7 +49,7 @@ from .catalog import DROP_REASONS, OUTCOMES, PREFIX
 
 if TYPE_CHECKING:
     from ...allocator.store import KVEntry, Op, TxnResult, WatchableKV
-    from ..events import Report, Request
+    from ..events import CallRecord, Request
 
 __all__ = ["DROP_REASONS", "PREFIX", "Metrics", "Sources"]
 
@@ -115,23 +115,23 @@ class Metrics:
         r.register(self.state)
         self.listener: Listener | None = None
 
-    def observe_call(self, report: Report) -> None:
+    def observe_call(self, record: CallRecord) -> None:
         """A call the helper served has ended (execute()'s observer)."""
-        command, code = _command(report.command), str(report.code)
+        command, code = _command(record.command), str(record.code)
         self.calls.labels(command, code).inc()
-        self.call_seconds.labels(command, code).observe(report.seconds)
-        if report.conflicts:
-            self.conflicts.labels(command).inc(report.conflicts)
-        for sent in report.requests:
+        self.call_seconds.labels(command, code).observe(record.seconds)
+        if record.conflicts:
+            self.conflicts.labels(command).inc(record.conflicts)
+        for sent in record.requests:
             self._request("call", sent)
 
     def background_request(self, sent: Request) -> None:
         """A request of a pool watcher (the Consul client's on_request)."""
         self._request("background", sent)
 
-    def observe_replay(self, report: Report) -> None:
+    def observe_replay(self, record: CallRecord) -> None:
         """Work the journal's replay did for an entry: its requests are the helper's own."""
-        for sent in report.requests:
+        for sent in record.requests:
             self._request("background", sent)
 
     def _request(self, source: str, sent: Request) -> None:

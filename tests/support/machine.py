@@ -1,6 +1,6 @@
 """Drive cni.machine.Invocation over tests/support/memkv.py's MemKV, through the store factory: no
 Consul, no network, a call in milliseconds. Each call's walk through the states is the
-invocation's own account of the transitions it fired (`Invocation.report`, cni/events.py), so a
+invocation's own account of the transitions it fired (`Invocation.record`, cni/events.py), so a
 test pins the exact path whatever the log lines say."""
 
 from __future__ import annotations
@@ -47,6 +47,19 @@ def netconf(
     }
 
 
+@dataclass(frozen=True)
+class MemRequest:
+    """One call of the in-memory KV, told to the store's `on_request` as ConsulClient tells
+    of an HTTP request (cni/events.py Request): the method is the KV operation's name."""
+
+    method: str
+    path: str
+    server: str = "mem://leader"
+    status: int | None = 200
+    error: str | None = None
+    seconds: float = 0.0
+
+
 class _Counted:
     """The store's KV: each call of a method is one request, as ConsulClient counts them."""
 
@@ -61,6 +74,8 @@ class _Counted:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             self.store.requests_sent += 1
+            if self.store.on_request is not None:
+                self.store.on_request(MemRequest(name, str(args[0]) if args else ""))
             return attr(*args, **kwargs)
 
         return call
@@ -76,6 +91,7 @@ class MemStore:
     requests_sent: int = 0
     selects: int = 0
     closed: bool = False
+    on_request: Callable[[Request], None] | None = None
 
     def __post_init__(self) -> None:
         self.kv = _Counted(self.kv, self)
@@ -184,8 +200,8 @@ class Mem:
         known_good: str | None,
         on_request: Callable[[Request], None] | None = None,
     ) -> MemStore:
-        # No HTTP here: MemStore counts its KV calls as requests (`requests_sent`) instead.
-        store = MemStore(self.wrap(self.kv), Deadline(budget), known_good)
+        # No HTTP here: each KV call is a request (`requests_sent`, `on_request`).
+        store = MemStore(self.wrap(self.kv), Deadline(budget), known_good, on_request=on_request)
         self.stores.append(store)
         return store
 
@@ -219,7 +235,7 @@ class Mem:
             code = inv.run()
         finally:
             logger.remove(sink)
-        walk = inv.report.walk
+        walk = inv.record.walk
         store = self.stores[stores] if len(self.stores) > stores else None
         return Run(code, inv.output, walk, lines, inv, store)
 

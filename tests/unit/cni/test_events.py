@@ -1,4 +1,4 @@
-"""A call's account of itself (cni/events.py Report), told by the code that did the work: the
+"""A call's account of itself (cni/events.py CallRecord), told by the code that did the work: the
 transitions the machine fired, the compare-and-sets ADD lost, every request the Consul client
 sent (its `on_request` hook), and what the call was about. The helper's metrics and the JSON
 log are made from it (tests/unit/cni/test_metrics_events.py, test_logs_json.py); nothing here
@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from ipam_da_consul.cni.events import Address, Report, Step
+from ipam_da_consul.cni.events import Address, CallRecord, Step
 from ipam_da_consul.cni.machine import ConsulStore, Invocation
 from ipam_da_consul.consul import ConsulClient, Sent
 from loguru import logger
@@ -39,7 +39,7 @@ def test_an_add_that_lost_a_race_reports_its_walk_conflict_and_address() -> None
             aside(m, KEY10, {"target": "thief"})
 
     m.kv.before_write = thief
-    seen: list[Report] = []
+    seen: list[CallRecord] = []
     inv = Invocation(
         json.dumps(netconf()).encode(),
         {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0"},
@@ -47,21 +47,21 @@ def test_an_add_that_lost_a_race_reports_its_walk_conflict_and_address() -> None
         observer=seen.append,
     )
     assert inv.run() == 0
-    assert seen == [inv.report]
-    report = inv.report
-    assert report.steps[3:6] == [
+    assert seen == [inv.record]
+    record = inv.record
+    assert record.steps[3:6] == [
         Step("pool_loaded", "ip_picked", "pick_ip"),
         Step("ip_picked", "pool_loaded", "conflict"),
         Step("pool_loaded", "ip_picked", "pick_ip"),
     ]
-    assert report.walk == ["start", "parsed", "connected", "pool_loaded", "ip_picked",
+    assert record.walk == ["start", "parsed", "connected", "pool_loaded", "ip_picked",
                            "pool_loaded", "ip_picked", "pool_done", "done"]
-    assert report.conflicts == 1
-    assert (report.command, report.container, report.ifname) == ("ADD", "c1", "eth0")
-    assert (report.network, report.pools) == ("net", ["p"])
-    assert report.addresses == [Address("p", "10.0.0.11")]
-    assert (report.code, report.error) == (0, "")
-    assert 0 < report.seconds <= report.elapsed
+    assert record.conflicts == 1
+    assert (record.command, record.container, record.ifname) == ("ADD", "c1", "eth0")
+    assert (record.network, record.pools) == ("net", ["p"])
+    assert record.addresses == [Address("p", "10.0.0.11")]
+    assert (record.code, record.error) == (0, "")
+    assert 0 < record.seconds <= record.elapsed
 
 
 def test_the_last_race_lost_when_time_runs_out_is_counted_too() -> None:
@@ -78,11 +78,11 @@ def test_the_last_race_lost_when_time_runs_out_is_counted_too() -> None:
     m.kv.before_write = thief
     run = m.call("ADD")
     assert run.code == 125
-    report = run.inv.report
-    assert report.conflicts == 1 and "conflict" not in [s.trigger for s in report.steps]
-    assert report.walk[-1] == "failed" and report.code == 125
-    assert "compare-and-set" in report.error
-    assert report.addresses == []
+    record = run.inv.record
+    assert record.conflicts == 1 and "conflict" not in [s.trigger for s in record.steps]
+    assert record.walk[-1] == "failed" and record.code == 125
+    assert "compare-and-set" in record.error
+    assert record.addresses == []
 
 
 def test_a_del_reports_the_addresses_the_runtime_named() -> None:
@@ -93,24 +93,24 @@ def test_a_del_reports_the_addresses_the_runtime_named() -> None:
     conf["prevResult"] = add.output
     run = m.call("DEL", conf)
     assert run.code == 0
-    report = run.inv.report
-    assert report.addresses == [Address(None, "10.0.0.10")]
-    assert report.conflicts == 0 and report.command == "DEL"
+    record = run.inv.record
+    assert record.addresses == [Address(None, "10.0.0.10")]
+    assert record.conflicts == 0 and record.command == "DEL"
 
 
 def test_a_call_that_cannot_be_parsed_still_reports_its_command_and_code() -> None:
-    seen: list[Report] = []
+    seen: list[CallRecord] = []
     inv = Invocation(b"{not json", {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c9",
                                     "CNI_IFNAME": "eth0"}, observer=seen.append)
     assert inv.run() == 6
-    (report,) = seen
-    assert report.walk == ["start", "failed"]
-    assert (report.command, report.container, report.code, report.network) == ("ADD", "c9", 6, "")
-    assert report.requests == []
+    (record,) = seen
+    assert record.walk == ["start", "failed"]
+    assert (record.command, record.container, record.code, record.network) == ("ADD", "c9", 6, "")
+    assert record.requests == []
 
 
 def test_a_failing_observer_costs_the_call_nothing() -> None:
-    def broken(report: Report) -> None:
+    def broken(report: CallRecord) -> None:
         raise RuntimeError("metrics bug")
 
     inv = Invocation(b'{"cniVersion": "1.0.0"}', {"CNI_COMMAND": "VERSION"}, observer=broken)
@@ -166,11 +166,11 @@ def test_the_calls_store_tells_the_report_of_each_request() -> None:
                      {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_IFNAME": "eth0"},
                      store_factory=store)
     assert inv.run() == 114  # the fake's KV holds no pool
-    assert [(r.method, r.path, r.status) for r in inv.report.requests] == [
-        (s.method, s.path, r.status) for s, r in zip(fake.sent, inv.report.requests, strict=True)
+    assert [(r.method, r.path, r.status) for r in inv.record.requests] == [
+        (s.method, s.path, r.status) for s, r in zip(fake.sent, inv.record.requests, strict=True)
     ]
-    assert inv.report.requests[0].path == LEADER_PATH
-    assert len(inv.report.requests) == len(fake.sent) >= 2
+    assert inv.record.requests[0].path == LEADER_PATH
+    assert len(inv.record.requests) == len(fake.sent) >= 2
 
 
 @pytest.fixture
@@ -187,6 +187,36 @@ def test_the_account_rides_on_one_log_record_with_the_call_id_on_every_line(reco
     run = m.call("ADD")
     ids = {r["extra"].get("call_id") for r in records}
     assert ids == {run.inv.inputs.call_id}
-    carrying = [r for r in records if "report" in r["extra"]]
-    assert len(carrying) == 1 and carrying[0]["extra"]["report"] is run.inv.report
+    carrying = [r for r in records if "call_record" in r["extra"]]
+    assert len(carrying) == 1 and carrying[0]["extra"]["call_record"] is run.inv.record
     assert carrying[0] is records[-1]
+
+
+def test_a_call_run_within_another_counts_its_requests_for_both(tmp_path) -> None:
+    """An ADD first finishes the DEL its attachment still owes (taken over while Consul was
+    away), in a call of its own: that call's record says so (`within`), and the ADD's requests
+    include its requests, which were the ADD's doing."""
+    from ipam_da_consul.cni.state import open_state
+    from ipam_da_consul.consul import ConsulUnavailable
+
+    from tests.support.machine import Caches, Faulty
+
+    m = Mem(open_state(str(tmp_path / "state")))
+    m.pool()
+    assert m.call("ADD").code == 0
+    m.wrap = lambda kv: Faulty(kv, "txn", ConsulUnavailable("no Consul server answered"))
+    assert m.call("DEL", caches=Caches()).code == 0
+    m.wrap = lambda kv: kv
+    got: list[Any] = []
+    sink = logger.add(lambda msg: got.append(msg.record["extra"].get("call_record")),
+                      level="DEBUG", format="{message}")
+    try:
+        add = m.call("ADD")
+    finally:
+        logger.remove(sink)
+    nested, outer = [r for r in got if r is not None]
+    assert (nested.command, nested.within, outer.within) == ("DEL", add.inv.inputs.call_id, None)
+    assert outer is add.inv.record and nested.requests
+    # The DEL ran first, then the ADD sent its own.
+    assert outer.requests[: len(nested.requests)] == nested.requests
+    assert len(outer.requests) > len(nested.requests)

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ipam_da_consul.cni.events import Report, Step
+from ipam_da_consul.cni.events import CallRecord, Step
 from ipam_da_consul.cni.helper import catalog
 from ipam_da_consul.cni.helper.metrics import Metrics, Sources
 from ipam_da_consul.consul import Sent
@@ -34,8 +34,8 @@ def exposition(metrics: Metrics) -> dict[str, Any]:
     return {f.name: f for f in text_string_to_metric_families(body.decode())}
 
 
-def report(**kw: Any) -> Report:
-    r = Report("c0ffee", command="ADD", container="abc", ifname="eth0", network="n",
+def report(**kw: Any) -> CallRecord:
+    r = CallRecord("c0ffee", command="ADD", container="abc", ifname="eth0", network="n",
                pools=["blue"], code=0, seconds=0.02)
     for k, v in kw.items():
         setattr(r, k, v)
@@ -172,5 +172,5 @@ def test_the_metrics_table_in_the_docs_is_the_catalog() -> None:
 
 
 def test_step_reports_walks() -> None:
-    r = Report("x", steps=[Step("start", "parsed", "parse"), Step("parsed", "done", "report")])
+    r = CallRecord("x", steps=[Step("start", "parsed", "parse"), Step("parsed", "done", "report")])
     assert r.walk == ["start", "parsed", "done"]
