@@ -9,9 +9,15 @@ import shutil
 import subprocess
 
 import pytest
-import yaml
 
-from tests.support.promql import RULE_TESTS, RULES, known_series, metric_names, rules
+from tests.support.promql import (
+    RULE_TESTS,
+    RULES,
+    known_series,
+    load_yaml,
+    metric_names,
+    rules,
+)
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
@@ -35,7 +41,7 @@ def test_the_rules_unit_tests_pass() -> None:
 
 
 def test_every_alert_is_tested_firing_and_quiet() -> None:
-    tested = [t for case in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    tested = [t for case in load_yaml(RULE_TESTS)["tests"]
               for t in case.get("alert_rule_test", [])]
     fired = {t["alertname"] for t in tested if t.get("exp_alerts")}
     quiet = {t["alertname"] for t in tested if not t.get("exp_alerts")}
