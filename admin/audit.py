@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..allocator.errors import InvalidPool
@@ -23,6 +23,7 @@ KINDS = (
     "missing-pool",  # allocations under a folder whose pool key is gone
     "invalid-ranges",  # the pool key does not hold IP ranges the plugin accepts
     "overlapping-ranges",  # two ranges share addresses: capacity counts them twice
+    "overlapping-pools",  # another pool hands out some of the same addresses
     "missing-folder",  # no `<pool>/` key: the seed requires it and older readers fail without
     "invalid-key",  # a key in the folder not named after an IP in canonical form
     "invalid-value",  # a value that is not an Allocation object
@@ -196,3 +197,107 @@ def _check_duplicates(report: Report, held: Sequence[Held]) -> None:
 
 def _span(rng: IPRange) -> str:
     return f"{rng.start}-{rng.end}"
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Two pools that can hand out the same addresses: range `index` of `pool` and range
+    `other_index` of `other` share `count` allocatable addresses, the lowest `first`."""
+
+    pool: str
+    index: int
+    rng: IPRange
+    other: str
+    other_index: int
+    other_rng: IPRange
+    first: int
+    count: int
+
+    def describe(self) -> str:
+        """As seen from `pool`."""
+        make = ipaddress.ip_address
+        return (
+            f"range {self.index + 1} ({_span(self.rng)}) shares {self.count} address(es), from "
+            f"{make(self.first)}, with pool {self.other!r} (its range {self.other_index + 1}, "
+            f"{_span(self.other_rng)})"
+        )
+
+    def turned(self) -> Overlap:
+        return Overlap(
+            self.other, self.other_index, self.other_rng, self.pool, self.index, self.rng,
+            self.first, self.count,
+        )
+
+
+def _allocatable_spans(rng: IPRange) -> list[tuple[int, int]]:
+    """start..end without excluded and reserved addresses, as sorted inclusive int spans: two
+    pools that split a subnet with `exclude` share none."""
+    lo, hi = int(rng.start), int(rng.end)
+    blocked = sorted([*rng.excluded, *((r, r) for r in rng.reserved() if lo <= r <= hi)])
+    out, at = [], lo
+    for a, b in blocked:
+        if b < at:
+            continue
+        if a > hi:
+            break
+        if a > at:
+            out.append((at, a - 1))
+        at = b + 1
+    if at <= hi:
+        out.append((at, hi))
+    return out
+
+
+def _shared(a: IPRange, b: IPRange) -> tuple[int, int] | None:
+    """The lowest address both hand out, and how many they share; None when none."""
+    xs, ys = _allocatable_spans(a), _allocatable_spans(b)
+    i = j = count = 0
+    first: int | None = None
+    while i < len(xs) and j < len(ys):
+        lo, hi = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        if lo <= hi:
+            first = lo if first is None else first
+            count += hi - lo + 1
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return None if first is None else (first, count)
+
+
+def overlapping_pools(pools: Mapping[str, Sequence[IPRange]]) -> list[Overlap]:
+    """Every pair of ranges of two different pools that share an allocatable address. A sweep
+    over the ranges by start address: pools of thousands of ranges compare only neighbours."""
+    items = sorted(
+        ((r.version, int(r.start), int(r.end), name, i, r)
+         for name, ranges in pools.items() for i, r in enumerate(ranges)),
+        key=lambda t: t[:3],
+    )
+    out: list[Overlap] = []
+    active: list[tuple[int, int, int, str, int, IPRange]] = []
+    for item in items:
+        version, start = item[0], item[1]
+        active = [a for a in active if a[0] == version and a[2] >= start]
+        for a in active:
+            if a[3] == item[3]:
+                continue  # within one pool: `overlapping-ranges`
+            shared = _shared(a[5], item[5])
+            if shared is not None:
+                first, pool_a, pool_b = shared[0], (a[3], a[4], a[5]), (item[3], item[4], item[5])
+                if pool_a[0] > pool_b[0]:
+                    pool_a, pool_b = pool_b, pool_a
+                out.append(Overlap(*pool_a, *pool_b, first, shared[1]))
+        active.append(item)
+    return sorted(out, key=lambda o: (o.pool, o.index, o.other, o.other_index))
+
+
+def report_overlaps(report: Report, overlaps: Sequence[Overlap], layout: Layout) -> None:
+    """Add to `report` the overlaps that involve its pool, seen from it."""
+    for o in overlaps:
+        seen = o if o.pool == report.pool else o.turned() if o.other == report.pool else None
+        if seen is not None:
+            report.add(
+                "overlapping-pools",
+                [layout.pool_key(seen.pool), layout.pool_key(seen.other)],
+                f"{seen.describe()}: on one network segment both would hand out one address",
+            )

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 from loguru import logger
 
 from ..cni.hardening import harden
-from ..consul import ConsulError, ConsulUnavailable, UnsafeKey
+from ..consul import ConsulError, ConsulUnavailable, NotConsul, UnsafeKey
 from . import commands, housekeeping
 from . import reconcile as rec
 from .errors import CONSUL, PROBLEMS, STATE, USAGE, AdminError
@@ -71,6 +71,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, like every other failure, instead of argparse's usage block.
         self.exit(USAGE, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+    def _parse_optional(self, arg_string: str) -> Any:
+        # `-/NAME`, the name column of a container without a namespace (Podman passes its
+        # containers' names as K8S_POD_NAME alone), is a name to look up, never an option.
+        if arg_string.startswith("-/"):
+            return None
+        return super()._parse_optional(arg_string)
 
 
 def _positive(text: str) -> float:
@@ -178,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         "subnet without host bits, explicit bounds) and the folder key <prefix>POOL/.\n"
         "An existing pool is left alone unless --force, which replaces its ranges with a\n"
         "compare-and-set and keeps its allocations (a warning names those that no longer fit).\n"
-        "Invalid or overlapping ranges are refused and nothing is written.",
+        "Invalid or overlapping ranges are refused and nothing is written, and so are ranges\n"
+        "that share addresses with another pool's, unless --allow-overlap.",
     )
     p.add_argument("pool", metavar="POOL", help="pool name: one KV path segment")
     src = p.add_mutually_exclusive_group(required=True)
@@ -194,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the JSON array of IP Range objects from FILE ('-' for stdin)",
     )
     p.add_argument("--force", action="store_true", help="replace the ranges of an existing pool")
+    p.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="write it even if another pool hands out some of its addresses (pools that never "
+        "serve the same network segment); a warning names them",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -252,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         "ip-of",
         "show the addresses a container holds",
         "Show the allocations of a container, named by its ID (or a unique prefix of 6+\n"
-        "characters), its Nomad allocation ID, a pod's namespace/name or a Nomad job/group.\n"
-        "Exit 4 when it holds none.",
+        "characters), its Nomad allocation ID, a pod's namespace/name, a Nomad job/group,\n"
+        "or a Podman container's name (also as -/NAME). Exit 4 when it holds none.",
     )
-    p.add_argument("name", metavar="ID-OR-NAME", help="container ID, alloc ID, ns/pod, job/group")
+    p.add_argument(
+        "name", metavar="ID-OR-NAME", help="container ID, alloc ID, ns/pod, job/group, name"
+    )
     _finder_options(p, commands.ip_of)
 
     p = add(
@@ -278,17 +294,25 @@ def build_parser() -> argparse.ArgumentParser:
         "release",
         "release one allocated address (compare-and-set)",
         "Release IP in POOL: delete its allocation key with a compare-and-set on the version\n"
-        "just read, so a key re-allocated meanwhile is never deleted. With --target, only if\n"
-        "the key still names that target. Exits 4 and deletes nothing when the address is not\n"
-        "allocated, is held by another target, or changed during the release.",
+        "just read, so a key re-allocated meanwhile is never deleted. An address a container\n"
+        "holds needs --target (released only if the key still names that target: the\n"
+        "container you know is gone) or --force (whatever holds it). Exits 4 and deletes\n"
+        "nothing when the address is not allocated, is held by a container and neither is\n"
+        "given, is held by another target, or changed during the release.",
     )
     p.add_argument("pool", metavar="POOL", help="pool name")
     p.add_argument("ip", metavar="IP", help="the address to release, e.g. 10.0.21.103")
-    p.add_argument(
+    who = p.add_mutually_exclusive_group()
+    who.add_argument(
         "--target",
         metavar="CID",
         help="release only if IP is held by this target (full ID or a unique prefix of 6+ "
         "characters among the pool's targets)",
+    )
+    who.add_argument(
+        "--force",
+        action="store_true",
+        help="release an address a container holds without naming it (the output says so)",
     )
     p.set_defaults(func=commands.release)
 
@@ -299,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  missing-pool        allocations under a folder whose pool key is missing\n"
         "  invalid-ranges      the pool key does not hold IP ranges the plugin accepts\n"
         "  overlapping-ranges  two ranges share addresses\n"
+        "  overlapping-pools   another pool hands out some of the same addresses\n"
         "  missing-folder      the folder key <prefix>POOL/ is missing\n"
         "  invalid-key         a key in the folder not named after an address (canonical form)\n"
         '  invalid-value       a value that is not an Allocation object {"target": ...}\n'
@@ -335,9 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  ipam-da-consul-admin reconcile --live-cmd 'podman ps -a -q --no-trunc' --apply\n"
         "\n"
         "--live-cmd reads KV first and lists afterwards, so no container can start between the\n"
-        "two unseen; prefer it in timers. With --live-ids the list is taken before this run:\n"
-        "allocations written after it first reads KV are skipped, but a container started\n"
-        "between its runtime's listing and that read is not protected.\n"
+        "two unseen; prefer it in timers. With --live-ids this run cannot tell when the list\n"
+        "was taken: it judges only allocations an earlier run saw (recorded in this host's\n"
+        "state folder) at least --settle seconds before; the first run judges none.\n"
         "\n"
         "--timeout bounds the reading of KV, and each release again; not the listing or\n"
         "--settle.\n"
@@ -358,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="only allocations recording this CNI network name (repeatable)",
     )
     p.add_argument("--apply", action="store_true", help="release them (default: dry run)")
+    p.add_argument(
+        "--reuse-after",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="release with this cool-down, as the plugin does (the networks' ipam.reuse_after)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=rec.reconcile)
 
@@ -415,7 +447,14 @@ def _live_options(p: argparse.ArgumentParser, required: bool) -> None:
         default=5.0,
         metavar="SECONDS",
         help="with --live-cmd: wait this long between reading KV and listing, so containers "
-        "whose network was being set up are listed (default: 5)",
+        "whose network was being set up are listed; with --live-ids: judge only what an "
+        "earlier run saw at least this long ago (default: 5)",
+    )
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="this host's state folder, where --live-ids runs record what they saw (default: "
+        "IPAM_DA_CONSUL_STATE_DIR, else /var/lib/ipam-da-consul)",
     )
     p.add_argument(
         "--host",
@@ -471,6 +510,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             f"{exc}. Check --consul / CONSUL_HTTP_ADDR, that the agent runs, and --timeout",
             CONSUL,
         )
+    except NotConsul as exc:
+        return fail(f"{exc}. Check --consul / CONSUL_HTTP_ADDR", CONSUL)
     except UnsafeKey as exc:
         return fail(str(exc), STATE)  # a key in KV, not Consul, is what is wrong
     except ConsulError as exc:

@@ -27,7 +27,7 @@ from ..consul import ConsulClient, ConsulKV
 from ..consul.urls import shown_url
 from . import rangespec
 from . import reconcile as rec
-from .audit import Report, audit_pool
+from .audit import Report, audit_pool, overlapping_pools, report_overlaps
 from .errors import OK, PROBLEMS, StateError, UsageError
 from .ids import resolve_target
 from .kvread import PoolRead, Reader
@@ -81,6 +81,12 @@ def create(ctx: Context, args: argparse.Namespace) -> int:
     layout, kv = ctx.settings.layout, ctx.kv
     key = layout.pool_key(name)
     existing = kv.get(key)
+    if existing is not None and not args.force:
+        raise StateError(
+            f"pool {name!r} already exists (KV key {key!r}); nothing written. Add --force "
+            "to replace its ranges (allocations are kept)"
+        )
+    _refuse_overlaps(ctx, name, ranges, args.allow_overlap)
     if existing is None:
         if not kv.create(key, value):
             raise StateError(
@@ -89,11 +95,6 @@ def create(ctx: Context, args: argparse.Namespace) -> int:
             )
         verb = "created pool"
     else:
-        if not args.force:
-            raise StateError(
-                f"pool {name!r} already exists (KV key {key!r}); nothing written. Add --force "
-                "to replace its ranges (allocations are kept)"
-            )
         if not kv.replace(key, value, existing.modify_index):
             raise StateError(f"pool {name!r} changed while this ran; nothing written, run again")
         verb = "replaced ranges of pool"
@@ -106,6 +107,33 @@ def create(ctx: Context, args: argparse.Namespace) -> int:
     if existing is not None:
         _warn_misfits(ctx, name, ranges)
     return OK
+
+
+def _refuse_overlaps(ctx: Context, name: str, ranges: list[IPRange], allowed: bool) -> None:
+    """Two pools handing out the same addresses on one segment is a duplicate waiting to
+    happen: refused unless the operator says the pools never share a segment."""
+    others = {
+        r.name: r.ranges for r in ctx.reader.pools() if r.ranges is not None and r.name != name
+    }
+    found = [
+        o if o.pool == name else o.turned()
+        for o in overlapping_pools({**others, name: ranges})
+        if name in (o.pool, o.other)
+    ]
+    if not found:
+        return
+    what = "; ".join(o.describe() for o in found[:3]) + (
+        f"; and {len(found) - 3} more" if len(found) > 3 else ""
+    )
+    if allowed:
+        note(f"warning: pool {name!r}: {what} (--allow-overlap)")
+        return
+    raise StateError(
+        f"pool {name!r} would hand out addresses another pool hands out, and on one network "
+        f"segment that is one address given twice: {what}. Nothing written; add "
+        "--allow-overlap if these pools never serve the same segment, or leave the shared "
+        "addresses out (another range, or `exclude`)"
+    )
 
 
 def _warn_misfits(ctx: Context, name: str, ranges: list[IPRange]) -> None:
@@ -332,13 +360,27 @@ def _allocation_table(held: Sequence[Held], pools: Sequence[str] | None = None) 
 
 
 def runtime_name(h: Held) -> str:
-    """The runtime's own name for the holder: a pod's namespace/name, a Nomad job/group."""
+    """The runtime's own name for the holder: a pod's namespace/name, a Nomad job/group, a
+    Podman container's name (Podman's CNI backend passes it as K8S_POD_NAME, no namespace)."""
     r = h.runtime or {}
     if r.get("K8S_POD_NAME"):
-        return f"{r.get('K8S_POD_NAMESPACE', '-')}/{r['K8S_POD_NAME']}"
+        namespace = r.get("K8S_POD_NAMESPACE")
+        return f"{namespace}/{r['K8S_POD_NAME']}" if namespace else r["K8S_POD_NAME"]
     if r.get("NOMAD_JOB_ID"):
         return f"{r['NOMAD_JOB_ID']}/{r.get('NOMAD_GROUP_NAME', '-')}"
     return "-"
+
+
+def _names(h: Held) -> set[str]:
+    """What `ip-of` finds a holder by besides its ID: its runtime name, a Nomad allocation
+    ID, and for a name without a namespace also `-/NAME` (how older versions showed it)."""
+    names = {runtime_name(h)} - {"-"}
+    r = h.runtime or {}
+    if r.get("K8S_POD_NAME") and not r.get("K8S_POD_NAMESPACE"):
+        names.add(f"-/{r['K8S_POD_NAME']}")
+    if r.get("NOMAD_ALLOC_ID"):
+        names.add(r["NOMAD_ALLOC_ID"])
+    return names
 
 
 def _allocation_json(h: Held) -> dict[str, Any]:
@@ -390,17 +432,13 @@ def ip_of(ctx: Context, args: argparse.Namespace) -> int:
             except InvalidPool:
                 continue  # `check` reports it
     wanted = args.name
-    by_name = [(p, h) for p, h in held if wanted in (runtime_name(h), _alloc_id(h))]
+    by_name = [(p, h) for p, h in held if wanted in _names(h)]
     if by_name:
         found = by_name
     else:
         target = resolve_target(wanted, (h.target for _, h in held), option="ID")
         found = [(p, h) for p, h in held if h.target == target]
     return _report_holders(args, found, f"no allocation names {wanted!r}")
-
-
-def _alloc_id(h: Held) -> str | None:
-    return (h.runtime or {}).get("NOMAD_ALLOC_ID")
 
 
 def _report_holders(args: argparse.Namespace, found: list[tuple[str, Held]], none: str) -> int:
@@ -422,17 +460,22 @@ def release(ctx: Context, args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"{args.ip!r} is not an IP address") from None
     kv = ctx.kv
-    key = ctx.settings.layout.allocation_key(name, ip)
+    layout = ctx.settings.layout
+    key = layout.allocation_key(name, ip)
     entry = kv.get(key)
     if entry is None:
         raise StateError(
             f"{ip} is not allocated in pool {name!r} (no KV key {key!r}); nothing released"
         )
-    holder = _holder(entry.value)
+    try:
+        held: Held | None = parse_held(entry, layout.folder(name))
+    except InvalidPool:
+        held = None
+    holder = held.target if held is not None else None
     target = args.target
     if target is not None and target != holder:
         # A prefix must name one target of the pool, or the check it stands for is a guess.
-        targets = _targets(ctx.reader.folder(name), ctx.settings.layout.folder(name))
+        targets = _targets(ctx.reader.folder(name), layout.folder(name))
         target = resolve_target(target, targets) or target
     if target is not None and holder is None:
         raise StateError(
@@ -443,6 +486,17 @@ def release(ctx: Context, args: argparse.Namespace) -> int:
         raise StateError(
             f"{ip} in pool {name!r} is held by {holder!r}, not by {target!r}; nothing released"
         )
+    live = held is not None and not held.cooling
+    if live and target is None and not args.force:
+        # Freed under a running container, the address goes to the next one on the same
+        # segment while the first still uses it: `check` cannot tell, only the runtime can.
+        assert held is not None
+        raise StateError(
+            f"{ip} in pool {name!r} is held by container {held.target!r} ({_attachment(held)}); "
+            "nothing released. If that container is gone, release it with "
+            f"--target {held.target[:12]} (only while that container still holds it), or "
+            "--force to release it whatever holds it"
+        )
     if not kv.delete(key, entry.modify_index):
         now = kv.get(key)
         state = "is gone" if now is None else f"is now held by {_holder(now.value)!r}"
@@ -450,9 +504,28 @@ def release(ctx: Context, args: argparse.Namespace) -> int:
             f"{key!r} changed while releasing it and {state}; nothing released. Look again "
             f"with `allocations {name}`"
         )
-    was = f"held by {holder!r}" if holder else "not a valid allocation"
+    if held is None:
+        was = "not a valid allocation"
+    elif held.cooling:
+        was = f"cooling down after {holder!r} released it"
+    elif target is None:
+        was = f"held by {holder!r}; --force: released without checking that it is gone"
+    else:
+        was = f"held by {holder!r}"
     print(f"released {ip} from pool {name} (was {was})")
     return OK
+
+
+def _attachment(h: Held) -> str:
+    parts = [f"interface {h.ifname}" if h.ifname else "every interface"]
+    if h.network:
+        parts.append(f"network {h.network}")
+    if h.host:
+        parts.append(f"host {h.host}")
+    name = runtime_name(h)
+    if name != "-":
+        parts.append(f"name {name}")
+    return ", ".join(parts)
 
 
 def _targets(entries: Sequence[KVEntry], folder: str) -> set[str]:
@@ -484,6 +557,7 @@ def check(ctx: Context, args: argparse.Namespace) -> int:
         # Folders without a pool key hold orphaned allocations: check those too.
         names = sorted(set(listing.keys) | set(listing.folders))
     reports: list[Report] = []
+    ranges_of: dict[str, list[IPRange]] = {}
     if not args.pools:
         for key, problem in listing.odd:
             odd = Report(key.removeprefix(layout.prefix))
@@ -502,7 +576,17 @@ def check(ctx: Context, args: argparse.Namespace) -> int:
         if found is not None:
             rec.report_orphans(report, found, name, layout.folder(name), entries)
         reports.append(report)
+        if read.ranges is not None:
+            ranges_of[name] = read.ranges
         ctx.progress.clear()
+    if args.pools:
+        # The pools named are compared with every pool under the prefix.
+        for other in ctx.reader.pools():
+            if other.ranges is not None:
+                ranges_of.setdefault(other.name, other.ranges)
+    overlaps = overlapping_pools(ranges_of)
+    for report in reports:
+        report_overlaps(report, overlaps, layout)
     total = sum(len(r.problems) for r in reports)
     if args.json:
         print_json({"problems": total, "pools": [r.to_json() for r in reports]})

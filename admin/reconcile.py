@@ -8,27 +8,36 @@ container not in it is an orphan.
 
 Safety, in the order it is applied:
 - only allocations that record this host (`host`); ones recording none are never touched;
-- only allocations written before this run looked at KV (the listing's index): a container
-  created after the live list was taken may already hold an address and is not in the list;
-- each release first raises the attachment's fence, so a write of that attachment still in
-  flight can never land after it, then deletes the key with a compare-and-set on the version
-  read, so a key re-allocated meanwhile stays.
+- only allocations written before the live list was taken, judged by Consul's index, not by a
+  clock: with --live-cmd, the index read just before the runtime is asked; with --live-ids (a
+  list this process cannot date: `podman ps | reconcile` runs the listing before this process
+  has even started), the index an earlier run of reconcile recorded in this host's state
+  folder at least --settle seconds before (this host's monotonic clock): a container that
+  started since may hold an address and not be in the list. The first run records it, and
+  judges nothing;
+- each release goes through the allocator as the plugin's own do: the attachment's fence first
+  (a late write of it can never land after it), then a compare-and-set delete of the version
+  read after the fence (a key re-allocated meanwhile stays), or, with --reuse-after, a release
+  cooling down that Consul ends.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from ..allocator.allocate import Allocator, Attachment
+from ..allocator.allocate import FENCE_LIFETIME, Allocator, Attachment
 from ..allocator.errors import InvalidPool
 from ..allocator.layout import check_pool_name
 from ..allocator.pool import Held, parse_held
 from ..allocator.store import KVEntry
+from ..cni.state import SESSION_PERIOD, MemorySessions, open_state, state_dir_path
+from ..cni.state import StateError as FolderError
 from .errors import OK, STATE, StateError, UsageError
 from .ids import LiveIDs, parse_live_ids, read_live_ids
 from .output import note, print_json
@@ -54,8 +63,6 @@ class Context(Protocol):
     @property
     def reader(self) -> Reader: ...
 
-# Attempts at deleting a key that keeps changing to the same dead attachment.
-_ATTEMPTS = 3
 # A runtime's listing that takes longer than this is stuck (its daemon is down).
 LIVE_CMD_TIMEOUT = 120.0
 
@@ -130,21 +137,50 @@ def live_and_watermark(ctx: Context, args: argparse.Namespace) -> tuple[LiveIDs,
     container, if alive, is in the list:
     - --live-cmd: the index first, then (after --settle seconds, for runtimes that list a
       sandbox only once its network is up, as containerd's CRI does) the command: exact;
-    - a file was written before this run: read it first, so a bad one fails before any network
-      traffic, then the index;
-    - stdin may still be being produced (`podman ps | ...`): the index first, then the list.
-    The last two are as close as this process can get; a timer should use --live-cmd."""
+    - --live-ids (a file, or stdin): the list was taken before this process can tell (a
+      pipeline runs `podman ps` while this one starts up), so the index is the one an earlier
+      run recorded at least --settle seconds ago; the first run records one and judges nothing.
+    """
     reader = ctx.reader
     if args.live_cmd is not None:
         index = reader.listing().index
         if args.settle > 0:
             time.sleep(args.settle)
-        return run_live_cmd(args.live_cmd), index
-    if args.live_ids == "-":
-        index = reader.listing().index
-        return read_live_ids(args.live_ids), index
-    live = read_live_ids(args.live_ids)
-    return live, reader.listing().index
+        live = run_live_cmd(args.live_cmd)
+        require_live(live, args.allow_empty)
+        return live, index
+    live = read_live_ids(args.live_ids)  # first: a bad list fails before any Consul traffic
+    require_live(live, args.allow_empty)
+    now = reader.listing().index
+    return live, earlier_index(ctx, args, now)
+
+
+def earlier_index(ctx: Context, args: argparse.Namespace, now: int) -> int:
+    """The index an earlier run recorded at least --settle seconds ago (0: none), and this
+    run's recorded for the next."""
+    key = "\0".join(
+        ["reconcile", this_host(args), *ctx.settings.servers, ctx.settings.layout.prefix]
+    )
+    try:
+        state = open_state(getattr(args, "state_dir", None) or state_dir_path(os.environ))
+    except FolderError as exc:
+        note(f"{exc}: --live-ids judges no allocation without it (use --live-cmd)")
+        return 0
+    try:
+        seen = state.observed(key)
+        if seen is None or seen[1] < args.settle:
+            note(
+                "no earlier run recorded Consul's state at least "
+                f"{args.settle:g} s ago: allocations are judged from the next run on "
+                "(--live-cmd judges at once)"
+            )
+            if seen is None or seen[0] > now:
+                state.observe(key, now)
+            return 0
+        state.observe(key, now)
+        return min(seen[0], now)
+    finally:
+        state.close()
 
 
 def run_live_cmd(command: str) -> LiveIDs:
@@ -213,8 +249,8 @@ def survey_pool(
         orphan = Orphan(name, held)
         if held.index > survey.watermark:
             orphan.action = "recent"
-            orphan.reason = "written after this run looked at KV: its container may be newer "
-            orphan.reason += "than the live list; the next run judges it"
+            orphan.reason = "written after the live list may have been taken: its container "
+            orphan.reason += "may be newer than the list; a later run judges it"
         survey.orphans.append(orphan)
 
 
@@ -232,7 +268,6 @@ def pools_to_scan(ctx: Context, names: Sequence[str] | None) -> list[str]:
 
 def survey(ctx: Context, args: argparse.Namespace) -> Survey:
     live, watermark = live_and_watermark(ctx, args)
-    require_live(live, args.allow_empty)
     fresh_budget(ctx)
     names = pools_to_scan(ctx, args.pool)
     result = Survey(this_host(args), live, names, watermark)
@@ -254,7 +289,6 @@ def check_survey(ctx: Context, args: argparse.Namespace) -> Survey | None:
     if args.live_ids is None and args.live_cmd is None:
         return None
     live, watermark = live_and_watermark(ctx, args)
-    require_live(live, args.allow_empty)
     fresh_budget(ctx)
     return Survey(this_host(args), live, [], watermark)
 
@@ -278,46 +312,43 @@ def report_orphans(
         )
 
 
-def release(ctx: Context, host: str, orphan: Orphan) -> None:
-    """Fence the attachment, then delete its key only while it holds what was read."""
-    kv = ctx.kv
-    layout = ctx.settings.layout
+def release(ctx: Context, host: str, orphan: Orphan, reuse_after: float = 0.0) -> None:
+    """As the plugin releases (allocator/allocate.py): the attachment's fence first, then the
+    version read after it, compare-and-set (or, `reuse_after`, a release cooling down)."""
     h = orphan.held
-    Allocator(kv, layout, host=host).raise_fence(
-        "reconcile", Attachment(h.network or "", h.target, h.ifname)
+    allocator = Allocator(
+        ctx.kv, ctx.settings.layout, host=host,
+        sessions=MemorySessions("ipam-da-consul fences (reconcile)",
+                                FENCE_LIFETIME + SESSION_PERIOD),
+        cooling=MemorySessions(f"ipam-da-consul releases (reconcile), {reuse_after:g} s",
+                               max(10.0, reuse_after + max(10.0, reuse_after / 10)))
+        if reuse_after > 0 else None,
     )
-    folder = layout.folder(orphan.pool)
-    index = h.index
-    for _ in range(_ATTEMPTS):
-        if kv.delete(h.key, index):
-            orphan.action = "released"
-            return
-        entry = kv.get(h.key)
-        if entry is None:
-            orphan.action = "gone"
-            orphan.reason = "released by someone else meanwhile"
-            return
-        try:
-            now = parse_held(entry, folder)
-        except InvalidPool:
-            now = None
-        same = now is not None and (now.target, now.ifname, now.network, now.host) == (
-            h.target,
-            h.ifname,
-            h.network,
-            h.host,
-        )
-        if not same:
-            # Re-allocated meanwhile (a new container, another host): not ours to judge now.
-            orphan.action = "changed"
-            holder = "an invalid value" if now is None else f"target {now.target!r}"
-            orphan.reason = f"changed meanwhile and now holds {holder}; left alone"
-            return
-        # The same dead attachment, rewritten before its fence went up (a late write): behind
-        # the fence nothing of it can land again, so this version is the last.
-        index = entry.modify_index
+    allocator.raise_fence("reconcile", Attachment(h.network or "", h.target, h.ifname))
+    # Behind the fence nothing of that attachment can land any more: the version read now
+    # is its last (a late write may have landed before the fence).
+    try:
+        now = allocator.lookup_key(h.key, consistent=True)
+    except InvalidPool:
+        now = None
+        orphan.reason = "now holds an invalid value; left alone"
+    if now is None and not orphan.reason:
+        orphan.action = "gone"
+        orphan.reason = "released by someone else meanwhile"
+        return
+    same = now is not None and (now.target, now.ifname, now.network, now.host) == (
+        h.target, h.ifname, h.network, h.host)
+    if now is None or not same or now.cooling:
+        # Re-allocated meanwhile (a new container, another host): not ours to judge now.
+        orphan.action = "changed"
+        holder = "an invalid value" if now is None else f"target {now.target!r}"
+        orphan.reason = orphan.reason or f"changed meanwhile and now holds {holder}; left alone"
+        return
+    if allocator.release(now, cool=reuse_after > 0):
+        orphan.action = "released"
+        return
     orphan.action = "failed"
-    orphan.reason = f"the key kept changing; {_ATTEMPTS} compare-and-set deletes failed"
+    orphan.reason = "the key changed under the compare-and-set delete"
 
 
 def reconcile(ctx: Context, args: argparse.Namespace) -> int:
@@ -327,7 +358,7 @@ def reconcile(ctx: Context, args: argparse.Namespace) -> int:
         for i, orphan in enumerate(todo, 1):
             ctx.progress.count("releasing", i, len(todo))
             fresh_budget(ctx)
-            release(ctx, found.host, orphan)
+            release(ctx, found.host, orphan, args.reuse_after)
         ctx.progress.clear()
     failed = [o for o in found.orphans if o.action == "failed"]
     if args.json:

@@ -31,7 +31,7 @@ from .layout import Layout
 from .ledger import Claim, Ledger, MemoryLedger, State
 from .pool import Held, Pool, list_pool, parse_held, parse_pool, sketch_pool
 from .ranges import IPAddress, IPRange
-from .schemas import dump_allocation, dump_fence, dump_tombstone, load_ranges
+from .schemas import dump_allocation, dump_fence, dump_tombstone, fence_reason, load_ranges
 from .store import (
     KV,
     Cas,
@@ -45,12 +45,17 @@ from .store import (
     StoreError,
     TxnResult,
 )
-from .stripes import Stripe, Stripes
+from .stripes import Stripe, StripeHints, Stripes
 
 # How long a fence lasts, at least: longer than any write sent before it can still be applied.
 # Consul applies a forwarded write within its RPC hold time (7 s) plus a raft apply; a request
 # left in a closed socket's send queue is retransmitted by the kernel for up to ~15 minutes.
 FENCE_LIFETIME = 3600.0
+# Fences raised to remove an attachment (cni/commands/delete.py, gc.py, admin/reconcile.py), as
+# opposed to those that void a call's own writes while the attachment lives on.
+TEARDOWN_FENCES = frozenset({"DEL", "GC", "reconcile"})
+# A take-over's `holder_fence_index` when its holder was already being removed: never given back.
+HOLDER_GONE = -1
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class Allocator:
         ledger: Ledger | None = None,
         sessions: FenceSessions | None = None,
         cooling: FenceSessions | None = None,
+        hints: StripeHints | None = None,
     ) -> None:
         self.kv = kv
         self.layout = layout or Layout()
@@ -120,6 +126,8 @@ class Allocator:
         self.sessions = sessions
         # Sessions of `reuse_after` long: a release cooling down goes with its session.
         self.cooling = cooling
+        # Where this host last found room outside its home stripe, per pool.
+        self.hints = hints
         # What earlier calls of this attachment left: a claim still `sent` was cut short by its
         # process's end, so its fate is as unknown as a lost reply's.
         self.claims = [c.as_("doubt") if c.state == "sent" else c for c in self.ledger.claims()]
@@ -337,12 +345,21 @@ class Allocator:
 
     def _holder_fence(self, holder: Held | None) -> tuple[str | None, int]:
         """The fence of the attachment a take-over takes the key from, and where it is now. A
-        holder written by a tool that records no network or interface has no fence to check."""
+        holder written by a tool that records no network or interface has no fence to check.
+
+        A fence a DEL (or GC) raised after the holder wrote the version taken over means that
+        DEL is under way: past its fence it finds the key no longer the holder's and answers 0,
+        and the fence never moves again, so checking it at undo time cannot tell. Such a holder
+        is gone (HOLDER_GONE): the key is never given back to it."""
         if holder is None or holder.network is None or holder.ifname is None:
             return None, 0
         fence = self.layout.fence_key(holder.network, holder.target, holder.ifname)
         entry = self.kv.get(fence, consistent=True)
-        return fence, entry.modify_index if entry is not None else 0
+        if entry is None:
+            return fence, 0
+        if entry.modify_index > holder.index and fence_reason(entry.value) in TEARDOWN_FENCES:
+            return fence, HOLDER_GONE
+        return fence, entry.modify_index
 
     def _fenced(self, ops: list[Op]) -> TxnResult:
         """Apply `ops` only if the attachment's fence is where this call saw it. The result is
@@ -424,7 +441,7 @@ class Allocator:
             entry = self.kv.get(claim.key, consistent=True)
             if entry is None or entry.value != claim.value:
                 return  # never applied, or another writer's since
-            if claim.previous is None:
+            if claim.previous is None or claim.holder_fence_index == HOLDER_GONE:
                 done = self.kv.delete(claim.key, entry.modify_index)
             elif claim.holder_fence is None:
                 done = self.kv.replace(claim.key, claim.previous, entry.modify_index)

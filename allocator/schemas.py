@@ -418,6 +418,15 @@ def dump_fence(host: str | None, reason: str) -> bytes:
     return json.dumps({"host": host, "by": reason}).encode()
 
 
+def fence_reason(raw: bytes) -> str | None:
+    """Why a fence was raised (dump_fence's "by"); None when its value is unreadable."""
+    try:
+        by = json.loads(raw).get("by")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return by if isinstance(by, str) else None
+
+
 def fence_time(raw: bytes) -> float | None:
     """When a fence was raised; None when its value is unreadable (then it is never swept)."""
     if len(raw) > MAX_ALLOCATION_BYTES:

@@ -18,6 +18,10 @@ the pool's stripes, and fixed for a host), then the next ones in pool order. Hos
 spread over a pool's stripes and rarely write in the same one at once. When a host's stripes
 have no free address in the few it looks at, one listing of the pool's key names finds the
 stripes with room (and "pool full" is only said after it).
+
+Where a host found room outside its home is remembered (`StripeHints`): its next ADD tries that
+stripe first. Without it, a host whose home and next stripes are full (a pool packed from its
+start by `lowest`, or by older versions) would pay that listing on every ADD.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from dataclasses import dataclass
+from typing import Protocol
 
 from .layout import key_name
 from .ranges import IPAddress, IPRange
@@ -81,6 +86,31 @@ def stripe_of(ip: IPAddress) -> Stripe:
     return Stripe(version, first, last, prefix)
 
 
+class StripeHints(Protocol):
+    """Where this host last found room in a pool outside its home stripe: an address of that
+    stripe. Only a hint: a wrong or stale one costs one listing, never an address."""
+
+    def hint(self, pool: str) -> str | None: ...
+
+    def remember_hint(self, pool: str, address: str | None) -> None: ...
+
+
+class MemoryHints:
+    """Hints kept for the life of a process (the helper's, per way of reaching Consul)."""
+
+    def __init__(self) -> None:
+        self.hints: dict[str, str] = {}
+
+    def hint(self, pool: str) -> str | None:
+        return self.hints.get(pool)
+
+    def remember_hint(self, pool: str, address: str | None) -> None:
+        if address is None:
+            self.hints.pop(pool, None)
+        else:
+            self.hints[pool] = address
+
+
 class Stripes:
     """A pool's stripes in pool order (range by range), numbered from 0, computed, never
     listed: a /64 has 2**48 of them."""
@@ -105,16 +135,25 @@ class Stripes:
             index -= n
         raise IndexError(index)  # cannot happen: index < count
 
+    def covers(self, stripe: Stripe) -> bool:
+        """Whether `stripe` is one of the pool's."""
+        for version, base, n in self.spans:
+            bits = _bits(version, base)
+            if version == stripe.version and base <= stripe.first < base + (n << bits):
+                return True
+        return False
+
     def home(self, host: str, pool: str) -> int:
         """This host's first stripe of the pool: the first 8 bytes of SHA-256 over the host and
         the pool (each followed by a NUL byte), modulo the number of stripes."""
         digest = hashlib.sha256(host.encode() + b"\0" + pool.encode() + b"\0").digest()
         return int.from_bytes(digest[:8], "big") % self.count
 
-    def walk(self, host: str, pool: str) -> list[Stripe]:
-        """The stripes a call reads one by one: home, then the next ones in pool order."""
+    def walk(self, host: str, pool: str, hint: Stripe | None = None) -> list[Stripe]:
+        """The stripes a call reads one by one: where this host last found room outside its
+        home (`hint`, if still the pool's), then home, then the next ones in pool order."""
         home = self.home(host, pool)
-        seen: list[Stripe] = []
+        seen: list[Stripe] = [hint] if hint is not None and self.covers(hint) else []
         for i in range(min(WALK, self.count)):
             stripe = self.at(home + i)
             if stripe not in seen:  # two ranges sharing a block list it once

@@ -17,8 +17,9 @@ from ..consul import settings as cs
 from ..consul.errors import SettingsError
 from ..consul.settings import ConsulSettings  # re-exported: the helper imports it from here
 from ..consul.urls import shown_url
+from . import spelling
 from .errors import CNIError, Code
-from .schemas import SUPPORTED_VERSIONS, NetworkConfigSchema
+from .schemas import SUPPORTED_VERSIONS, IpamSchema, NetworkConfigSchema
 
 _SECRET_KEYS = ("token", "secret", "password")
 # CNI_ARGS keys that runtimes document passing: understood, so they never fail a call (with or
@@ -98,11 +99,14 @@ def load(
     args: Mapping[str, str] | None = None,
 ) -> NetConf:
     version = cni_version_of(data)
+    section = data.get("ipam")
+    unknown = _unknown_keys(section, command) if isinstance(section, dict) else []
     try:
         conf = NetworkConfigSchema().load(data)
     except ValidationError as exc:
+        hint = _missing_hint(section, unknown) if isinstance(section, dict) else ""
         raise CNIError(
-            Code.INVALID_CONFIG, f"invalid network config: {describe(exc.messages)}"
+            Code.INVALID_CONFIG, f"invalid network config: {describe(exc.messages)}{hint}"
         ) from None
     ipam = conf["ipam"]
     prev = conf["prevResult"]
@@ -124,6 +128,55 @@ def load(
         min_free=ipam["min_free"],
         reuse_after=ipam["reuse_after"],
         pick=ipam["pick"],
+    )
+
+
+# Commands that refuse a near miss (cni/spelling.py): they would run with a setting silently at
+# its default. DEL and GC release, and must not leave an address allocated over a typo.
+_STRICT_COMMANDS = frozenset({"ADD", "CHECK", "STATUS"})
+_IPAM_SETTINGS: tuple[frozenset[str], frozenset[str]] | None = None
+
+
+def _ipam_settings() -> tuple[frozenset[str], frozenset[str]]:
+    """The ipam section's settings, and those of them that are required (IpamSchema)."""
+    global _IPAM_SETTINGS
+    if _IPAM_SETTINGS is None:
+        fields = IpamSchema().fields
+        _IPAM_SETTINGS = (
+            frozenset(fields), frozenset(n for n, f in fields.items() if f.required)
+        )
+    return _IPAM_SETTINGS
+
+
+def _unknown_keys(section: dict[str, Any], command: str) -> list[spelling.Unknown]:
+    """Report the ipam section's keys that are not settings (see cni/spelling.py for the
+    rules); error 7 for a near miss in a command that would run with it silently off."""
+    unknown = spelling.unknown_keys(section, _ipam_settings()[0])
+    near = [u for u in unknown if u.near]
+    if near and command in _STRICT_COMMANDS:
+        raise CNIError(
+            Code.INVALID_CONFIG,
+            f"the ipam section has {'an unknown key' if len(near) == 1 else 'unknown keys'} "
+            f"close to a setting: {', '.join(u.describe() for u in near)}. A misspelled "
+            f"setting would silently be its default, so {command} is refused; fix the "
+            "spelling (DEL and GC go on, with a warning)",
+        )
+    # Behind ipam-delegated the section also holds the sibling delegates' settings.
+    delegated = "delegates" in section or section.get("type") == "ipam-delegated"
+    for u in unknown:
+        if u.near or not delegated:
+            logger.warning("{}", u.warning())
+        else:
+            logger.debug("{} (a sibling delegate's, behind ipam-delegated?)", u.warning())
+    return unknown
+
+
+def _missing_hint(section: dict[str, Any], unknown: list[spelling.Unknown]) -> str:
+    missing = [k for k in sorted(_ipam_settings()[1]) if k not in section]
+    hints = spelling.missing_hints(missing, unknown)
+    return "".join(
+        f" (the ipam section has `{spelling.shown(u.key)}`: did you mean `{name}`?)"
+        for name, u in hints.items()
     )
 
 

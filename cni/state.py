@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from ..allocator.store import KV, StoreError
 
 DEFAULT_STATE_DIR = "/var/lib/ipam-da-consul"
 STATE_DIR_ENV = "IPAM_DA_CONSUL_STATE_DIR"
-_ENTRIES, _PENDING, _SESSIONS = "attachments", "pending", "sessions"
+_ENTRIES, _PENDING, _SESSIONS, _NOTES = "attachments", "pending", "sessions", "notes"
 _VERSION = 2
 # A session is used for fences this long (by this host's monotonic clock), then a new one is
 # made; Consul ends each one at the earliest FENCE_LIFETIME + this after its creation, so every
@@ -116,6 +117,10 @@ def _file_of_ours(fd: int, name: str) -> os.stat_result:
     return st
 
 
+def _note_name(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:32] + ".json"
+
+
 def entry_name(attachment: Attachment) -> str:
     return hashlib.sha256("\0".join(attachment).encode()).hexdigest()[:32]
 
@@ -123,13 +128,66 @@ def entry_name(attachment: Attachment) -> str:
 class StateDir:
     def __init__(self, path: str) -> None:
         self.path = path
+        # DELs taken over since this process opened the folder: the helper's metrics read it
+        # (PoolCaches.counts), as no call path reports a take-over otherwise.
+        self.taken_over = 0
+        self._count_lock = threading.Lock()
         self.fd = _open_folder(path)
         self.entries = _subfolder(self.fd, _ENTRIES)
         self.pending_fd = _subfolder(self.fd, _PENDING)
         self.sessions_fd = _subfolder(self.fd, _SESSIONS)
+        self.notes_fd = _subfolder(self.fd, _NOTES)
 
     def close(self) -> None:
-        for fd in (self.entries, self.pending_fd, self.sessions_fd, self.fd):
+        for fd in (self.entries, self.pending_fd, self.sessions_fd, self.notes_fd, self.fd):
+            os.close(fd)
+
+    # -- notes: what a tool observed, for its next run ----------------------------------------
+    def observed(self, key: str) -> tuple[int, float] | None:
+        """The Consul index a run recorded under `key`, and how long ago (this host's
+        monotonic clock, CLOCK_BOOTTIME): None when none was, or before the last boot."""
+        note = self.note(key)
+        if note is None or note.get("boot") != _boot_id():
+            return None
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - float(note.get("since", 0))
+        index = note.get("index")
+        return (index, age) if isinstance(index, int) and age >= 0 else None
+
+    def observe(self, key: str, index: int) -> None:
+        self.write_note(key, {"index": index, "boot": _boot_id(),
+                              "since": time.clock_gettime(time.CLOCK_BOOTTIME)})
+
+    def note(self, key: str) -> dict[str, Any] | None:
+        """What was noted under `key` (a small JSON object), if anything readable."""
+        name = _note_name(key)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.notes_fd)
+        except FileNotFoundError:
+            return None
+        try:
+            _file_of_ours(fd, name)
+            note = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except (ValueError, StateError):
+            return None
+        finally:
+            os.close(fd)
+        return note if isinstance(note, dict) and note.get("key") == key else None
+
+    def write_note(self, key: str, body: dict[str, Any] | None) -> None:
+        """Note `body` under `key` (None: forget it). Written in one go: a note is a hint or
+        a watermark that a reader may miss, never a record another write depends on."""
+        name = _note_name(key)
+        if body is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self.notes_fd)
+            return
+        data = json.dumps({**body, "key": key}).encode()
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self.notes_fd)
+        try:
+            _file_of_ours(fd, name)
+            os.write(fd, data)
+        finally:
             os.close(fd)
 
     # -- entries ------------------------------------------------------------------------------
@@ -304,9 +362,13 @@ class Entry:
         self.context = Call(stdin, dict(env))
 
     def journal_del(self, stdin: bytes, env: Mapping[str, str]) -> None:
+        new = self.deleting is None  # a runtime's retry of the same DEL is the same entry
         self.deleting = Call(stdin, dict(env))
         self.attempts = 0
         self.write(durable=True)
+        if new:
+            with self.state._count_lock:
+                self.state.taken_over += 1
 
     def write(self, durable: bool = False) -> None:
         if self.unreadable:
@@ -350,6 +412,27 @@ class Entry:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class NoteHints:
+    """Stripe hints (allocator/stripes.py) of in-process calls: notes in the state folder, one
+    per pool and way of reaching Consul (`scope`), so the host's next call finds them."""
+
+    def __init__(self, state: StateDir, scope: str) -> None:
+        self.state, self.scope = state, scope
+
+    def hint(self, pool: str) -> str | None:
+        try:
+            note = self.state.note(f"stripe-hint {self.scope} {pool}")
+        except OSError:
+            return None
+        address = note.get("address") if note else None
+        return address if isinstance(address, str) else None
+
+    def remember_hint(self, pool: str, address: str | None) -> None:
+        body = None if address is None else {"address": address}
+        with contextlib.suppress(OSError):
+            self.state.write_note(f"stripe-hint {self.scope} {pool}", body)
 
 
 class SessionFile:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..allocator.allocate import CachedPools
+from ..allocator.stripes import StripeHints
 
 if TYPE_CHECKING:
     from ..allocator.layout import Layout
@@ -70,8 +71,9 @@ class StoreFactory(Protocol):
     ) -> Store: ...
 
 
-class PoolCache(CachedPools, Protocol):
-    """One Consul's pools as the helper keeps them (cni/helper/cache.py)."""
+class PoolCache(CachedPools, StripeHints, Protocol):
+    """One Consul's pools as the helper keeps them (cni/helper/cache.py), and where this host
+    last found room in each."""
 
     def peek(self, name: str, ip: IPAddress | None = None) -> Pool | None:
         """The kept copy of a pool (with `ip`: the copy, of the pool or of a stripe, that knows

@@ -5,7 +5,7 @@ Knows nothing of CNI or pools.
 """
 
 from .client import ConsulClient, Deadline, Sent, TLSConfig
-from .errors import ConsulError, ConsulUnavailable, SettingsError, UnsafeKey
+from .errors import ConsulError, ConsulUnavailable, NotConsul, SettingsError, UnsafeKey
 from .kv import ConsulKV
 from .settings import ConsulSettings, build_client
 
@@ -16,6 +16,7 @@ __all__ = [
     "ConsulSettings",
     "ConsulUnavailable",
     "Deadline",
+    "NotConsul",
     "Sent",
     "SettingsError",
     "TLSConfig",

@@ -20,6 +20,7 @@ Three kinds of trouble get three kinds of patience:
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from .errors import ConsulError, ConsulUnavailable
+from .errors import ConsulError, ConsulUnavailable, NotConsul
 from .requests_transport import RequestsTransport, TLSConfig
 from .transport import ConnectTimedOut, ReadTimedOut, TLSFailed, Transport, TransportError
 from .urls import shown_url
@@ -52,9 +53,19 @@ _NO_PATH = b"No path to datacenter"
 # other servers answer: each try costs a check timeout.
 _QUIET_RECHECK = 2.0
 _BACKOFF_CAP = 1.0
+# What a server that answers, but not as Consul does, is called: whatever is listening there
+# (a web server, another service on the port) will not turn into Consul by waiting.
+_NOT_CONSUL = "is not a Consul server"
 # Problems that waiting does not heal (a wrong CA, a missing client certificate, a server that
-# answers with a redirect): once every server has one, the call gives up at once.
-_LASTING = (TLSFailed.what, "answered with a redirect")
+# answers with a redirect, or not as Consul): once every server has one, the call gives up at
+# once.
+_LASTING = (TLSFailed.what, "answered with a redirect", _NOT_CONSUL)
+# Statuses a Consul agent, or a proxy in front of it, may give /v1/status/leader besides its
+# answer: 5xx (no path to the datacenter, a proxy whose Consul is restarting), 429 (rate
+# limits), and 401, 403, 407 (credentials a proxy asks for: something guards a Consul there).
+_PASSING_STATUS = frozenset({401, 403, 407, 429})
+# How much of an answer that is not Consul's a message quotes: enough to recognise it.
+_EXCERPT = 80
 
 
 class Clock(Protocol):
@@ -233,9 +244,10 @@ class ConsulClient:
         self.leaders: dict[str, str] = {}
         self._suspect: _Suspect | None = None
         self._quiet: dict[str, float] = {}
-        # Servers that answered a request with a redirect, and that problem: whatever answers
-        # so is not Consul (or not only Consul), so it gets no further request from this client.
-        self._redirecting: dict[str, str] = {}
+        # Servers that answered with a redirect, or not as Consul answers, and that problem:
+        # whatever answers so is not Consul (or not only Consul), so it gets no further request
+        # from this client.
+        self._unusable: dict[str, str] = {}
         self.transport: Transport = transport or RequestsTransport(token, tls)
         self.on_request = on_request
 
@@ -272,6 +284,15 @@ class ConsulClient:
             # leader again, while one that is hung costs a check timeout each time.
             search.order = sorted(self.servers, key=lambda s: s in self._quiet)
         self.current = None
+        if search.problems and all(
+            p.startswith(_NOT_CONSUL) for p in search.problems.values()
+        ):
+            # An answer, from something else: a setting to fix, not a Consul to wait for.
+            raise NotConsul(
+                "no listed server is a Consul server (give the URL of a Consul agent's HTTP "
+                "API, such as http://127.0.0.1:8500): "
+                + "; ".join(f"{self.shown[s]} {p}" for s, p in search.problems.items())
+            )
         raise ConsulUnavailable(
             "no Consul server could be reached: " + self._listing(search.problems)
         )
@@ -282,8 +303,8 @@ class ConsulClient:
         search.answered = search.reached = False
         search.naming_suspect = []
         for server in search.order:
-            if server in self._redirecting:
-                search.problems[server] = self._redirecting[server]
+            if server in self._unusable:
+                search.problems[server] = self._unusable[server]
                 continue
             if search.answered and self._quiet_lately(server, search.started):
                 continue
@@ -358,18 +379,22 @@ class ConsulClient:
             )
         if _is_redirect(resp.status):
             return _Check(self._redirected(server, resp))
-        if resp.status != 200:
-            problem = f"HTTP {resp.status} {_snippet(resp.body)}"
+        if resp.status in _RETRYABLE_STATUS or resp.status in _PASSING_STATUS:
+            problem = _http_problem(resp.status, resp.body)
             if self.datacenter and _NO_PATH in resp.body:
                 raise self._no_path(problem, resp.status, False)
             return _Check(problem)
+        # Consul always serves this path, and answers it with a JSON string (the leader's
+        # address, or "" during an election).
         try:
-            leader = resp.json()
+            leader = resp.json() if resp.status == 200 else None
         except ValueError:
-            return _Check("answered /v1/status/leader with something that is not JSON")
+            leader = None
+        if not isinstance(leader, str):
+            return _Check(self._not_consul(server, resp))
         if not leader:
             return _Check("has no raft leader")
-        return self._named(server, str(leader))
+        return self._named(server, leader)
 
     def _named(self, server: str, leader: str) -> _Check:
         """The check of a server that names `leader`, given what is suspected."""
@@ -398,7 +423,7 @@ class ConsulClient:
                 logger.debug("Consul leader {} serves requests", leader)
                 self._suspect = None
                 return None
-            problem = f"HTTP {answer.status} {_snippet(answer.body)}"
+            problem = _http_problem(answer.status, answer.body)
         if self._suspect is not None:
             # It is this leader that fails now, whichever was suspected before.
             self._suspect.leader = leader
@@ -411,7 +436,19 @@ class ConsulClient:
         location = next((v for k, v in resp.headers.items() if k.lower() == "location"), None)
         where = f"to {shown_url(location)[:200]!r}" if location else "without a Location"
         problem = f"answered with a redirect (HTTP {resp.status} {where}), which is never followed"
-        self._redirecting[server] = problem
+        self._unusable[server] = problem
+        return problem
+
+    def _not_consul(self, server: str, resp: Response) -> str:
+        """The problem of a server whose leader check was answered, but not as Consul answers
+        it (an HTML page, a 404, JSON of another shape): what answered, in a few words, never
+        the page. Like a redirect, it gets no further request from this client."""
+        ctype = next((v for k, v in resp.headers.items() if k.lower() == "content-type"), "")
+        problem = (
+            f"{_NOT_CONSUL}: GET /v1/status/leader answered HTTP {resp.status}"
+            f"{f' ({ctype[:60]})' if ctype else ''}, {_what_came(resp.body, ctype)}"
+        )
+        self._unusable[server] = problem
         return problem
 
     def _listing(self, problems: dict[str, str]) -> str:
@@ -498,7 +535,7 @@ class ConsulClient:
             # Not doubtful: whatever redirects did not serve the request itself. The server is
             # skipped from now on, so this is no retry to the same place.
             return _Failure(self._redirected(server, resp))
-        problem = f"HTTP {resp.status} {_snippet(resp.body)}"
+        problem = _http_problem(resp.status, resp.body)
         if self.datacenter and _NO_PATH in resp.body:
             raise self._no_path(problem, resp.status, req.doubtful)
         req.doubtful = req.doubtful or (req.write and _NO_LEADER not in resp.body)
@@ -599,14 +636,41 @@ def _is_redirect(status: int) -> bool:
     return 300 <= status < 400
 
 
+def _excerpt(body: bytes, limit: int = _EXCERPT) -> str:
+    """The start of `body` on one line: white space runs made one space, cut at `limit`."""
+    text = " ".join(body[: limit * 4].decode("utf-8", "replace").split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
 def _snippet(body: bytes) -> str:
-    text = body.decode("utf-8", "replace").strip()
-    return f"({text[:200]})" if text else ""
+    text = _excerpt(body, 200)
+    return f"({text})" if text else ""
+
+
+def _http_problem(status: int, body: bytes) -> str:
+    snippet = _snippet(body)
+    return f"HTTP {status} {snippet}" if snippet else f"HTTP {status}"
+
+
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title", re.IGNORECASE | re.DOTALL)
+
+
+def _what_came(body: bytes, ctype: str) -> str:
+    """A few words on an answer that is not Consul's: an HTML page by its title, anything else
+    by its first characters."""
+    if not body.strip():
+        return "with an empty body"
+    if "html" in ctype.lower() or body.lstrip()[:1] == b"<":
+        title = _TITLE.search(body[:65536])
+        if title and title.group(1).strip():
+            return f"an HTML page titled {_excerpt(title.group(1))!r}"
+        return f"an HTML page beginning {_excerpt(body)!r}"
+    return f"beginning {_excerpt(body)!r}"
 
 
 def check_status(resp: Response, what: str) -> None:
     if resp.status >= 400:
         hint = " (check the ACL token's KV permissions)" if resp.status == 403 else ""
         raise ConsulError(
-            f"{what}: Consul answered HTTP {resp.status} {_snippet(resp.body)}{hint}", resp.status
+            f"{what}: Consul answered {_http_problem(resp.status, resp.body)}{hint}", resp.status
         )

@@ -19,6 +19,12 @@ class UnsafeKey(ConsulError):
     anything is sent."""
 
 
+class NotConsul(ConsulError):
+    """Every listed server answered, but none as Consul does (a web server, another service on
+    the port): a setting to fix, which no retry heals. Not StoreUnavailable, so a DEL is not
+    kept to retry for a day with a config that cannot work."""
+
+
 class ConsulUnavailable(ConsulError, StoreUnavailable):
     """No listed server answered with a leader before the time budget ran out, or none could
     even be connected to for the unreachable grace."""

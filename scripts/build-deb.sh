@@ -6,5 +6,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-[ -x .venv/bin/python ] || bash scripts/setup.sh >/dev/null
+# The virtualenv only, as build-plugin.sh: no system package (a missing lintian is said, not
+# installed; `bash scripts/setup.sh` installs it).
+[ -x .venv/bin/python ] || bash scripts/setup.sh --plugin-only >/dev/null
 exec .venv/bin/python scripts/build_deb.py "$@"

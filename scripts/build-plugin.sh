@@ -6,5 +6,5 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-[ -x .venv/bin/python ] || bash scripts/setup.sh >/dev/null
+[ -x .venv/bin/python ] || bash scripts/setup.sh --plugin-only >/dev/null
 exec .venv/bin/python scripts/build_plugin.py "$@"

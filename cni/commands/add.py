@@ -9,6 +9,7 @@ ledger (cni/state.py).
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,12 +86,40 @@ class Add(PoolCommand):
         allocator = self.allocator
         self.widened = ""
         self.walk: list[Stripe] = []
+        self.home: Stripe | None = None
+        self.hint: Stripe | None = None
         if self.conf.pick != "stripe":
             self.pool = allocator.load(request.name)
             return
-        stripes, pool_key = allocator.stripes(request.name)
-        self.walk = stripes.walk(allocator.host or "", request.name)
-        self.pool = allocator.load(request.name, view=self.walk.pop(0), pool_key=pool_key)
+        host, name = allocator.host or "", request.name
+        stripes, pool_key = allocator.stripes(name)
+        self.home = stripes.at(stripes.home(host, name))
+        self.hint = self.stripe_hint(name)
+        self.walk = stripes.walk(host, name, self.hint)
+        self.pool = allocator.load(name, view=self.walk.pop(0), pool_key=pool_key)
+
+    def stripe_hint(self, pool: str) -> Stripe | None:
+        hints = self.allocator.hints
+        address = hints.hint(pool) if hints is not None else None
+        if address is None:
+            return None
+        try:
+            return stripe_of(ipaddress.ip_address(address))
+        except ValueError:
+            return None
+
+    def found_room(self, ip: IPAddress) -> None:
+        """An address of this host's choosing was won: remember its stripe when it is not the
+        host's home (and forget a hint once home has room again)."""
+        hints, name = self.allocator.hints, self.current.name
+        if hints is None or self.conf.pick != "stripe":
+            return
+        stripe = stripe_of(ip)
+        if stripe != self.home:
+            if stripe != self.hint:
+                hints.remember_hint(name, str(ip))
+        elif self.hint is not None:
+            hints.remember_hint(name, None)
 
     # -- pool_loaded: choose the address ------------------------------------------------------
     def at_pool_loaded(self) -> str:
@@ -217,6 +246,8 @@ class Add(PoolCommand):
             )
         elif not self.write(lambda: allocator.claim(pool, ip)):
             return self.lost_race(ip)
+        else:
+            self.found_room(ip)
         self.assigned.append(result.Assigned(pool.name, ip, rng))
         logger.debug("pool {!r}: {} for container {!r}", pool.name, ip, target)
         return "write"

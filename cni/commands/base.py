@@ -22,11 +22,12 @@ from ...allocator.layout import Layout
 from ...allocator.ledger import Ledger, MemoryLedger
 from ...allocator.pool import Pool
 from ...allocator.ranges import IPAddress
+from ...allocator.stripes import StripeHints
 from .. import config
 from ..env import Environment
 from ..errors import CNIError, Code
 from ..events import Request
-from ..state import SESSION_PERIOD, Entry, MemorySessions, StateDir, StateError
+from ..state import SESSION_PERIOD, Entry, MemorySessions, NoteHints, StateDir, StateError
 from ..stores import Caches, PoolCache, Store, StoreFactory
 
 # Kept out of the work's share of `timeout` to undo this call's writes after a failure: the
@@ -216,6 +217,7 @@ class PoolCommand(Command):
             ledger=ledger,
             sessions=fence_sessions(inputs.state, settings, host),
             cooling=cooling_sessions(inputs.state, settings, host, conf.reuse_after),
+            hints=stripe_hints(cache, inputs.state, settings),
         )
         return Session(
             inputs, env, conf, cni_version, store, allocator, hard_end, still_wanted, entry
@@ -325,6 +327,19 @@ def cooling_sessions(
         return None
     name = f"ipam-da-consul releases of {host}, {reuse_after:g} s"
     return _sessions(state, settings, name, reuse_after, max(10.0, reuse_after / 10))
+
+
+def stripe_hints(
+    cache: PoolCache | None, state: StateDir | None, settings: config.ConsulSettings
+) -> StripeHints | None:
+    """Where this host last found room in a pool outside its home stripe: the helper keeps
+    it with its pools; in-process calls note it in the state folder."""
+    if cache is not None:
+        return cache
+    if state is None:
+        return None
+    scope = "\0".join([*settings.servers, settings.datacenter or "", settings.kv_prefix])
+    return NoteHints(state, scope)
 
 
 def _sessions(

@@ -29,7 +29,7 @@ from ...allocator.layout import Layout
 from ...allocator.pool import Pool, key_ip, list_pool, parse_held, parse_pool
 from ...allocator.ranges import IPAddress, IPRange
 from ...allocator.store import KVEntry, WatchableKV
-from ...allocator.stripes import Stripe
+from ...allocator.stripes import MemoryHints, Stripe
 
 # A kept copy: a pool, or one stripe of it (its key-name prefix inside the folder).
 Key = tuple[str, str]
@@ -42,7 +42,7 @@ _RENEW_KV_AFTER = 300.0
 _READ_ONE_BY_ONE = 200
 
 
-class PoolCache:
+class PoolCache(MemoryHints):
     def __init__(
         self,
         make_kv: Callable[[], WatchableKV],
@@ -60,6 +60,7 @@ class PoolCache:
         # Told after a pool was added, outside this cache's lock, so the owner can bound the
         # pools of all its caches together.
         self.on_load = on_load
+        super().__init__()  # stripe hints, for this way of reaching Consul
         self.lock = threading.Lock()
         # Least recently used first.
         self.pools: OrderedDict[Key, _Watched] = OrderedDict()

@@ -7,6 +7,7 @@ imports the machine, which builds the KV a watcher reads with (server.watch_kv).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -144,10 +145,23 @@ class PoolCaches:
                     yield servers, prefix, name, len(pool.held), pool.capacity()
 
     def counts(self) -> dict[str, int]:
+        """Cache sizes, and what the journal did (journal.py): `journal_taken_over` DELs kept
+        to finish later, `journal_replayed` of them finished by the replay thread,
+        `journal_voided` writes in doubt voided, `journal_expired` entries given up on (kept
+        for `ipam-da-consul-admin journal`), `journal_pending` entries with work left now.
+        Counters start at 0 with the helper; none without a state folder."""
         with self.lock:
             caches = list(self.caches.values())
             servers = len(self.servers)
-        return {"caches": len(caches), "pools": sum(len(c) for c in caches), "servers": servers}
+        counts = {"caches": len(caches), "pools": sum(len(c) for c in caches), "servers": servers}
+        if self.state is not None:
+            counts["journal_taken_over"] = self.state.taken_over
+            # A scrape must not fail over the folder: the gauge is left out then.
+            with contextlib.suppress(OSError):
+                counts["journal_pending"] = len(self.state.pending())
+        if self.replayer is not None:
+            counts.update(self.replayer.counts())
+        return counts
 
 
 def _hashable(settings: ConsulSettings) -> Any:

@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--socket",
-        default=os.environ.get("IPAM_DA_CONSUL_SOCKET") or DEFAULT_SOCKET,
-        help=f"unix socket to listen on (default {DEFAULT_SOCKET})",
+        default=None,
+        help=f"unix socket to listen on (default IPAM_DA_CONSUL_SOCKET, else {DEFAULT_SOCKET}); "
+        "under socket activation, the socket passed is used whatever this says",
     )
     parser.add_argument(
         "--refresh-interval",
@@ -113,6 +114,11 @@ def main(argv: list[str] | None = None) -> None:
         help="never take over a DEL that cannot reach Consul: it returns 11 instead",
     )
     args = parser.parse_args(argv)
+    # Where the socket was named, for the start-up line: plugin calls look at the same places.
+    named = "--socket" if args.socket else (
+        "IPAM_DA_CONSUL_SOCKET" if os.environ.get("IPAM_DA_CONSUL_SOCKET") else "the default"
+    )
+    args.socket = args.socket or os.environ.get("IPAM_DA_CONSUL_SOCKET") or DEFAULT_SOCKET
     if args.max_settings < 1 or args.max_pools < 1:
         parser.error("--max-settings and --max-pools must be at least 1")
     if args.idle_exit is not None and not (0 < args.idle_exit < math.inf):
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         server = HelperServer(args.socket, caches, activated, metrics)
     except (SetupError, OSError) as exc:
         sys.exit(f"ipam-da-consul-helper: cannot listen on {args.socket}: {exc}")
-    where = f"{args.socket} (socket activation)" if activated else args.socket
+    where = _listening(server, args.socket, named) if activated else args.socket
     if metrics is not None and metrics_at is not None:
         try:
             url = metrics.serve(
@@ -204,6 +210,33 @@ def main(argv: list[str] | None = None) -> None:
         server.server_close()
         if metrics is not None:
             metrics.close()
+
+
+def _listening(server: HelperServer, path: str, named: str) -> str:
+    """What the start-up line says of a socket passed by socket activation: its own path,
+    which the activator chose (not necessarily the one --socket, IPAM_DA_CONSUL_SOCKET or the
+    default names, where plugin calls look); and, on a line of its own, what its mode lets
+    other users do. The activator made the socket: systemd's unit makes it 0600 in a 0700
+    folder, another activator (systemd-socket-activate) by its umask."""
+    bound = server.server_address
+    bound = os.fsdecode(bound) if isinstance(bound, bytes | str) and bound else ""
+    if not bound or bound.startswith("\0"):
+        return f"a socket passed by socket activation, not a path ({path} is not used)"
+    where = f"{bound} (socket activation)"
+    if os.path.abspath(bound) != os.path.abspath(path):
+        what = f"the default {path}" if named == "the default" else f"{path} ({named})"
+        where += f", not on {what}: plugin calls need IPAM_DA_CONSUL_SOCKET={bound}"
+    try:
+        mode = os.stat(bound).st_mode & 0o777
+    except OSError:
+        return where
+    if mode & 0o022:  # connecting to a unix socket takes write permission on it
+        sys.stderr.write(
+            f"ipam-da-consul-helper: note: the activated socket {bound} is mode {mode:04o}, so "
+            f"other local users can connect; only root and uid {os.geteuid()} are served (peer "
+            "credentials), the others refused (systemd's unit makes it 0600)\n"
+        )
+    return where
 
 
 def _exit_when_idle(server: HelperServer, seconds: float) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import _socket
 import marshal
 import os
+import sys
 import time
 
 from .wire import DEFAULT_SOCKET, TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
@@ -72,12 +73,8 @@ def via_helper(
     """The helper's (stdout, stderr, exit code), or None: do the call in this process."""
     started = time.monotonic() if started is None else started
     path = socket_path()
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if st.st_uid not in (0, os.geteuid()):
-        return None  # a socket someone else planted: never hand them a call or a token
+    if not os.path.exists(path):
+        return None  # no helper: spare the socket
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         return _call(sock, path, stdin, verbose, started)
@@ -95,6 +92,8 @@ def _call(
     give_up = time.monotonic() + ack_timeout()
     _budget(sock, give_up)
     sock.connect(path)
+    if not _trusted_peer(sock):
+        return None  # a socket someone else planted: never hand them a call or a token
     _budget(sock, give_up)
     sock.sendall(frame(request(stdin, verbose, started)))
     ack = marshal.loads(read_frame(_recv_until(sock, give_up)))
@@ -111,6 +110,15 @@ def _call(
     except TimeoutError:
         return _no_answer(path, version)
     return str(answer["stdout"]), str(answer["stderr"]), int(answer["code"])
+
+
+def _trusted_peer(sock: _socket.socket) -> bool:
+    """The process at the other end is root's or ours, as the kernel saw it when it connected
+    (SO_PEERCRED): not a check of the path, which whoever controls a folder above it could swap
+    between a look at it and the connection."""
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    uid = int.from_bytes(creds[4:8], sys.byteorder)  # struct ucred: pid, uid, gid
+    return uid in (0, os.geteuid())
 
 
 def _budget(sock: _socket.socket, until: float) -> None:

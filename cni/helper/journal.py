@@ -40,6 +40,10 @@ class Replayer:
         self.stopped = False
         # Per entry: when it may be tried again (monotonic), and its current backoff.
         self.next_try: dict[str, tuple[float, float]] = {}
+        # What the passes did, for the helper's stats and metrics (PoolCaches.counts): DELs
+        # finished, writes in doubt voided, and entries given up on (after GIVE_UP_AFTER, or
+        # because they can never succeed), which stay for an operator.
+        self.replayed = self.voided = self.expired = 0
 
     def poke(self, code: int = 0) -> None:
         if code == 0 and not self.wake.is_set():
@@ -79,12 +83,21 @@ class Replayer:
                 return None
             if entry.attempts >= GIVE_UP_AFTER:
                 return None
+            was_del, had_work = entry.deleting is not None, entry.has_work
             code = self.finish(entry)
-            if code == 0 or not entry.has_work:
+            if code == 0:
+                if was_del:
+                    self.replayed += 1
+                elif had_work:
+                    self.voided += 1
+                return None
+            if not entry.has_work:
+                self.expired += 1  # a DEL that can never succeed (replay.finish says so)
                 return None
             entry.attempts += 1
             entry.write()
             if entry.attempts >= GIVE_UP_AFTER:
+                self.expired += 1
                 network, container, ifname = entry.attachment
                 what = "DEL" if entry.deleting is not None else "void of writes in doubt"
                 logger.error(
@@ -107,6 +120,13 @@ class Replayer:
             if self.stopped:
                 return
             self.wake.wait(wait)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "journal_replayed": self.replayed,
+            "journal_voided": self.voided,
+            "journal_expired": self.expired,
+        }
 
     def stop(self) -> None:
         self.stopped = True

@@ -297,11 +297,15 @@ def prepare_folder(folder: Path) -> None:
             f"the socket folder {folder} belongs to uid {st.st_uid}, neither root nor this "
             f"helper's uid {os.geteuid()}: its owner could replace the socket"
         )
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+    if st.st_mode & 0o022:
+        # Sticky (/tmp) or not: another user can take the socket's name first (a helper could
+        # never start, and calls would run in-process for good), or, owning a folder above,
+        # swap it. The client trusts only a root or same-user peer (SO_PEERCRED) whatever the
+        # path, but a helper is never set up where it can be kept out.
         raise SetupError(
             f"the socket folder {folder} (mode {stat.S_IMODE(st.st_mode):04o}) is writable by "
-            "others without the sticky bit: anyone could replace the socket; use a private "
-            "folder (the default is created 0700) or a sticky one such as /tmp"
+            "others: another user could take the socket's name first; use a private folder "
+            "(the default /run/ipam-da-consul is created 0700)"
         )
 
 

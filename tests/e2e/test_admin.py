@@ -79,9 +79,15 @@ def prefix() -> str:
     return f"admin-{os.getpid()}-{next(_prefixes)}/"
 
 
+# The session's agent holds every test's pools under ipam/, many with the seed's example ranges:
+# pools that share addresses, which `create` refuses unless told (tested with their own prefix).
+SHARED = ["--allow-overlap"]
+
+
 def create(consul: ConsulAgent, pool: str, *specs: str, prefix: str = "ipam/") -> None:
     args = [arg for spec in specs for arg in ("--range", spec)]
-    out = admin(consul, "--prefix", prefix, "create", pool, *args)
+    shared = SHARED if prefix == "ipam/" else []
+    out = admin(consul, "--prefix", prefix, "create", pool, *args, *shared)
     assert out.rc == 0, out
 
 
@@ -95,10 +101,10 @@ def test_create_writes_the_seed_layout_the_plugin_reads(consul, pool_name):
         "10.0.20.0/23,10.0.21.100-10.0.21.150,gw=10.0.20.1",
         "--range",
         "fd00:20::/120,start=fd00:20::10,gw=fd00:20::1",
+        *SHARED,
     )
     assert out.rc == 0, out
     assert out.stdout == f"created pool {pool_name}: 2 range(s), 291 allocatable addresses\n"
-    assert out.stderr == ""
     assert consul.tree(f"ipam/{pool_name}") == {
         f"ipam/{pool_name}": json.dumps(
             [
@@ -123,7 +129,8 @@ def test_create_writes_the_seed_layout_the_plugin_reads(consul, pool_name):
 def test_create_from_json_normalises_what_it_writes(consul, pool_name, tmp_path):
     ranges = [{"subnet": "10.0.33.77/24", "gateway": "10.0.33.1", "comment": "dropped"}]
     out = admin(
-        consul, "create", pool_name, "--ranges-json", "-", stdin=json.dumps(ranges).encode()
+        consul, "create", pool_name, "--ranges-json", "-", *SHARED,
+        stdin=json.dumps(ranges).encode(),
     )
     assert out.rc == 0, out
     expected = [
@@ -156,7 +163,7 @@ def test_create_refuses_an_existing_pool_unless_forced(consul, pool_name):
     assert consul.get_json(key) == BLUE
     # --force replaces the ranges (CAS on the index just read) and keeps the allocations,
     # warning that one of them no longer fits.
-    out = admin(consul, "create", pool_name, "--range", "10.0.50.0/24", "--force")
+    out = admin(consul, "create", pool_name, "--range", "10.0.50.0/24", "--force", *SHARED)
     assert out.rc == 0, out
     assert (
         out.stdout
@@ -363,10 +370,26 @@ def test_release_with_and_without_target(consul, pool_name):
     # Again: absent.
     out = admin(consul, "release", pool_name, "10.0.21.100", "--target", "c-1")
     assert_fails(out, STATE, "not allocated", "nothing released")
-    # Without --target, whoever holds it.
+    # Held by a container: not without --target or --force (issue 22, finding 4: a running
+    # container's address went to the next container on the same bridge).
+    key = f"ipam/{pool_name}/10.0.21.101"
+    index = consul.modify_index(key)
     out = admin(consul, "release", pool_name, "10.0.21.101")
+    assert_fails(
+        out, STATE, "10.0.21.101 in pool", "is held by container 'c-2' (interface eth0, network "
+        "testnet, host", "nothing released", "--target c-2", "or --force",
+    )
+    assert consul.modify_index(key) == index
+    # --force: whoever holds it, and the output says so.
+    out = admin(consul, "release", pool_name, "10.0.21.101", "--force")
     assert out.rc == 0, out
+    assert out.stdout == (
+        f"released 10.0.21.101 from pool {pool_name} (was held by 'c-2'; --force: released "
+        "without checking that it is gone)\n"
+    )
     assert consul.allocations(pool_name) == {}
+    out = admin(consul, "release", pool_name, "10.0.21.101", "--force", "--target", "c-2")
+    assert out.rc == USAGE and "not allowed with" in out.stderr, out
     # The plugin's DEL of a released container still succeeds.
     assert run_plugin("DEL", conf, container="c-2").rc == 0
     assert_fails(admin(consul, "release", pool_name, "10.0.21.999"), USAGE, "not an IP address")
@@ -391,7 +414,7 @@ def test_release_refuses_an_address_reallocated_to_another_target(consul, pool_n
         "does not hold a valid allocation",
     )
     assert consul.get(key) == b"garbage"
-    # Without --target it goes, whatever it holds.
+    # Without --target it goes, whatever it holds: no container holds it.
     out = admin(consul, "release", pool_name, "10.0.21.100")
     assert out.rc == 0, out
     assert (
@@ -529,6 +552,54 @@ def test_check_of_a_clean_prefix_exits_zero(consul, prefix):
     out = admin(consul, "--prefix", prefix, "check", "--json")
     assert out.rc == 0, out
     assert out.json == {"problems": 0, "pools": [{"pool": "one", "allocations": 1, "problems": []}]}
+
+
+def test_pools_that_share_addresses_are_refused_and_reported(consul, prefix):
+    """Issue 22, finding 5: a second pool with the same subnet was accepted without a word, and
+    `check` said ok: on one bridge both hand out the same address. Pools that split a subnet
+    (by range or by `exclude`) share nothing and are fine."""
+    create(consul, "first", "10.0.47.0/24,gw=10.0.47.1", prefix=prefix)
+    base = ["--prefix", prefix]
+    index = consul.kv_index()
+    out = admin(consul, *base, "create", "second", "--range", "10.0.47.0/24")
+    assert_fails(
+        out, STATE, "pool 'second' would hand out addresses another pool hands out",
+        "range 1 (10.0.47.1-10.0.47.254) shares 253 address(es), from 10.0.47.2, with pool "
+        "'first' (its range 1, 10.0.47.1-10.0.47.254)",
+        "Nothing written", "--allow-overlap",
+    )
+    assert consul.kv_index() == index
+    out = admin(consul, *base, "create", "second", "--range", "10.0.47.0/24", "--allow-overlap")
+    assert out.rc == 0 and "warning: pool 'second'" in out.stderr, out
+    # Halves of one subnet: by range, and by exclusion.
+    create(consul, "low", "10.0.48.0/24,10.0.48.1-10.0.48.127", prefix=prefix)
+    create(consul, "high", "10.0.48.0/24,10.0.48.128-10.0.48.254", prefix=prefix)
+    ranges = [{"subnet": "10.0.49.0/24", "exclude": ["10.0.49.0/25"]}]
+    out = admin(consul, *base, "create", "upper", "--ranges-json", "-",
+                stdin=json.dumps(ranges).encode())
+    assert out.rc == 0, out
+    create(consul, "lower", "10.0.49.0/24,10.0.49.1-10.0.49.127", prefix=prefix)
+    out = admin(consul, *base, "check", "--json")
+    assert out.rc == PROBLEMS, out
+    found = {
+        (pool["pool"], p["kind"], tuple(p["keys"]))
+        for pool in out.json["pools"]
+        for p in pool["problems"]
+    }
+    assert found == {
+        ("first", "overlapping-pools", (f"{prefix}first", f"{prefix}second")),
+        ("second", "overlapping-pools", (f"{prefix}second", f"{prefix}first")),
+    }
+    # One pool checked: compared with every pool under the prefix.
+    out = admin(consul, *base, "check", "second")
+    assert out.rc == PROBLEMS, out
+    assert out.stdout == (
+        "second: overlapping-pools: range 1 (10.0.47.1-10.0.47.254) shares 253 address(es), from "
+        "10.0.47.2, with pool 'first' (its range 1, 10.0.47.1-10.0.47.254): on one network "
+        "segment both would hand out one address\n"
+        "second: 1 problem(s), 0 valid allocation(s)\n"
+    )
+    assert admin(consul, *base, "check", "low").rc == 0
 
 
 # -- progress ----------------------------------------------------------------------------------

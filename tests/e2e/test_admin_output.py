@@ -193,3 +193,33 @@ def test_usage_prometheus_with_warn_at_and_without_pools(consul, pools):
     ]
     bad = admin(consul, "usage", "--prometheus", "--json")
     assert bad.rc == USAGE and "not allowed with" in bad.stderr, bad
+
+
+def test_an_80_column_terminal_never_gets_a_broken_address_or_header(consul):
+    """Issue 22, finding 9: `usage` on 80 columns showed `10.177 / .0.0/2 / 4` and
+    `ALLOCA / TED`. Through the installed CLI on a terminal of 80 columns: no line wider, and
+    every address, range and header whole on one line (tests/unit/admin/test_output.py has
+    the layouts)."""
+    prefix = f"narrow-{os.getpid()}-{os.urandom(3).hex()}/"
+    create(consul, "blue", "10.177.0.0/24", prefix=prefix)
+    create(consul, "wide", "10.178.0.0/24,gw=10.178.0.1",
+           "fd00:177:0:1234::/64,fd00:177:0:1234::10-fd00:177:0:1234::ffff,gw=fd00:177:0:1234::1",
+           prefix=prefix)
+    fill(consul, prefix, "blue", "10.177.0", 3)
+    whole = ["10.177.0.0/24", "10.177.0.254", "fd00:177:0:1234::/64", "fd00:177:0:1234::ffff",
+             "fd00:177:0:1234::1", "ALLOCATED", "CAPACITY", "SUBNETS"]
+    seen = ""
+    for command in ("usage", "list", "allocations blue"):
+        rc, tty, _ = run_pty(consul, "--prefix", prefix, *command.split(), COLUMNS="80")
+        assert rc == 0, tty
+        plain = [line for line in strip_ansi(tty).splitlines() if line.strip()]
+        assert all(len(line) <= 80 for line in plain), "\n".join(plain)
+        seen += "\n".join(plain) + "\n"
+    for word in whole:
+        assert word in seen, (word, seen)
+
+
+def strip_ansi(text: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)

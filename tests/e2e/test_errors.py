@@ -211,6 +211,74 @@ def test_invalid_consul_servers(consul, make_pool, servers, needle):
     assert consul.kv_index() == index
 
 
+def standalone_conf(consul: ConsulAgent, pool: str, **ipam: Any) -> dict[str, Any]:
+    """The config a Podman or Nomad user writes: the pools in `ipam.pools`."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": "typonet",
+        "ipam": {
+            "type": "ipam-da-consul",
+            "consul_servers": [consul.url],
+            "pools": [{"name": pool}],
+            **ipam,
+        },
+    }
+
+
+def test_misspelled_settings_fail_add_and_are_named(consul, make_pool, tmp_path):
+    """Issue 22, finding 3: `timout`, `reuse_afer`, `consul_token_flie` were accepted without a
+    word (the cool-down silently off, no token sent). ADD is refused naming each and the setting
+    it is near; DEL goes on, warning about each on stderr and in the verbose log."""
+    pool = make_pool()
+    conf = standalone_conf(
+        consul, pool, timout=5, reuse_afer=60, consul_token_flie="/etc/cni/token"
+    )
+    index = consul.kv_index()
+    out = run_plugin("ADD", conf)
+    err = assert_cni_error(
+        out, 7, "1.0.0",
+        "`timout` (did you mean `timeout`?)",
+        "`reuse_afer` (did you mean `reuse_after`?)",
+        "`consul_token_flie` (did you mean `consul_token_file`?)",
+        "so ADD is refused",
+    )
+    assert err["msg"] in out.stderr
+    assert consul.kv_index() == index
+    log = tmp_path / "verbose.log"
+    gone = run_plugin("DEL", conf, verbose=True, env={"IPAM_DA_CONSUL_LOG_FILE": str(log)})
+    assert gone.rc == 0 and gone.stdout == "", gone
+    for typo, meant in [("timout", "timeout"), ("reuse_afer", "reuse_after")]:
+        line = (
+            f"ipam key `{typo}` is not a setting of ipam-da-consul and is ignored; did you mean "
+            f"`{meant}`?"
+        )
+        assert line in gone.stderr and line in log.read_text(), (line, gone)
+
+
+def test_a_misspelled_required_key_is_named(consul, make_pool):
+    pool = make_pool()
+    conf = standalone_conf(consul, pool)
+    conf["ipam"]["consul_server"] = conf["ipam"].pop("consul_servers")
+    assert_cni_error(
+        run_plugin("ADD", conf), 7, "1.0.0", "`consul_server` (did you mean `consul_servers`?)"
+    )
+    assert_cni_error(
+        run_plugin("DEL", conf), 7, "1.0.0", "ipam.consul_servers: Missing data",
+        "the ipam section has `consul_server`: did you mean `consul_servers`?",
+    )
+
+
+def test_another_unknown_key_is_a_warning_only(consul, make_pool):
+    pool = make_pool()
+    out = run_plugin("ADD", standalone_conf(consul, pool, dataDir="/var/lib/cni/networks"))
+    assert out.rc == 0, out
+    assert "ipam key `dataDir` is not a setting of ipam-da-consul and is ignored" in out.stderr
+    # Behind ipam-delegated the section is shared with sibling delegates: not even a warning.
+    out = run_plugin("ADD", netconf([consul.url], [{"name": pool}], another_delegates_key=1),
+                     container="c-2")
+    assert out.rc == 0 and "another_delegates_key" not in out.stderr, out
+
+
 def test_ipam_section_missing(silent_server):
     conf = conf_with(silent_server[0], [{"name": "p"}])
     del conf["ipam"]

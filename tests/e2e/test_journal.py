@@ -122,6 +122,9 @@ def test_a_del_taken_over_survives_a_helper_restart_and_is_finished(
         [entry] = (Path(helper.state_dir) / "attachments").iterdir()
         data = json.loads(entry.read_text())
         assert TOKEN in data["deleting"]["stdin"] and data["deleting"]["env"]["CNI_CONTAINERID"]
+        # What the metrics read (HelperServer.stats): one entry taken over, still pending.
+        stats = helper.stats()
+        assert (stats["journal_taken_over"], stats["journal_pending"]) == (1, 1), stats
     finally:
         helper.close()
     log2 = tmp_path / "helper2.log"
@@ -133,6 +136,9 @@ def test_a_del_taken_over_survives_a_helper_restart_and_is_finished(
         took = wait_for("the DEL finished", lambda: not pending(helper))
         assert ip not in up.allocations(pool)
         assert took < 10, took
+        stats = helper.stats()
+        assert (stats["journal_replayed"], stats["journal_pending"]) == (1, 0), stats
+        assert (stats["journal_taken_over"], stats["journal_expired"]) == (0, 0), stats
     finally:
         helper.close()
     for path in (log, log2):

@@ -139,7 +139,8 @@ def test_served_on_demand_exits_idle_and_starts_again(
     assert add.rc == 0, add
     assert add.json["ips"][0]["address"] == "10.0.21.100/23"
     assert served_by(first_log) == {activator.starts[0]}
-    assert "socket activation" in activator.text()
+    # --socket names the socket the unit passes: the line says just that.
+    assert f"listening on {activator.path} (socket activation)\n" in activator.text()
 
     # No call for 1.5 s: the helper exits cleanly, and the socket stays (systemd's).
     activator.wait_exits(1)
@@ -199,6 +200,63 @@ def test_never_exits_in_the_middle_of_a_call(activator: Activator, tmp_path: Pat
     assert activator.exits == [0]
     text = activator.text()
     assert "Execing" in text and text.index("no call for") > text.index("Execing")
+
+
+def started_by_activate(tmp_path: Path, mode: int | None, *helper_args: str) -> str:
+    """As an operator starts it without systemd: `systemd-socket-activate -l PATH helper`
+    (issue 22, finding 8), the socket made by that tool (`mode`: then changed to that), the
+    helper started by a first connection. What it said on stderr."""
+    run = tmp_path / "sa"
+    run.mkdir(mode=0o755)
+    path = run / "h.sock"
+    log = tmp_path / "activate.err"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [str(ACTIVATE), "-l", str(path), executable("ipam-da-consul-helper"),
+             "--state-dir", str(tmp_path / "state"), *helper_args],
+            stdout=err, stderr=err,
+        )
+    try:
+        end = time.monotonic() + 30
+        while not path.exists():
+            assert proc.poll() is None and time.monotonic() < end, log.read_text()
+            time.sleep(0.05)
+        if mode is not None:
+            os.chmod(path, mode)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.connect(str(path))
+            while "listening on" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < end, log.read_text()
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return log.read_text().replace(str(path), "PATH")
+
+
+def test_the_start_up_line_names_the_activated_socket(tmp_path: Path) -> None:
+    """It said `listening on /run/ipam-da-consul/helper.sock (socket activation)` while serving
+    another path; now the path it serves, and what plugin calls need to find it."""
+    text = started_by_activate(tmp_path, 0o600)
+    assert (
+        "listening on PATH (socket activation), not on the default "
+        "/run/ipam-da-consul/helper.sock: plugin calls need IPAM_DA_CONSUL_SOCKET=PATH\n"
+    ) in text, text
+    assert "note:" not in text  # 0600: nobody else can connect
+
+
+def test_a_socket_others_may_connect_to_is_said_to_be_guarded(tmp_path: Path) -> None:
+    """The activator chose the mode (systemd-socket-activate: its umask). Connecting takes
+    write permission; when others have it, the start-up says who is served."""
+    text = started_by_activate(tmp_path, 0o666, "--socket", str(tmp_path / "elsewhere.sock"))
+    assert (
+        "ipam-da-consul-helper: note: the activated socket PATH is mode 0666, so other local "
+        f"users can connect; only root and uid {os.geteuid()} are served (peer credentials)"
+    ) in text, text
+    assert (
+        f"listening on PATH (socket activation), not on {tmp_path / 'elsewhere.sock'} "
+        "(--socket): plugin calls need IPAM_DA_CONSUL_SOCKET=PATH"
+    ) in text, text
 
 
 def test_listen_pid_of_another_process_is_ignored(tmp_path: Path) -> None:

@@ -114,3 +114,31 @@ def test_del_reads_only_the_keys_it_knows(consul: ConsulAgent) -> None:
         relay.close()
     assert not any("recurse" in p or "keys=" in p for p in seen), seen
     assert consul.allocations(pool) == {}
+
+
+def test_a_packed_pool_costs_one_names_listing_then_none(
+    consul: ConsulAgent, tmp_path: Path
+) -> None:
+    """The first 30 stripes full (a pool `lowest` or an older version packed from its start),
+    this host's among them: the first ADD lists the pool's key names once to find room; the
+    next ones, in-process (the hint is in the state folder) and through the helper (in its
+    memory), go straight to that stripe."""
+    name = next(f"stripes-packed-{i}" for i in range(10_000)
+                if all(int(p.split(".")[2]) < 30 for p in walk(f"stripes-packed-{i}")))
+    pool = consul.create_pool(name, WIDE)
+    consul.fill_pool(pool, ipaddress.IPv4Address("10.40.0.0"), 30 * 256)  # the walk is full
+    relay = LossyProxy(consul.url, lambda m, p: False)
+    helper = Helper(tmp_path)
+    try:
+        for n, env in enumerate([helper.host_env, helper.host_env,
+                                 {**helper.env, "IPAM_DA_CONSUL_HELPER_ACK_TIMEOUT": "30"},
+                                 {**helper.env, "IPAM_DA_CONSUL_HELPER_ACK_TIMEOUT": "30"}]):
+            before = len(relay.seen)
+            out = run_plugin("ADD", conf(relay.url, pool), container=f"packed-{n}", env=env)
+            assert out.rc == 0, out
+            names = [p for p in paths(relay)[before:]
+                     if p.startswith(f"GET /v1/kv/ipam/{pool}/?keys")]  # the whole pool's
+            assert len(names) == (1 if n in (0, 2) else 0), (n, paths(relay)[before:])
+    finally:
+        helper.close()
+        relay.close()

@@ -34,6 +34,27 @@ def test_who_has_and_ip_of_by_runtime_names(consul, pool_name, conf_for):
                  "no allocation names")
 
 
+def test_ip_of_a_podman_container_by_its_name(consul, pool_name, conf_for):
+    """Podman 4's CNI backend passes `IgnoreUnknown=1;K8S_POD_NAME=<container name>` and no
+    namespace (tests/e2e/test_podman.py sees it from a real Podman). Issue 22, finding 7:
+    `ip-of nc2` found nothing, and `ip-of -/nc2` (as the NAME column showed it) was taken for
+    an option."""
+    create(consul, pool_name, "10.0.52.0/24,10.0.52.10-10.0.52.50")
+    cid = "5f0c" * 16
+    out = run_plugin("ADD", conf_for(pool_name), container=cid,
+                     env={"CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=nc2"})
+    assert out.rc == 0, out
+    for name in ("nc2", "-/nc2"):
+        for args in (["ip-of", name, "--pool", pool_name], ["ip-of", "--pool", pool_name, name]):
+            found = admin(consul, *args)
+            assert found.rc == 0, (args, found)
+            assert found.stdout.splitlines()[1].split() == [
+                pool_name, "10.0.52.10", cid, "eth0", "testnet", found.stdout.split()[-2], "nc2"
+            ], found
+    assert_fails(admin(consul, "ip-of", "-/nc3", "--pool", pool_name), STATE,
+                 "no allocation names '-/nc3'")
+
+
 def test_usage_warn_at(consul, pool_name, conf_for):
     create(consul, pool_name, "10.0.51.0/24,10.0.51.10-10.0.51.13")  # four addresses
     for cid in ("w-1", "w-2", "w-3"):

@@ -300,6 +300,17 @@ def drop_first(method: str) -> Callable[[str, str], bool]:
     return drop
 
 
+def helper_stats(path: str, timeout: float = 10.0) -> dict[str, int]:
+    """The counters of the helper listening on `path` (its `stats` op: what the metrics read)."""
+    from ipam_da_consul.cni.helper.wire import WIRE_VERSION, frame, read_frame
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(frame({"v": WIRE_VERSION, "op": "stats"}))
+        return dict(marshal.loads(read_frame(sock.recv))["stats"])
+
+
 class Helper:
     """A running `ipam-da-consul-helper` (one per simulated host) on a private socket."""
 
@@ -360,13 +371,7 @@ class Helper:
 
     def stats(self, timeout: float = 10.0) -> dict[str, int]:
         """The helper's counters (requests served, dropped, refused) and cache sizes."""
-        from ipam_da_consul.cni.helper.wire import WIRE_VERSION, frame, read_frame
-
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(self.socket)
-            sock.sendall(frame({"v": WIRE_VERSION, "op": "stats"}))
-            return dict(marshal.loads(read_frame(sock.recv))["stats"])
+        return helper_stats(self.socket, timeout)
 
     def stop(self) -> None:
         """SIGSTOP: a frozen cgroup, a swapped-out process; the kernel still queues

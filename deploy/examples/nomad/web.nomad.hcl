@@ -5,7 +5,7 @@
 #   ipam-da-consul-admin ip-of web/frontend     (job/group)
 #   ipam-da-consul-admin ip-of <alloc ID or a prefix of 6+ characters>
 # find the group's address. Nomad never calls CNI GC: run `reconcile` with the node's
-# allocation IDs (README, "Reconciling with the runtime").
+# allocation IDs (docs/operations.md, "Reconciling with the runtime").
 job "web" {
   group "frontend" {
     network {

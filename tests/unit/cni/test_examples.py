@@ -1,7 +1,8 @@
 """The operator examples under deploy/examples parse, and their ipam sections are configs the
 plugin accepts. The Podman conflist has the shape tests/e2e/test_podman.py runs with a real Podman
-(tests/e2e/test_examples.py); the Nomad and Kubernetes files are examples only (no Nomad or
-cluster here)."""
+(tests/e2e/test_examples.py), and so do the Kubernetes conflist and containerd settings with
+tests/e2e/test_containerd.py; the Nomad files and the helper's DaemonSet are examples only (no
+Nomad or cluster here)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def test_every_conflist_is_one_the_plugin_accepts(tmp_path):
         "10-mynet.conflist",
         "podman/ipam-da-consul.conflist",
         "nomad/ipam-da-consul.conflist",
+        "kubernetes/10-consulnet.conflist",
     }
     token = tmp_path / "token"
     token.write_text("00000000-0000-0000-0000-000000000000\n")
@@ -55,4 +57,12 @@ def test_kubernetes_daemonset_parses():
     assert paths["socket-dir"] == "/run/ipam-da-consul" and paths["cni-bin"] == "/opt/cni/bin"
     [helper] = pod["containers"]
     assert "/opt/cni/bin/ipam-da-consul-helper" in helper["command"]
+    # The host's state folder, shared with the plugin's in-process calls at the same path.
+    assert paths["state-dir"] == "/var/lib/ipam-da-consul"
+    mounts = {m["name"]: m["mountPath"] for m in helper["volumeMounts"]}
+    assert mounts["state-dir"] == paths["state-dir"] and mounts["socket-dir"] == paths["socket-dir"]
+    command = helper["command"]
+    assert command[command.index("--state-dir") + 1] == paths["state-dir"]
+    [init] = pod["initContainers"]  # a kubelet-made hostPath is 0755; the folder must be 0700
+    assert {m["mountPath"] for m in init["volumeMounts"]} == {paths["state-dir"]}
     assert ds["spec"]["selector"]["matchLabels"] == ds["spec"]["template"]["metadata"]["labels"]

@@ -105,6 +105,36 @@ def test_past_the_walk_the_key_names_show_a_stripe_with_room() -> None:
     assert run.logged("no room there; reading stripe")
 
 
+def test_a_host_remembers_where_it_found_room(tmp_path: Path) -> None:
+    """A pool packed from its start (by `lowest`, by older versions): the host's stripes are
+    full. The first ADD lists the pool's key names once; the next ones go straight to the
+    stripe where it found room, until that is full, then home again."""
+    m = Mem(StateDir(str(tmp_path / "state")))
+    m.pool(ranges=WIDE)
+    walk = Stripes(load_ranges(json.dumps(WIDE).encode())).walk(HOST, "p")
+    for s in walk:
+        fill(m, s.prefix)
+    first = m.call("ADD", stripe(), container="c0")
+    assert first.code == 0
+    found = first.output["ips"][0]["address"].rsplit(".", 1)[0] + "."  # type: ignore[index]
+    assert found not in {s.prefix for s in walk}
+    for i in range(1, 4):
+        seen = recorded(m)
+        run = m.call("ADD", stripe(), container=f"c{i}")
+        assert run.code == 0
+        assert [p for op, p in seen if op in ("list", "keys")] == [f"ipam/p/{found}"], seen
+        assert run.output["ips"][0]["address"].startswith(found)  # type: ignore[index]
+    # That stripe fills up, and home has room again: back home, and the hint is forgotten.
+    fill(m, found)
+    m.kv.data.pop(f"ipam/p/{walk[0].prefix}7")
+    back = m.call("ADD", stripe(), container="c-home")
+    assert back.output is not None and back.output["ips"][0]["address"] == f"{walk[0].prefix}7/16"
+    seen = recorded(m)
+    m.kv.data.pop(f"ipam/p/{walk[0].prefix}8")
+    m.call("ADD", stripe(), container="c-home-2")
+    assert next(p for op, p in seen if op == "list") == f"ipam/p/{walk[0].prefix}", seen
+
+
 def test_a_small_pool_fills_completely_and_full_is_said_after_a_whole_read() -> None:
     m = Mem()
     m.pool(ranges=[{"subnet": "10.9.9.0/28"}])

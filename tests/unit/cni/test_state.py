@@ -221,6 +221,8 @@ def test_the_replay_loop_backs_off_and_gives_up_with_every_name(tmp_path: Path) 
     replayer.pass_once()
     assert len(tries) == 2  # given up on: kept, never tried on its own again
     assert state.pending() == [st.entry_name(ATT)]
+    # Counted once, for the helper's stats and metrics.
+    assert replayer.counts() == {"journal_replayed": 0, "journal_voided": 0, "journal_expired": 1}
 
 
 def test_the_replay_loop_drops_what_is_done(tmp_path: Path) -> None:
@@ -233,11 +235,57 @@ def test_the_replay_loop_drops_what_is_done(tmp_path: Path) -> None:
         entry.write()
         return 0
 
-    assert Replayer(state, finish).pass_once() is None
+    replayer = Replayer(state, finish)
+    assert replayer.pass_once() is None
     assert state.pending() == [] and state.names() == []
+    assert replayer.counts() == {"journal_replayed": 1, "journal_voided": 0, "journal_expired": 0}
+
+
+def test_a_del_that_can_never_succeed_is_counted_as_given_up(tmp_path: Path) -> None:
+    state = folder(tmp_path)
+    with state.entry(ATT, time.monotonic() + 1) as entry:
+        entry.journal_del(b"{}", {})
+
+    def invalid(entry: st.Entry) -> int:
+        entry.deleting = None  # what cni/replay.py does with a config error (7)
+        entry.write()
+        return 7
+
+    replayer = Replayer(state, invalid)
+    assert replayer.pass_once() is None
+    assert replayer.counts()["journal_expired"] == 1
+
+
+def test_dels_taken_over_are_counted_once_per_entry(tmp_path: Path) -> None:
+    state = folder(tmp_path)
+    for _ in range(2):  # the runtime retries the same DEL: one entry
+        with state.entry(ATT, time.monotonic() + 1) as entry:
+            entry.journal_del(b"{}", {})
+    with state.entry((NET, "ctr2", "eth0"), time.monotonic() + 1) as entry:
+        entry.journal_del(b"{}", {})
+    assert state.taken_over == 2
 
 
 def test_missing_folders_above_it_are_made_private(tmp_path: Path) -> None:
     st.StateDir(str(tmp_path / "a" / "b" / "state")).close()
     for folder in (tmp_path / "a", tmp_path / "a" / "b"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_the_helpers_stats_carry_the_journal_counts(tmp_path: Path) -> None:
+    from ipam_da_consul.cni.helper.caches import PoolCaches
+
+    caches = PoolCaches(1.0, make_kv=lambda settings: MemKV())  # type: ignore[arg-type,return-value]
+    assert not any(k.startswith("journal_") for k in caches.counts())  # no state folder
+    caches.state = folder(tmp_path)
+    caches.replayer = Replayer(caches.state, lambda entry: 11)
+    with caches.state.entry(ATT, time.monotonic() + 1) as entry:
+        entry.journal_del(b"{}", {})
+    counts = caches.counts()
+    assert {k: v for k, v in counts.items() if k.startswith("journal_")} == {
+        "journal_taken_over": 1,
+        "journal_pending": 1,
+        "journal_replayed": 0,
+        "journal_voided": 0,
+        "journal_expired": 0,
+    }
