@@ -10,6 +10,7 @@ tests/unit/deploy/test_rules.py)."""
 
 from __future__ import annotations
 
+import functools
 import http.server
 import ipaddress
 import json
@@ -205,7 +206,9 @@ def test_prometheus_scrapes_the_helper_and_the_textfile_and_the_pool_alert_fires
         for m in got:
             assert {k: m[k] for k in row} == row and set(m) == {
                 "__name__", "job", "instance", *row}, m
-    assert prom.query(f'{P}:pool_free:ratio{{pool="{pool}"}}')[0]["value"][1] == "0"
+    # The recording rules run a rule evaluation (1 s) after the scrape.
+    prom.wait("the recorded ratio",
+              lambda: prom.query(f'{P}:pool_free:ratio{{pool="{pool}"}} == 0'))
     assert series(f"{P}_usage_timestamp_seconds") == [{
         "__name__": f"{P}_usage_timestamp_seconds", "job": "node",
         "instance": f"127.0.0.1:{textfile.port}", "consul": consul.url, "prefix": "ipam/"}]
@@ -219,10 +222,13 @@ def test_prometheus_scrapes_the_helper_and_the_textfile_and_the_pool_alert_fires
         assert not {"container", "ip", "call"} & set(m)
 
     # -- the rules, and the alert -------------------------------------------------------------
-    groups = prom.api("rules")["groups"]
-    loaded = [r for g in groups for r in g["rules"]]
-    assert len(loaded) == len(rules()) and all(r["health"] == "ok" for r in loaded), [
-        (r["name"], r.get("lastError")) for r in loaded if r["health"] != "ok"]
+    def loaded() -> list[dict[str, Any]]:
+        return [r for g in prom.api("rules")["groups"] for r in g["rules"]]
+
+    # "unknown" until a group's first evaluation; "err" would stay.
+    prom.wait("every rule evaluated", lambda: all(r["health"] != "unknown" for r in loaded()))
+    assert len(loaded()) == len(rules()) and all(r["health"] == "ok" for r in loaded()), [
+        (r["name"], r.get("lastError")) for r in loaded() if r["health"] != "ok"]
 
     def firing(name: str) -> list[dict[str, Any]]:
         return [a for a in prom.api("alerts")["alerts"]
@@ -246,6 +252,9 @@ def test_prometheus_scrapes_the_helper_and_the_textfile_and_the_pool_alert_fires
         answer = requests.get(f"{prom.url}/api/v1/query",
                               params={"query": grafana_substitute(expr)}, timeout=10).json()
         assert answer["status"] == "success", (where, answer)
-    panels = {where: prom.query(grafana_substitute(expr)) for where, expr in dashboard_exprs()
-              if "Pool usage" in where or "Calls per second" in where}
-    assert all(panels.values()), panels  # data where there is some
+    # Data where there is some: a rate needs two scrapes of a series, which the alert may
+    # have fired before (scraped every second), so each panel gets a few seconds.
+    for where, expr in dashboard_exprs():
+        if "Pool usage" in where or "Calls per second" in where:
+            query = grafana_substitute(expr)
+            prom.wait(f"data in {where}", functools.partial(prom.query, query), timeout=15)
