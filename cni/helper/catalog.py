@@ -125,6 +125,19 @@ METRICS: tuple[Metric, ...] = (
         "Ways of reaching Consul (servers, token, TLS, prefix) the helper keeps warm",
         stat="caches",
     ),
+    # -- the journal: what this host still owes Consul (the state folder) ---------------------
+    Metric(
+        f"{PREFIX}_journal_entries_total", "counter", ("outcome",),
+        "What the helper's journal did, by outcome: taken_over (a DEL answered while Consul was "
+        "unreachable, its address kept reserved until done), replayed (such a DEL finished in "
+        "Consul), voided (writes in doubt undone), expired (given up on: an address may stay "
+        "held until an operator acts, ipam-da-consul-admin journal)",
+    ),
+    Metric(
+        f"{PREFIX}_journal_pending", "gauge", (),
+        "Entries of the state folder with work left for Consul now",
+        stat="journal_pending",
+    ),
     Metric(
         f"{PREFIX}_metrics_connections_dropped_total", "counter", ("reason",),
         "Connections to the metrics listener that got no metrics: over_cap (closed at once, the "
@@ -151,6 +164,8 @@ COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION", "other")
 SOURCES = ("call", "background")
 OUTCOMES = ("served", "refused", "dropped_late", "dropped_hung_up")
 DROP_REASONS = ("over_cap", "timeout", "invalid")
+# The journal's counts in HelperServer.stats are `journal_<outcome>`.
+JOURNAL_OUTCOMES = ("taken_over", "replayed", "voided", "expired")
 
 
 def series_names(source: str | None = None) -> set[str]:

@@ -517,6 +517,13 @@ class _StateCollector(Collector):
         for outcome in OUTCOMES:
             requests.add_metric([outcome], counts.get(outcome, 0))
         yield requests
+        # Counted by the journal since the helper started (PoolCaches.counts), so a counter
+        # as prometheus_client's own are: reset by a restart, which rate() copes with.
+        m = catalog.metric(f"{PREFIX}_journal_entries_total")
+        journal = CounterMetricFamily(m.base, m.help, labels=list(m.labels))
+        for outcome in catalog.JOURNAL_OUTCOMES:
+            journal.add_metric([outcome], counts.get(f"journal_{outcome}", 0))
+        yield journal
         active = catalog.metric(f"{PREFIX}_helper_connections_active")
         yield GaugeMetricFamily(active.name, active.help, value=sources.active())
         # The server's counts the catalog names (room for more: a row with `stat=` is enough).
