@@ -106,9 +106,10 @@ def journal(ctx: Context, args: argparse.Namespace) -> int:
             with entry:
                 if args.action == "retry":
                     from ..cni import replay
+                    from ..cni.compose import consul_store
 
                     entry.attempts = 0
-                    code = replay.finish(entry, state)
+                    code = replay.finish(entry, state, consul_store)
                     failed += code != 0 and entry.has_work
                 elif args.action == "drop":
                     entry.done()

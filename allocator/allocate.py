@@ -330,9 +330,14 @@ class Allocator:
             index = result.indexes.get(op.key, 0)
             pool.put(parse_held(KVEntry(op.key, op.value, index), self.layout.folder(pool.name)))
             return self._settle(sent, "held", result.doubtful)
-        # Lost a compare: on the key, or one of its other spellings exists. Read that key: it may
-        # hold our own write, applied by an earlier send whose reply was lost; otherwise the
-        # pool learns who holds the address.
+        return self._lost_compare(pool, ip, sent, op, others, result)
+
+    def _lost_compare(
+        self, pool: Pool, ip: IPAddress, sent: Claim, op: Cas, others: list[str], result: TxnResult
+    ) -> Claim:
+        """The write's compare failed: on the key, or one of its other spellings exists. That
+        key is read: it may hold our own write, applied by an earlier send whose reply was
+        lost; otherwise the pool learns who holds the address."""
         lost = op.key if result.failed is None or result.failed >= len(others) else None
         # (A DeleteCas before the write fails the same way as the write: the key changed.)
         key = lost or others[result.failed or 0]

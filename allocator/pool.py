@@ -5,220 +5,23 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import socket
-import sys
 import threading
-from array import array
 from bisect import bisect_left, insort
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat
-from operator import itemgetter
-from typing import Any, TypeGuard
+from typing import TypeGuard
 
 from .errors import InvalidPool, PoolFull, PoolMissing
+from .fastpath import HeldMap, load_allocation, make_held, parse_folder
+from .held import Held
 from .layout import Layout
 from .ranges import IPAddress, IPRange
-from .schemas import load_allocation, load_ranges, parse_allocations, plain_allocation
-from .store import KV, KVEntry, Listing, WatchableKV
+from .schemas import load_ranges
+from .store import KV, Columns, KVEntry, WatchableKV
 from .stripes import Stripe
 
-
-@dataclass(frozen=True)
-class Held:
-    """One allocation key: who holds the address, and the ModifyIndex for CAS."""
-
-    ip: IPAddress
-    target: str
-    key: str
-    index: int
-    ifname: str | None = None
-    host: str | None = None
-    value: bytes = b""  # the raw JSON: a rollback compares it, a take-over's restores it
-    network: str | None = None
-    call: str | None = None
-    runtime: dict[str, str] | None = field(default=None, compare=False, hash=False)
-    free_after: float | None = None
-    at: float | None = None
-
-    @property
-    def cooling(self) -> bool:
-        """A released address cooling down (`reuse_after`): taken, held by nobody, until
-        Consul deletes its key when the cool-down's session ends (allocate.py release)."""
-        return self.free_after is not None
-
-    def owned_by(self, target: str, ifname: str | None = None, network: str | None = None) -> bool:
-        # An allocation without ifname or network (upstream, older versions, other tools)
-        # belongs to the whole container. A released one (cooling down) belongs to nobody.
-        if self.target != target or self.free_after is not None:
-            return False
-        if network is not None and self.network is not None and self.network != network:
-            return False
-        return ifname is None or self.ifname is None or self.ifname == ifname
-
-
-class HeldMap(MutableMapping[IPAddress, Held]):
-    """A pool's allocations by address. The keys of a listing stay rows of its columns (one
-    set per IP version) until one is asked for: a call looks at a handful of a pool's 60,000
-    keys, and an object for each would cost more than reading them all did.
-
-    Reading a row makes it a Held, which changes the map, so every look at the rows holds
-    `lock` (the pool's): calls in the helper may share a pool that still has rows."""
-
-    def __init__(self, made: dict[IPAddress, Held] | None = None, rows: Iterable[_Rows] = ()):
-        self._made: dict[IPAddress, Held] = made if made is not None else {}
-        self._rows: dict[type, _Rows] = {r.kind: r for r in rows if r.where}
-        self.lock = threading.RLock()
-
-    def _rows_of(self, ip: object) -> _Rows | None:
-        # The exact type: an interface, a string or a scoped IPv6 address (fd00::5%eth0, not
-        # equal to fd00::5) is no key here, as it would be none of a dict of addresses.
-        rows = self._rows.get(type(ip))
-        if rows is None or getattr(ip, "scope_id", None) is not None:
-            return None
-        return rows
-
-    def __getitem__(self, ip: IPAddress) -> Held:
-        held = self._made.get(ip)
-        if held is not None:
-            return held
-        with self.lock:
-            held = self._made.get(ip)  # made by another thread meanwhile
-            if held is not None:
-                return held
-            rows = self._rows_of(ip)
-            i = rows.where.pop(int(ip), None) if rows is not None else None
-            if rows is None or i is None:
-                raise KeyError(ip)
-            held = self._made[ip] = rows.make(i, ip)
-            if not rows.where:
-                del self._rows[rows.kind]
-            return held
-
-    def __contains__(self, ip: object) -> bool:
-        if ip in self._made:
-            return True
-        with self.lock:
-            if ip in self._made:
-                return True
-            rows = self._rows_of(ip)
-            return rows is not None and int(ip) in rows.where  # type: ignore[call-overload]
-
-    def __setitem__(self, ip: IPAddress, held: Held) -> None:
-        with self.lock:
-            self._drop_row(ip)
-            self._made[ip] = held
-
-    def __delitem__(self, ip: IPAddress) -> None:
-        with self.lock:
-            if not self._drop_row(ip):
-                del self._made[ip]
-
-    def _drop_row(self, ip: IPAddress) -> bool:
-        rows = self._rows_of(ip)
-        if rows is None or rows.where.pop(int(ip), None) is None:
-            return False
-        if not rows.where:
-            del self._rows[rows.kind]
-        return True
-
-    def __iter__(self) -> Iterator[IPAddress]:
-        # Both taken at once: a row made while the caller iterates moves into `_made`.
-        with self.lock:
-            made = list(self._made)
-            rows = [(r.kind, list(r.where)) for r in self._rows.values()]
-        yield from made
-        for kind, values in rows:
-            yield from map(kind, values)
-
-    def __len__(self) -> int:
-        with self.lock:
-            return len(self._made) + sum(len(r.where) for r in self._rows.values())
-
-    def __repr__(self) -> str:
-        with self.lock:
-            rows = sum(len(r.where) for r in self._rows.values())
-            return f"HeldMap({self._made!r}, +{rows} not yet read)"
-
-    def make_all(self) -> None:
-        """Turn every row into its Held (the helper keeps its pools whole)."""
-        with self.lock:
-            made = self._made
-            for rows in self._rows.values():
-                kind = rows.kind
-                for value, i in rows.where.items():
-                    ip = kind(value)
-                    made[ip] = rows.make(i, ip)
-            self._rows = {}
-
-    def live_ints(self, version: int) -> set[int]:
-        """The addresses of one version that have a key (a release cooling down included)."""
-        with self.lock:
-            live = {int(ip) for ip in self._made if ip.version == version}
-            rows = self._rows.get(_IPv4 if version == 4 else _IPv6)
-            if rows is not None:
-                live |= set(rows.where)
-            return live
-
-    def of_target(self, target: str) -> list[Held]:
-        """Every allocation whose `target` is this container."""
-        with self.lock:
-            found = [h for h in self._made.values() if h.target == target]
-            for rows in list(self._rows.values()):
-                targets = rows.targets()
-                i = -1
-                while True:
-                    try:
-                        i = targets.index(target, i + 1)
-                    except ValueError:
-                        break
-                    value = rows.ints[i]
-                    if rows.where.get(value) == i:
-                        found.append(self[rows.kind(value)])
-            return found
-
-
-class _Rows:
-    """A listing's allocation keys of one IP version, checked and kept as columns."""
-
-    __slots__ = (
-        "_targets",
-        "allocs",
-        "indexes",
-        "ints",
-        "keys",
-        "kind",
-        "values",
-        "version",
-        "where",
-    )
-
-    def __init__(
-        self,
-        version: int,
-        ints: list[int],
-        keys: list[str],
-        values: list[bytes],
-        indexes: list[int],
-        allocs: list[dict[str, Any]],
-    ) -> None:
-        self.version = version
-        self.kind: type[IPAddress] = _IPv4 if version == 4 else _IPv6
-        self.ints, self.keys, self.values, self.indexes = ints, keys, values, indexes
-        self.allocs = allocs
-        # Address -> row, for the rows not yet made into Held or dropped.
-        self.where = dict(zip(ints, range(len(ints)), strict=True))
-        self._targets: list[str] | None = None
-
-    def targets(self) -> list[str]:
-        """Each row's `target`, for list.index to find a container's rows at C speed."""
-        if self._targets is None:
-            self._targets = list(map(_target_of, self.allocs))
-        return self._targets
-
-    def make(self, i: int, ip: IPAddress) -> Held:
-        return _held(
-            ip, self.keys[i], self.indexes[i], self.values[i], plain_allocation(self.allocs[i])
-        )
+__all__ = ["Held", "Pool", "ip_of_key", "key_ip", "list_pool", "parse_held", "parse_pool"]
 
 
 @dataclass
@@ -443,14 +246,14 @@ def parse_pool(
     `known` holds allocations parsed before: one whose ModifyIndex is unchanged is reused.
     `view`: the listing is of one stripe's keys (allocator/stripes.py)."""
     pool_key, folder = layout.pool_key(name), layout.folder(name)
-    listing = Listing.of(entries)
+    listing = Columns.of(entries)
     keys = listing.keys
     rows = _folder_rows(keys, folder)
     if keys.count(folder) == 1:
         rows.remove(keys.index(folder))
     elif folder in keys:  # a hand-made listing (Consul names a key once)
         rows = [i for i in rows if keys[i] != folder]
-    held = None if known else _held_rows(listing, rows, len(folder))
+    held = None if known else parse_folder(listing, rows, folder)
     if held is None:
         held = HeldMap(_held_one_by_one(listing, rows, folder, known))
     if pool_key not in keys:
@@ -495,7 +298,7 @@ def _folder_rows(keys: list[str], folder: str) -> list[int]:
 
 
 def _held_one_by_one(
-    listing: Listing, rows: list[int], folder: str, known: Mapping[str, Held] | None
+    listing: Columns, rows: list[int], folder: str, known: Mapping[str, Held] | None
 ) -> dict[IPAddress, Held]:
     """Each key judged on its own: the first invalid one raises, in listing order."""
     held: dict[IPAddress, Held] = {}
@@ -506,79 +309,6 @@ def _held_one_by_one(
             h = parse_held(KVEntry(keys[i], values[i], indexes[i]), folder)
         held[h.ip] = h
     return held
-
-
-def _held_rows(listing: Listing, rows: list[int], skip: int) -> HeldMap | None:
-    """The folder's keys checked all at once and kept as rows; None when some key needs
-    `parse_held` one by one, to be judged or worded there (a name in another spelling, a
-    value `parse_allocations` does not take whole)."""
-    if rows and rows[-1] - rows[0] == len(rows) - 1:
-        # One run of keys, as a listing of the folder has them (after the pool key): slices.
-        part = slice(rows[0], rows[-1] + 1)
-        keys, values, indexes = listing.keys[part], listing.values[part], listing.indexes[part]
-    else:
-        keys = [listing.keys[i] for i in rows]
-        values = [listing.values[i] for i in rows]
-        indexes = [listing.indexes[i] for i in rows]
-    names = list(map(itemgetter(slice(skip, None)), keys))
-    allocs = parse_allocations(values)
-    if allocs is None:
-        return None
-    if ":" not in "".join(names):
-        groups = [(4, keys, names, values, indexes, allocs)]
-    else:
-        # IPv6 names, and IPv4 ones too in a dual-stack pool: one set of rows per version.
-        sixes = [":" in name for name in names]
-        groups = []
-        for version, wanted in ((4, False), (6, True)):
-            pick = [i for i, six in enumerate(sixes) if six is wanted]
-            if len(pick) == len(names):
-                groups.append((version, keys, names, values, indexes, allocs))
-            elif pick:
-                groups.append(
-                    (
-                        version,
-                        [keys[i] for i in pick],
-                        [names[i] for i in pick],
-                        [values[i] for i in pick],
-                        [indexes[i] for i in pick],
-                        [allocs[i] for i in pick],
-                    )
-                )
-    kept = []
-    for version, g_keys, g_names, g_values, g_indexes, g_allocs in groups:
-        ints = _address_ints(g_names, version)
-        if ints is None:
-            return None
-        rows_of = _Rows(version, ints, g_keys, g_values, g_indexes, g_allocs)
-        if len(rows_of.where) != len(ints):  # two names for one address: cannot happen
-            return None
-        kept.append(rows_of)
-    return HeldMap(rows=kept)
-
-
-def _address_ints(names: list[str], version: int) -> list[int] | None:
-    """The addresses the names spell, as integers, when every one is of `version` and spelled
-    as `_ip_of_key` takes it without ipaddress: then no two names spell one address."""
-    try:
-        if version == 4:
-            packed = b"".join(map(_inet_pton, repeat(_AF_INET), names))
-            if len(packed) != 4 * len(names):
-                return None
-            # Four bytes each, big-endian: one array conversion instead of an int per name.
-            words = array("I")
-            if words.itemsize != 4:
-                return [int.from_bytes(packed[i : i + 4]) for i in range(0, len(packed), 4)]
-            words.frombytes(packed)
-            if sys.byteorder == "little":
-                words.byteswap()
-            return words.tolist()
-        packed6 = list(map(_inet_pton, repeat(_AF_INET6), names))
-        if list(map(_inet_ntop, repeat(_AF_INET6), packed6)) != names:
-            return None
-        return list(map(int.from_bytes, packed6))
-    except (OSError, UnicodeEncodeError, ValueError):
-        return None
 
 
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
@@ -609,11 +339,6 @@ def _ip_of_key(name: str) -> IPAddress | None:
         return None
 
 
-_target_of = itemgetter("target")
-_new_object = object.__new__
-_set_attribute = object.__setattr__
-
-
 def key_ip(key: str, folder: str) -> IPAddress:
     """The address a key of the pool folder is named after; InvalidPool naming the key when it
     is not one plain address. A name holding '/' (a key in a sub-folder, or one that climbs
@@ -636,38 +361,12 @@ def parse_held(entry: KVEntry, folder: str) -> Held:
         alloc = load_allocation(entry.value)
     except ValueError as exc:
         raise InvalidPool(f"KV key {key!r} does not hold a valid Allocation: {exc}") from exc
-    return _held(ip, key, entry.modify_index, entry.value, alloc)
-
-
-def _held(ip: IPAddress, key: str, index: int, value: bytes, alloc: dict[str, Any]) -> Held:
-    # Held(...) of a frozen dataclass sets its twelve fields one object.__setattr__ at a time;
-    # its whole __dict__ at once is a third of that and the same object
-    # (tests/unit/allocator/test_folder_validation.py compares them).
-    held = _new_object(Held)
-    _set_attribute(
-        held,
-        "__dict__",
-        {
-            "ip": ip,
-            "target": alloc["target"],
-            "key": key,
-            "index": index,
-            "ifname": alloc["ifname"],
-            "host": alloc["host"],
-            "value": value,
-            "network": alloc["network"],
-            "call": alloc["call"],
-            "runtime": alloc.get("runtime"),
-            "free_after": alloc.get("free_after"),
-            "at": alloc.get("at"),
-        },
-    )
-    return held
+    return make_held(ip, key, entry.modify_index, entry.value, alloc)
 
 
 def list_pool(
     kv: KV, layout: Layout, name: str, within: str = "", pool_key: KVEntry | None = None
-) -> tuple[Listing, int]:
+) -> tuple[Columns, int]:
     """The pool key and its folder's keys (those starting with `within`: a stripe's), as
     `parse_pool` takes them, with the listing's X-Consul-Index (0 from a KV that has none). Two
     reads, the key `<prefix>blue` then the folder `<prefix>blue/`, because one listing of the
@@ -676,13 +375,13 @@ def list_pool(
     not read raises (403) on the first read. `pool_key`: the pool key, already read."""
     entry = pool_key or kv.get(layout.pool_key(name))
     if entry is None:
-        return Listing([], [], []), 0
+        return Columns([], [], []), 0
     folder = layout.folder(name) + within
     if _watchable(kv):
         entries, index = kv.list_after(folder)
     else:
         entries, index = kv.list(folder), 0
-    return Listing.of([entry]) + entries, index
+    return Columns.of([entry]) + entries, index
 
 
 def _watchable(kv: KV) -> TypeGuard[WatchableKV]:

@@ -1,15 +1,15 @@
-"""Marshmallow schemas for the KV wire objects: IP Range and Allocation."""
+"""Marshmallow schemas for the KV wire objects: IP Range, Allocation (a held address, and a
+release cooling down: a tombstone) and fence. Each is read and written through its schema; a
+pool's folder is read faster through allocator/fastpath.py, proven to give the schema's
+answer."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
-import math
-from collections.abc import Callable
-from itertools import chain, repeat
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_dump, post_load, validate
 
 from .ranges import IPRange
 
@@ -142,9 +142,44 @@ class AllocationSchema(Schema):
     # spares a key its attachment wrote again after that DEL.
     at = fields.Float(load_default=None)
 
+    @post_dump
+    def _without_nulls(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        # Absent reads as null: a value holds only what it says.
+        return {k: v for k, v in data.items() if v is not None}
+
+
+class TombstoneSchema(AllocationSchema):
+    """A release cooling down: its holder's fields without the call's (`call`, `at`), marked
+    by `free_after`. Fields another tool wrote stay as they were: the key is still read by it."""
+
+    class Meta(AllocationSchema.Meta):
+        exclude = ("call", "at")
+
+    free_after = fields.Float(required=True)
+
+    @post_dump(pass_original=True)
+    def _others_kept(
+        self, data: dict[str, Any], original: dict[str, Any], **kwargs: Any
+    ) -> dict[str, Any]:
+        known = AllocationSchema._declared_fields
+        return data | {k: v for k, v in original.items() if k not in known}
+
+
+class FenceSchema(Schema):
+    """A fence's value: who raised it and why, for operators. No time: Consul ends the fence
+    with its session; older versions swept fences by an `at` time, and leave these alone."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    host = fields.String(required=True, allow_none=True)
+    by = fields.String(required=True)
+
 
 _range = IPRangeSchema()
 _allocation = AllocationSchema()
+_tombstone = TombstoneSchema()
+_fence = FenceSchema()
 
 # What a pool's keys may hold. Anyone who may write a pool (a tenant with KV write on it) could
 # otherwise make every call that reads it hold or compute as much as they like; each limit is
@@ -198,165 +233,18 @@ def load_ranges(raw: bytes) -> list[IPRange]:
 
 
 def load_allocation(raw: bytes) -> dict[str, Any]:
+    """An allocation value as the schema reads it; ValueError with a readable message when it
+    is unusable. Pools are read through allocator/fastpath.py, which gives the same answer
+    without the schema for a well-formed value."""
     if len(raw) > MAX_ALLOCATION_BYTES:
         raise ValueError(_too_large(raw))
     data = _json(raw)
     if not isinstance(data, dict):
         raise ValueError('expected a JSON object like {"target": "<container id>"}')
-    # Pools are read whole, tens of thousands of values at a time: accept the well-formed case
-    # with the schema's own rules in plain Python (tests/unit/allocator/test_folder_validation.py
-    # proves they agree) and let marshmallow judge, and word the error, when anything looks off.
-    if _is_plain(data):
-        return plain_allocation(data)
     try:
         return _allocation.load(data)
     except ValidationError as exc:
         raise ValueError(describe(exc.messages)) from exc
-
-
-def _is_plain(data: dict[str, Any]) -> bool:
-    """The schema would take this object as it is (see load_allocation)."""
-    get = data.get
-    target = get("target")
-    if type(target) is not str or not target:
-        return False
-    if len(data) == 1:
-        return True
-    ifname, host, network, call = get("ifname"), get("host"), get("network"), get("call")
-    runtime, free_after, at = get("runtime"), get("free_after"), get("at")
-    return (
-        (ifname is None or type(ifname) is str)
-        and (host is None or type(host) is str)
-        and (network is None or type(network) is str)
-        and (call is None or type(call) is str)
-        and (runtime is None or _text_dict(runtime))
-        and (free_after is None or _plain_number(free_after))
-        and (at is None or _plain_number(at))
-    )
-
-
-def plain_allocation(data: dict[str, Any]) -> dict[str, Any]:
-    """What the schema loads from an object `_is_plain` accepted."""
-    get = data.get
-    free_after, at = get("free_after"), get("at")
-    return {
-        "target": data["target"],
-        "ifname": get("ifname"),
-        "host": get("host"),
-        "network": get("network"),
-        "call": get("call"),
-        "runtime": get("runtime"),
-        "free_after": None if free_after is None else float(free_after),
-        "at": None if at is None else float(at),
-    }
-
-
-def parse_allocations(raws: list[bytes]) -> list[dict[str, Any]] | None:
-    """The JSON objects of many values, each as parsed alone and accepted by the schema's
-    rules (`_is_plain`); None when any value needs `load_allocation` one at a time, to be
-    judged or worded there (or just to be parsed there: one with a byte order mark, say)."""
-    n = len(raws)
-    if not n:
-        return []
-    if max(map(len, raws)) > MAX_ALLOCATION_BYTES:
-        return None  # `load_allocation` names the first such value, in listing order
-    data = _parse_flat(raws) or _parse_each(raws)
-    return data if data is not None and _all_plain(data) else None
-
-
-_NoneType = type(None)
-_TEXT_FIELDS = ("ifname", "host", "network", "call")
-_NUMBER_FIELDS = ("free_after", "at")
-
-
-def _all_plain(data: list[Any]) -> bool:
-    """`_is_plain` of every item, judged a field at a time across all of them: each pass a
-    few C-level maps where a loop would call `_is_plain` 60,000 times (tests/unit/allocator/
-    test_folder_validation.py proves the two agree)."""
-    if not data:
-        return True
-    if set(map(type, data)) != {dict}:
-        return False
-    get = dict.get
-    targets = list(map(get, data, repeat("target")))
-    if set(map(type, targets)) != {str} or "" in targets:
-        return False
-    if set(map(len, data)) == {1}:
-        return True  # a target and nothing else, as other tools write them
-    for name in _TEXT_FIELDS:
-        if not set(map(type, map(get, data, repeat(name)))) <= {str, _NoneType}:
-            return False
-    for name in _NUMBER_FIELDS:
-        values = list(map(get, data, repeat(name)))
-        kinds = set(map(type, values))
-        if not kinds <= {_NoneType, float, int}:
-            return False
-        if float in kinds and not all(map(math.isfinite, [v for v in values if type(v) is float])):
-            return False
-        if int in kinds:
-            ints = [v for v in values if type(v) is int]
-            if not (min(ints) > -_PLAIN_INT and max(ints) < _PLAIN_INT):
-                return False
-    runtimes = [v for v in map(get, data, repeat("runtime")) if v is not None]
-    return not runtimes or (
-        set(map(type, runtimes)) == {dict}
-        and set(map(type, chain.from_iterable(map(dict.values, runtimes)))) <= {str}
-    )
-
-
-def _parse_flat(raws: list[bytes]) -> list[Any] | None:
-    """Objects without a nested object, all parsed by one json.loads of `[v1,\nv2,...]`: a
-    fifth of the cost of a parse per value. None when the values are not all such objects.
-
-    Each value is parsed as if alone, for the counts below prove that no value can run into
-    the next: a raw newline occurs only between values, so every value starts with `{`, ends
-    with `}` and holds no other brace. A value's object can then only end at its own last
-    `}`, unless that brace is inside a string; such a string would run on into the newline
-    after it, which JSON refuses in a string. So a successful parse has one object per value,
-    each the value's own."""
-    n = len(raws)
-    joined = b",\n".join(raws)
-    if (
-        joined.count(b"{") != n
-        or joined.count(b"}") != n
-        or joined.count(b"\n") != n - 1
-        or joined.count(b"},\n{") != n - 1
-        or joined[:1] != b"{"
-        or joined[-1:] != b"}"
-    ):
-        return None
-    try:
-        data = json.loads(b"[" + joined + b"]")
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return data if len(data) == n else None  # the length cannot differ (see above)
-
-
-def _parse_each(raws: list[bytes]) -> list[Any] | None:
-    """Every value through the C scanner on its own (as `_json` does first), mapped rather
-    than looped: None when any value is not plain UTF-8 JSON from its first byte to its last."""
-    try:
-        texts = list(map(bytes.decode, raws))
-        found = list(map(_scan, texts, repeat(0)))
-    except (UnicodeDecodeError, StopIteration, ValueError, RecursionError):
-        return None
-    if [end for _, end in found] != list(map(len, texts)):
-        return None
-    return [value for value, _ in found]
-
-
-# Integers beyond this go to marshmallow: float() of a huge one overflows, and what the schema
-# makes of that is its business.
-_PLAIN_INT = 1 << 53
-
-
-def _plain_number(value: Any) -> bool:
-    """What fields.Float takes without a question: a finite float, or an int float() keeps
-    exact. Not a bool (the schema refuses them), not NaN or infinity (`allow_nan` is off)."""
-    kind = type(value)
-    if kind is float:
-        return bool(value - value == 0.0)  # False for NaN and both infinities
-    return kind is int and -_PLAIN_INT < value < _PLAIN_INT
 
 
 def _too_large(raw: bytes) -> str:
@@ -364,10 +252,6 @@ def _too_large(raw: bytes) -> str:
         f"the value is {len(raw)} bytes, more than the {MAX_ALLOCATION_BYTES} an allocation "
         "may hold"
     )
-
-
-def _text_dict(value: Any) -> bool:
-    return type(value) is dict and all(type(v) is str for v in value.values())
 
 
 def dump_allocation(
@@ -388,7 +272,7 @@ def dump_allocation(
         "runtime": runtime or None,
         "at": None if at is None else round(at, 3),
     }
-    return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+    return _dumps(_allocation, body)
 
 
 # The `free_after` of a release this plugin cools down: no reader's clock ever reaches it, so
@@ -398,62 +282,46 @@ COOLING_UNTIL_DELETED = 4102444800.0  # 2100-01-01
 
 
 def dump_tombstone(held_value: bytes) -> bytes:
-    """A released allocation cooling down: the holder's fields, marked."""
+    """A released allocation cooling down: the holder's fields, marked. `held_value` was read
+    as an allocation (the Held released)."""
     body = json.loads(held_value)
-    body.pop("call", None)
-    body.pop("at", None)
     mark = {"free_after": COOLING_UNTIL_DELETED}
-    out = json.dumps(body | mark).encode()
+    out = _dumps(_tombstone, body | mark)
     if len(out) > MAX_ALLOCATION_BYTES:
         # Another tool's value near the limit (ours lose more with `call` and `at` than the
         # mark adds): a release needs only who held it, and must stay readable.
         who = {k: body[k] for k in ("target", "ifname", "host", "network") if k in body}
-        out = json.dumps(who | mark).encode()
+        out = _dumps(_tombstone, who | mark)
     return out
 
 
 def dump_fence(host: str | None, reason: str) -> bytes:
-    """A fence's value: who raised it and why, for operators. No time: Consul ends the fence
-    with its session; older versions swept fences by an `at` time, and leave these alone."""
-    return json.dumps({"host": host, "by": reason}).encode()
+    """A fence's value (FenceSchema)."""
+    return _dumps(_fence, {"host": host, "by": reason})
 
 
 def fence_reason(raw: bytes) -> str | None:
-    """Why a fence was raised (dump_fence's "by"); None when its value is unreadable."""
-    try:
-        by = json.loads(raw).get("by")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return None
-    return by if isinstance(by, str) else None
-
-
-def fence_time(raw: bytes) -> float | None:
-    """When a fence was raised; None when its value is unreadable (then it is never swept)."""
+    """Why a fence was raised (FenceSchema's "by"); None when its value is unreadable. Its
+    host is not needed for that, so a fence written without one still says why."""
     if len(raw) > MAX_ALLOCATION_BYTES:
         return None  # a fence holds ~60 bytes: this one is no fence of ours, and not parsed
     try:
-        at = json.loads(raw).get("at")
-    except (ValueError, UnicodeDecodeError, AttributeError):
+        return str(_fence.load(_json(raw), partial=("host",))["by"])
+    except (ValueError, ValidationError, TypeError):
         return None
-    return float(at) if isinstance(at, int | float) else None
 
 
-# The C scanner behind json.loads, called directly: a pool's 60,000 values are each a few dozen
-# bytes, where json.loads spends most of its time on encoding detection and Python-level
-# wrappers. Anything it does not take whole (whitespace, another encoding, an error) goes
-# through json.loads, which judges and words the error.
-_Scan = Callable[[str, int], tuple[Any, int]]
-_scan: _Scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+def _dumps(schema: Schema, body: dict[str, Any]) -> bytes:
+    """`body` as its schema writes it, checked first as the schema reads it: never a value
+    this plugin would refuse to read back."""
+    data = schema.dump(body)
+    problems = schema.validate(data)
+    if problems:
+        raise ValueError(f"not a valid {type(schema).__name__} value: {describe(problems)}")
+    return json.dumps(data).encode()
 
 
 def _json(raw: bytes) -> Any:
-    try:
-        text = raw.decode()
-        data, end = _scan(text, 0)
-        if end == len(text):
-            return data
-    except (UnicodeDecodeError, StopIteration, ValueError, RecursionError):
-        pass
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

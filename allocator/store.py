@@ -37,11 +37,11 @@ class KVEntry:
     modify_index: int
 
 
-class Listing(Sequence[KVEntry]):
+class Columns(Sequence[KVEntry]):
     """A listing kept as three columns, entries made only when asked for one.
 
     A pool folder lists tens of thousands of keys; an object per key is a large part of
-    reading it, and `parse_pool` needs the columns anyway."""
+    reading it, and the fast reading of a folder (fastpath.py) works on the columns anyway."""
 
     __slots__ = ("indexes", "keys", "values")
 
@@ -49,16 +49,16 @@ class Listing(Sequence[KVEntry]):
         self.keys, self.values, self.indexes = keys, values, indexes
 
     @classmethod
-    def of(cls, entries: Sequence[KVEntry]) -> Listing:
-        if isinstance(entries, Listing):
+    def of(cls, entries: Sequence[KVEntry]) -> Columns:
+        if isinstance(entries, Columns):
             return entries
         return cls(
             [e.key for e in entries], [e.value for e in entries], [e.modify_index for e in entries]
         )
 
-    def __add__(self, other: Sequence[KVEntry]) -> Listing:
-        more = Listing.of(other)
-        return Listing(
+    def __add__(self, other: Sequence[KVEntry]) -> Columns:
+        more = Columns.of(other)
+        return Columns(
             self.keys + more.keys, self.values + more.values, self.indexes + more.indexes
         )
 
@@ -68,10 +68,10 @@ class Listing(Sequence[KVEntry]):
     @overload
     def __getitem__(self, i: int) -> KVEntry: ...
     @overload
-    def __getitem__(self, i: slice) -> Listing: ...
-    def __getitem__(self, i: int | slice) -> KVEntry | Listing:
+    def __getitem__(self, i: slice) -> Columns: ...
+    def __getitem__(self, i: int | slice) -> KVEntry | Columns:
         if isinstance(i, slice):
-            return Listing(self.keys[i], self.values[i], self.indexes[i])
+            return Columns(self.keys[i], self.values[i], self.indexes[i])
         return KVEntry(self.keys[i], self.values[i], self.indexes[i])
 
     def __eq__(self, other: object) -> bool:
@@ -82,7 +82,7 @@ class Listing(Sequence[KVEntry]):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"Listing({list(self)!r})"
+        return f"Columns({list(self)!r})"
 
 
 # -- transaction operations: all of a transaction applies, or none of it ---------------------
@@ -168,6 +168,10 @@ class StoreUnavailable(StoreError):
     """No server of the store could be asked in time: try again later."""
 
 
+class UnsafeKey(StoreError):
+    """A key no request may be built from (`key_problem`): refused before anything is sent."""
+
+
 class KV(Protocol):
     """`consistent` reads are linearizable: what a read decides (which keys a DEL releases,
     whether a rollback finds its write) must never come from a deposed leader that has not yet
@@ -200,8 +204,9 @@ class KV(Protocol):
 
 
 class WatchableKV(KV, Protocol):
-    """A KV that can also wait for changes (ConsulKV): the helper's pool cache
-    (cni/helper/cache.py) watches with it, and a listing records the index to watch from."""
+    """A KV that can also wait for changes: the helper's pool cache (cni/helper/cache.py)
+    watches with it, and a listing records the index to watch from. A watcher's own, for its
+    life (cni/compose.py watch_kv): `close` lets its connection go."""
 
     def list_after(
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
@@ -212,3 +217,5 @@ class WatchableKV(KV, Protocol):
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
     ) -> tuple[list[str], int]:
         """Key names only, with the same blocking behaviour."""
+
+    def close(self) -> None: ...

@@ -253,6 +253,11 @@ def write_fleet(
     for r in ex["rows"]:
         lines.append(f"| {r['hosts']} | {r['rate']:g} | {r['leader_bytes_per_s'] / 1e6:.3f} | "
                      f"{r['leader_cpu_cores']} |")
+    first = fleet.get("first_add_bytes_per_host")
+    if first:
+        lines += ["", "A new host's first ADD (its home stripe full: a listing of the pool's key "
+                  "names finds one with room, once per helper start), bytes from Consul: "
+                  + ", ".join(f"{b / 1e6:.2f} MB" for b in first) + "."]
     mem = fleet["helper_memory"]
     lines += ["", f"Helper RSS with the pool kept: {mem['rss_kib']} KiB (peak {mem['peak_kib']} "
               "KiB).", "", *[f"- {g}" for g in fleet["goals"]]]

@@ -99,8 +99,8 @@ class SimHost:
     """One host: the helper's caches (with their pool watchers) and state folder."""
 
     def __init__(self, index: int, url: str, tmp: Path) -> None:
+        from ipam_da_consul.cni.compose import watch_kv
         from ipam_da_consul.cni.helper.caches import PoolCaches
-        from ipam_da_consul.cni.helper.server import watch_kv
         from ipam_da_consul.cni.state import open_state
 
         self.name = f"h{index}"
@@ -205,11 +205,22 @@ class Fleet:
         self.rng = random.Random(20)
 
     def grow(self, n: int) -> None:
-        with ThreadPoolExecutor(16) as pool:
+        """Hosts up to `n`, each with one allocation: its stripe watcher runs from then on, and
+        it knows where it found room (a packed pool's full home stripe costs a host one listing
+        of the pool's key names, once). A first ADD that fails (its time budget spent on a
+        loaded machine) is tried again, so the windows measure warm hosts, as a fleet is but
+        for its first minute."""
+
+        def first(host: SimHost) -> None:
+            for _ in range(5):
+                if self.add(host)[0]:
+                    return
+            raise RuntimeError(f"{host.name}: no first allocation in 5 tries")
+
+        with ThreadPoolExecutor(4) as pool:
             new = [SimHost(i, self.agent.url, self.tmp) for i in range(len(self.hosts), n)]
             self.hosts += new
-            # Each host allocates once: its stripe watcher runs from then on.
-            list(pool.map(self.add, new))
+            list(pool.map(first, new))
 
     def container(self) -> str:
         self.counter += 1
@@ -422,9 +433,18 @@ def run_fleet(agent: ConsulAgent, tmp: Path, args: Any, log: Any) -> dict[str, A
             idle = meter_fleet.window("idle", 0, min(20.0, args.fleet_quiet))
             log(f"fleet: Consul with no host: {idle.cpu_s / idle.seconds:.4f} CPU s/s")
             for hosts in args.fleet_hosts:
-                t = time.monotonic()
+                t, before, added = time.monotonic(), meter_fleet.meter.snapshot(), len(
+                    meter_fleet.hosts)
                 meter_fleet.grow(hosts)
-                log(f"fleet: {hosts} hosts up in {time.monotonic() - t:.0f} s")
+                got = sum(
+                    v.received - before.get(k, Tally()).received
+                    for k, v in meter_fleet.meter.snapshot().items()
+                    if k[1] == "call"
+                )
+                started_bytes = got / max(1, hosts - added)
+                result.setdefault("first_add_bytes_per_host", []).append(round(started_bytes))
+                log(f"fleet: {hosts} hosts up in {time.monotonic() - t:.0f} s; "
+                    f"a new host's first ADD: {started_bytes / 1e6:.2f} MB from Consul")
                 w = meter_fleet.window("quiet", 0, args.fleet_quiet)
                 windows.append(w)
                 log(f"fleet: quiet, {hosts} hosts: {w.row()}")

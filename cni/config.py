@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,8 +13,7 @@ from marshmallow import ValidationError
 from ..allocator.ranges import IPAddress
 from ..allocator.schemas import MAX_ALLOCATION_BYTES, describe, dump_allocation
 from ..consul import settings as cs
-from ..consul.errors import SettingsError
-from ..consul.settings import ConsulSettings  # re-exported: the helper imports it from here
+from ..consul.settings import ConsulSettings, SettingsError  # ConsulSettings: re-exported
 from ..consul.urls import shown_url
 from . import spelling
 from .errors import CNIError, Code
@@ -67,19 +65,6 @@ class NetConf:
     pick: str = "stripe"
 
 
-def decode(raw: bytes) -> dict[str, Any]:
-    """stdin to a JSON object; 6 when it is not JSON, 7 when it is not an object."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CNIError(
-            Code.DECODE_FAILURE, f"the network config on stdin is not valid JSON: {exc}"
-        ) from None
-    if not isinstance(data, dict):
-        raise CNIError(Code.INVALID_CONFIG, "the network config on stdin must be a JSON object")
-    return data
-
-
 def cni_version_of(data: Mapping[str, Any]) -> str:
     version = data.get("cniVersion")
     if not isinstance(version, str) or not version:
@@ -99,15 +84,7 @@ def load(
     args: Mapping[str, str] | None = None,
 ) -> NetConf:
     version = cni_version_of(data)
-    section = data.get("ipam")
-    unknown = _unknown_keys(section, command) if isinstance(section, dict) else []
-    try:
-        conf = NetworkConfigSchema().load(data)
-    except ValidationError as exc:
-        hint = _missing_hint(section, unknown) if isinstance(section, dict) else ""
-        raise CNIError(
-            Code.INVALID_CONFIG, f"invalid network config: {describe(exc.messages)}{hint}"
-        ) from None
+    conf = _checked(data, command)
     ipam = conf["ipam"]
     prev = conf["prevResult"]
     runtime = {k: v for k, v in (args or {}).items() if k in RUNTIME_KEYS and v}
@@ -129,6 +106,21 @@ def load(
         reuse_after=ipam["reuse_after"],
         pick=ipam["pick"],
     )
+
+
+def _checked(data: dict[str, Any], command: str) -> dict[str, Any]:
+    """The network config as NetworkConfigSchema reads it, its ipam section's unknown keys
+    reported first; error 7 names a misspelt required setting when it can."""
+    section = data.get("ipam")
+    unknown = _unknown_keys(section, command) if isinstance(section, dict) else []
+    try:
+        conf: dict[str, Any] = NetworkConfigSchema().load(data)
+    except ValidationError as exc:
+        hint = _missing_hint(section, unknown) if isinstance(section, dict) else ""
+        raise CNIError(
+            Code.INVALID_CONFIG, f"invalid network config: {describe(exc.messages)}{hint}"
+        ) from None
+    return conf
 
 
 # Commands that refuse a near miss (cni/spelling.py): they would run with a setting silently at
@@ -191,7 +183,8 @@ def _runtime_that_fits(
     def size(names: dict[str, str]) -> int:
         # The call's nonce and time as long as they can be.
         value = dump_allocation(
-            env.get("CNI_CONTAINERID", ""),
+            # A call without a container ID fails on its environment; measured as one byte.
+            env.get("CNI_CONTAINERID") or "-",
             env.get("CNI_IFNAME") or None,
             host or default_host(),
             network,

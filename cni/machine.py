@@ -3,7 +3,9 @@
 The table below is the whole control flow. Each state has one handler (`at_<state>`) that does
 the work that state calls for and returns the trigger to fire next; any exception fires `fail`.
 Parsing is done here; from `parsed` on, the handlers are the command's (cni/commands/: one
-module per command, the shared ones in `base`).
+module per command, the shared ones in `base`). The call's store is the caller's to give
+(`store_factory`: Consul's is built in cni/compose.py, the unit tier's over an in-memory KV):
+nothing here knows Consul.
 
 Each call keeps its own account (`Invocation.record`, cni/events.py): the transitions fired,
 every Consul request its stores sent, and at the end what it was about and how it ended. The
@@ -12,7 +14,6 @@ helper's metrics and the verbose JSON log are made from it, and tests pin walks 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,8 +35,7 @@ from ..allocator.errors import (
     WriteConflict,
 )
 from ..allocator.layout import key_name
-from ..allocator.store import KV, StoreError, StoreUnavailable
-from ..consul import ConsulClient, ConsulKV, Sent, UnsafeKey, build_client
+from ..allocator.store import StoreError, StoreUnavailable, UnsafeKey
 from . import config
 from .commands import KINDS, Command, Inputs, PoolCommand
 from .commands.add import Add
@@ -44,7 +44,8 @@ from .errors import CNIError, Code
 from .events import Address, CallRecord, Observer, Step
 from .schemas import SUPPORTED_VERSIONS
 from .state import Entry, StateDir
-from .stores import Budget, Caches, StoreFactory
+from .stdin import cni_version, decode, peek
+from .stores import Caches, StoreFactory
 
 STATES = [
     "start", "parsed", "connected", "fenced", "pool_loaded", "ip_picked", "pool_done", "done",
@@ -78,7 +79,8 @@ _ERROR_CODES: list[tuple[type[Exception], Code]] = [
     (PoolMissing, Code.MISSING_RESOURCE),
     (AllocationMissing, Code.MISSING_RESOURCE),
     (InvalidPool, Code.INVALID_RESOURCE),
-    # A key no request may be built from (consul/kv.py _path) came from KV: an invalid resource.
+    # A key no request may be built from (allocator/store.py key_problem) came from KV: an
+    # invalid resource.
     (UnsafeKey, Code.INVALID_RESOURCE),
     (PoolFull, Code.POOL_FULL),
     (NotInPool, Code.NOT_IN_POOL),
@@ -87,48 +89,6 @@ _ERROR_CODES: list[tuple[type[Exception], Code]] = [
     (CallAbandoned, Code.TRY_AGAIN_LATER),
     (StoreUnavailable, Code.TRY_AGAIN_LATER),
 ]
-
-
-def consul_client(
-    settings: config.ConsulSettings,
-    budget: float | None = None,
-    known_good: str | None = None,
-    on_request: Callable[[Sent], None] | None = None,
-) -> ConsulClient:
-    # The one builder: consul/settings.py.
-    return build_client(settings, budget, known_good, on_request)
-
-
-class ConsulStore:
-    """The default store: Consul's KV through one client, with its server choice and budget."""
-
-    def __init__(self, client: ConsulClient) -> None:
-        self.client = client
-        self.kv: KV = ConsulKV(client)
-        self.deadline: Budget = client.deadline
-
-    @property
-    def current(self) -> str | None:
-        return self.client.current
-
-    @property
-    def requests_sent(self) -> int:
-        return self.client.requests_sent
-
-    def select(self) -> str:
-        return self.client.select()
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def consul_store(
-    settings: config.ConsulSettings,
-    budget: float,
-    known_good: str | None,
-    on_request: Callable[[Sent], None] | None = None,
-) -> ConsulStore:
-    return ConsulStore(consul_client(settings, budget, known_good, on_request))
 
 
 class Invocation:
@@ -146,9 +106,11 @@ class Invocation:
         caches: Caches | None = None,
         started: float | None = None,
         abandoned: Callable[[], bool] | None = None,
-        store_factory: StoreFactory = consul_store,
+        *,
+        store_factory: StoreFactory,
         state: StateDir | None = None,
         entry: Entry | None = None,
+        until: float | None = None,
         observer: Observer | None = None,
     ) -> None:
         call_id = os.urandom(6).hex()
@@ -170,6 +132,7 @@ class Invocation:
             state,
             self.nested,
             entry,
+            until,
             on_request=self.record.request,
         )
         self.cni_version = SUPPORTED_VERSIONS[-1]
@@ -246,6 +209,12 @@ class Invocation:
             except Exception as exc:  # metrics must never cost a call its answer
                 logger.warning("the call's observer failed: {!r}", exc)
 
+    @property
+    def call_end(self) -> float | None:
+        """When this call, rollback included, is over (monotonic); None for a call that ended
+        before its settings were read, or that reads none (VERSION)."""
+        return self.command.call_end
+
     def nested(self, stdin: bytes, environ: Mapping[str, str], entry: Entry) -> tuple[int, str]:
         """Run another call of this attachment (a DEL its entry still owes) within this one,
         under this call's lock on the entry and within its deadline."""
@@ -261,6 +230,9 @@ class Invocation:
             store_factory=inputs.store_factory,
             state=inputs.state,
             entry=entry,
+            # Its own settings may give it longer than this call has left: it runs within
+            # this call, whose answer waits for it.
+            until=inputs.until if self.call_end is None else self.call_end,
         )
         call.record.within = inputs.call_id
         code = call.run()
@@ -272,6 +244,8 @@ class Invocation:
     def record_transition(self, event: EventData) -> None:
         t = event.transition
         if t is not None:  # always, after a state change
+            # The call's walk (`record.steps`) for whoever needs it (metrics, the JSON log,
+            # tests pinning exact walks), never rebuilt from the log line below.
             self.record.steps.append(Step(t.source, t.dest or t.source, event.event.name))
             logger.debug("state {} -> {} ({})", t.source, t.dest, event.event.name)
 
@@ -283,7 +257,7 @@ class Invocation:
             env = read_env(environ)
         except CNIError:
             # The error must still echo the input's cniVersion, read before stdin is checked.
-            self.cni_version = _stdin_version(stdin) or self.cni_version
+            self.cni_version = cni_version(peek(stdin)) or self.cni_version
             raise
         self.kind = KINDS[env.command]
         logger.debug(
@@ -294,9 +268,8 @@ class Invocation:
             env.ifname,
         )
         empty = self.kind.stdin_optional and not stdin.strip()
-        data = {} if empty else config.decode(stdin)
-        if isinstance(data.get("cniVersion"), str) and data["cniVersion"]:
-            self.cni_version = data["cniVersion"]
+        data = {} if empty else decode(stdin)
+        self.cni_version = cni_version(data) or self.cni_version
         logger.debug("config: {}", config.redact(data))
         self.command = self.kind.build(self.inputs, env, data, self.cni_version)
         return "parse"
@@ -352,12 +325,3 @@ class Invocation:
             "this is a bug in ipam-da-consul; the verbose log has the traceback",
         )
 
-
-def _stdin_version(stdin: bytes) -> str | None:
-    """The cniVersion of stdin when it is a JSON object naming one; None otherwise."""
-    try:
-        data = json.loads(stdin)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    version = data.get("cniVersion") if isinstance(data, dict) else None
-    return version if isinstance(version, str) and version else None

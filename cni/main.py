@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
     from .events import Observer
+    from .machine import Invocation
     from .state import StateDir
     from .stores import Caches
 
@@ -73,10 +74,11 @@ def run(verbose: bool) -> int:
         gc.disable()
         logs.configure(verbose)
         state = open_state(os.environ)
-        out, code = execute(stdin, os.environ, started=started, state=state)
-        sys.stdout.write(out)
-        if code == 0 and state is not None and state.pending():
-            finish_others(state, started)
+        call = invocation(stdin, os.environ, started=started, state=state)
+        code = call.run()
+        sys.stdout.write(output(call))
+        if code == 0 and state is not None and call.call_end is not None and state.pending():
+            finish_others(state, started, call.call_end)
         return code
     except Exception as exc:  # last resort: stdout still gets CNI JSON, never a traceback
         return _internal_error(exc)
@@ -95,17 +97,41 @@ def execute(
     `time.monotonic()` at its start: the call ends by `started` + `ipam.timeout`, rollback
     included. `abandoned` says the caller hung up: the call then stops before any write.
     `observer` is told what the call did once it has ended (cni/events.py CallRecord)."""
-    import json
+    call = invocation(stdin, environ, caches, started, abandoned, state, observer)
+    code = call.run()
+    return output(call), code
 
+
+def invocation(
+    stdin: bytes,
+    environ: Mapping[str, str],
+    caches: Caches | None = None,
+    started: float | None = None,
+    abandoned: Callable[[], bool] | None = None,
+    state: StateDir | None = None,
+    observer: Observer | None = None,
+) -> Invocation:
+    """One call, over Consul's store, ready to run."""
+    from .compose import consul_store
     from .machine import Invocation
 
-    call = Invocation(
-        stdin, environ, caches, started=started, abandoned=abandoned, state=state,
+    return Invocation(
+        stdin,
+        environ,
+        caches,
+        started=started,
+        abandoned=abandoned,
+        store_factory=consul_store,
+        state=state,
         observer=observer,
     )
-    code = call.run()
-    out = json.dumps(call.output) + "\n" if call.output is not None else ""
-    return out, code
+
+
+def output(call: Invocation) -> str:
+    """What a call that has run prints on stdout."""
+    import json
+
+    return json.dumps(call.output) + "\n" if call.output is not None else ""
 
 
 def open_state(environ: Mapping[str, str]) -> StateDir | None:
@@ -122,14 +148,17 @@ def open_state(environ: Mapping[str, str]) -> StateDir | None:
         return None
 
 
-def finish_others(state: StateDir, started: float) -> None:
+def finish_others(state: StateDir, started: float, call_end: float) -> None:
     """This call reached Consul: finish what other attachments' entries still owe, without
     waiting for their own next call (a host may run no helper). A second at most, and only
-    entries nobody holds."""
+    entries nobody holds; all of it within the call's own end (`call_end`, monotonic), as the
+    runtime waits for the process to exit, not only for its answer."""
     from . import replay
+    from .compose import consul_store
 
     try:
-        replay.some(state, None, limit=4, until=min(time.monotonic() + 1.0, started + 30.0))
+        until = min(time.monotonic() + 1.0, started + 30.0, call_end)
+        replay.some(state, consul_store, None, limit=4, until=until)
     except Exception as exc:  # housekeeping: never the call's outcome
         from loguru import logger
 

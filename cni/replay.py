@@ -4,12 +4,12 @@ over while Consul was away, or writes left in doubt by a call that could not und
 The helper's replay thread runs this as soon as Consul answers again, and so does the plugin
 in-process after a call that reached Consul (a host without the helper is never left waiting
 for a call of the same attachment). Each entry is worked on under its lock, so never beside a
-call of its attachment; what cannot be done now stays for the next pass.
+call of its attachment; what cannot be done now stays for the next pass. The store is the
+caller's to give (cni/compose.py consul_store), as it is for any call.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -21,24 +21,34 @@ from .config import load
 from .env import read_env
 from .errors import INPUT_CODES, CNIError
 from .events import CallRecord, Observer
-from .machine import Invocation, consul_store
+from .machine import Invocation
 from .state import Entry, StateDir
-from .stores import Caches
+from .stdin import decode
+from .stores import Caches, StoreFactory
 
 
 def finish(
-    entry: Entry, state: StateDir, caches: Caches | None = None, observer: Observer | None = None
+    entry: Entry,
+    state: StateDir,
+    store_factory: StoreFactory,
+    caches: Caches | None = None,
+    until: float | None = None,
+    observer: Observer | None = None,
 ) -> int:
-    """Do what the entry owes; the exit code of the attempt (0: nothing is left). `observer`
-    hears what each attempt did (the helper's metrics)."""
+    """Do what the entry owes; the exit code of the attempt (0: nothing is left). `until`
+    (monotonic): when the process doing it must be done, whatever the entry's own settings
+    give it (an in-process call's remaining time); None: they decide. `observer` hears what
+    each attempt did (the helper's metrics)."""
     if entry.deleting is not None:
         deleting = entry.deleting
         call = Invocation(
             deleting.stdin,
             {**deleting.env, REPLAY_MARK: "1"},
             caches,
+            store_factory=store_factory,
             state=state,
             entry=entry,
+            until=until,
             observer=observer,
         )
         code = call.run()
@@ -56,11 +66,17 @@ def finish(
             entry.write()
         return code
     if entry.has_work:
-        return void(entry, state, observer)
+        return void(entry, state, store_factory, until, observer)
     return 0
 
 
-def void(entry: Entry, state: StateDir, observer: Observer | None = None) -> int:
+def void(
+    entry: Entry,
+    state: StateDir,
+    store_factory: StoreFactory,
+    until: float | None = None,
+    observer: Observer | None = None,
+) -> int:
     """Void the entry's claims in doubt (allocator.void): with the settings of the call that
     left them, through the same store and allocator a DEL of the attachment would use."""
     context = entry.context
@@ -70,16 +86,15 @@ def void(entry: Entry, state: StateDir, observer: Observer | None = None) -> int
         return 7
     try:
         env = read_env({**context.env, "CNI_COMMAND": "DEL"})
-        data = json.loads(context.stdin)
-        conf = load(data, "DEL", context.env, env.args)
+        conf = load(decode(context.stdin), "DEL", context.env, env.args)
         call_id = os.urandom(6).hex()
         record = CallRecord(call_id, "DEL")
         inputs = Inputs(
             context.stdin, context.env, None, time.monotonic(), None, call_id,
-            consul_store, state, None, entry, on_request=record.request,
+            store_factory, state, None, entry, until, on_request=record.request,
         )
         session = Del.open(inputs, env, conf, conf.cni_version)
-    except (CNIError, ValueError) as exc:
+    except CNIError as exc:
         logger.error("cannot void the writes in doubt of {}: {}", "/".join(entry.attachment), exc)
         return 7
     allocator = session.allocator
@@ -97,9 +112,11 @@ def void(entry: Entry, state: StateDir, observer: Observer | None = None) -> int
     return 0
 
 
-def some(state: StateDir, caches: Caches | None, limit: int, until: float) -> int:
-    """Finish up to `limit` entries that have work left and that nobody holds, while time is
-    left (monotonic `until`); how many are done."""
+def some(
+    state: StateDir, store_factory: StoreFactory, caches: Caches | None, limit: int, until: float
+) -> int:
+    """Finish up to `limit` entries that have work left and that nobody holds, all of it over
+    by monotonic `until`; how many are done."""
     done = 0
     for name in state.pending()[:limit]:
         if time.monotonic() >= until:
@@ -110,5 +127,5 @@ def some(state: StateDir, caches: Caches | None, limit: int, until: float) -> in
         with entry:
             if entry.unreadable:
                 continue
-            done += finish(entry, state, caches) == 0
+            done += finish(entry, state, store_factory, caches, until) == 0
     return done

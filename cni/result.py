@@ -30,19 +30,15 @@ def build(
     cni_version: str, prev: dict[str, Any] | None, assigned: list[Assigned]
 ) -> dict[str, Any]:
     prev = prev or {}
-    ips = [dict(ip) for ip in prev.get("ips") or [] if isinstance(ip, dict)]
-    routes = [dict(r) for r in prev.get("routes") or [] if isinstance(r, dict)]
+    ips = _objects(prev.get("ips"))
+    routes = _objects(prev.get("routes"))
     present = {_addr(ip.get("address")) for ip in ips}
     for a in assigned:
-        if a.ip in present:
-            continue
-        entry: dict[str, Any] = {"address": a.address()}
-        if a.range.gateway is not None:
-            entry["gateway"] = str(a.range.gateway)
-        ips.append(entry)
-        _add_default_route(routes, a.range)
-    for ip in ips:
-        if cni_version in VERSIONED_IPS:
+        if a.ip not in present:
+            ips.append(_ip_entry(a))
+            _add_default_route(routes, a.range)
+    if cni_version in VERSIONED_IPS:
+        for ip in ips:
             ip.setdefault("version", "4" if ":" not in ip["address"] else "6")
     result: dict[str, Any] = {
         "cniVersion": cni_version,
@@ -53,6 +49,18 @@ def build(
     if isinstance(prev.get("interfaces"), list):
         result["interfaces"] = prev["interfaces"]
     return result_schema(cni_version).dump(result)
+
+
+def _objects(items: Any) -> list[dict[str, Any]]:
+    """Copies of the objects of a list of prevResult (what is not an object is left out)."""
+    return [dict(item) for item in items or [] if isinstance(item, dict)]
+
+
+def _ip_entry(a: Assigned) -> dict[str, Any]:
+    entry: dict[str, Any] = {"address": a.address()}
+    if a.range.gateway is not None:
+        entry["gateway"] = str(a.range.gateway)
+    return entry
 
 
 def _add_default_route(routes: list[dict[str, Any]], rng: IPRange) -> None:

@@ -19,7 +19,7 @@ from marshmallow import (
 from ..allocator.layout import check_network_name, check_pool_name
 from ..allocator.schemas import IPAddressField, IPInterfaceField
 from ..consul import settings as cs
-from ..consul.errors import SettingsError
+from ..consul.settings import SettingsError
 
 SUPPORTED_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
 # Results of these versions carry ips[].version; 1.x dropped it.

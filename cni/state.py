@@ -36,10 +36,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..allocator.ledger import Claim
 from ..allocator.store import KV, StoreError
+
+if TYPE_CHECKING:
+    from marshmallow import Schema
 
 DEFAULT_STATE_DIR = "/var/lib/ipam-da-consul"
 STATE_DIR_ENV = "IPAM_DA_CONSUL_STATE_DIR"
@@ -146,19 +149,25 @@ class StateDir:
     def observed(self, key: str) -> tuple[int, float] | None:
         """The Consul index a run recorded under `key`, and how long ago (this host's
         monotonic clock, CLOCK_BOOTTIME): None when none was, or before the last boot."""
-        note = self.note(key)
-        if note is None or note.get("boot") != _boot_id():
+        from . import state_schemas as schemas
+
+        note = self.note(key, schemas.OBSERVED)
+        if note is None or note["boot"] != _boot_id():
             return None
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - float(note.get("since", 0))
-        index = note.get("index")
-        return (index, age) if isinstance(index, int) and age >= 0 else None
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - note["since"]
+        return (note["index"], age) if age >= 0 else None
 
     def observe(self, key: str, index: int) -> None:
-        self.write_note(key, {"index": index, "boot": _boot_id(),
-                              "since": time.clock_gettime(time.CLOCK_BOOTTIME)})
+        from . import state_schemas as schemas
 
-    def note(self, key: str) -> dict[str, Any] | None:
-        """What was noted under `key` (a small JSON object), if anything readable."""
+        since = time.clock_gettime(time.CLOCK_BOOTTIME)
+        body = {"index": index, "boot": _boot_id(), "since": since}
+        self.write_note(key, schemas.OBSERVED, body)
+
+    def note(self, key: str, schema: Schema) -> dict[str, Any] | None:
+        """What was noted under `key`, read through `schema`, if anything readable."""
+        from . import state_schemas as schemas
+
         name = _note_name(key)
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.notes_fd)
@@ -166,22 +175,23 @@ class StateDir:
             return None
         try:
             _file_of_ours(fd, name)
-            note = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            note = schemas.load(schema, json.loads(os.pread(fd, 4096, 0) or b"{}"))
         except (ValueError, StateError):
             return None
         finally:
             os.close(fd)
-        return note if isinstance(note, dict) and note.get("key") == key else None
+        return note if note["key"] == key else None
 
-    def write_note(self, key: str, body: dict[str, Any] | None) -> None:
-        """Note `body` under `key` (None: forget it). Written in one go: a note is a hint or
-        a watermark that a reader may miss, never a record another write depends on."""
+    def write_note(self, key: str, schema: Schema, body: dict[str, Any] | None) -> None:
+        """Note `body` under `key` through `schema` (None: forget it). Written in one go: a note
+        is a hint or a watermark that a reader may miss, never a record another write depends
+        on."""
         name = _note_name(key)
         if body is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=self.notes_fd)
             return
-        data = json.dumps({**body, "key": key}).encode()
+        data = json.dumps(schema.dump({**body, "key": key})).encode()
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self.notes_fd)
         try:
@@ -263,36 +273,6 @@ class StateDir:
         return SessionFile(self, key, name, ttl, period)
 
 
-def _dump_claim(c: Claim) -> dict[str, Any]:
-    return {
-        "key": c.key,
-        "value": c.value.decode("utf-8", "surrogateescape"),
-        "previous": None if c.previous is None else c.previous.decode("utf-8", "surrogateescape"),
-        "call": c.call,
-        "state": c.state,
-        "resent": c.resent,
-        "holder_fence": c.holder_fence,
-        "holder_fence_index": c.holder_fence_index,
-    }
-
-
-def _load_claim(d: dict[str, Any]) -> Claim:
-    previous = d.get("previous")
-    state = d["state"]
-    if state not in ("sent", "held", "doubt"):
-        raise ValueError(f"unknown claim state {state!r}")
-    return Claim(
-        str(d["key"]),
-        str(d["value"]).encode("utf-8", "surrogateescape"),
-        None if previous is None else str(previous).encode("utf-8", "surrogateescape"),
-        str(d.get("call") or ""),
-        state,
-        bool(d.get("resent")),
-        d.get("holder_fence") if isinstance(d.get("holder_fence"), str) else None,
-        int(d.get("holder_fence_index") or 0),
-    )
-
-
 @dataclass
 class Call:
     """A call's input, kept to act for it later: stdin (the config, ACL token included) and
@@ -300,16 +280,6 @@ class Call:
 
     stdin: bytes
     env: dict[str, str]
-
-    def dump(self) -> dict[str, Any]:
-        return {"stdin": self.stdin.decode("utf-8", "surrogateescape"), "env": self.env}
-
-    @classmethod
-    def load(cls, d: Any) -> Call | None:
-        if not isinstance(d, dict) or not isinstance(d.get("env"), dict):
-            return None
-        env = {str(k): str(v) for k, v in d["env"].items()}
-        return cls(str(d["stdin"]).encode("utf-8", "surrogateescape"), env)
 
 
 @dataclass
@@ -331,19 +301,25 @@ class Entry:
     def __post_init__(self) -> None:
         data = os.pread(self.fd, 1 << 20, 0)
         if not data.strip():
-            return
+            return  # a new entry: no schema needed
+        from . import state_schemas as schemas
+
         try:
             d = json.loads(data.split(b"\n", 1)[0].decode("utf-8", "surrogateescape"))
-            if d.get("v") != _VERSION:
-                raise ValueError(f"unknown entry version {d.get('v')!r}")
-            self.attachment = (str(d["network"]), str(d["container"]), str(d["ifname"]))
-            self.kept = [_load_claim(c) for c in d.get("claims") or []]
-            self.context = Call.load(d.get("context"))
-            self.deleting = Call.load(d.get("deleting"))
-            self.attempts = int(d.get("attempts") or 0)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # By hand: another version's shape is not this one's schema.
+            if not isinstance(d, dict) or d.get("v") != _VERSION:
+                version = d.get("v") if isinstance(d, dict) else None
+                raise ValueError(f"unknown entry version {version!r}")
+            loaded = schemas.load(schemas.ENTRY, d)
+        except (ValueError, RecursionError) as exc:
             # Not ours to guess at: it stays for an operator, and this call goes on without it.
             self.unreadable = f"unreadable state entry {self.name}: {exc}"
+            return
+        self.attachment = (loaded["network"], loaded["container"], loaded["ifname"])
+        self.kept = loaded["claims"]
+        self.context = _call(loaded["context"])
+        self.deleting = _call(loaded["deleting"])
+        self.attempts = loaded["attempts"]
 
     # -- the Ledger protocol --------------------------------------------------------------------
     def claims(self) -> list[Claim]:
@@ -373,16 +349,21 @@ class Entry:
     def write(self, durable: bool = False) -> None:
         if self.unreadable:
             raise StateError(self.unreadable)
-        body = {
-            "v": _VERSION,
-            "network": self.attachment[0],
-            "container": self.attachment[1],
-            "ifname": self.attachment[2],
-            "claims": [_dump_claim(c) for c in self.kept],
-            "context": self.context.dump() if self.context else None,
-            "deleting": self.deleting.dump() if self.deleting else None,
-            "attempts": self.attempts,
-        }
+        from . import state_schemas as schemas
+
+        network, container, ifname = self.attachment
+        body = schemas.ENTRY.dump(
+            {
+                "v": _VERSION,
+                "network": network,
+                "container": container,
+                "ifname": ifname,
+                "claims": self.kept,
+                "context": self.context,
+                "deleting": self.deleting,
+                "attempts": self.attempts,
+            }
+        )
         data = json.dumps(body).encode("utf-8", "surrogateescape") + b"\n"
         os.pwrite(self.fd, data, 0)
         os.ftruncate(self.fd, len(data))
@@ -422,17 +403,20 @@ class NoteHints:
         self.state, self.scope = state, scope
 
     def hint(self, pool: str) -> str | None:
+        from . import state_schemas as schemas
+
         try:
-            note = self.state.note(f"stripe-hint {self.scope} {pool}")
+            note = self.state.note(f"stripe-hint {self.scope} {pool}", schemas.HINT)
         except OSError:
             return None
-        address = note.get("address") if note else None
-        return address if isinstance(address, str) else None
+        return note["address"] if note else None
 
     def remember_hint(self, pool: str, address: str | None) -> None:
+        from . import state_schemas as schemas
+
         body = None if address is None else {"address": address}
         with contextlib.suppress(OSError):
-            self.state.write_note(f"stripe-hint {self.scope} {pool}", body)
+            self.state.write_note(f"stripe-hint {self.scope} {pool}", schemas.HINT, body)
 
 
 class SessionFile:
@@ -455,17 +439,8 @@ class SessionFile:
             _file_of_ours(fd, self.file)
             fcntl.flock(fd, fcntl.LOCK_EX)
             now, boot = time.clock_gettime(time.CLOCK_BOOTTIME), _boot_id()
-            try:
-                kept = json.loads(os.pread(fd, 4096, 0).split(b"\n", 1)[0] or b"{}")
-            except ValueError:
-                kept = {}
-            if (
-                isinstance(kept, dict)
-                and kept.get("boot") == boot
-                and isinstance(kept.get("since"), int | float)
-                and 0 <= now - kept["since"] < self.period
-                and isinstance(kept.get("id"), str)
-            ):
+            kept = _session_of(fd)
+            if kept is not None and kept["boot"] == boot and 0 <= now - kept["since"] < self.period:
                 return str(kept["id"])
             try:
                 session = kv.create_session(self.name, self.ttl)
@@ -474,7 +449,10 @@ class SessionFile:
                     self.refused = _refused(self.name)
                     return None
                 raise
-            data = json.dumps({"id": session, "boot": boot, "since": now}).encode() + b"\n"
+            from . import state_schemas as schemas
+
+            kept = schemas.SESSION.dump({"id": session, "boot": boot, "since": now})
+            data = json.dumps(kept).encode() + b"\n"
             os.pwrite(fd, data, 0)
             os.ftruncate(fd, len(data))
             return session
@@ -486,14 +464,30 @@ class SessionFile:
         try:
             _file_of_ours(fd, self.file)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                kept = json.loads(os.pread(fd, 4096, 0).split(b"\n", 1)[0] or b"{}")
-            except ValueError:
-                kept = {}
-            if isinstance(kept, dict) and kept.get("id") == session:
+            kept = _session_of(fd)
+            if kept is not None and kept["id"] == session:
                 os.ftruncate(fd, 0)
         finally:
             os.close(fd)
+
+
+def _session_of(fd: int) -> dict[str, Any] | None:
+    """The session a session file keeps; None when it keeps none (empty, or unreadable: a new
+    one is made)."""
+    line = os.pread(fd, 4096, 0).split(b"\n", 1)[0]
+    if not line:
+        return None
+    from . import state_schemas as schemas
+
+    try:
+        kept: dict[str, Any] = schemas.load(schemas.SESSION, json.loads(line))
+    except (ValueError, RecursionError):
+        return None
+    return kept
+
+
+def _call(loaded: dict[str, Any] | None) -> Call | None:
+    return None if loaded is None else Call(loaded["stdin"], loaded["env"])
 
 
 class MemorySessions:

@@ -1,9 +1,10 @@
-"""What one call needs from outside itself, as protocols: a store to reach (Consul, unless a
-test hands the machine another) and, in the long-lived helper, what it keeps between calls.
+"""What one call needs from outside itself, as protocols: a store to reach (Consul's is built
+in cni/compose.py; the unit tier hands the machine one over an in-memory KV) and, in the
+long-lived helper, what it keeps between calls.
 
 A leaf module: cni.machine and cni/commands depend on these shapes, never on the helper or on
-Consul, so the helper can change (or move) without the machine importing any of it, and the
-unit tier can drive the machine over an in-memory KV.
+Consul (pyproject.toml's layer contracts hold them to it), so either can change without the
+machine importing any of it.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ if TYPE_CHECKING:
     from .events import Request
 
 
-class Budget(Protocol):
-    """The call's time budget (consul.Deadline): `end` is moved to hand the rollback its
-    reserve."""
+class Deadline(Protocol):
+    """When the call's work must be over (consul.Deadline): `end` (monotonic) is moved to hand
+    the rollback its reserve."""
 
     end: float
 
@@ -41,7 +42,7 @@ class Store(Protocol):
     def kv(self) -> KV: ...
 
     @property
-    def deadline(self) -> Budget: ...
+    def deadline(self) -> Deadline: ...
 
     @property
     def current(self) -> str | None:
@@ -57,14 +58,14 @@ class Store(Protocol):
 
 
 class StoreFactory(Protocol):
-    """Opens the call's store: the settings, the seconds the work may take, a server the
-    helper saw with a leader moments ago (None: choose one), and who to tell of each request
-    the store sends (None: nobody)."""
+    """Opens the call's store: the settings, the seconds the work may take (its deadline), a
+    server the helper saw with a leader moments ago (None: choose one), and who to tell of each
+    request the store sends (None: nobody)."""
 
     def __call__(
         self,
         settings: ConsulSettings,
-        budget: float,
+        seconds: float,
         known_good: str | None,
         on_request: Callable[[Request], None] | None,
         /,

@@ -1,7 +1,9 @@
 """Errors of the Consul client, in the store's vocabulary (allocator/store.py): callers above
 the store never need to know it is Consul."""
 
-from ..allocator.store import StoreError, StoreUnavailable
+from ..allocator.store import StoreError, StoreUnavailable, UnsafeKey
+
+__all__ = ["ConsulError", "ConsulUnavailable", "NotConsul", "UnsafeKey"]
 
 
 class ConsulError(StoreError):
@@ -11,12 +13,6 @@ class ConsulError(StoreError):
     Consul without its answer arriving (read timeout, connection dropped after sending, a 5xx
     other than "No cluster leader"): Consul may have applied it even though this is raised.
     """
-
-
-
-class UnsafeKey(ConsulError):
-    """A key no request may be built from (allocator/store.py key_problem): raised before
-    anything is sent."""
 
 
 class NotConsul(ConsulError):
@@ -29,8 +25,3 @@ class ConsulUnavailable(ConsulError, StoreUnavailable):
     """No listed server answered with a leader before the time budget ran out, or none could
     even be connected to for the unreachable grace."""
 
-
-class SettingsError(ValueError):
-    """A connection setting that cannot be used (consul/settings.py). The message names the
-    setting as the caller spelled it and what to give instead, never a token; the plugin turns
-    it into CNI error 7, the admin CLI into a usage error."""

@@ -19,20 +19,19 @@ from urllib.parse import quote
 from ..allocator.store import (
     Cas,
     Check,
+    Columns,
     Delete,
     DeleteCas,
     KVEntry,
-    Listing,
     Lock,
     Op,
     Set,
     TxnResult,
     key_problem,
 )
+from . import answers
 from .client import ConsulClient, Response, check_status
 from .errors import ConsulError, UnsafeKey
-
-Entry = KVEntry
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,12 @@ class ConsulKV:
     def __init__(self, client: ConsulClient) -> None:
         self.client = client
 
-    def get(self, key: str, consistent: bool = False) -> Entry | None:
+    def close(self) -> None:
+        """Let the client's connections go: a pool watcher's KV is its own (a call's store
+        closes its client itself)."""
+        self.client.close()
+
+    def get(self, key: str, consistent: bool = False) -> KVEntry | None:
         resp = self.client.request("GET", _path(key), _CONSISTENT if consistent else None)
         if resp.status == 404:
             return None
@@ -59,11 +63,11 @@ class ConsulKV:
         entries = _entries(resp, key)
         return entries[0] if entries else None
 
-    def list(self, prefix: str, consistent: bool = False) -> Listing:
+    def list(self, prefix: str, consistent: bool = False) -> Columns:
         params = {"recurse": "true"} | (_CONSISTENT if consistent else {})
         resp = self.client.request("GET", _path(prefix), params)
         if resp.status == 404:
-            return Listing([], [], [])
+            return Columns([], [], [])
         check_status(resp, f"listing KV prefix {prefix!r}")
         return _entries(resp, prefix)
 
@@ -86,21 +90,15 @@ class ConsulKV:
         }
         resp = self.client.request("PUT", "/v1/session/create", None, json.dumps(body).encode())
         check_status(resp, "creating a Consul session")
-        try:
-            session = resp.json().get("ID")
-        except (ValueError, AttributeError):
-            session = None
-        if not isinstance(session, str) or not session:
-            raise ConsulError("Consul answered a session creation without a session ID")
-        return session
+        return answers.session_id(resp)
 
     def list_after(
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
-    ) -> tuple[Listing, int]:
+    ) -> tuple[Columns, int]:
         """A listing with its X-Consul-Index. With `index`, a blocking query: Consul answers when
         something under the prefix changes after it, or when the wait is over."""
         resp, new_index = self._blocking_get(prefix, {"recurse": "true"}, index, wait_seconds)
-        return (Listing([], [], []) if resp.status == 404 else _entries(resp, prefix)), new_index
+        return (Columns([], [], []) if resp.status == 404 else _entries(resp, prefix)), new_index
 
     def keys_after(
         self, prefix: str, index: int = 0, wait_seconds: float = 0.0
@@ -109,12 +107,7 @@ class ConsulKV:
         resp, new_index = self._blocking_get(prefix, {"keys": "true"}, index, wait_seconds)
         if resp.status == 404:
             return [], new_index
-        try:
-            return [str(k) for k in resp.json()], new_index
-        except (ValueError, TypeError) as exc:
-            raise ConsulError(
-                f"Consul sent a key list for {prefix!r} that could not be read"
-            ) from exc
+        return answers.key_names(resp, repr(prefix)), new_index
 
     def names(self, prefix: str, separator: str | None = None) -> KeyNames:
         """The names of the keys under `prefix`, never their values. With `separator`, a name
@@ -125,10 +118,7 @@ class ConsulKV:
         keys: builtins.list[str] = []
         if resp.status != 404:
             check_status(resp, f"listing KV prefix {prefix!r}")
-            try:
-                keys = [k for k in resp.json() if isinstance(k, str)]
-            except (ValueError, TypeError) as exc:
-                raise ConsulError(f"Consul sent a key listing that is not JSON: {exc}") from None
+            keys = answers.key_names(resp, repr(prefix))
         try:
             index = int(resp.headers.get("X-Consul-Index", "0"))
         except ValueError:
@@ -161,27 +151,19 @@ class ConsulKV:
     def txn(self, ops: Sequence[Op]) -> TxnResult:
         body = json.dumps([{"KV": _txn_op(op)} for op in ops]).encode()
         resp = self.client.request("PUT", "/v1/txn", None, body)
-        doubtful = resp.doubtful
-        if resp.status == 409:
-            errors = _json_field(resp, "Errors") or []
-            whats = [str(e.get("What", "")) for e in errors if isinstance(e, dict)]
-            if any("Permission denied" in w for w in whats):
-                raise ConsulError(
-                    "a KV transaction was refused: HTTP 403 Permission denied (check the ACL "
-                    f"token's KV write permissions for {', '.join(op.key for op in ops)})",
-                    403,
-                )
-            failed = [e.get("OpIndex") for e in errors if isinstance(e, dict)]
-            first = min((i for i in failed if isinstance(i, int)), default=0)
-            why = "; ".join(w for w in whats if w)[:300]
-            return TxnResult(first, {}, doubtful, why)
-        check_status(resp, "a KV transaction")
-        indexes = {}
-        for result in _json_field(resp, "Results") or []:
-            kv = result.get("KV") if isinstance(result, dict) else None
-            if isinstance(kv, dict) and "Key" in kv:
-                indexes[str(kv["Key"])] = int(kv.get("ModifyIndex") or 0)
-        return TxnResult(None, indexes, doubtful)
+        if resp.status != 409:
+            check_status(resp, "a KV transaction")
+            return TxnResult(None, answers.txn_indexes(resp), resp.doubtful)
+        errors = answers.txn_errors(resp)
+        whats = [what for _, what in errors if what]
+        if any("Permission denied" in w for w in whats):
+            raise ConsulError(
+                "a KV transaction was refused: HTTP 403 Permission denied (check the ACL "
+                f"token's KV write permissions for {', '.join(op.key for op in ops)})",
+                403,
+            )
+        first = min((i for i, _ in errors if i is not None), default=0)
+        return TxnResult(first, {}, resp.doubtful, "; ".join(whats)[:300])
 
     def _write(self, method: str, key: str, value: bytes | None, index: int) -> bool:
         resp = self.client.request(method, _path(key), {"cas": str(index)}, value)
@@ -239,7 +221,7 @@ def _large_loads() -> Callable[[bytes], Any]:
 _KEY, _MODIFY_INDEX = itemgetter("Key"), itemgetter("ModifyIndex")
 
 
-def _entries(resp: Response, what: str) -> Listing:
+def _entries(resp: Response, what: str) -> Columns:
     body = resp.body
     listing = None
     if len(body) >= _LARGE_LISTING:
@@ -293,7 +275,7 @@ def _pieces(body: bytes) -> Iterator[bytes]:
         start, head = cut + 2, b"["
 
 
-def _columns(parts: Iterable[list[Any]]) -> Listing:
+def _columns(parts: Iterable[list[Any]]) -> Columns:
     """The keys, values and indexes of entries parsed from a listing, part by part."""
     keys: list[Any] = []
     values: list[bytes] = []
@@ -310,7 +292,7 @@ def _columns(parts: Iterable[list[Any]]) -> Listing:
             raw = [v or "" for v in raw]
         # binascii directly: base64.b64decode's wrapper is most of the cost of the values.
         values += map(a2b_base64, raw)
-    return Listing(keys, values, indexes)
+    return Columns(keys, values, indexes)
 
 
 def _txn_op(op: Op) -> dict[str, object]:
@@ -333,12 +315,3 @@ def _txn_op(op: Op) -> dict[str, object]:
 
 def _b64(value: bytes) -> str:
     return base64.b64encode(value).decode("ascii")
-
-
-def _json_field(resp: Response, name: str) -> list[dict[str, object]] | None:
-    try:
-        data = resp.json()
-        value = data.get(name) if isinstance(data, dict) else None
-    except ValueError as exc:
-        raise ConsulError(f"Consul sent a transaction answer that is not JSON: {exc}") from None
-    return value if isinstance(value, list) else None

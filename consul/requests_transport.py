@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import requests
@@ -26,17 +25,12 @@ from .transport import (
     ConnectTimedOut,
     Dropped,
     ReadTimedOut,
+    TLSConfig,
     TLSFailed,
     TransportError,
 )
 
-
-@dataclass(frozen=True)
-class TLSConfig:
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
+__all__ = ["RequestsTransport", "TLSConfig"]
 
 class RequestsTransport:
     def __init__(self, token: str | None = None, tls: TLSConfig | None = None) -> None:

@@ -15,11 +15,21 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from .client import ConsulClient, Deadline, Sent, TLSConfig
-from .errors import SettingsError
+from .transport import TLSConfig
 from .urls import shown_url
+
+if TYPE_CHECKING:
+    from .client import ConsulClient, Sent
+
+
+class SettingsError(ValueError):
+    """A connection setting that cannot be used. The message names the setting as the caller
+    spelled it and what to give instead, never a token; the plugin turns it into CNI error 7,
+    the admin CLI into a usage error."""
+
 
 # The variables the `consul` CLI reads; the plugin and the admin CLI honour the same ones.
 ENV_ADDR = "CONSUL_HTTP_ADDR"
@@ -85,6 +95,10 @@ def build_client(
     """A client for `settings` whose time budget is `budget` seconds (default: the settings'
     `timeout`). `known_good`: a server a long-lived caller saw with a leader moments ago.
     `on_request`: told of each request sent (ConsulClient)."""
+    # Here, not at the top: the rules above are read where no client is made (the plugin's
+    # config, the helper's first look at a request), and the client brings requests.
+    from .client import ConsulClient, Deadline
+
     return ConsulClient(
         settings.servers,
         connect_timeout=settings.connect_timeout,

@@ -8,7 +8,19 @@ Standard library only, and nothing else in `consul/` imported."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, Protocol
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """The CA bundle, client certificate and key a transport uses (None: the system's CAs, no
+    client certificate). Here, not with the requests transport, so that the settings' rules
+    (settings.py) can make one without importing requests."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 class Answer(NamedTuple):

@@ -161,8 +161,8 @@ class Add(PoolCommand):
         """A key this attachment holds in the pool: in the view read, or one its ledger names
         that the view does not show as its own (outside this call's stripe, or a value the
         helper's copy has not caught up with: a take-over made in-process on this host)."""
-        allocator = self.allocator
-        for held in pool.ours(*self.attachment(), self.conf.name or None):
+        allocator, a = self.allocator, self.session.attachment
+        for held in pool.ours(a.target, a.ifname, a.recorded_network):
             if pool.range_for(held.ip) is not None:
                 return held
         folder = allocator.layout.folder(pool.name)
@@ -182,8 +182,8 @@ class Add(PoolCommand):
         """The number `spread` and `stripe` pick by (allocator/pool.py next_free)."""
         if self.conf.pick == "lowest":
             return None
-        target, ifname = self.attachment()
-        return spread_key(self.allocator.host or "", self.conf.name, target, ifname, pool.name)
+        a = self.session.attachment
+        return spread_key(self.allocator.host or "", a.network, a.target, a.ifname, pool.name)
 
     def widen(self, pool: Pool) -> str:
         """No free address where this call looked: look wider, and say "full" only after a fresh
@@ -285,7 +285,7 @@ class Add(PoolCommand):
             # Writes whose outcome stayed unknown (a reply lost before a failover, or an earlier
             # call's): one may still apply and hand this attachment a second address. Voided
             # on the rollback's reserve; what cannot be voided now stays in the ledger.
-            self.store.deadline.end = self.session.hard_end
+            self.store.deadline.end = self.session.call_end
             self.void(unsure, "in-doubt write", must=self.session.entry is None)
         served = {a.ip for a in self.assigned}
         unused = [str(ip) for ip in self.conf.requested_ips if ip not in served]
@@ -303,7 +303,7 @@ class Add(PoolCommand):
     def failed(self, error: CNIError) -> None:
         mine = self.allocator.mine()
         if mine:
-            self.store.deadline.end = self.session.hard_end  # the reserve is the rollback's
+            self.store.deadline.end = self.session.call_end  # the reserve is the rollback's
             self.void(mine, "rollback", must=False)
 
     def void(self, claims: list[Claim], reason: str, must: bool) -> None:

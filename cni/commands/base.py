@@ -59,8 +59,29 @@ class Inputs:
     nested: Callable[[bytes, Mapping[str, str], Entry], tuple[int, str]] | None = None
     # Given to a nested call: the entry its caller holds locked.
     entry: Entry | None = None
+    # When the process running this call must be done with it (monotonic), whatever the
+    # call's own `timeout` says: a call run after another's answer in the same process
+    # (cni/main.py finish_others) gets only what is left of that one's. None: no such bound.
+    until: float | None = None
     # Told of each Consul request the call's store sends (the call's report, cni/events.py).
     on_request: Callable[[Request], None] | None = None
+
+
+def call_budget(
+    started: float, timeout: float, until: float | None, now: float
+) -> tuple[float, float]:
+    """When a call that started at `started` (monotonic) with `timeout` seconds must be over,
+    rollback included, and the seconds its work gets from `now`.
+
+    `timeout` caps the whole call as the runtime sees it: the work gets what is left once the
+    rollback's reserve and the exit's margin are set aside. A call bounded by `until` (another
+    call's end) ends by then, and its reserve is a share of the time it really has, so a short
+    window still leaves the work some of it."""
+    call_end = started + timeout - EXIT_MARGIN
+    if until is not None:
+        call_end = min(call_end, until)
+    reserve = min(ROLLBACK_RESERVE, max(0.0, min(timeout, call_end + EXIT_MARGIN - started)) / 4)
+    return call_end, max(0.0, call_end - reserve - now)
 
 
 @dataclass(frozen=True)
@@ -73,24 +94,26 @@ class Session:
     cni_version: str
     store: Store
     allocator: Allocator
-    # started + `timeout`: the call, rollback included, is over by then.
-    hard_end: float
-    # Asked before every write (see `write_guard`).
-    still_wanted: Callable[[], None]
+    # What CNI calls the attachment: the network, the container, its interface.
+    attachment: Attachment
+    # started + `timeout` (monotonic): the call, rollback included, is over by then; the
+    # store's deadline, the work's, is earlier by the rollback's reserve.
+    call_end: float
     # The attachment's entry in the state folder, locked for this call (ADD and DEL).
     entry: Entry | None = None
 
 
 def write_guard(store: Store, abandoned: Callable[[], bool] | None) -> Callable[[], None]:
-    """Before every write: a call nobody waits for, or past its budget, writes nothing."""
+    """The allocator's `before_write`: a call nobody waits for, or past its deadline, writes
+    nothing."""
 
-    def still_wanted() -> None:
+    def before_write() -> None:
         if abandoned is not None and abandoned():
             raise CallAbandoned("the runtime stopped waiting for this call; nothing more written")
         if store.deadline.expired():
             raise CallAbandoned("the call's time budget (ipam.timeout) ran out before a write")
 
-    return still_wanted
+    return before_write
 
 
 class Command:
@@ -101,6 +124,8 @@ class Command:
     # VERSION may come with an empty stdin.
     stdin_optional: ClassVar[bool] = False
     output: dict[str, Any] | None = None
+    # When the call, rollback included, is over (Session.call_end); None until it is known.
+    call_end: float | None = None
 
     @classmethod
     def build(
@@ -174,11 +199,6 @@ class PoolCommand(Command):
         return cls(cls.open(inputs, env, conf, cni_version))
 
     @classmethod
-    def known_server(cls, caches: Caches, settings: config.ConsulSettings) -> str | None:
-        """A server the helper saw with a leader moments ago: it spares a leader check."""
-        return caches.recent_server(settings)
-
-    @classmethod
     def pool_cache(
         cls, caches: Caches, settings: config.ConsulSettings, layout: Layout
     ) -> PoolCache | None:
@@ -193,26 +213,25 @@ class PoolCommand(Command):
         layout = Layout(settings.kv_prefix)
         caches, cache, known_good = inputs.caches, None, None
         if caches is not None:
-            known_good = cls.known_server(caches, settings)
+            # A server the helper saw with a leader moments ago spares a leader check.
+            known_good = caches.recent_server(settings)
             cache = cls.pool_cache(caches, settings, layout)
-        # `timeout` caps the whole call as the runtime sees it: the work gets what is left
-        # once the rollback's reserve and the exit's margin are set aside.
-        hard_end = inputs.started + settings.timeout - EXIT_MARGIN
-        reserve = min(ROLLBACK_RESERVE, settings.timeout / 4)
-        budget = max(0.0, hard_end - reserve - time.monotonic())
+        call_end, seconds = call_budget(
+            inputs.started, settings.timeout, inputs.until, time.monotonic()
+        )
         host = conf.host or config.default_host()
-        entry = cls.open_entry(inputs, conf, env, hard_end)
+        entry = cls.open_entry(inputs, conf, env, call_end)
         ledger: Ledger = entry if entry is not None else MemoryLedger()
-        store = inputs.store_factory(settings, budget, known_good, inputs.on_request)
-        still_wanted = write_guard(store, inputs.abandoned)
+        store = inputs.store_factory(settings, seconds, known_good, inputs.on_request)
+        attachment = Attachment(conf.name, env.container_id, env.ifname or None)
         allocator = Allocator(
             store.kv,
             layout,
             host,
             cache,
-            attachment=Attachment(conf.name, env.container_id, env.ifname or None),
+            attachment=attachment,
             call=inputs.call_id,
-            before_write=still_wanted,
+            before_write=write_guard(store, inputs.abandoned),
             runtime=conf.runtime,
             ledger=ledger,
             sessions=fence_sessions(inputs.state, settings, host),
@@ -220,7 +239,7 @@ class PoolCommand(Command):
             hints=stripe_hints(cache, inputs.state, settings),
         )
         return Session(
-            inputs, env, conf, cni_version, store, allocator, hard_end, still_wanted, entry
+            inputs, env, conf, cni_version, store, allocator, attachment, call_end, entry
         )
 
     @classmethod
@@ -247,6 +266,7 @@ class PoolCommand(Command):
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self.call_end = session.call_end
         self.env = session.env
         self.conf = session.conf
         self.store = session.store
@@ -302,9 +322,6 @@ class PoolCommand(Command):
             return None
         cache = caches.peek(self.conf.consul)
         return cache.peek(name, ip) if cache is not None else None
-
-    def attachment(self) -> tuple[str, str | None]:
-        return self.env.container_id, self.env.ifname or None
 
 
 

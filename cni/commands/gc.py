@@ -27,6 +27,9 @@ class Gc(PoolCommand):
     def __init__(self, session: Session) -> None:
         super().__init__(session)
         self.problems: list[str] = []
+        # The attachments the runtime still has, and their containers.
+        self.valid = set(session.conf.valid_attachments or [])
+        self.containers = {cid for cid, _ in self.valid}
 
     def load(self, request: config.PoolRequest) -> None:
         self.held = self.scan(request.name)
@@ -47,35 +50,51 @@ class Gc(PoolCommand):
         return held
 
     def at_pool_loaded(self) -> str:
-        allocator, conf = self.allocator, self.conf
-        valid = set(conf.valid_attachments or [])
-        containers = {cid for cid, _ in valid}
         for held in self.held:
-            if held.host != allocator.host or not conf.name:
-                continue  # another host's, or written by a tool that records no host
-            if held.network != conf.name:
-                continue  # another network's (or an older version's, which records none)
+            if not self.collects(held):
+                continue
             if held.cooling:
-                if held.free_after != COOLING_UNTIL_DELETED and allocator.adopt_release(held):
-                    # An older version's release, cooling down until a time by its writer's
-                    # clock: from now on Consul ends it (or, without a cool-down, it goes).
-                    logger.debug("GC handed {} to a cool-down session", held.key)
-                continue
-            if (held.target, held.ifname) in valid or (
-                held.ifname is None and held.target in containers
-            ):
-                continue
-            try:
-                allocator.raise_fence("GC", Attachment(conf.name, held.target, held.ifname))
-                if allocator.release(held, cool=conf.reuse_after > 0):
-                    logger.debug("GC released {} (container {!r})", held.key, held.target)
-                else:
-                    self.problems.append(f"{held.key} kept changing; not released")
-            except StoreUnavailable:
-                raise
-            except StoreError as exc:
-                self.problems.append(f"{held.key}: {exc}")
+                self.hand_over(held)
+            elif not self.still_attached(held):
+                self.collect(held)
         return "collect"
+
+    def still_attached(self, held: Held) -> bool:
+        """Whether the runtime still has `held`'s attachment. A key that records no interface
+        (an older version's) cannot name one: it is kept while its container has any."""
+        if held.ifname is None:
+            return held.target in self.containers
+        return (held.target, held.ifname) in self.valid
+
+    def collects(self, held: Held) -> bool:
+        """Whether `held` is this GC's to look at: this host's, of this network (a key another
+        host wrote, another network's, an older version's or a tool's, which record none, is
+        never touched)."""
+        return bool(self.conf.name) and held.host == self.allocator.host and (
+            held.network == self.conf.name
+        )
+
+    def hand_over(self, held: Held) -> None:
+        """An older version's release, cooling down until a time by its writer's clock: from
+        now on Consul ends it (or, without a cool-down, it goes). The plugin's own releases are
+        left to their session."""
+        if held.free_after != COOLING_UNTIL_DELETED and self.allocator.adopt_release(held):
+            logger.debug("GC handed {} to a cool-down session", held.key)
+
+    def collect(self, held: Held) -> None:
+        """Release a key whose attachment the runtime no longer has, its fence raised first; a
+        problem is reported at the end, and the other keys are still looked at."""
+        allocator, conf = self.allocator, self.conf
+        try:
+            allocator.raise_fence("GC", Attachment(conf.name, held.target, held.ifname))
+            if allocator.release(held, cool=conf.reuse_after > 0):
+                logger.debug("GC released {} (container {!r})", held.key, held.target)
+            else:
+                self.problems.append(f"{held.key} kept changing; not released")
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:
+            self.problems.append(f"{held.key}: {exc}")
 
     def finish(self) -> None:
         if self.problems:

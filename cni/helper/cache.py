@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from loguru import logger
 
 from ...allocator.layout import Layout
-from ...allocator.pool import Pool, key_ip, list_pool, parse_held, parse_pool
+from ...allocator.pool import Held, Pool, key_ip, list_pool, parse_held, parse_pool
 from ...allocator.ranges import IPAddress, IPRange
 from ...allocator.store import KVEntry, WatchableKV
 from ...allocator.stripes import MemoryHints, Stripe
@@ -197,26 +197,12 @@ class _Watched(threading.Thread):
                     return
                 try:
                     if kv is None or time.monotonic() - born > _RENEW_KV_AFTER:
-                        _close(kv)
+                        if kv is not None:
+                            kv.close()
                         kv, born = self.cache.make_kv(), time.monotonic()
                     keys, index = kv.keys_after(folder, self.index, _WAIT)
                     started = time.monotonic()
-                    if 0 < index < self.index:
-                        # Consul's index went backwards (a restored snapshot, a new cluster):
-                        # its blocking-query docs say to start over from 0; the refresh
-                        # re-reads all.
-                        keys, index = kv.keys_after(folder)
-                        self.pool = refreshed(layout, self.pool, keys, kv, forget=True)
-                    elif index != self.index or index == 0:
-                        # (Without an index, only the key names can tell what changed.)
-                        self.pool = refreshed(layout, self.pool, keys, kv, moved=index != 0)
-                    else:
-                        # A quiet folder: the ranges alone may have changed (`admin create
-                        # --force`); one small read per wait notices it.
-                        entry = kv.get(layout.pool_key(self.pool_name))
-                        if entry is None or entry.modify_index != self.pool.ranges_index:
-                            self.pool = refreshed(layout, self.pool, keys, kv, moved=False)
-                    self.index = index
+                    self.index = self.refresh(kv, folder, keys, index)
                 except Exception as exc:  # the next call reloads the pool itself, and says why
                     logger.warning("stopped watching pool {!r}: {}", self.pool_name, exc)
                     return
@@ -237,13 +223,28 @@ class _Watched(threading.Thread):
                 spent = time.monotonic() - started
                 self.stopped.wait(max(self.cache.refresh_interval, 4 * spent, backoff))
         finally:
-            _close(kv)
+            if kv is not None:
+                kv.close()
 
-
-def _close(kv: WatchableKV | None) -> None:
-    close = getattr(kv, "close", None)
-    if callable(close):
-        close()
+    def refresh(self, kv: WatchableKV, folder: str, keys: list[str], index: int) -> int:
+        """The copy brought up to date with a round's answer (the folder's key names at Consul's
+        `index`); the index to watch from next."""
+        layout = self.cache.layout
+        if 0 < index < self.index:
+            # Consul's index went backwards (a restored snapshot, a new cluster): its
+            # blocking-query docs say to start over from 0; the refresh re-reads all.
+            keys, index = kv.keys_after(folder)
+            self.pool = refreshed(layout, self.pool, keys, kv, forget=True)
+        elif index != self.index or index == 0:
+            # (Without an index, only the key names can tell what changed.)
+            self.pool = refreshed(layout, self.pool, keys, kv, moved=index != 0)
+        else:
+            # A quiet folder: the ranges alone may have changed (`admin create --force`); one
+            # small read per wait notices it.
+            entry = kv.get(layout.pool_key(self.pool_name))
+            if entry is None or entry.modify_index != self.pool.ranges_index:
+                self.pool = refreshed(layout, self.pool, keys, kv, moved=False)
+        return index
 
 
 def refreshed(
@@ -273,6 +274,15 @@ def refreshed(
     if len(new) > _READ_ONE_BY_ONE or in_place:
         entries, _ = list_pool(kv, layout, old.name, within)
         return parse_pool(layout, old.name, entries, known=known, view=old.view).cache_copy()
+    return _with_new_keys(layout, old, kv, new, known)
+
+
+def _with_new_keys(
+    layout: Layout, old: Pool, kv: WatchableKV, new: list[str], known: dict[str, Held]
+) -> Pool:
+    """The pool's ranges read again, the `known` allocations kept, the `new` keys read one by
+    one."""
+    folder = layout.folder(old.name)
     ranges = kv.get(layout.pool_key(old.name))
     # Raises for missing or broken ranges.
     pool = parse_pool(layout, old.name, [ranges] if ranges else [], view=old.view)

@@ -1,8 +1,8 @@
 """What the helper keeps between calls, per way of reaching Consul: a pool cache (cache.py),
 the server that last answered, and the state folder with its replay thread (journal.py). The
 state machine reads it through the calls it makes (recent_server, remember_server, get, peek,
-takes_over_dels); nothing here
-imports the machine, which builds the KV a watcher reads with (server.watch_kv).
+takes_over_dels); nothing here imports the machine, nor the Consul client: the KV a watcher
+reads with is made by `make_kv` (cni/compose.py watch_kv, from cli.py).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class PoolCaches:
         make_kv: Callable[[ConsulSettings], WatchableKV],
     ) -> None:
         self.refresh_interval = refresh_interval
-        # The helper's reads Consul (server.watch_kv); tests give a stand-in.
+        # The helper's reads Consul (cni/compose.py watch_kv); tests give a stand-in.
         self.make_kv = make_kv
         self.server_memory = server_memory
         self.max_settings = max_settings

@@ -60,6 +60,30 @@ def raise_open_files_limit() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     harden()  # the helper holds every caller's token for as long as it runs
+    args, metrics_at = parse_args(argv)
+    logs.configure_helper()
+    raise_open_files_limit()
+    metrics: Metrics | None = None
+    if metrics_at is not None:
+        # Imported only here: prometheus_client costs start-up time a helper without metrics,
+        # and the thin client, never pay.
+        from .metrics import Metrics
+
+        metrics = Metrics()
+    caches = open_caches(args, metrics)
+    try:
+        activated = activated_socket()
+        server = HelperServer(args.socket, caches, activated, metrics)
+    except (SetupError, OSError) as exc:
+        sys.exit(f"ipam-da-consul-helper: cannot listen on {args.socket}: {exc}")
+    where = _listening(server, args.socket, args.socket_named) if activated else args.socket
+    if metrics is not None and metrics_at is not None:
+        where += f"; metrics on {serve_metrics(metrics, metrics_at, server, caches, args)}"
+    serve(server, caches, metrics, args.idle_exit, where)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, tuple[str, int] | None]:
+    """The command line, and where to serve metrics (None: nowhere)."""
     parser = argparse.ArgumentParser(
         prog="ipam-da-consul-helper", description=__doc__.split("\n")[0]
     )
@@ -115,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     # Where the socket was named, for the start-up line: plugin calls look at the same places.
-    named = "--socket" if args.socket else (
+    args.socket_named = "--socket" if args.socket else (
         "IPAM_DA_CONSUL_SOCKET" if os.environ.get("IPAM_DA_CONSUL_SOCKET") else "the default"
     )
     args.socket = args.socket or os.environ.get("IPAM_DA_CONSUL_SOCKET") or DEFAULT_SOCKET
@@ -129,16 +153,13 @@ def main(argv: list[str] | None = None) -> None:
             metrics_at = parse_address(args.metrics_address)
         except ValueError as exc:
             parser.error(f"--metrics-address: {exc}")
-    logs.configure_helper()
-    raise_open_files_limit()
-    metrics: Metrics | None = None
-    make_kv: Callable[[ConsulSettings], WatchableKV] = watch_kv
-    if metrics_at is not None:
-        # Imported only here: prometheus_client costs start-up time a helper without metrics,
-        # and the thin client, never pay.
-        from .metrics import Metrics, Sources
+    return args, metrics_at
 
-        metrics = Metrics()
+
+def open_caches(args: argparse.Namespace, metrics: Metrics | None) -> PoolCaches:
+    """What calls share: the pool caches, the state folder and its replay thread."""
+    make_kv: Callable[[ConsulSettings], WatchableKV] = watch_kv
+    if metrics is not None:
 
         def counted_kv(settings: ConsulSettings) -> WatchableKV:
             assert metrics is not None
@@ -167,23 +188,36 @@ def main(argv: list[str] | None = None) -> None:
     caches.takes_over_dels = caches.state is not None and not args.no_journal
     if caches.state is not None:
         caches.replayer = Replayer(caches.state, lambda entry: 1)
+    return caches
+
+
+def serve_metrics(
+    metrics: Metrics,
+    metrics_at: tuple[str, int],
+    server: HelperServer,
+    caches: PoolCaches,
+    args: argparse.Namespace,
+) -> str:
+    """Start the metrics listener; its URL."""
+    from .metrics import Sources
+
     try:
-        activated = activated_socket()
-        server = HelperServer(args.socket, caches, activated, metrics)
-    except (SetupError, OSError) as exc:
-        sys.exit(f"ipam-da-consul-helper: cannot listen on {args.socket}: {exc}")
-    where = _listening(server, args.socket, named) if activated else args.socket
-    if metrics is not None and metrics_at is not None:
-        try:
-            url = metrics.serve(
-                metrics_at, Sources(server.stats, lambda: server.active, caches.pool_sizes)
-            )
-        except OSError as exc:
-            server.server_close()
-            sys.exit(
-                f"ipam-da-consul-helper: cannot serve metrics on {args.metrics_address}: {exc}"
-            )
-        where += f"; metrics on {url}"
+        return metrics.serve(
+            metrics_at, Sources(server.stats, lambda: server.active, caches.pool_sizes)
+        )
+    except OSError as exc:
+        server.server_close()
+        sys.exit(f"ipam-da-consul-helper: cannot serve metrics on {args.metrics_address}: {exc}")
+
+
+def serve(
+    server: HelperServer,
+    caches: PoolCaches,
+    metrics: Metrics | None,
+    idle_exit: float | None,
+    where: str,
+) -> None:
+    """Serve until SIGTERM (or the idle exit), then let the calls in flight finish."""
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     threading.Thread(target=preload, name="preload", daemon=True).start()
     if caches.replayer is not None:
@@ -191,9 +225,9 @@ def main(argv: list[str] | None = None) -> None:
         threading.Thread(
             target=replay_forever, args=(caches, metrics), name="replay", daemon=True
         ).start()
-    if args.idle_exit is not None:
+    if idle_exit is not None:
         threading.Thread(
-            target=_exit_when_idle, args=(server, args.idle_exit), name="idle-exit", daemon=True
+            target=_exit_when_idle, args=(server, idle_exit), name="idle-exit", daemon=True
         ).start()
     sys.stderr.write(f"ipam-da-consul-helper {__version__} listening on {where}\n")
     sys.stderr.flush()

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from .. import logs
+from .. import stdin as stdin_json
 from ..main import execute
 from .caches import PoolCaches
 from .wire import TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
@@ -50,16 +51,11 @@ from .wire import TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
 # needs none of them. A call that arrives before they are loaded waits for them in execute().
 if TYPE_CHECKING:
     from ...allocator.store import WatchableKV
-    from ...consul.client import Sent
     from ..config import ConsulSettings
+    from ..events import Request
     from ..state import Entry
     from .metrics import Metrics
 
-# The time budget of each blocking query a watcher sends: its 30 s wait plus Consul's jitter.
-_WATCH_BUDGET = 120.0
-# `ipam.timeout` when stdin names none or an unreadable one (the schema's default).
-DEFAULT_CALL_TIMEOUT = 15.0
-_MAX_CALL_TIMEOUT = 600.0  # the schema's upper bound
 # A client sends its request right after connecting; one that does not must not hold a thread.
 _REQUEST_WAIT = 10.0
 # The answer is small, but a client that stopped reading must not hold a thread either.
@@ -69,18 +65,21 @@ _LISTEN_FDS_START = 3
 
 
 def watch_kv(
-    settings: ConsulSettings, on_request: Callable[[Sent], None] | None = None
+    settings: ConsulSettings, on_request: Callable[[Request], None] | None = None
 ) -> WatchableKV:
-    """The KV one pool watcher reads with for its whole life (see watchkv.py); `on_request` is
-    told of each request it sends (the metrics' background requests)."""
-    from .watchkv import WatchKV
+    """The KV one pool watcher reads with (cni/compose.py), loaded when the first pool is
+    watched: by then preload has imported it, off the accepting thread. `on_request` is told
+    of each request it sends (the metrics' background requests)."""
+    from ..compose import watch_kv as consul_watch_kv
 
-    return WatchKV(settings, _WATCH_BUDGET, on_request)
+    return consul_watch_kv(settings, on_request)
 
 
 def preload() -> None:
-    """Import what calls need (see the imports above), off the accepting thread."""
-    from .. import machine  # noqa: F401  (imports config, consul, allocator in turn)
+    """Import what calls need (see the imports above), off the accepting thread: the frames'
+    schemas first, which every request needs."""
+    from .. import compose, machine  # noqa: F401  (config, the Consul client, the allocator)
+    from . import frames  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -96,40 +95,19 @@ class Call:
 
     @classmethod
     def from_request(cls, request: dict[str, Any], now: float) -> Call:
-        stdin = request["stdin"]
-        if not isinstance(stdin, bytes):
-            raise TypeError("stdin must be bytes")
-        started = request["started"]
-        if not isinstance(started, float) or not math.isfinite(started):
-            raise TypeError("started must be a finite float")
+        """ValueError for a request that is not a call (frames.py CallRequest)."""
+        from . import frames
+
+        call = frames.load_call(request)
+        stdin = call["stdin"]
         # A start in the future would stretch the deadline: the client's clock is ours, so
         # that can only be a forged or broken request.
-        started = min(started, now)
-        env = {str(k): str(v) for k, v in dict(request["env"]).items()}
-        timeout, version = call_timeout(stdin)
-        return cls(stdin, env, bool(request.get("verbose")), started, started + timeout, version)
-
-
-def call_timeout(stdin: bytes) -> tuple[float, str | None]:
-    """The config's `ipam.timeout` (the default when absent or unreadable: the machine then
-    reports the config error at once) and its cniVersion, for the error the client may print."""
-    try:
-        data = json.loads(stdin)
-    except (ValueError, UnicodeDecodeError):
-        return DEFAULT_CALL_TIMEOUT, None
-    if not isinstance(data, dict):
-        return DEFAULT_CALL_TIMEOUT, None
-    version = data.get("cniVersion")
-    version = version if isinstance(version, str) and version else None
-    ipam = data.get("ipam")
-    timeout = ipam.get("timeout") if isinstance(ipam, dict) else None
-    if (
-        isinstance(timeout, int | float)
-        and not isinstance(timeout, bool)
-        and 0 < timeout <= _MAX_CALL_TIMEOUT
-    ):
-        return float(timeout), version
-    return DEFAULT_CALL_TIMEOUT, version
+        started = min(call["started"], now)
+        # The deadline the client waits for, and the version of the error it may print.
+        config = stdin_json.peek(stdin)
+        deadline = started + stdin_json.call_timeout(config)
+        version = stdin_json.cni_version(config)
+        return cls(stdin, call["env"], call["verbose"], started, deadline, version)
 
 
 def hung_up(sock: socket.socket) -> Callable[[], bool]:
@@ -150,6 +128,7 @@ class Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         if not self.peer_allowed():
             return
+        from . import frames  # marshmallow: loaded by preload, or by the first request
         sock: socket.socket = self.request
         sock.settimeout(_REQUEST_WAIT)
         try:
@@ -159,6 +138,7 @@ class Handler(socketserver.StreamRequestHandler):
         except (OSError, ValueError, EOFError, TypeError) as exc:
             logger.warning("helper: malformed request: {}", exc)
             return  # the client falls back to doing the call itself
+        # The version by hand: a request of another version has a shape this helper does not know.
         if request.get("v") != WIRE_VERSION:
             self.server.count("refused")
             logger.warning(
@@ -167,15 +147,15 @@ class Handler(socketserver.StreamRequestHandler):
                 request.get("v"),
                 WIRE_VERSION,
             )
-            self.send({"v": WIRE_VERSION, "refused": "wire version"})
+            self.send(frames.refused("wire version"))
             return
         if request.get("op") == "stats":
-            self.send({"v": WIRE_VERSION, "stats": self.server.stats()})
+            self.send(frames.stats(self.server.stats()))
             return
         now = time.monotonic()
         try:
             call = Call.from_request(request, now)
-        except (ValueError, KeyError, TypeError) as exc:
+        except ValueError as exc:
             logger.warning("helper: malformed request: {}", exc)
             return
         if now >= call.deadline:
@@ -196,15 +176,16 @@ class Handler(socketserver.StreamRequestHandler):
 
     def handshake(self, sock: socket.socket, call: Call) -> bool:
         """Acknowledge, then wait for the client's go (until the deadline at most)."""
-        ack: dict[str, object] = {"v": WIRE_VERSION, "ack": True, "deadline": call.deadline}
-        ack["cniVersion"] = call.cni_version or "1.0.0"
+        from . import frames
+
+        ack = frames.ack(call.deadline, call.cni_version or "1.0.0")
         try:
             sock.sendall(frame(ack))
             sock.settimeout(max(call.deadline - time.monotonic(), 0.001))
             go = marshal.loads(read_frame(sock.recv))
         except (OSError, ValueError, EOFError, TypeError):
             return False
-        return isinstance(go, dict) and go.get("go") is True
+        return frames.is_go(go)
 
     def drop(self, counter: str, why: str) -> None:
         self.server.count(f"dropped_{counter}")
@@ -228,6 +209,8 @@ class Handler(socketserver.StreamRequestHandler):
         return False
 
     def serve(self, call: Call, abandoned: Callable[[], bool]) -> dict[str, Any]:
+        from . import frames
+
         err = io.StringIO()
         log_file = call.env.get("IPAM_DA_CONSUL_LOG_FILE") or logs.DEFAULT_LOG_FILE
         caches, metrics = self.server.caches, self.server.metrics
@@ -244,13 +227,14 @@ class Handler(socketserver.StreamRequestHandler):
             )
         if caches.replayer is not None:
             caches.replayer.poke(code)  # a call went through: Consul may be back
-        return {"stdout": out, "stderr": err.getvalue(), "code": code}
+        return frames.answer(out, err.getvalue(), code)
 
 
 def replay_forever(caches: PoolCaches, metrics: Metrics | None = None) -> None:
     """The replay thread (journal.py): each entry's work done as the plugin's calls do it."""
     preload()
     from .. import replay
+    from ..compose import consul_store
 
     state, replayer = caches.state, caches.replayer
     assert state is not None and replayer is not None
@@ -259,20 +243,20 @@ def replay_forever(caches: PoolCaches, metrics: Metrics | None = None) -> None:
     def finish(entry: Entry) -> int:
         # Its log lines go to the helper's stderr, where an operator looks for them later.
         with logger.contextualize(call=logs.CallLog(sys.stderr)):
-            return replay.finish(entry, state, caches, observer)
+            return replay.finish(entry, state, consul_store, caches, observer=observer)
 
     replayer.finish = finish
     replayer.run_forever()
 
 
 def _too_late(call: Call) -> dict[str, Any]:
+    from . import frames
+
     msg = "the call's deadline passed before the helper could start it; nothing was done"
     error = {"cniVersion": call.cni_version or "1.0.0", "code": TRY_AGAIN_LATER, "msg": msg}
-    return {
-        "stdout": json.dumps(error) + "\n",
-        "stderr": f"ipam-da-consul: ERROR: {msg}\n",
-        "code": TRY_AGAIN_LATER,
-    }
+    return frames.answer(
+        json.dumps(error) + "\n", f"ipam-da-consul: ERROR: {msg}\n", TRY_AGAIN_LATER
+    )
 
 
 class SetupError(Exception):
@@ -377,6 +361,7 @@ class HelperServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.metrics = metrics
         self.counters: dict[str, int] = {}
         self.counters_lock = threading.Lock()
+        self.accept_backoff, self.accept_warned = 0.0, -math.inf
         # Connections being handled, and when the last one ended: what --idle-exit watches.
         self.activity = threading.Condition()
         self.active = 0
@@ -397,6 +382,28 @@ class HelperServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             super().__init__(path, Handler)
         finally:
             os.umask(old_umask)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """accept(), pausing when it fails for want of descriptors or memory: the connection
+        stays queued and the socket readable, so socketserver would retry at once and spin a
+        core, starving the calls in flight of the CPU they need to finish and free some."""
+        try:
+            got = super().get_request()
+        except OSError as exc:
+            self.accept_backoff = min(max(self.accept_backoff * 2, 0.05), 1.0)
+            now = time.monotonic()
+            if now - self.accept_warned >= 60:  # while it lasts, once a minute is enough
+                self.accept_warned = now
+                logger.warning(
+                    "helper: cannot accept a connection ({}); trying again in {:g} s, up to "
+                    "1 s apart while it lasts",
+                    exc.strerror or exc,
+                    self.accept_backoff,
+                )
+            time.sleep(self.accept_backoff)
+            raise
+        self.accept_backoff = 0.0
+        return got
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # Counted here, in the accepting thread, so an idle check can never miss a connection
@@ -421,14 +428,14 @@ class HelperServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             self.last_active = time.monotonic()
             self.activity.notify_all()
 
-    def idle_for(self, seconds: float) -> bool:
-        """Block until no connection has been open for `seconds`; False once shut down."""
+    def idle_for(self, seconds: float) -> None:
+        """Block until no connection has been open for `seconds`."""
         with self.activity:
             while True:
                 if self.active == 0:
                     quiet = time.monotonic() - self.last_active
                     if quiet >= seconds:
-                        return True
+                        return
                     self.activity.wait(seconds - quiet)
                 else:
                     self.activity.wait()

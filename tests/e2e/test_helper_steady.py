@@ -1,6 +1,6 @@
 """The helper's steady state against a real Consul (issue 10): what a watched pool costs once it
 is loaded. A recording relay sits between the helper's watcher and the agent and notes, per TCP
-connection, every request; the watcher is the helper's own (server.watch_kv). The module has
+connection, every request; the watcher is the helper's own (cni/compose.py watch_kv). The module has
 its own agent: one test restores a snapshot, which rewinds the agent's whole KV."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import pytest
 import requests
 from ipam_da_consul.allocator.layout import Layout
 from ipam_da_consul.allocator.pool import list_pool
+from ipam_da_consul.cni.compose import watch_kv
 from ipam_da_consul.cni.config import ConsulSettings
 from ipam_da_consul.cni.helper import cache as cache_module
 from ipam_da_consul.cni.helper.cache import PoolCache
-from ipam_da_consul.cni.helper.server import watch_kv
 from ipam_da_consul.consul import ConsulClient, ConsulKV, Deadline
 
 from tests.support.agent import module_consul

@@ -216,10 +216,24 @@ class ConsulAgent:
     def delete_tree(self, prefix: str) -> None:
         self._req("DELETE", prefix, params={"recurse": "true"}).raise_for_status()
 
-    def kv_index(self) -> int:
-        """Consul's X-Consul-Index for the whole KV: it moves on every write anywhere."""
+    def kv_index(self) -> KVMark:
+        """Consul's X-Consul-Index for the whole KV: it moves on every write anywhere. Compared
+        with `==`, a move that only sessions ending explain is no write (see KVMark)."""
         r = self._req("GET", "", params={"recurse": "true", "keys": "true"})
-        return int(r.headers["X-Consul-Index"])
+        return KVMark(int(r.headers["X-Consul-Index"]), self)
+
+    def only_sessions_ended(self, after: int, upto: int) -> bool:
+        """Whether the KV index moved from `after` to `upto` only by sessions ending: no key
+        was written in between, and the last move was a session's (Consul deleting what it
+        held, in the same Raft entry as the session)."""
+        r = self._req("GET", "", params={"recurse": "true"})
+        entries = r.json() if r.status_code == 200 else []  # 404: no key at all
+        if any(after < e["ModifyIndex"] <= upto for e in entries):
+            return False
+        sessions = self.http.get(
+            f"{self.url}/v1/session/list", timeout=10, verify=self.verify, cert=self.cert
+        )
+        return int(sessions.headers["X-Consul-Index"]) == upto
 
     def create_pool(self, name: str, ranges: list[dict[str, str]], prefix: str = "ipam/") -> str:
         self.put(f"{prefix}{name}", ranges)
@@ -374,3 +388,30 @@ def module_consul(name: str) -> Any:
         agent.close()
 
     return consul
+
+
+class KVMark(int):
+    """A KV index read by a test, to show a call wrote nothing. On an agent shared by many
+    tests, a cool-down or fence session of an earlier test can end meanwhile, and Consul then
+    deletes its keys: that moves the index without any write of the call under test."""
+
+    agent: ConsulAgent
+
+    def __new__(cls, index: int, agent: ConsulAgent) -> Self:
+        mark = super().__new__(cls, index)
+        mark.agent = agent
+        return mark
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, int):
+            return NotImplemented
+        if int(self) == int(other):
+            return True
+        lo, hi = sorted((int(self), int(other)))
+        return self.agent.only_sessions_ended(lo, hi)
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = int.__hash__

@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ipam_da_consul.allocator.ranges import IPRange, first_gap, sorted_ints
 
+from tests.support.properties import examples
+
 ip_address = ipaddress.ip_address
 
 ip = ipaddress.ip_address
@@ -209,7 +211,7 @@ def range_and_taken(draw: st.DrawFn) -> tuple[IPRange, list[int]]:
     return rng, taken
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(range_and_taken())
 def test_lowest_free_matches_a_brute_force_walk(case: tuple[IPRange, list[int]]) -> None:
     rng, taken = case
@@ -332,7 +334,7 @@ def brute_free(rng: IPRange, taken: list[int]) -> list[int]:
     ]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(range_with_exclusions())
 def test_counting_and_numbering_free_addresses_match_a_brute_force_walk(
     case: tuple[IPRange, list[int]],

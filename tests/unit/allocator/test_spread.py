@@ -22,6 +22,7 @@ from ipam_da_consul.allocator.store import KVEntry
 from ipam_da_consul.cni.helper.cache import PoolCache
 
 from tests.support.memkv import MemKV
+from tests.support.properties import examples
 
 V4 = [
     {
@@ -195,6 +196,9 @@ class StubWatchKV(MemKV):
     ) -> tuple[list[KVEntry], int]:
         return self.list(prefix), 0
 
+    def close(self) -> None:
+        pass  # no connection to let go
+
 
 def test_watcher_starts_over_when_consuls_index_goes_backwards():
     kv = StubWatchKV([5, 7, 7])
@@ -212,7 +216,7 @@ def test_watcher_starts_over_when_consuls_index_goes_backwards():
     assert [str(ip) for ip in watched.pool.held] == ["10.6.1.9"]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     st.lists(st.integers(0, 63), max_size=6),
     st.lists(

@@ -13,12 +13,14 @@ from ipam_da_consul.allocator.layout import key_name
 from ipam_da_consul.allocator.schemas import load_ranges
 from ipam_da_consul.allocator.stripes import WALK, Stripes, stripe_of
 
+from tests.support.properties import examples
+
 
 def ranges(*subnets: str) -> list:
     return load_ranges(json.dumps([{"subnet": s} for s in subnets]).encode())
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.integers(0, 2**32 - 1))
 def test_an_ipv4_stripe_is_exactly_the_names_with_its_prefix(value: int) -> None:
     ip = ipaddress.IPv4Address(value)
@@ -28,7 +30,7 @@ def test_an_ipv4_stripe_is_exactly_the_names_with_its_prefix(value: int) -> None
     assert not key_name(other).startswith(stripe.prefix)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.integers(0, 2**128 - 1), st.integers(1, 0xFFFF))
 def test_an_ipv6_stripe_names_all_but_its_first_address_with_its_prefix(
     value: int, low: int
@@ -42,7 +44,7 @@ def test_an_ipv6_stripe_names_all_but_its_first_address_with_its_prefix(
     assert key_name(ip).startswith(stripe.prefix)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.integers(0, 2**32 - 1))
 def test_ipv4_mapped_addresses_are_striped_by_their_ipv4_24(value: int) -> None:
     ip = ipaddress.IPv6Address((0xFFFF << 32) | value)

@@ -16,6 +16,8 @@ from ipam_da_consul.allocator.usage import (
     reserved_role,
 )
 
+from tests.support.properties import examples
+
 ip = ipaddress.ip_address
 net = ipaddress.ip_network
 
@@ -97,7 +99,7 @@ def test_overlapping_pairs() -> None:
     assert overlapping(ranges[:2]) == []
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     st.integers(min_value=24, max_value=30),
     st.sets(st.integers(min_value=0, max_value=255), max_size=80),

@@ -11,8 +11,9 @@ import time
 from typing import Any
 
 import pytest
+from ipam_da_consul.cni.compose import ConsulStore
 from ipam_da_consul.cni.events import Address, CallRecord, Step
-from ipam_da_consul.cni.machine import ConsulStore, Invocation
+from ipam_da_consul.cni.machine import Invocation
 from ipam_da_consul.consul import ConsulClient, Sent
 from loguru import logger
 
@@ -20,6 +21,10 @@ from tests.support.fake_transport import LEADER_PATH, FakeTransport, dropped, re
 from tests.support.machine import Mem, netconf
 
 KEY10, KEY11 = "ipam/p/10.0.0.10", "ipam/p/10.0.0.11"
+
+
+def no_store(*args: object) -> Any:
+    raise AssertionError("this call opens no store")
 
 
 def aside(m: Mem, key: str, value: dict[str, Any]) -> None:
@@ -101,7 +106,8 @@ def test_a_del_reports_the_addresses_the_runtime_named() -> None:
 def test_a_call_that_cannot_be_parsed_still_reports_its_command_and_code() -> None:
     seen: list[CallRecord] = []
     inv = Invocation(b"{not json", {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c9",
-                                    "CNI_IFNAME": "eth0"}, observer=seen.append)
+                                    "CNI_IFNAME": "eth0"},
+                     store_factory=no_store, observer=seen.append)
     assert inv.run() == 6
     (record,) = seen
     assert record.walk == ["start", "failed"]
@@ -113,7 +119,8 @@ def test_a_failing_observer_costs_the_call_nothing() -> None:
     def broken(report: CallRecord) -> None:
         raise RuntimeError("metrics bug")
 
-    inv = Invocation(b'{"cniVersion": "1.0.0"}', {"CNI_COMMAND": "VERSION"}, observer=broken)
+    inv = Invocation(b'{"cniVersion": "1.0.0"}', {"CNI_COMMAND": "VERSION"},
+                     store_factory=no_store, observer=broken)
     assert inv.run() == 0 and inv.output is not None
 
 

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ipam_da_consul.cni import stdin as stdin_json
 from ipam_da_consul.cni.helper import client
 from ipam_da_consul.cni.helper.client import EXIT_MARGIN
-from ipam_da_consul.cni.helper.server import DEFAULT_CALL_TIMEOUT, call_timeout, hung_up
+from ipam_da_consul.cni.helper.server import hung_up
 from ipam_da_consul.cni.helper.wire import WIRE_VERSION, frame, read_frame
+from ipam_da_consul.consul.settings import CALL_TIMEOUT
 
 
 class FakeHelper:
@@ -184,18 +186,23 @@ def test_ack_timeout_from_env(monkeypatch, value, expected):
     [
         (b'{"cniVersion": "1.1.0", "ipam": {"timeout": 3}}', (3.0, "1.1.0")),
         (b'{"cniVersion": "1.0.0", "ipam": {"timeout": 2.5}}', (2.5, "1.0.0")),
-        (b'{"cniVersion": "1.0.0", "ipam": {}}', (DEFAULT_CALL_TIMEOUT, "1.0.0")),
-        (b'{"ipam": {"timeout": "3"}}', (DEFAULT_CALL_TIMEOUT, None)),
-        (b'{"ipam": {"timeout": true}}', (DEFAULT_CALL_TIMEOUT, None)),
-        (b'{"ipam": {"timeout": 100000}}', (DEFAULT_CALL_TIMEOUT, None)),
-        (b'{"ipam": {"timeout": -1}}', (DEFAULT_CALL_TIMEOUT, None)),
-        (b"{not json", (DEFAULT_CALL_TIMEOUT, None)),
-        (b"[]", (DEFAULT_CALL_TIMEOUT, None)),
-        (b"\xff", (DEFAULT_CALL_TIMEOUT, None)),
+        (b'{"cniVersion": "1.0.0", "ipam": {}}', (CALL_TIMEOUT.default, "1.0.0")),
+        (b'{"ipam": {"timeout": "3"}}', (CALL_TIMEOUT.default, None)),
+        (b'{"ipam": {"timeout": true}}', (CALL_TIMEOUT.default, None)),
+        (b'{"ipam": {"timeout": 100000}}', (CALL_TIMEOUT.default, None)),
+        (b'{"ipam": {"timeout": -1}}', (CALL_TIMEOUT.default, None)),
+        # The setting's own limits (consul/settings.py), as the config's schema applies them.
+        (b'{"ipam": {"timeout": 0.05}}', (CALL_TIMEOUT.default, None)),
+        (b'{"ipam": {"timeout": 600}}', (600.0, None)),
+        (b'{"cniVersion": "", "ipam": {"timeout": 0.1}}', (0.1, None)),
+        (b"{not json", (CALL_TIMEOUT.default, None)),
+        (b"[]", (CALL_TIMEOUT.default, None)),
+        (b"\xff", (CALL_TIMEOUT.default, None)),
     ],
 )
 def test_call_timeout_from_stdin(stdin, expected):
-    assert call_timeout(stdin) == expected
+    config = stdin_json.peek(stdin)
+    assert (stdin_json.call_timeout(config), stdin_json.cni_version(config)) == expected
 
 
 def test_hang_up_check_sees_a_closed_client():
@@ -230,3 +237,48 @@ def test_client_imports_stay_cheap():
         "time",
         "__future__",  # a few names, for `from __future__ import annotations`
     }, added
+
+
+# -- the frames, as the helper validates and writes them (cni/helper/frames.py) ----------------
+def test_the_clients_request_is_a_valid_call_frame() -> None:
+    from ipam_da_consul.cni.helper.server import Call
+
+    request = client.request(b'{"cniVersion": "1.1.0", "ipam": {"timeout": 3}}', True, 100.0)
+    call = Call.from_request(request, now=200.0)
+    assert (call.started, call.deadline, call.verbose, call.cni_version) == (
+        100.0, 103.0, True, "1.1.0")
+    assert Call.from_request(request, now=50.0).started == 50.0  # never later than now
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"stdin": "not bytes"},
+        {"started": float("nan")},
+        {"started": 5},
+        {"env": {"CNI_COMMAND": 1}},
+        {"env": ["CNI_COMMAND"]},
+        {"verbose": "yes"},
+        {"v": True},
+    ],
+    ids=repr,
+)
+def test_a_malformed_call_frame_is_refused(change: dict[str, Any]) -> None:
+    from ipam_da_consul.cni.helper.server import Call
+
+    request = client.request(b"{}", False, 100.0) | change
+    with pytest.raises(ValueError, match="malformed call request"):
+        Call.from_request(request, now=200.0)
+    missing = client.request(b"{}", False, 100.0)
+    del missing["env"]
+    with pytest.raises(ValueError, match="env"):
+        Call.from_request(missing, now=200.0)
+
+
+def test_the_helpers_frames_are_what_the_client_reads() -> None:
+    from ipam_da_consul.cni.helper import frames
+
+    assert frames.ack(12.5, "1.0.0") == {
+        "v": client.WIRE_VERSION, "ack": True, "deadline": 12.5, "cniVersion": "1.0.0"}
+    assert frames.answer("out", "err", 7) == {"stdout": "out", "stderr": "err", "code": 7}
+    assert frames.is_go({"go": True}) and not frames.is_go({"go": 1}) and not frames.is_go([])

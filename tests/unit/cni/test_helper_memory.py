@@ -31,6 +31,7 @@ class FakeKV(MemKV):
         self.pools = pools
         self.broken = threading.Event()
         self.loads: list[str] = []
+        self.closed = 0
 
     def entries(self, name: str) -> list[KVEntry]:
         return [KVEntry(f"ipam/{name}", RANGES, 1), KVEntry(f"ipam/{name}/", b"", 1)]
@@ -56,6 +57,9 @@ class FakeKV(MemKV):
         if self.broken.wait(0.02):
             raise RuntimeError("Consul went away")
         return [prefix, prefix + "/"], 1
+
+    def close(self) -> None:
+        self.closed += 1
 
 
 def settings(token: str) -> ConsulSettings:
@@ -97,6 +101,10 @@ def test_pool_leaves_the_cache_when_idle():
     cache = PoolCache(lambda: kv, Layout(), refresh_interval=0.01, idle_after=0.2)
     cache.get("a", kv.load("a"))
     assert gone(cache, "a")
+    deadline = time.monotonic() + 5
+    while not kv.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert kv.closed == 1  # the watcher let its connection go
 
 
 def test_one_cache_keeps_its_most_recently_used_pools():

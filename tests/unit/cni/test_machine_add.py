@@ -293,12 +293,7 @@ def void_later(m: Mem, entry: Any, state: StateDir) -> int:
     """cni/replay.py's void, through this test's in-memory store."""
     from ipam_da_consul.cni import replay
 
-    real = replay.consul_store
-    replay.consul_store = m.factory  # type: ignore[assignment]
-    try:
-        return replay.void(entry, state)
-    finally:
-        replay.consul_store = real
+    return replay.void(entry, state, m.factory)
 
 
 def test_a_conventional_static_ip_is_served_from_the_pool_that_holds_it() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from ipam_da_consul.allocator.ranges import IPRange
 from ipam_da_consul.allocator.schemas import dump_allocation, load_allocation, load_ranges
-from ipam_da_consul.cni import config, result
+from ipam_da_consul.cni import config, result, stdin
 from ipam_da_consul.cni.errors import CNIError, Code
 from ipam_da_consul.cni.schemas import (
     SUPPORTED_VERSIONS,
@@ -315,7 +315,7 @@ def test_supported_versions() -> None:
 )
 def test_decode(raw: bytes, code: Code) -> None:
     with pytest.raises(CNIError) as info:
-        config.decode(raw)
+        stdin.decode(raw)
     assert info.value.code == code
 
 
@@ -586,3 +586,26 @@ def test_an_allocation_too_large_is_refused_before_it_is_parsed() -> None:
         load_allocation(raw)
     with pytest.raises(ValueError, match="more than the 4096"):
         load_allocation(b"not json at all, " * 300)  # judged by size, not as JSON
+
+
+def test_every_kv_value_is_written_through_its_schema() -> None:
+    from ipam_da_consul.allocator.schemas import (
+        COOLING_UNTIL_DELETED,
+        FenceSchema,
+        TombstoneSchema,
+        dump_fence,
+        dump_tombstone,
+    )
+
+    assert json.loads(dump_fence("node-1", "DEL")) == {"host": "node-1", "by": "DEL"}
+    assert FenceSchema().load(json.loads(dump_fence(None, "GC"))) == {"host": None, "by": "GC"}
+    # Another tool's fields stay; its nulls read as they did (absent is null); the call's go.
+    tomb = dump_tombstone(b'{"target": "t", "ifname": null, "call": "c", "at": 5, "x": [1]}')
+    assert json.loads(tomb) == {"target": "t", "x": [1], "free_after": COOLING_UNTIL_DELETED}
+    assert load_allocation(tomb)["ifname"] is None
+    assert TombstoneSchema().validate(json.loads(tomb)) == {}
+    # Never a value the plugin would refuse to read back.
+    with pytest.raises(ValueError, match="target"):
+        dump_allocation("")
+    with pytest.raises(ValueError, match="by"):
+        dump_fence("node-1", None)  # type: ignore[arg-type]

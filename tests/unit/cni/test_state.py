@@ -151,6 +151,33 @@ def test_an_unreadable_entry_is_kept_for_an_operator(tmp_path: Path) -> None:
     assert path.read_bytes() == b'{"v": 99}\n'
 
 
+def test_an_entry_round_trips_through_its_schema_and_a_bad_claim_makes_it_unreadable(
+    tmp_path: Path,
+) -> None:
+    state = folder(tmp_path)
+    path = tmp_path / "state" / "attachments" / f"{st.entry_name(ATT)}.json"
+    claims = [
+        Claim("k1", b"\xff not UTF-8", None, "c1", "doubt", True),
+        Claim("k2", b"v", b"old", "c1", "held", False, "ipam/.fences/n/t/eth0", 7),
+    ]
+    with state.entry(ATT, time.monotonic() + 1) as entry:
+        entry.remember(b'{"name": "n"}', {"CNI_COMMAND": "ADD"})
+        entry.save(claims)
+    written = json.loads(path.read_bytes())
+    assert list(written) == ["v", "network", "container", "ifname", "claims", "context",
+                             "deleting", "attempts"]
+    with state.entry(ATT, time.monotonic() + 1) as entry:
+        assert entry.claims() == claims and entry.unreadable is None
+        assert entry.context == st.Call(b'{"name": "n"}', {"CNI_COMMAND": "ADD"})
+        entry.save([])
+    written["claims"][0]["state"] = "won"  # no such state: nothing to guess
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, json.dumps(written).encode())
+    os.close(fd)
+    with state.entry(ATT, time.monotonic() + 1) as entry:
+        assert entry.unreadable is not None and "state" in entry.unreadable
+
+
 def test_a_del_taken_over_is_fsynced_and_marked(tmp_path: Path) -> None:
     state = folder(tmp_path)
     with state.entry(ATT, time.monotonic() + 1) as entry:
@@ -289,3 +316,25 @@ def test_the_helpers_stats_carry_the_journal_counts(tmp_path: Path) -> None:
         "journal_voided": 0,
         "journal_expired": 0,
     }
+
+
+def test_notes_are_read_through_their_schema_and_a_bad_one_is_no_note(tmp_path: Path) -> None:
+    state = folder(tmp_path)
+    hints = st.NoteHints(state, "scope")
+    hints.remember_hint("blue", "10.0.21.7")
+    assert hints.hint("blue") == "10.0.21.7"
+    assert st.NoteHints(state, "other scope").hint("blue") is None
+    state.observe("reconcile blue", 42)
+    seen = state.observed("reconcile blue")
+    assert seen is not None and seen[0] == 42 and 0 <= seen[1] < 60
+    notes = tmp_path / "state" / "notes"
+    bad: list[tuple[str, dict[str, object]]] = [
+        ("stripe-hint scope blue", {"address": "not an address"}),
+        ("reconcile blue", {"index": "42", "boot": "b", "since": 0.0}),
+    ]
+    for key, body in bad:
+        (notes / st._note_name(key)).write_text(json.dumps({**body, "key": key}))
+    assert hints.hint("blue") is None
+    assert state.observed("reconcile blue") is None
+    hints.remember_hint("blue", None)
+    assert not (notes / st._note_name("stripe-hint scope blue")).exists()

@@ -15,11 +15,22 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ipam_da_consul.allocator.store import KVEntry, Listing
+from ipam_da_consul.allocator.store import (
+    Cas,
+    Check,
+    Columns,
+    KVEntry,
+    Op,
+    StoreError,
+    TxnResult,
+    UnsafeKey,
+)
 from ipam_da_consul.consul import kv
 from ipam_da_consul.consul import requests_transport as rt
 from ipam_da_consul.consul.client import ConsulClient, Response
 from ipam_da_consul.consul.errors import ConsulError
+
+from tests.support.properties import examples
 
 FOLDER = "ipam/p/"
 
@@ -36,11 +47,11 @@ def listing_body(n: int, flags: str = "0") -> bytes:
     return ("[" + ",".join(rows) + "]").encode()
 
 
-def read(body: bytes) -> Listing:
+def read(body: bytes) -> Columns:
     return kv._entries(Response(200, body, {}), FOLDER)
 
 
-def columns(listing: Listing) -> tuple[list[str], list[bytes], list[int]]:
+def columns(listing: Columns) -> tuple[list[str], list[bytes], list[int]]:
     return listing.keys, listing.values, listing.indexes
 
 
@@ -87,12 +98,12 @@ def test_a_key_that_is_not_text_is_a_consul_error(size: int) -> None:
 
 def test_a_listing_is_a_sequence_of_entries() -> None:
     got = read(listing_body(4))
-    assert len(got) == 4 and isinstance(got, Listing)
+    assert len(got) == 4 and isinstance(got, Columns)
     assert list(got) == [got[0], got[1], got[2], got[3]] and got[-1] == got[3]
-    assert got[1:3] == [got[1], got[2]] and isinstance(got[1:3], Listing)
-    both = Listing.of([KVEntry("ipam/p", b"[]", 1)]) + got
+    assert got[1:3] == [got[1], got[2]] and isinstance(got[1:3], Columns)
+    both = Columns.of([KVEntry("ipam/p", b"[]", 1)]) + got
     assert [e.key for e in both] == ["ipam/p", *got.keys]
-    assert Listing.of(list(got)) == got and Listing.of(got) is got
+    assert Columns.of(list(got)) == got and Columns.of(got) is got
 
 
 def test_servers_on_this_host_answer_uncompressed() -> None:
@@ -235,7 +246,7 @@ def _bodies(draw: st.DrawFn) -> bytes:
     return body
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=examples(1500), deadline=None)
 @given(_bodies(), st.integers(0, 40))
 def test_any_listing_reads_in_pieces_as_it_was_read_whole(body: bytes, piece: int) -> None:
     with pytest.MonkeyPatch.context() as mp:
@@ -307,7 +318,8 @@ SAFE_KEYS = [
 def test_no_request_is_built_from_a_key_a_client_would_clean(key: str) -> None:
     with pytest.raises(kv.UnsafeKey) as info:
         kv._path(key)
-    assert isinstance(info.value, ConsulError)
+    # The store's own kind of error (allocator/store.py): the machine maps it without Consul.
+    assert isinstance(info.value, UnsafeKey) and isinstance(info.value, StoreError)
     assert f"KV key {key!r} cannot be sent to Consul" in str(info.value)
     client = Recorder()
     store = kv.ConsulKV(client)  # type: ignore[arg-type]
@@ -336,7 +348,7 @@ def test_keys_whose_path_stays_as_it_is_are_sent(key: str) -> None:
     assert kv._path(key).startswith("/v1/kv/")
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(st.lists(st.sampled_from(["", ".", "..", "a", "a.b", "%2F", "%2f", "%", "x y"]), max_size=5))
 def test_a_path_that_is_sent_is_the_key_a_server_reads(segments: list[str]) -> None:
     # What a server that cleans dot segments and decodes the path once would read: the key.
@@ -354,3 +366,54 @@ def test_a_path_that_is_sent_is_the_key_a_server_reads(segments: list[str]) -> N
         stem = key.removesuffix("/")
         assert normpath("/" + stem) == "/" + stem  # no segment a client would remove or merge
         assert "%2f" not in read.lower()
+
+
+# -- Consul's small answers, read through their schemas (consul/answers.py) ---------------------
+class Answers:
+    """A ConsulClient stand-in that answers each request with the next scripted answer."""
+
+    read_timeout = 5.0
+
+    def __init__(self, *answers: Response) -> None:
+        self.answers = list(answers)
+
+    def request(self, *args: Any, **kwargs: Any) -> Response:
+        return self.answers.pop(0)
+
+
+def consul_kv(*answers: Response) -> kv.ConsulKV:
+    return kv.ConsulKV(Answers(*answers))  # type: ignore[arg-type]
+
+
+def test_a_transaction_answer_reads_as_its_schema_says() -> None:
+    ops: list[Op] = [Check("ipam/.fences/n/c/eth0", 0), Cas("ipam/p/10.0.0.1", b"v", 0)]
+    applied = json.dumps({"Results": [{"KV": {"Key": "ipam/p/10.0.0.1", "ModifyIndex": 12}}]})
+    assert consul_kv(Response(200, applied.encode(), {})).txn(ops) == TxnResult(
+        None, {"ipam/p/10.0.0.1": 12})
+    refused = {"Errors": [{"OpIndex": 1, "What": "failed to cas"}, {"OpIndex": 0, "What": ""}]}
+    assert consul_kv(Response(409, json.dumps(refused).encode(), {})).txn(ops) == TxnResult(
+        0, {}, False, "failed to cas")
+    denied = {"Errors": [{"OpIndex": 0, "What": "Permission denied"}]}
+    with pytest.raises(ConsulError, match="Permission denied") as info:
+        consul_kv(Response(409, json.dumps(denied).encode(), {})).txn(ops)
+    assert info.value.status == 403
+
+
+@pytest.mark.parametrize(
+    "body", [b"not json", b'{"Results": [{"KV": {"ModifyIndex": 3}}]}', b'{"Results": 7}'],
+)
+def test_an_applied_transaction_whose_answer_cannot_be_read_is_in_doubt(body: bytes) -> None:
+    with pytest.raises(ConsulError) as info:
+        consul_kv(Response(200, body, {})).txn([Cas("ipam/p/10.0.0.1", b"v", 0)])
+    assert info.value.doubtful  # Consul applied it: never taken for a write that did not
+
+
+def test_a_session_answer_and_a_key_list_read_as_their_schemas_say() -> None:
+    assert consul_kv(Response(200, b'{"ID": "s-1"}', {})).create_session("n", 10) == "s-1"
+    for body in (b"{}", b'{"ID": ""}', b'{"ID": 7}', b"[]"):
+        with pytest.raises(ConsulError, match="without a session ID"):
+            consul_kv(Response(200, body, {})).create_session("n", 10)
+    names = Response(200, b'["ipam/p", "ipam/p/"]', {"X-Consul-Index": "4"})
+    assert consul_kv(names).keys_after("ipam/p", 0) == (["ipam/p", "ipam/p/"], 4)
+    with pytest.raises(ConsulError, match="key list"):
+        consul_kv(Response(200, b'["ipam/p", 7]', {})).names("ipam/")

@@ -329,16 +329,6 @@ def test_build_client_carries_every_setting(tmp_path: Path) -> None:
         anonymous.close()
 
 
-def test_the_plugins_consul_client_is_the_builder() -> None:
-    from ipam_da_consul.cni import machine
-
-    client = machine.consul_client(ConsulSettings(["http://a:1"], timeout=4.0), 2.0, "http://a:1")
-    try:
-        assert client.current == "http://a:1" and client.deadline.remaining() <= 2.0
-    finally:
-        client.close()
-
-
 def test_the_admin_cli_builds_through_the_same_builder() -> None:
     settings = admin_settings.Settings(
         ["http://a:1"], Layout("p/"), 1.5, token=TOKEN, tls=TLSConfig("/ca"), datacenter="dc3"
