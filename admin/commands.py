@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,6 +22,7 @@ from ..allocator.ranges import IPAddress, IPRange
 from ..allocator.schemas import load_allocation
 from ..allocator.store import KVEntry
 from ..allocator.usage import PoolUsage, pool_usage
+from ..cni.helper import catalog
 from ..consul import ConsulClient, ConsulKV
 from ..consul.urls import shown_url
 from . import rangespec
@@ -240,38 +242,28 @@ def usage(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _usage_prometheus(settings: Settings, results: Sequence[tuple[str, PoolUsage, int]]) -> str:
-    """The helper's pool gauges and labels (cni/helper/metrics.py), so one query covers both, plus
-    free addresses. Counts are `usage`'s: keys named after an allocatable address."""
+    """The helper's pool gauges and labels, so one query covers both, plus free addresses and
+    when they were read; names, types and help are the metrics catalog's (cni/helper/catalog.py).
+    Counts are `usage`'s: keys named after an allocatable address."""
     consul, prefix = ",".join(map(shown_url, settings.servers)), settings.layout.prefix
 
-    def samples(value: str) -> list[tuple[dict[str, str], float]]:
-        return [
+    def family(name: str, samples: list[tuple[dict[str, str], float]]) -> Family:
+        m = catalog.metric(f"{catalog.PREFIX}_{name}")
+        return m.name, m.help, m.kind, samples
+
+    def pools(value: str) -> Family:
+        return family(f"pool_{value}", [
             ({"consul": consul, "prefix": prefix, "pool": name}, getattr(u, value))
             for name, u, _ in results
-        ]
+        ])
 
-    return prometheus_text(
-        [
-            (
-                "ipam_da_consul_pool_allocated",
-                "Allocated addresses in a pool's ranges, read from Consul by ipam-da-consul-admin",
-                "gauge",
-                samples("allocated"),
-            ),
-            (
-                "ipam_da_consul_pool_capacity",
-                "Addresses a pool's ranges can hand out (no network, broadcast, gateway)",
-                "gauge",
-                samples("capacity"),
-            ),
-            (
-                "ipam_da_consul_pool_free",
-                "Addresses of a pool's ranges still free",
-                "gauge",
-                samples("free"),
-            ),
-        ]
-    )
+    # Even with no pool: the file says when it was made, so a stale one shows as stale.
+    read_at = family("usage_timestamp_seconds", [({"consul": consul, "prefix": prefix},
+                                                  round(time.time(), 3))])
+    return prometheus_text([pools("allocated"), pools("capacity"), pools("free"), read_at])
+
+
+Family = tuple[str, str, str, list[tuple[dict[str, str], float]]]
 
 
 def _usage_json(name: str, u: PoolUsage, invalid: int) -> dict[str, Any]:

@@ -49,12 +49,11 @@ HOST_COUNTS = (1, 2, 4, 8)
 BURST_TOTAL = 48
 PICKS = ("stripe", "lowest", "spread")
 
-# consul/client.py logs every request as "<METHOD> <url> -> <status> in <ms> ms" or
-# "<METHOD> <url> failed after <ms> ms: ..."; the file format puts the pid second.
-LOG_LINE = re.compile(r"^\S+ (?P<pid>\d+) +\S+ +(?P<msg>.*)$")
-REQUEST = re.compile(
-    r"^(?P<method>[A-Z]+) (?P<url>\S+?)(?: -> (?P<status>\d+) in| failed after) (?P<ms>[\d.]+) ms"
-)
+# Consul requests are counted from the verbose log in its JSON format (cni/logs.py): each call
+# ends with one `{"event": "call", ...}` line holding every request its client sent (the
+# client's on_request events, not the wording of its debug lines), whether the plugin process
+# or the helper served it.
+JSON_LOG = {"IPAM_DA_CONSUL_LOG_FORMAT": "json"}
 IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)\s*$")
 
 
@@ -333,10 +332,10 @@ class Bench:
 
     # -- Consul requests per call -------------------------------------------------------------
     def requests_uncontended(self) -> None:
-        """Each verbose call's own lines, found by the log's size before and after it: this
-        works whether the lines come from the plugin process or from the helper."""
+        """Each verbose call's own records, found by the log's size before and after it: this
+        works whether the plugin process or the helper wrote them."""
         log = self.tmp / "verbose-uncontended.log"
-        env = {"IPAM_DA_CONSUL_LOG_FILE": str(log)}
+        env = {"IPAM_DA_CONSUL_LOG_FILE": str(log), **JSON_LOG}
         n = 3 if self.args.quick else 5
         counts: dict[str, list[int]] = defaultdict(list)
         consul_ms: dict[str, list[float]] = defaultdict(list)
@@ -352,7 +351,7 @@ class Bench:
         ) -> Run:
             before = log.stat().st_size if log.exists() else 0
             r = self.plugin(mode, command, f"{mode}:{pool}", cid, prev, verbose=True, extra_env=env)
-            reqs = parse_requests(log, before)
+            reqs = [req for call in parse_calls(log, before) for req in requests_of(call)]
             counts[label].append(len(reqs))
             consul_ms[label].append(sum(ms for _, ms in reqs))
             for kind, ms in reqs:
@@ -386,8 +385,8 @@ class Bench:
         }
         if not any(x for v in counts.values() for x in v):
             self.notes.append(
-                "no request lines found in the verbose log: has its format "
-                "changed? (expected '<METHOD> <url> -> <status> in <ms> ms')"
+                "no Consul requests found in the verbose JSON log: has its format changed? "
+                "(expected one {\"event\": \"call\", \"consul_requests\": [...]} line per call)"
             )
 
     # -- concurrency --------------------------------------------------------------------------
@@ -400,7 +399,8 @@ class Bench:
         )
         # One call first, as on a node that has served this pool before (the helper knows it).
         self.add_del(mode, key, None, None, "cw")
-        extra = {**self.socket_env(mode), **({"IPAM_DA_CONSUL_LOG_FILE": str(log)} if log else {})}
+        logged = {"IPAM_DA_CONSUL_LOG_FILE": str(log), **JSON_LOG} if log else {}
+        extra = {**self.socket_env(mode), **logged}
         exe = str(PLUGIN_VERBOSE if verbose else PLUGIN)
         cids = [self.cid("c") for _ in range(CONCURRENCY)]
         stdin = netconf(self.url, self.pools[key])
@@ -413,7 +413,7 @@ class Bench:
         last = max(c.started + r.wall_ms / 1000 for r, c in zip(runs, children, strict=True))
         wall = (last - first) * 1000
         helper_cpu = self.helper.cpu_ms() - cpu0 if self.helper and cpu0 is not None else None
-        reqs = parse_requests(log, log_before, by_pid=True) if log else None
+        calls = parse_calls(log, log_before) if log else None
         ips = [_ip_of(r) for r in runs]
         failed = [r.problem() for r, ip in zip(runs, ips, strict=True) if ip is None]
         got = [ip for ip in ips if ip]
@@ -450,14 +450,18 @@ class Bench:
             "del_failures": sum(not r.ok for r in del_runs),
             "left_after_del": len(self.agent.allocations(self.pools[key])),
         }
-        if reqs is not None:
-            counts = [len(reqs.get(r.pid, [])) for r in runs]
-            total = sum(len(v) for v in reqs.values())
+        if calls is not None:
+            # Each ADD's own record names its container, in either mode.
+            per_container: dict[str, int] = Counter()
+            for call in calls:
+                if call.get("command") == "ADD":
+                    per_container[call.get("container", "")] += len(requests_of(call))
+            counts = [per_container.get(c, 0) for c in cids]
+            total = sum(counts)
             out["requests_total"] = total
             out["requests_per_add_mean"] = _r(total / len(runs), 2)
-            if mode == "inproc":  # the helper logs every call under its own pid
-                out["requests_per_add_median"] = statistics.median(counts)
-                out["requests_per_add_max"] = max(counts)
+            out["requests_per_add_median"] = statistics.median(counts)
+            out["requests_per_add_max"] = max(counts)
         return out
 
     def concurrency(self) -> None:
@@ -848,23 +852,30 @@ def _ip_of(r: Run) -> str | None:
     return str(ips[-1].get("address", "")).split("/")[0] or None if ips else None
 
 
-def parse_requests(path: Path, offset: int = 0, by_pid: bool = False) -> Any:
-    """Request lines of the verbose log from `offset` on: [(kind, ms)], or pid -> [(kind, ms)]."""
-    found: dict[int, list[tuple[str, float]]] = defaultdict(list)
-    if path.exists():
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            text = fh.read().decode(errors="replace")
-        for line in text.splitlines():
-            m = LOG_LINE.match(line)
-            req = REQUEST.match(m["msg"]) if m else None
-            if m and req:
-                found[int(m["pid"])].append(
-                    (request_kind(req["method"], req["url"]), float(req["ms"]))
-                )
-    if by_pid:
-        return found
-    return [x for v in found.values() for x in v]
+def parse_calls(path: Path, offset: int = 0) -> list[dict[str, Any]]:
+    """The calls' records of a JSON verbose log from `offset` on (cni/logs.py)."""
+    if not path.exists():
+        return []
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        text = fh.read().decode(errors="replace")
+    calls = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line of another format: not a record
+        if isinstance(record, dict) and record.get("event") == "call":
+            calls.append(record)
+    return calls
+
+
+def requests_of(call: dict[str, Any]) -> list[tuple[str, float]]:
+    """(kind, ms) of each Consul request a call's record holds."""
+    return [
+        (request_kind(r["method"], r["path"]), float(r["ms"]))
+        for r in call.get("consul_requests") or []
+    ]
 
 
 def request_kind(method: str, url: str) -> str:

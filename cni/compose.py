@@ -11,8 +11,10 @@ thread (server.preload).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..allocator.store import KV, WatchableKV
-from ..consul import ConsulClient, ConsulKV, Deadline, build_client
+from ..consul import ConsulClient, ConsulKV, Deadline, Sent, build_client
 from .config import ConsulSettings
 from .stores import Store
 
@@ -44,19 +46,31 @@ class ConsulStore:
         self.client.close()
 
 
-def consul_store(settings: ConsulSettings, seconds: float, known_good: str | None) -> Store:
-    """The store of one call (a cni.stores.StoreFactory)."""
-    return ConsulStore(build_client(settings, seconds, known_good))
+def consul_store(
+    settings: ConsulSettings,
+    seconds: float,
+    known_good: str | None,
+    on_request: Callable[[Sent], None] | None = None,
+) -> Store:
+    """The store of one call (a cni.stores.StoreFactory); `on_request` hears of each request
+    its client sends (the call's record, cni/events.py)."""
+    return ConsulStore(build_client(settings, seconds, known_good, on_request))
 
 
 class WatchKV(ConsulKV):
     """One per pool watcher, for its life. One client: one requests Session, so one kept-alive
     connection for every round, and the server it found with a leader is kept, so the leader
     check runs when the watcher starts or after a failure, never once per round. Each blocking
-    query, with the reads of the round it starts, gets a fresh deadline of `seconds`."""
+    query, with the reads of the round it starts, gets a fresh deadline of `seconds`.
+    `on_request` hears of each request sent (the helper's metrics)."""
 
-    def __init__(self, settings: ConsulSettings, seconds: float) -> None:
-        super().__init__(build_client(settings, seconds))
+    def __init__(
+        self,
+        settings: ConsulSettings,
+        seconds: float,
+        on_request: Callable[[Sent], None] | None = None,
+    ) -> None:
+        super().__init__(build_client(settings, seconds, on_request=on_request))
         self.seconds = seconds
 
     def keys_after(
@@ -66,6 +80,9 @@ class WatchKV(ConsulKV):
         return super().keys_after(prefix, index, wait_seconds)
 
 
-def watch_kv(settings: ConsulSettings) -> WatchableKV:
-    """The KV one pool watcher reads with for its whole life (the helper's caches.py make_kv)."""
-    return WatchKV(settings, WATCH_SECONDS)
+def watch_kv(
+    settings: ConsulSettings, on_request: Callable[[Sent], None] | None = None
+) -> WatchableKV:
+    """The KV one pool watcher reads with for its whole life (the helper's caches.py make_kv);
+    `on_request` hears of each request it sends."""
+    return WatchKV(settings, WATCH_SECONDS, on_request)

@@ -4,22 +4,34 @@ flavour also appends every debug line to a log file.
 One routing sink serves both ways of running: in-process, the call's stderr is ours; in the
 helper, each call carries its own `CallLog` (via loguru's contextualize), so concurrent calls
 never mix their lines and each caller gets its own warnings back.
+
+The file's format is text (for people: lines may span several lines, their wording changes)
+or, with IPAM_DA_CONSUL_LOG_FORMAT=json, one JSON object per line for log shippers: each
+message as `{"event": "log", ...}` with its call's ID, and at each call's end its account
+(cni/events.py CallRecord) as `{"event": "call", ...}`: command, container, network, pools,
+addresses, code, duration and each Consul request. Both formats are written alike: one
+`os.write` of whole lines to a descriptor opened O_APPEND, so any number of processes can
+append at once and logrotate's copytruncate (deploy/debian/ipam-da-consul.logrotate) loses
+nothing a process has written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TextIO
 
 from loguru import logger
 
 DEFAULT_LOG_FILE = "/var/log/cni/ipam-da-consul.log"
+LOG_FORMAT_ENV = "IPAM_DA_CONSUL_LOG_FORMAT"
+FORMATS = ("text", "json")
 _WARNING = 30
 
 
@@ -93,9 +105,15 @@ def _make_folders(folder: str) -> None:
             os.mkdir(path, 0o700)
 
 
+def log_format(environ: Mapping[str, str]) -> str:
+    """The log file's format IPAM_DA_CONSUL_LOG_FORMAT asks for: `json`, else `text`."""
+    return "json" if environ.get(LOG_FORMAT_ENV, "").strip().lower() == "json" else "text"
+
+
 class CallLog:
-    def __init__(self, stderr: TextIO, log_file: str | None = None) -> None:
+    def __init__(self, stderr: TextIO, log_file: str | None = None, fmt: str = "text") -> None:
         self.stderr = stderr
+        self.json = fmt == "json"
         # Opened and checked once (per call in the helper); then one os.write per line, which
         # O_APPEND keeps whole when concurrent calls append to the same file.
         self.fd: int | None = self._open(log_file) if log_file else None
@@ -121,7 +139,10 @@ class CallLog:
             self.stderr.write(f"ipam-da-consul: {record['level'].name}: {text}\n")
         if self.fd is not None:
             stamp = datetime.now().astimezone().isoformat(timespec="milliseconds")
-            line = f"{stamp} {os.getpid()} {record['level'].name:<7} {text}\n"
+            if self.json:
+                line = _json_line(stamp, record, text)
+            else:
+                line = f"{stamp} {os.getpid()} {record['level'].name:<7} {text}\n"
             try:
                 os.write(self.fd, line.encode("utf-8", "replace"))
             except OSError:
@@ -137,6 +158,18 @@ class CallLog:
     def __del__(self) -> None:
         # The helper makes one per call and drops it when the call ends.
         self.close()
+
+
+def _json_line(stamp: str, record: dict[str, Any], text: str) -> str:
+    """One JSON object on one line: json.dumps escapes every newline a message may hold."""
+    extra = record["extra"]
+    head: dict[str, Any] = {"time": stamp, "pid": os.getpid(), "level": record["level"].name}
+    call_record = extra.get("call_record")
+    if call_record is not None:
+        body = {"event": "call", **head, **call_record.as_json()}
+    else:
+        body = {"event": "log", **head, "call": extra.get("call_id"), "msg": text}
+    return json.dumps(body, ensure_ascii=False, default=str) + "\n"
 
 
 _default = CallLog(sys.stderr)
@@ -156,7 +189,9 @@ def configure(verbose: bool) -> None:
     """In-process: this process's stderr, plus the debug file for the verbose flavour."""
     global _default
     _default.close()
-    _default = CallLog(sys.stderr, verbose_log_file() if verbose else None)
+    _default = CallLog(
+        sys.stderr, verbose_log_file() if verbose else None, log_format(os.environ)
+    )
     logger.remove()
     logger.add(_route, level="DEBUG" if verbose else "WARNING", format="{message}", catch=True)
 

@@ -6,6 +6,10 @@ Parsing is done here; from `parsed` on, the handlers are the command's (cni/comm
 module per command, the shared ones in `base`). The call's store is the caller's to give
 (`store_factory`: Consul's is built in cni/compose.py, the unit tier's over an in-memory KV):
 nothing here knows Consul.
+
+Each call keeps its own account (`Invocation.record`, cni/events.py): the transitions fired,
+every Consul request its stores sent, and at the end what it was about and how it ended. The
+helper's metrics and the verbose JSON log are made from it, and tests pin walks with it.
 """
 
 from __future__ import annotations
@@ -30,11 +34,14 @@ from ..allocator.errors import (
     PoolMissing,
     WriteConflict,
 )
+from ..allocator.layout import key_name
 from ..allocator.store import StoreError, StoreUnavailable, UnsafeKey
 from . import config
-from .commands import KINDS, Command, Inputs
+from .commands import KINDS, Command, Inputs, PoolCommand
+from .commands.add import Add
 from .env import read_env
 from .errors import CNIError, Code
+from .events import Address, CallRecord, Observer, Step
 from .schemas import SUPPORTED_VERSIONS
 from .state import Entry, StateDir
 from .stdin import cni_version, decode, peek
@@ -86,7 +93,8 @@ _ERROR_CODES: list[tuple[type[Exception], Code]] = [
 
 class Invocation:
     """The model the machine drives: what the call was given, the command it turned out to be,
-    and the handler per state."""
+    the handler per state, and the call's account of itself (`record`, cni/events.py).
+    `observer` hears of that account once the call has ended."""
 
     state: str
     trigger: Callable[..., bool]  # added by the Machine, as `state` is
@@ -103,19 +111,29 @@ class Invocation:
         state: StateDir | None = None,
         entry: Entry | None = None,
         until: float | None = None,
+        observer: Observer | None = None,
     ) -> None:
+        call_id = os.urandom(6).hex()
+        self.record = CallRecord(
+            call_id,
+            command=environ.get("CNI_COMMAND", ""),
+            container=environ.get("CNI_CONTAINERID", ""),
+            ifname=environ.get("CNI_IFNAME", ""),
+        )
+        self.observer = observer
         self.inputs = Inputs(
             stdin,
             environ,
             caches,
             time.monotonic() if started is None else started,
             abandoned,
-            os.urandom(6).hex(),
+            call_id,
             store_factory,
             state,
             self.nested,
             entry,
             until,
+            on_request=self.record.request,
         )
         self.cni_version = SUPPORTED_VERSIONS[-1]
         # Known once the environment is read; until then the base, whose hooks do nothing.
@@ -124,38 +142,72 @@ class Invocation:
         self.command = Command()
         self.output: dict[str, Any] | None = None
         self.error: CNIError | None = None
-        # Each transition taken, (source, trigger, destination), in order: the call's walk for
-        # whoever needs it (tests pin exact walks), never rebuilt from the log line below.
-        self.steps: list[tuple[str, str, str]] = []
         self.machine = Machine(
             model=self,
             states=STATES,
             transitions=TRANSITIONS,
             initial="start",
             send_event=True,
-            after_state_change="log_transition",
+            after_state_change="record_transition",
             auto_transitions=False,
         )
 
     # -- driver ------------------------------------------------------------------------------
     def run(self) -> int:
-        while self.state not in ("done", "failed"):
+        began = time.monotonic()
+        # The call's ID on each of its lines, for the JSON log (cni/logs.py).
+        with logger.contextualize(call_id=self.inputs.call_id):
+            while self.state not in ("done", "failed"):
+                try:
+                    trigger = getattr(self, f"at_{self.state}")()
+                except Exception as exc:  # every failure ends in the error state, never a traceback
+                    error = self.as_cni_error(exc)
+                    instead = self.command.recover(error)
+                    if instead is not None:
+                        self.trigger(instead)
+                    else:
+                        self.trigger("fail", error=error)
+                    continue
+                self.trigger(trigger)
+            self.command.close()
+            if self.error is None:
+                self.output = self.command.output
+                code = 0
+            else:
+                code = int(self.error.code)
+            self.close_record(code, began)
+        return code
+
+    def close_record(self, code: int, began: float) -> None:
+        """Complete the call's account, log it, and tell the observer."""
+        record, command = self.record, self.command
+        record.code = code
+        record.error = self.error.msg if self.error is not None else ""
+        now = time.monotonic()
+        record.seconds, record.elapsed = now - began, now - self.inputs.started
+        if isinstance(command, PoolCommand):
+            record.network = command.conf.name
+            record.pools = [pool.name for pool in command.conf.pools]
+            if isinstance(command, Add):
+                record.conflicts = command.conflicts
+                record.addresses = [Address(a.pool, key_name(a.ip)) for a in command.assigned]
+            else:
+                record.addresses = [Address(None, str(i.ip)) for i in command.conf.prev_ips]
+        # The structured account rides along as `call_record` for the JSON log; the text is the
+        # text log's.
+        logger.bind(call_record=record).debug(
+            "{} ended with code {} in {:.1f} ms: {} Consul requests, {} lost compare-and-set",
+            record.command or "call",
+            code,
+            record.seconds * 1000,
+            len(record.requests),
+            record.conflicts,
+        )
+        if self.observer is not None:
             try:
-                trigger = getattr(self, f"at_{self.state}")()
-            except Exception as exc:  # every failure ends in the error state, never a traceback
-                error = self.as_cni_error(exc)
-                instead = self.command.recover(error)
-                if instead is not None:
-                    self.trigger(instead)
-                else:
-                    self.trigger("fail", error=error)
-                continue
-            self.trigger(trigger)
-        self.command.close()
-        if self.error is None:
-            self.output = self.command.output
-            return 0
-        return int(self.error.code)
+                self.observer(record)
+            except Exception as exc:  # metrics must never cost a call its answer
+                logger.warning("the call's observer failed: {!r}", exc)
 
     @property
     def call_end(self) -> float | None:
@@ -182,14 +234,19 @@ class Invocation:
             # this call, whose answer waits for it.
             until=inputs.until if self.call_end is None else self.call_end,
         )
+        call.record.within = inputs.call_id
         code = call.run()
+        # Its requests are this call's too (the helper counts them under this call).
+        self.record.requests += call.record.requests
         msg = call.error.msg if call.error is not None else ""
         return code, msg
 
-    def log_transition(self, event: EventData) -> None:
+    def record_transition(self, event: EventData) -> None:
         t = event.transition
         if t is not None:  # always, after a state change
-            self.steps.append((t.source, event.event.name, t.dest or t.source))
+            # The call's walk (`record.steps`) for whoever needs it (metrics, the JSON log,
+            # tests pinning exact walks), never rebuilt from the log line below.
+            self.record.steps.append(Step(t.source, t.dest or t.source, event.event.name))
             logger.debug("state {} -> {} ({})", t.source, t.dest, event.event.name)
 
     # -- handlers, one per state ------------------------------------------------------------

@@ -15,6 +15,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
+    from .events import Observer
     from .machine import Invocation
     from .state import StateDir
     from .stores import Caches
@@ -90,11 +91,13 @@ def execute(
     started: float | None = None,
     abandoned: Callable[[], bool] | None = None,
     state: StateDir | None = None,
+    observer: Observer | None = None,
 ) -> tuple[str, int]:
     """Run one call; returns what goes to stdout and the exit code. `started` is the caller's
     `time.monotonic()` at its start: the call ends by `started` + `ipam.timeout`, rollback
-    included. `abandoned` says the caller hung up: the call then stops before any write."""
-    call = invocation(stdin, environ, caches, started, abandoned, state)
+    included. `abandoned` says the caller hung up: the call then stops before any write.
+    `observer` is told what the call did once it has ended (cni/events.py CallRecord)."""
+    call = invocation(stdin, environ, caches, started, abandoned, state, observer)
     code = call.run()
     return output(call), code
 
@@ -106,6 +109,7 @@ def invocation(
     started: float | None = None,
     abandoned: Callable[[], bool] | None = None,
     state: StateDir | None = None,
+    observer: Observer | None = None,
 ) -> Invocation:
     """One call, over Consul's store, ready to run."""
     from .compose import consul_store
@@ -119,6 +123,7 @@ def invocation(
         abandoned=abandoned,
         store_factory=consul_store,
         state=state,
+        observer=observer,
     )
 
 

@@ -20,6 +20,7 @@ from .commands.delete import REPLAY_MARK, Del
 from .config import load
 from .env import read_env
 from .errors import INPUT_CODES, CNIError
+from .events import CallRecord, Observer
 from .machine import Invocation
 from .state import Entry, StateDir
 from .stdin import decode
@@ -32,10 +33,12 @@ def finish(
     store_factory: StoreFactory,
     caches: Caches | None = None,
     until: float | None = None,
+    observer: Observer | None = None,
 ) -> int:
     """Do what the entry owes; the exit code of the attempt (0: nothing is left). `until`
     (monotonic): when the process doing it must be done, whatever the entry's own settings
-    give it (an in-process call's remaining time); None: they decide."""
+    give it (an in-process call's remaining time); None: they decide. `observer` hears what
+    each attempt did (the helper's metrics)."""
     if entry.deleting is not None:
         deleting = entry.deleting
         call = Invocation(
@@ -46,6 +49,7 @@ def finish(
             state=state,
             entry=entry,
             until=until,
+            observer=observer,
         )
         code = call.run()
         if code in INPUT_CODES:
@@ -62,12 +66,16 @@ def finish(
             entry.write()
         return code
     if entry.has_work:
-        return void(entry, state, store_factory, until)
+        return void(entry, state, store_factory, until, observer)
     return 0
 
 
 def void(
-    entry: Entry, state: StateDir, store_factory: StoreFactory, until: float | None = None
+    entry: Entry,
+    state: StateDir,
+    store_factory: StoreFactory,
+    until: float | None = None,
+    observer: Observer | None = None,
 ) -> int:
     """Void the entry's claims in doubt (allocator.void): with the settings of the call that
     left them, through the same store and allocator a DEL of the attachment would use."""
@@ -79,9 +87,11 @@ def void(
     try:
         env = read_env({**context.env, "CNI_COMMAND": "DEL"})
         conf = load(decode(context.stdin), "DEL", context.env, env.args)
+        call_id = os.urandom(6).hex()
+        record = CallRecord(call_id, "DEL")
         inputs = Inputs(
-            context.stdin, context.env, None, time.monotonic(), None, os.urandom(6).hex(),
-            store_factory, state, None, entry, until,
+            context.stdin, context.env, None, time.monotonic(), None, call_id,
+            store_factory, state, None, entry, until, on_request=record.request,
         )
         session = Del.open(inputs, env, conf, conf.cni_version)
     except CNIError as exc:
@@ -96,6 +106,8 @@ def void(
         return 11
     finally:
         session.store.close()
+        if observer is not None:
+            observer(record)
     logger.warning("voided the writes in doubt of {}", "/".join(entry.attachment))
     return 0
 

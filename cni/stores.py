@@ -9,6 +9,7 @@ machine importing any of it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..allocator.allocate import CachedPools
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from ..allocator.ranges import IPAddress
     from ..allocator.store import KV
     from .config import ConsulSettings
+    from .events import Request
 
 
 class Deadline(Protocol):
@@ -56,11 +58,17 @@ class Store(Protocol):
 
 
 class StoreFactory(Protocol):
-    """Opens the call's store: the settings, the seconds the work may take (its deadline), and a
-    server the helper saw with a leader moments ago (None: choose one)."""
+    """Opens the call's store: the settings, the seconds the work may take (its deadline), a
+    server the helper saw with a leader moments ago (None: choose one), and who to tell of each
+    request the store sends (None: nobody)."""
 
     def __call__(
-        self, settings: ConsulSettings, seconds: float, known_good: str | None, /
+        self,
+        settings: ConsulSettings,
+        seconds: float,
+        known_good: str | None,
+        on_request: Callable[[Request], None] | None,
+        /,
     ) -> Store: ...
 
 

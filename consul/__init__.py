@@ -15,7 +15,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .client import ConsulClient, Deadline, TLSConfig
+    from .client import ConsulClient, Deadline, Sent, TLSConfig
     from .errors import ConsulError, ConsulUnavailable, NotConsul, UnsafeKey
     from .kv import ConsulKV
     from .settings import ConsulSettings, SettingsError, build_client
@@ -28,6 +28,7 @@ __all__ = [
     "ConsulUnavailable",
     "Deadline",
     "NotConsul",
+    "Sent",
     "SettingsError",
     "TLSConfig",
     "UnsafeKey",
@@ -37,6 +38,7 @@ __all__ = [
 _HOMES = {
     "ConsulClient": "client",
     "Deadline": "client",
+    "Sent": "client",
     "TLSConfig": "client",
     "ConsulError": "errors",
     "ConsulUnavailable": "errors",

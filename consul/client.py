@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,7 +33,7 @@ from .requests_transport import RequestsTransport, TLSConfig
 from .transport import ConnectTimedOut, ReadTimedOut, TLSFailed, Transport, TransportError
 from .urls import shown_url
 
-__all__ = ["Clock", "ConsulClient", "Deadline", "Response", "TLSConfig", "check_status"]
+__all__ = ["Clock", "ConsulClient", "Deadline", "Response", "Sent", "TLSConfig", "check_status"]
 
 # 5xx from Consul means this server cannot serve now (no leader, rpc failure): try another.
 _RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
@@ -119,6 +120,22 @@ class Response:
         return json.loads(self.body)
 
 
+@dataclass(frozen=True)
+class Sent:
+    """One request sent to one server, as an `on_request` observer hears of it: the helper's
+    metrics and the verbose JSON log count these, so rewording a log line changes neither.
+    Nothing secret: the server as shown (no user-info), the path without its query."""
+
+    method: str
+    server: str
+    path: str
+    # The HTTP status; None when no whole answer came, and then `error` is the kind of
+    # trouble (transport.py: the kind's wording, without detail).
+    status: int | None
+    error: str | None
+    seconds: float
+
+
 @dataclass
 class _Suspect:
     """A leader that did not serve a forwarded request; `leader` None: not known which one."""
@@ -195,9 +212,11 @@ class ConsulClient:
         unreachable_grace: float = 2.0,
         attempt_timeout: float = 2.0,
         transport: Transport | None = None,
+        on_request: Callable[[Sent], None] | None = None,
     ) -> None:
         """`token` and `tls` configure the default transport (requests); a `transport` given
-        brings its own, and then they must not be given."""
+        brings its own, and then they must not be given. `on_request` hears of every request
+        sent, leader checks and probes included, once it has an answer or failed."""
         if not servers:
             raise ValueError("at least one Consul server URL is needed")
         if transport is not None and (token or tls):
@@ -230,6 +249,7 @@ class ConsulClient:
         # from this client.
         self._unusable: dict[str, str] = {}
         self.transport: Transport = transport or RequestsTransport(token, tls)
+        self.on_request = on_request
 
     def close(self) -> None:
         self.transport.close()
@@ -569,24 +589,36 @@ class ConsulClient:
                 server, method, path, params, body, connect_timeout=connect, read_timeout=read
             )
         except TransportError as exc:
+            took = self._now() - started
             logger.debug(
                 "{} {}{} failed after {:.1f} ms: {}",
                 method,
                 self.shown[server],
                 path,
-                (self._now() - started) * 1000,
+                took * 1000,
                 exc.problem,
             )
+            self._heard(Sent(method, self.shown[server], path, None, exc.what, took))
             raise
+        took = self._now() - started
         logger.debug(
             "{} {}{} -> {} in {:.1f} ms",
             method,
             self.shown[server],
             path,
             answer.status,
-            (self._now() - started) * 1000,
+            took * 1000,
         )
+        self._heard(Sent(method, self.shown[server], path, answer.status, None, took))
         return Response(answer.status, answer.body, dict(answer.headers))
+
+    def _heard(self, sent: Sent) -> None:
+        if self.on_request is None:
+            return
+        try:
+            self.on_request(sent)
+        except Exception as exc:  # counting a request must never fail it
+            logger.warning("an observer of Consul requests failed: {!r}", exc)
 
 
 _TIMEOUTS = frozenset({ConnectTimedOut.what, ReadTimedOut.what})

@@ -13,7 +13,7 @@ of failure. An ACL token is never part of a message or a repr.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -22,7 +22,8 @@ from .transport import TLSConfig
 from .urls import shown_url
 
 if TYPE_CHECKING:
-    from .client import ConsulClient
+    from .client import ConsulClient, Sent
+
 
 class SettingsError(ValueError):
     """A connection setting that cannot be used. The message names the setting as the caller
@@ -86,10 +87,14 @@ class ConsulSettings:
 
 
 def build_client(
-    settings: ConsulSettings, budget: float | None = None, known_good: str | None = None
+    settings: ConsulSettings,
+    budget: float | None = None,
+    known_good: str | None = None,
+    on_request: Callable[[Sent], None] | None = None,
 ) -> ConsulClient:
     """A client for `settings` whose time budget is `budget` seconds (default: the settings'
-    `timeout`). `known_good`: a server a long-lived caller saw with a leader moments ago."""
+    `timeout`). `known_good`: a server a long-lived caller saw with a leader moments ago.
+    `on_request`: told of each request sent (ConsulClient)."""
     # Here, not at the top: the rules above are read where no client is made (the plugin's
     # config, the helper's first look at a request), and the client brings requests.
     from .client import ConsulClient, Deadline
@@ -105,6 +110,7 @@ def build_client(
         tls=settings.tls,
         datacenter=settings.datacenter,
         known_good=known_good,
+        on_request=on_request,
     )
 
 

@@ -104,4 +104,14 @@ if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; then
   apt_install faketime \
     || echo "setup: faketime not installed; the model test runs without per-host clocks" >&2
 fi
+# lintian and dpkg-dev (the Debian package's checks: scripts/build-deb.sh, tests/e2e/test_deb.py),
+# Debian's prometheus (promtool for the alert rules' unit tests, and the server the
+# real-Prometheus test starts on loopback) and logrotate (the package's rule, rotated while calls
+# append). Without recommends: prometheus would pull node-exporter and its collectors.
+if ! command -v lintian >/dev/null || ! command -v promtool >/dev/null \
+  || ! command -v prometheus >/dev/null || ! command -v logrotate >/dev/null \
+  || ! command -v dpkg-architecture >/dev/null; then
+  apt_install --no-install-recommends lintian dpkg-dev prometheus logrotate \
+    || echo "setup: lintian/dpkg-dev/prometheus/logrotate not installed; the package, rules, Prometheus and log rotation tests will be skipped" >&2
+fi
 say "ready (the full log: $log)"

@@ -26,6 +26,7 @@ from ...allocator.stripes import StripeHints
 from .. import config
 from ..env import Environment
 from ..errors import CNIError, Code
+from ..events import Request
 from ..state import SESSION_PERIOD, Entry, MemorySessions, NoteHints, StateDir, StateError
 from ..stores import Caches, PoolCache, Store, StoreFactory
 
@@ -62,6 +63,8 @@ class Inputs:
     # call's own `timeout` says: a call run after another's answer in the same process
     # (cni/main.py finish_others) gets only what is left of that one's. None: no such bound.
     until: float | None = None
+    # Told of each Consul request the call's store sends (the call's report, cni/events.py).
+    on_request: Callable[[Request], None] | None = None
 
 
 def call_budget(
@@ -219,7 +222,7 @@ class PoolCommand(Command):
         host = conf.host or config.default_host()
         entry = cls.open_entry(inputs, conf, env, call_end)
         ledger: Ledger = entry if entry is not None else MemoryLedger()
-        store = inputs.store_factory(settings, seconds, known_good)
+        store = inputs.store_factory(settings, seconds, known_good, inputs.on_request)
         attachment = Attachment(conf.name, env.container_id, env.ifname or None)
         allocator = Allocator(
             store.kv,

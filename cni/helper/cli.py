@@ -163,7 +163,7 @@ def open_caches(args: argparse.Namespace, metrics: Metrics | None) -> PoolCaches
 
         def counted_kv(settings: ConsulSettings) -> WatchableKV:
             assert metrics is not None
-            return metrics.watch_kv(watch_kv(settings))
+            return metrics.watch_kv(watch_kv(settings, metrics.background_request))
 
         make_kv = counted_kv
 
@@ -223,7 +223,7 @@ def serve(
     if caches.replayer is not None:
         # Also finishes what a previous helper or an in-process call left: entries outlive them.
         threading.Thread(
-            target=replay_forever, args=(caches,), name="replay", daemon=True
+            target=replay_forever, args=(caches, metrics), name="replay", daemon=True
         ).start()
     if idle_exit is not None:
         threading.Thread(

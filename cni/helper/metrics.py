@@ -1,14 +1,15 @@
 """Prometheus metrics of the helper, served on an opt-in HTTP listener.
 
 Only the helper imports this module (and with it prometheus_client), and only when asked to
-serve metrics: the thin client and the in-process plugin never pay for it.
+serve metrics: the thin client and the in-process plugin never pay for it. What is exported,
+with names, types, labels and help, is catalog.py's one list.
 
-What is counted comes from outside the state machine, so the machine stays the same whoever
-runs it: calls and their latency from the helper's handler; Consul requests, their latency,
-and compare-and-set conflicts from the debug lines the machine and the Consul client already
-log (every call's lines reach a loguru sink here, tagged with the call's command); cache
-refreshes from the KV the helper hands its pool watchers; the pools' sizes from the cache itself,
-read when scraped.
+What is counted comes from explicit events, never from log text: each call's account of itself
+(cni/events.py CallRecord: its command and code, its lost compare-and-sets, every Consul request
+its stores sent), handed over by the machine when the call ends (`observe_call`); the requests
+of the pool watchers and of the journal's replay from the Consul client's `on_request` hook
+(`background_request`); cache refreshes from the KV the helper hands its pool watchers; the
+pools' sizes and the helper's counts from the cache and the server, read when scraped.
 
 The listener is this module's own (`Listener`), not prometheus_client's `start_http_server`,
 which gave every connection a thread and no timeout: any local user could hold a thousand idle
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 import prometheus_client
@@ -43,10 +44,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
+from . import catalog
+from .catalog import DROP_REASONS, OUTCOMES, PREFIX
+
 if TYPE_CHECKING:
     from ...allocator.store import KVEntry, Op, TxnResult, WatchableKV
+    from ..events import CallRecord, Request
 
-PREFIX = "ipam_da_consul"
+__all__ = ["DROP_REASONS", "PREFIX", "Metrics", "Sources"]
 
 # What the listener allows a connection. A scraper sends its request at once and reads an
 # answer of some kilobytes: seconds are plenty, and a slower client only holds a descriptor.
@@ -69,21 +74,25 @@ class Sources:
     pools: Callable[[], Iterable[tuple[str, str, str, int, int]]]
 
 
-# consul/client.py: "<METHOD> <server><path> -> <status> in <ms> ms" or
-# "<METHOD> <server><path> failed after <ms> ms: <why>".
-_REQUEST = re.compile(
-    r"^(?P<method>[A-Z]+) \S+ (?:-> (?P<status>\d{3}) in|failed after) (?P<ms>[\d.]+) ms"
-)
-# cni/machine.py, one line per compare-and-set another writer won: "lost the race for <ip> in
-# pool ..." (the pool was read for this call) or "<ip> in pool ... was taken: the helper's cached
-# copy was behind; ..." (the cached copy had not seen the other write yet).
-_CONFLICT = re.compile(r"^lost the race for |^\S+ in pool .* was taken: ")
-
 # A call through the helper is milliseconds, a cold pool load or a CAS storm seconds, and the
 # default `ipam.timeout` is 15 s.
 CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30)
 # Background watchers' blocking queries wait up to 30 s by design; they get their own label.
 CONSUL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 35)
+_BUCKETS = {
+    f"{PREFIX}_call_duration_seconds": CALL_BUCKETS,
+    f"{PREFIX}_consul_request_duration_seconds": CONSUL_BUCKETS,
+}
+
+
+def _counter(name: str, registry: CollectorRegistry) -> Counter:
+    m = catalog.metric(name)
+    return Counter(m.base, m.help, list(m.labels), registry=registry)
+
+
+def _histogram(name: str, registry: CollectorRegistry) -> Histogram:
+    m = catalog.metric(name)
+    return Histogram(m.base, m.help, list(m.labels), buckets=_BUCKETS[name], registry=registry)
 
 
 class Metrics:
@@ -92,55 +101,43 @@ class Metrics:
         prometheus_client.disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
-        self.calls = Counter(
-            f"{PREFIX}_calls", "Calls the helper ran, by CNI command and exit code",
-            ["command", "code"], registry=r,
-        )
-        self.call_seconds = Histogram(
-            f"{PREFIX}_call_duration_seconds",
-            "Time the helper spent running a call (after the client's go)",
-            ["command"], buckets=CALL_BUCKETS, registry=r,
-        )
-        self.conflicts = Counter(
-            f"{PREFIX}_cas_conflicts",
-            "Allocation writes that lost a compare-and-set to another writer, by CNI command",
-            ["command"], registry=r,
-        )
-        self.consul_requests = Counter(
-            f"{PREFIX}_consul_requests",
-            "HTTP requests sent to Consul; source is call or background (pool watchers); "
-            "status is the HTTP status or error (no answer)",
-            ["source", "method", "status"], registry=r,
-        )
-        self.consul_seconds = Histogram(
-            f"{PREFIX}_consul_request_duration_seconds",
-            "Latency of HTTP requests to Consul (background ones include the blocking wait)",
-            ["source", "method"], buckets=CONSUL_BUCKETS, registry=r,
-        )
-        self.refreshes = Counter(
-            f"{PREFIX}_cache_refreshes",
-            "Background refreshes of a cached pool after Consul reported a change",
-            registry=r,
-        )
-        self.dropped = Counter(
-            f"{PREFIX}_metrics_connections_dropped",
-            "Connections to this metrics listener that got no metrics: over_cap (closed at once, "
-            "the listener held its most), timeout (request or answer too slow), invalid "
-            "(malformed or too large a request)",
-            ["reason"], registry=r,
-        )
+        self.calls = _counter(f"{PREFIX}_calls_total", r)
+        self.call_seconds = _histogram(f"{PREFIX}_call_duration_seconds", r)
+        self.conflicts = _counter(f"{PREFIX}_cas_conflicts_total", r)
+        self.consul_requests = _counter(f"{PREFIX}_consul_requests_total", r)
+        self.consul_seconds = _histogram(f"{PREFIX}_consul_request_duration_seconds", r)
+        self.refreshes = _counter(f"{PREFIX}_cache_refreshes_total", r)
+        self.dropped = _counter(f"{PREFIX}_metrics_connections_dropped_total", r)
         for reason in DROP_REASONS:
             self.dropped.labels(reason)  # shown at 0 from the start: rate() needs a first sample
         prometheus_client.ProcessCollector(registry=r)
         self.state = _StateCollector()
         r.register(self.state)
         self.listener: Listener | None = None
-        self.sink_id = logger.add(self._sink, level="DEBUG", format="{message}", catch=True)
 
-    def observe_call(self, command: str, code: int, seconds: float) -> None:
-        command = command if command in _COMMANDS else "other"  # bounded label values
-        self.calls.labels(command, str(code)).inc()
-        self.call_seconds.labels(command).observe(seconds)
+    def observe_call(self, record: CallRecord) -> None:
+        """A call the helper served has ended (execute()'s observer)."""
+        command, code = _command(record.command), str(record.code)
+        self.calls.labels(command, code).inc()
+        self.call_seconds.labels(command, code).observe(record.seconds)
+        if record.conflicts:
+            self.conflicts.labels(command).inc(record.conflicts)
+        for sent in record.requests:
+            self._request("call", sent)
+
+    def background_request(self, sent: Request) -> None:
+        """A request of a pool watcher (the Consul client's on_request)."""
+        self._request("background", sent)
+
+    def observe_replay(self, record: CallRecord) -> None:
+        """Work the journal's replay did for an entry: its requests are the helper's own."""
+        for sent in record.requests:
+            self._request("background", sent)
+
+    def _request(self, source: str, sent: Request) -> None:
+        status = "error" if sent.status is None else str(sent.status)
+        self.consul_requests.labels(source, sent.method, status).inc()
+        self.consul_seconds.labels(source, sent.method).observe(sent.seconds)
 
     def watch_kv(self, kv: WatchableKV) -> WatchableKV:
         return _CountingKV(kv, self.refreshes)
@@ -190,28 +187,16 @@ class Metrics:
         return 200, out, body
 
     def close(self) -> None:
-        logger.remove(self.sink_id)
         if self.listener is not None:
             self.listener.close()
 
-    def _sink(self, message: Any) -> None:
-        record = message.record
-        text: str = record["message"]
-        extra = record["extra"]
-        found = _REQUEST.match(text)
-        if found:
-            source = "call" if extra.get("call") is not None else "background"
-            method = found["method"]
-            self.consul_requests.labels(source, method, found["status"] or "error").inc()
-            self.consul_seconds.labels(source, method).observe(float(found["ms"]) / 1000)
-        elif _CONFLICT.match(text):
-            command = extra.get("command")
-            self.conflicts.labels(command if command in _COMMANDS else "other").inc()
+
+def _command(command: str) -> str:
+    return command if command in _COMMANDS else "other"  # bounded label values
 
 
-_COMMANDS = frozenset({"ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION"})
+_COMMANDS = frozenset(catalog.COMMANDS) - {"other"}
 
-DROP_REASONS = ("over_cap", "timeout", "invalid")
 # (status, headers, body); Content-Length and Connection are the listener's.
 Answer = tuple[int, list[tuple[str, str]], bytes]
 _TEXT = ("Content-Type", "text/plain; charset=utf-8")
@@ -512,18 +497,9 @@ class _StateCollector(Collector):
         sources = self.sources
         if sources is None:
             return
-        labels = ["consul", "prefix", "pool"]
-        allocated = GaugeMetricFamily(
-            f"{PREFIX}_pool_allocated",
-            "Keys in a cached pool's folder (allocations, as the helper's copy has them)",
-            labels=labels,
-        )
-        capacity = GaugeMetricFamily(
-            f"{PREFIX}_pool_capacity",
-            "Addresses a cached pool's ranges can hand out (no network, broadcast, gateway, "
-            "excluded addresses)",
-            labels=labels,
-        )
+        labels = list(catalog.POOL)
+        allocated = _gauge(f"{PREFIX}_pool_allocated", labels)
+        capacity = _gauge(f"{PREFIX}_pool_capacity", labels)
         # Caches differ by token too; tokens are never a label, so the same pool read with two
         # tokens is shown once (the most recently used cache, last in LRU order, wins).
         rows: dict[tuple[str, str, str], tuple[int, int]] = {}
@@ -535,19 +511,26 @@ class _StateCollector(Collector):
         yield allocated
         yield capacity
 
-        requests = CounterMetricFamily(
-            f"{PREFIX}_helper_requests",
-            "Requests on the helper's socket by outcome: served, refused (wire version), "
-            "dropped_late, dropped_hung_up (the client did the call itself)",
-            labels=["outcome"],
-        )
+        m = catalog.metric(f"{PREFIX}_helper_requests_total")
+        requests = CounterMetricFamily(m.base, m.help, labels=list(m.labels))
         counts = sources.stats()
-        for outcome in ("served", "refused", "dropped_late", "dropped_hung_up"):
+        for outcome in OUTCOMES:
             requests.add_metric([outcome], counts.get(outcome, 0))
         yield requests
-        for name, help_text, value in (
-            ("helper_connections_active", "Connections being handled now", sources.active()),
-            ("helper_cached_pools", "Pools in memory", counts.get("pools", 0)),
-            ("helper_caches", "Ways of reaching Consul kept warm", counts.get("caches", 0)),
-        ):
-            yield GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
+        # Counted by the journal since the helper started (PoolCaches.counts), so a counter
+        # as prometheus_client's own are: reset by a restart, which rate() copes with.
+        m = catalog.metric(f"{PREFIX}_journal_entries_total")
+        journal = CounterMetricFamily(m.base, m.help, labels=list(m.labels))
+        for outcome in catalog.JOURNAL_OUTCOMES:
+            journal.add_metric([outcome], counts.get(f"journal_{outcome}", 0))
+        yield journal
+        active = catalog.metric(f"{PREFIX}_helper_connections_active")
+        yield GaugeMetricFamily(active.name, active.help, value=sources.active())
+        # The server's counts the catalog names (room for more: a row with `stat=` is enough).
+        for m in catalog.METRICS:
+            if m.stat is not None and catalog.HELPER in m.sources:
+                yield GaugeMetricFamily(m.name, m.help, value=counts.get(m.stat, 0))
+
+
+def _gauge(name: str, labels: list[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, catalog.metric(name).help, labels=labels)

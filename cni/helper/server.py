@@ -52,6 +52,7 @@ from .wire import TRY_AGAIN_LATER, WIRE_VERSION, frame, read_frame
 if TYPE_CHECKING:
     from ...allocator.store import WatchableKV
     from ..config import ConsulSettings
+    from ..events import Request
     from ..state import Entry
     from .metrics import Metrics
 
@@ -63,12 +64,15 @@ _ANSWER_SEND = 10.0
 _LISTEN_FDS_START = 3
 
 
-def watch_kv(settings: ConsulSettings) -> WatchableKV:
+def watch_kv(
+    settings: ConsulSettings, on_request: Callable[[Request], None] | None = None
+) -> WatchableKV:
     """The KV one pool watcher reads with (cni/compose.py), loaded when the first pool is
-    watched: by then preload has imported it, off the accepting thread."""
+    watched: by then preload has imported it, off the accepting thread. `on_request` is told
+    of each request it sends (the metrics' background requests)."""
     from ..compose import watch_kv as consul_watch_kv
 
-    return consul_watch_kv(settings)
+    return consul_watch_kv(settings, on_request)
 
 
 def preload() -> None:
@@ -209,13 +213,9 @@ class Handler(socketserver.StreamRequestHandler):
 
         err = io.StringIO()
         log_file = call.env.get("IPAM_DA_CONSUL_LOG_FILE") or logs.DEFAULT_LOG_FILE
-        command = call.env.get("CNI_COMMAND", "")
-        began = time.monotonic()
-        # `command` rides along for the metrics sink, which sees this call's debug lines.
-        caches = self.server.caches
-        with logger.contextualize(
-            call=logs.CallLog(err, log_file if call.verbose else None), command=command
-        ):
+        caches, metrics = self.server.caches, self.server.metrics
+        log = logs.CallLog(err, log_file if call.verbose else None, logs.log_format(call.env))
+        with logger.contextualize(call=log):
             out, code = execute(
                 call.stdin,
                 call.env,
@@ -223,15 +223,14 @@ class Handler(socketserver.StreamRequestHandler):
                 started=call.started,
                 abandoned=abandoned,
                 state=caches.state,
+                observer=metrics.observe_call if metrics is not None else None,
             )
         if caches.replayer is not None:
             caches.replayer.poke(code)  # a call went through: Consul may be back
-        if self.server.metrics is not None:
-            self.server.metrics.observe_call(command, code, time.monotonic() - began)
         return frames.answer(out, err.getvalue(), code)
 
 
-def replay_forever(caches: PoolCaches) -> None:
+def replay_forever(caches: PoolCaches, metrics: Metrics | None = None) -> None:
     """The replay thread (journal.py): each entry's work done as the plugin's calls do it."""
     preload()
     from .. import replay
@@ -239,11 +238,12 @@ def replay_forever(caches: PoolCaches) -> None:
 
     state, replayer = caches.state, caches.replayer
     assert state is not None and replayer is not None
+    observer = metrics.observe_replay if metrics is not None else None
 
     def finish(entry: Entry) -> int:
         # Its log lines go to the helper's stderr, where an operator looks for them later.
-        with logger.contextualize(call=logs.CallLog(sys.stderr), command="replay"):
-            return replay.finish(entry, state, consul_store, caches)
+        with logger.contextualize(call=logs.CallLog(sys.stderr)):
+            return replay.finish(entry, state, consul_store, caches, observer=observer)
 
     replayer.finish = finish
     replayer.run_forever()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -146,7 +148,11 @@ def test_usage_prometheus_parses_and_counts(consul, pools):
         "ipam_da_consul_pool_allocated",
         "ipam_da_consul_pool_capacity",
         "ipam_da_consul_pool_free",
+        "ipam_da_consul_usage_timestamp_seconds",
     }
+    [read_at] = families.pop("ipam_da_consul_usage_timestamp_seconds").samples
+    assert read_at.labels == {"consul": consul.url, "prefix": pools}
+    assert abs(read_at.value - time.time()) < 60
     got = {
         (name, s.labels["pool"]): s.value
         for name, f in families.items()
@@ -161,9 +167,14 @@ def test_usage_prometheus_parses_and_counts(consul, pools):
         assert f.type == "gauge" and f.documentation
         for s in f.samples:
             assert s.labels == {"consul": consul.url, "prefix": pools, "pool": s.labels["pool"]}
-    # The same lines on a terminal: machine output is never decorated.
+    # The same lines on a terminal: machine output is never decorated (only the time it was
+    # read differs).
     rc, tty, _ = run_pty(consul, "--prefix", pools, "usage", "--prometheus")
-    assert (rc, tty) == (0, out.stdout)
+    assert (rc, _undated(tty)) == (0, _undated(out.stdout))
+
+
+def _undated(text: str) -> str:
+    return re.sub(r"(?m)^(ipam_da_consul_usage_timestamp_seconds\{.*\}) \S+$", r"\1 T", text)
 
 
 def test_usage_prometheus_with_warn_at_and_without_pools(consul, pools):
@@ -174,10 +185,11 @@ def test_usage_prometheus_with_warn_at_and_without_pools(consul, pools):
     # No pool under the prefix: a valid, empty exposition, so the textfile stays readable.
     out = admin(consul, "--prefix", f"{pools}none/", "usage", "--prometheus")
     assert out.rc == 0, out
-    assert [(f.name, f.samples) for f in text_string_to_metric_families(out.stdout)] == [
-        ("ipam_da_consul_pool_allocated", []),
-        ("ipam_da_consul_pool_capacity", []),
-        ("ipam_da_consul_pool_free", []),
+    assert [(f.name, len(f.samples)) for f in text_string_to_metric_families(out.stdout)] == [
+        ("ipam_da_consul_pool_allocated", 0),
+        ("ipam_da_consul_pool_capacity", 0),
+        ("ipam_da_consul_pool_free", 0),
+        ("ipam_da_consul_usage_timestamp_seconds", 1),
     ]
     bad = admin(consul, "usage", "--prometheus", "--json")
     assert bad.rc == USAGE and "not allowed with" in bad.stderr, bad

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.agent import ConsulAgent
 from tests.support.plugin import Outcome, netconf, run_plugin
@@ -108,12 +111,26 @@ def taken_over_del(
     return address(add)
 
 
+def journal_metrics(helper: Helper) -> dict[str, float]:
+    """The journal's series on the helper's /metrics: pending, and entries by outcome."""
+    found = re.search(r"metrics on (http://\S+)", helper.wait_stderr("metrics on "))
+    assert found, helper.stderr_text()
+    text = requests.get(found.group(1), timeout=10).text
+    return {
+        s.labels.get("outcome", s.name): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("ipam_da_consul_journal_")
+    }
+
+
 def test_a_del_taken_over_survives_a_helper_restart_and_is_finished(
     up: ConsulAgent, tmp_path: Path
 ) -> None:
     pool = make_pool(up, f"jr-a-{os.getpid()}")
     log = tmp_path / "helper.log"
-    helper = Helper(tmp_path, stderr=log)
+    scraped = ["--metrics-address", "127.0.0.1:0"]
+    helper = Helper(tmp_path, stderr=log, args=scraped)
     try:
         ip = taken_over_del(up, helper, pool, "ctr-a")
         # The runtime retries while Consul is still away: the same entry, still done.
@@ -125,10 +142,14 @@ def test_a_del_taken_over_survives_a_helper_restart_and_is_finished(
         # What the metrics read (HelperServer.stats): one entry taken over, still pending.
         stats = helper.stats()
         assert (stats["journal_taken_over"], stats["journal_pending"]) == (1, 1), stats
+        # ... and what Prometheus scrapes of them (IpamDaConsulJournalBacklog reads pending).
+        m = journal_metrics(helper)
+        assert (m["taken_over"], m["ipam_da_consul_journal_pending"]) == (1, 1), m
+        assert (m["replayed"], m["voided"], m["expired"]) == (0, 0, 0), m
     finally:
         helper.close()
     log2 = tmp_path / "helper2.log"
-    helper = Helper(tmp_path, stderr=log2)  # the same state folder
+    helper = Helper(tmp_path, stderr=log2, args=scraped)  # the same state folder
     try:
         time.sleep(1.5)  # a pass or two at start-up, against a Consul that is still down
         assert len(pending(helper)) == 1
@@ -139,6 +160,8 @@ def test_a_del_taken_over_survives_a_helper_restart_and_is_finished(
         stats = helper.stats()
         assert (stats["journal_replayed"], stats["journal_pending"]) == (1, 0), stats
         assert (stats["journal_taken_over"], stats["journal_expired"]) == (0, 0), stats
+        m = journal_metrics(helper)
+        assert (m["replayed"], m["ipam_da_consul_journal_pending"]) == (1, 0), m
     finally:
         helper.close()
     for path in (log, log2):

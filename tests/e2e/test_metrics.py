@@ -88,8 +88,8 @@ def test_counts_after_real_calls(
     assert value(s, "ipam_da_consul_calls_total", command="ADD", code="0") == 3
     assert value(s, "ipam_da_consul_calls_total", command="DEL", code="0") == 1
     assert total(s, "ipam_da_consul_calls_total") == 4
-    assert value(s, "ipam_da_consul_call_duration_seconds_count", command="ADD") == 3
-    assert value(s, "ipam_da_consul_call_duration_seconds_count", command="DEL") == 1
+    assert value(s, "ipam_da_consul_call_duration_seconds_count", command="ADD", code="0") == 3
+    assert value(s, "ipam_da_consul_call_duration_seconds_count", command="DEL", code="0") == 1
     assert value(s, "ipam_da_consul_cas_conflicts_total", command="ADD") == 1
     assert value(s, "ipam_da_consul_cache_refreshes_total") == 1
 

@@ -1,6 +1,7 @@
 """Drive cni.machine.Invocation over tests/support/memkv.py's MemKV, through the store factory: no
 Consul, no network, a call in milliseconds. Each call's walk through the states is the
-invocation's own record of its transitions (Invocation.steps), so a test pins the exact path."""
+invocation's own account of the transitions it fired (`Invocation.record`, cni/events.py), so a
+test pins the exact path whatever the log lines say."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ipam_da_consul.cni.config import ConsulSettings
+from ipam_da_consul.cni.events import Request
 from ipam_da_consul.cni.machine import Invocation
 from ipam_da_consul.cni.state import StateDir
 from ipam_da_consul.consul import Deadline
@@ -45,6 +47,19 @@ def netconf(
     }
 
 
+@dataclass(frozen=True)
+class MemRequest:
+    """One call of the in-memory KV, told to the store's `on_request` as ConsulClient tells
+    of an HTTP request (cni/events.py Request): the method is the KV operation's name."""
+
+    method: str
+    path: str
+    server: str = "mem://leader"
+    status: int | None = 200
+    error: str | None = None
+    seconds: float = 0.0
+
+
 class _Counted:
     """The store's KV: each call of a method is one request, as ConsulClient counts them."""
 
@@ -59,6 +74,8 @@ class _Counted:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             self.store.requests_sent += 1
+            if self.store.on_request is not None:
+                self.store.on_request(MemRequest(name, str(args[0]) if args else ""))
             return attr(*args, **kwargs)
 
         return call
@@ -74,6 +91,7 @@ class MemStore:
     requests_sent: int = 0
     selects: int = 0
     closed: bool = False
+    on_request: Callable[[Request], None] | None = None
 
     def __post_init__(self) -> None:
         self.kv = _Counted(self.kv, self)
@@ -175,8 +193,15 @@ class Mem:
     def keys(self, prefix: str = "ipam/") -> list[str]:
         return [e.key for e in self.kv.list(prefix)]
 
-    def factory(self, settings: ConsulSettings, budget: float, known_good: str | None) -> MemStore:
-        store = MemStore(self.wrap(self.kv), Deadline(budget), known_good)
+    def factory(
+        self,
+        settings: ConsulSettings,
+        budget: float,
+        known_good: str | None,
+        on_request: Callable[[Request], None] | None = None,
+    ) -> MemStore:
+        # No HTTP here: each KV call is a request (`requests_sent`, `on_request`).
+        store = MemStore(self.wrap(self.kv), Deadline(budget), known_good, on_request=on_request)
         self.stores.append(store)
         return store
 
@@ -210,7 +235,7 @@ class Mem:
             code = inv.run()
         finally:
             logger.remove(sink)
-        walk = ["start"] + [dest for _, _, dest in inv.steps]
+        walk = inv.record.walk
         store = self.stores[stores] if len(self.stores) > stores else None
         return Run(code, inv.output, walk, lines, inv, store)
 

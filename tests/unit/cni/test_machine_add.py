@@ -386,7 +386,9 @@ def test_no_leader_is_11_before_any_pool_is_read() -> None:
     m.pool()
     run_store: list[Any] = []
 
-    def no_leader(settings: Any, budget: float, known_good: str | None) -> Any:
+    def no_leader(
+        settings: Any, budget: float, known_good: str | None, on_request: Any = None
+    ) -> Any:
         store = Mem.factory(m, settings, budget, known_good)
         run_store.append(store)
 

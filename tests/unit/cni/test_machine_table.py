@@ -11,6 +11,7 @@ import pytest
 from ipam_da_consul.allocator.schemas import load_ranges
 from ipam_da_consul.allocator.stripes import Stripes
 from ipam_da_consul.cni import machine
+from ipam_da_consul.cni.events import Step
 from ipam_da_consul.cni.machine import STATES, TRANSITIONS, Invocation
 from ipam_da_consul.cni.state import StateDir
 from ipam_da_consul.consul import ConsulUnavailable
@@ -92,7 +93,7 @@ def test_version_walks_parse_then_report() -> None:
     assert inv.run() == 0
     assert inv.state == "done"
     assert inv.output is not None and inv.output["cniVersion"] == "0.4.0"
-    assert inv.steps == [("start", "parse", "parsed"), ("parsed", "report", "done")]
+    assert inv.record.steps == [Step("start", "parsed", "parse"), Step("parsed", "done", "report")]
 
 
 def test_bad_input_fires_fail_from_start() -> None:
@@ -100,7 +101,7 @@ def test_bad_input_fires_fail_from_start() -> None:
     inv = Invocation(b"{not json", env, store_factory=no_store)
     assert inv.run() == 6
     assert inv.state == "failed"
-    assert inv.steps == [("start", "fail", "failed")]
+    assert inv.record.steps == [Step("start", "failed", "fail")]
     assert inv.output is not None and inv.output["code"] == 6
 
 
