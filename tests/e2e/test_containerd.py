@@ -55,7 +55,7 @@ import pytest
 from tests.support import cri
 from tests.support.agent import ConsulAgent
 from tests.support.plugin import executable
-from tests.support.util_procs import Helper
+from tests.support.util_procs import Helper, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "kubernetes"
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -152,15 +152,6 @@ def back_off(attempt: int) -> None:
     """The kubelet's pause before it tries a pod again: growing, and spread out, so that the
     pods that failed together do not all come back at the same instant."""
     time.sleep(min(20.0, 2.0 * 2**attempt) * random.uniform(0.5, 1.5))
-
-
-def wait_for(what: str, cond: Callable[[], bool], timeout: float = 30.0) -> float:
-    began = time.monotonic()
-    while not cond():
-        if time.monotonic() - began > timeout:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.1)
-    return time.monotonic() - began
 
 
 # -- the node --------------------------------------------------------------------------------------
@@ -756,7 +747,7 @@ def test_consul_stopped_during_run_pod_sandbox(up: Node, mode: str) -> None:
     node.consul.start()
     remove_failed(node, refused)
     assert node.allocations() == {}
-    wait_for("nothing pending", lambda: node.pending() == [])
+    wait_for("nothing pending", lambda: node.pending() == [], timeout=30)
 
     results: list[cri.Pod | str] = []
 
@@ -796,9 +787,9 @@ def test_consul_stopped_during_run_pod_sandbox(up: Node, mode: str) -> None:
     [later], _ = node.run_pods(1, f"later-{mode}", retries=3)
     node.check_pods([*started, later], failed=frozenset(refused))
     stop_and_remove(node, [*started, later])
-    took = wait_for("nothing left in the pool", lambda: node.allocations() == {})
+    took = wait_for("nothing left in the pool", lambda: node.allocations() == {}, timeout=30)
     record(f"failed pods' writes gone, s after the last DEL, {mode}", round(took, 2))
-    wait_for("nothing pending", lambda: node.pending() == [])
+    wait_for("nothing pending", lambda: node.pending() == [], timeout=30)
 
 
 def test_pod_removed_while_consul_down_the_helper_takes_the_del_over(up: Node) -> None:
@@ -825,9 +816,11 @@ def test_pod_removed_while_consul_down_the_helper_takes_the_del_over(up: Node) -
         assert node.allocations() == held
     finally:
         helper.resume()
-    took = wait_for("the helper released the addresses", lambda: node.allocations() == {})
+    took = wait_for(
+        "the helper released the addresses", lambda: node.allocations() == {}, timeout=30
+    )
     record("addresses released after Consul came back, helper (s)", round(took, 2))
-    wait_for("nothing pending", lambda: node.pending() == [])
+    wait_for("nothing pending", lambda: node.pending() == [], timeout=30)
     fences = node.fences()
     ifnames = ("eth0", "eth1")
     attachments = [(n, p.id, i) for p in pods for n, i in zip(node.networks, ifnames, strict=True)]

@@ -19,7 +19,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.agent import ConsulAgent
 from tests.support.plugin import Outcome, netconf, run_plugin
-from tests.support.util_procs import Helper, LossyProxy
+from tests.support.util_procs import Helper, LossyProxy, wait_for
 
 NET = "testnet"
 TOKEN = "journal-secret-0123456789abcdef"
@@ -72,15 +72,6 @@ def make_pool(consul: ConsulAgent, name: str) -> str:
 
 def pending(helper: Helper) -> list[Path]:
     return sorted((Path(helper.state_dir) / "pending").iterdir())
-
-
-def wait_for(what: str, cond: Callable[[], bool], timeout: float = 20.0) -> float:
-    began = time.monotonic()
-    while not cond():
-        if time.monotonic() - began > timeout:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.1)
-    return time.monotonic() - began
 
 
 def served_by(helper: Helper) -> dict[str, str]:

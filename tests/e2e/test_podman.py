@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 
 from tests.support.agent import ConsulAgent
+from tests.support.cri import static_elf
 from tests.support.plugin import BIN_DIR, executable
 from tests.support.util_procs import helper_stats
 
@@ -41,27 +42,6 @@ IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 IMAGE = "localhost/ipdc-busybox:1"
 BATCH = 10
 SAMPLES = 3
-
-
-def _static(path: Path) -> bool:
-    """An ELF executable without an interpreter (PT_INTERP) runs in an empty root file system;
-    Debian's plain `busybox` package is dynamically linked and would not."""
-    try:
-        head = path.read_bytes()[:65536]
-    except OSError:
-        return False
-    if head[:5] != b"\x7fELF\x02":  # 64-bit ELF
-        return False
-    phoff = int.from_bytes(head[0x20:0x28], "little")
-    size, count = (
-        int.from_bytes(head[0x36:0x38], "little"),
-        int.from_bytes(head[0x38:0x3A], "little"),
-    )
-    types = {
-        int.from_bytes(head[phoff + i * size : phoff + i * size + 4], "little")
-        for i in range(count)
-    }
-    return 3 not in types  # PT_INTERP
 
 
 pytestmark = [
@@ -76,7 +56,7 @@ pytestmark = [
         reason="/usr/lib/cni/bridge missing: apt-get install containernetworking-plugins",
     ),
     pytest.mark.skipif(
-        not _static(BUSYBOX),
+        not static_elf(BUSYBOX),
         reason="no static /usr/bin/busybox to make an image from: apt-get install busybox-static",
     ),
 ]

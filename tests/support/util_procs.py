@@ -409,3 +409,14 @@ def drain_pty(main: int) -> bytes:
         if not chunk:
             return got
         got += chunk
+
+
+def wait_for(what: str, cond: Callable[[], bool], timeout: float = 20.0) -> float:
+    """Poll `cond` every 0.1 s until it holds; the seconds it took, or AssertionError naming
+    `what` after `timeout`."""
+    began = time.monotonic()
+    while not cond():
+        if time.monotonic() - began > timeout:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.1)
+    return time.monotonic() - began
