@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -29,6 +30,7 @@ from typing import Any
 import pytest
 import requests
 
+from tests.e2e.test_singlefile import single_file_bin  # noqa: F401 (a fixture)
 from tests.support.agent import ConsulAgent, SecureConsulAgent
 from tests.support.plugin import NO_HELPER, Outcome, executable, run_plugin
 from tests.support.plugin_helpers import FAST, assert_cni_error
@@ -454,14 +456,27 @@ def test_no_core_dump_in_the_admin_cli(tmp_path: Path) -> None:
         silent.close()
 
 
-def test_the_admin_cli_run_by_a_user_is_not_dumpable() -> None:
+def test_the_admin_cli_run_by_a_user_is_not_dumpable(request: pytest.FixtureRequest) -> None:
     """An operator who is not root: other processes of theirs (a browser, anything they ran)
     cannot read the CLI's memory or environment, where the token is. The kernel shows this by
-    giving /proc/<pid> of a process that is not dumpable to root."""
+    giving /proc/<pid> of a process that is not dumpable to root.
+
+    The user runs the installed single-file CLI from a folder they can read: the checkout's
+    virtualenv may sit under a folder only root can enter (a clone in `mktemp -d`'s)."""
+    folder = Path(tempfile.mkdtemp(prefix="ipdc-admin-"))
+    folder.chmod(0o755)
+    admin = folder / ADMIN
+    shutil.copy(request.getfixturevalue("single_file_bin") / ADMIN, admin)
+    admin.chmod(0o755)
+    with open(admin, "rb") as fh:
+        python = fh.readline().decode().removeprefix("#!").split()[0]
+    if subprocess.run([*NOBODY, python, "-c", "pass"], capture_output=True).returncode:
+        shutil.rmtree(folder)
+        pytest.skip(f"uid 65534 cannot run the single file's interpreter {python}")
     silent = Unresponsive()
     env = plugin_env({"CONSUL_HTTP_TOKEN": "core-dump-token"})
     proc = subprocess.Popen(
-        [*NOBODY, executable(ADMIN), "--consul", silent.url, "--timeout", "60", "list"],
+        [*NOBODY, str(admin), "--consul", silent.url, "--timeout", "60", "list"],
         env=env, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -475,5 +490,6 @@ def test_the_admin_cli_run_by_a_user_is_not_dumpable() -> None:
         proc.kill()
         proc.wait()
         silent.close()
+        shutil.rmtree(folder)
     assert "Uid:\t65534" in status, status  # it does run as the user
     assert owner == 0, f"/proc/<pid>/environ belongs to uid {owner}: the user's to read"
